@@ -1,0 +1,246 @@
+"""optimize: load -> plan -> build/verify/profile each variant (own process) -> select -> bundle + report."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import bundle
+from .errors import UsageError
+from .plan import VariantPlan, plan
+from .select import closest, select
+from .sources import Model, load_source
+from .verify import Budget, compare
+
+POOL_LIMIT = 256
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    device: str = "cpu"
+    budget: Budget = field(default_factory=Budget)
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    target_batch_size: int | None = None  # default: the largest batch size
+    latency_slo_ms: float | None = None
+    runtimes: tuple[str, ...] | None = None
+    threads: int | None = None  # intra-op threads, as serving will use; default: all cores
+    timeout_s: float = 600.0
+    seconds_per_size: float = 1.0
+    isolate: bool = True  # each variant in its own process
+
+    def __post_init__(self):
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise UsageError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
+        if self.target_batch_size is not None and self.target_batch_size not in self.batch_sizes:
+            raise UsageError(f"target batch size {self.target_batch_size} is not among --batch-sizes {list(self.batch_sizes)}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise UsageError(f"--device {self.device!r}: use cpu or cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+
+    @property
+    def target(self) -> int:
+        return self.target_batch_size or max(self.batch_sizes)
+
+
+@dataclass
+class OptimizeResult:
+    model: str
+    variants: list[dict]
+    chosen: dict | None
+    chosen_batch_size: int | None
+    bundle: Path | None
+    report: Path | None
+    machine: dict
+    message: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bundle"], d["report"] = str(self.bundle) if self.bundle else None, str(self.report) if self.report else None
+        return d
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def machine_info(threads: int | None = None) -> dict:
+    flags, cpu = set(), "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
+    import onnxruntime
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "threads": threads or os.cpu_count(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def verification_pool(model: Model) -> tuple[dict[str, np.ndarray], np.ndarray | None, str]:
+    if model.eval_data is not None:
+        n = min(POOL_LIMIT, len(next(iter(model.eval_data.values()))))
+        labels = model.labels[:n] if model.labels is not None else None
+        return {k: np.ascontiguousarray(v[:n]) for k, v in model.eval_data.items()}, labels, f"{n} held-out items"
+    return model.spec.sample(64, model.dims, seed=123), None, "64 items generated from the IOSpec"
+
+
+def reference_outputs(model: Model, pool: dict, chunk: int) -> dict[str, np.ndarray]:
+    """Eager fp32 (or, for an ONNX source, ONNX Runtime with every optimization off)."""
+    if model.module is None:
+        from .runtimes.onnxrt import OrtRunner, session
+        runner = OrtRunner(session(model.onnx_path, optimize=False), model.spec)
+    else:
+        from .runtimes.base import TorchRunner
+        runner = TorchRunner(model.module.eval(), model.spec)
+    n = len(next(iter(pool.values())))
+    parts = [runner({k: v[i:i + chunk] for k, v in pool.items()}) for i in range(0, n, chunk)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _job(model: Model, vp: VariantPlan, opts: OptimizeOptions, root: Path, pool_path: Path, chunk: int, weights) -> dict:
+    return {"runtime": vp.runtime, "options": {**vp.options}, "workdir": str(root / vp.name), "pool": str(pool_path),
+            "chunk": chunk, "batch_sizes": list(opts.batch_sizes), "seconds": opts.seconds_per_size, "threads": opts.threads,
+            "model": {"name": model.name, "spec": model.spec.to_dict(), "task": model.task, "dims": model.dims,
+                      "arch": model.arch, "weights": str(weights) if weights else None,
+                      "onnx_path": str(model.onnx_path) if model.onnx_path else None,
+                      "source": model.source, "inputs": [str(t) for t in model.spec.inputs]}}
+
+
+def _run_isolated(job: dict, timeout: float) -> dict:
+    workdir = Path(job["workdir"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    with open(workdir / "worker.log", "w") as log:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "torchship._worker", str(workdir / "job.json")],
+                                  stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=os.getcwd())
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "reason": f"timed out after {timeout:.0f}s (raise --timeout to wait longer)"}
+    result_file = workdir / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    tail = [l for l in (workdir / "worker.log").read_text(errors="replace").splitlines() if l.strip()][-1:]
+    return {"status": "failed", "reason": f"worker exited with code {proc.returncode}: {tail[0][:300] if tail else 'no output'}"}
+
+
+def _run_inline(job: dict) -> dict:
+    from . import _worker
+    try:
+        return _worker.run(job)
+    except Exception as exc:
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
+
+
+def _ratios(results: list[dict], target: int) -> None:
+    def tput(r):
+        return ((r.get("profile") or {}).get(str(target)) or {}).get("throughput")
+    eager = next((tput(r) for r in results if r["name"] == "eager" and r["status"] in ("ok", "rejected")), None)
+    fp32 = [tput(r) for r in results if r["status"] == "ok" and r["selectable"]
+            and r.get("options", {}).get("precision", "fp32") == "fp32" and tput(r)]
+    best = max(fp32, default=None)
+    for r in results:
+        t = tput(r)
+        r["vs_eager"] = t / eager if t and eager else None
+        r["vs_best_fp32"] = t / best if t and best else None
+
+
+def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str] | None = None,
+             weights: str | None = None, dims: dict | None = None, out: str | Path | None = None,
+             progress: Progress | None = None) -> OptimizeResult:
+    """Build every applicable variant of ``source``, verify, profile, select and (with ``out``) bundle it."""
+    opts = options or OptimizeOptions()
+    say = progress or (lambda msg, i, n: None)
+    if out is not None:
+        bundle.check_writable(Path(out))
+    say("loading the model", 0, 1)
+    model = load_source(source, inputs, weights=weights, dims=dims)
+    if model.source is None and isinstance(source, (str, Path)) and model.arch is None:
+        model.source = str(source)
+    variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads)
+    isolate = opts.isolate and (model.arch is not None or model.source is not None or model.onnx_path is not None)
+    root = Path(tempfile.mkdtemp(prefix="torchship-"))
+    try:
+        pool, labels, pool_note = verification_pool(model)
+        chunk = min(32, max(opts.batch_sizes))
+        pool_path = root / "pool.npz"
+        np.savez(pool_path, **pool)
+        reference = reference_outputs(model, pool, chunk)
+        weights_path = None
+        if model.arch is not None:
+            from safetensors.torch import save_model
+            weights_path = root / "reference.safetensors"
+            save_model(model.module, str(weights_path))
+        results = []
+        for i, vp in enumerate(variants):
+            say(f"building and timing {vp.name}", i, len(variants))
+            job = _job(model, vp, opts, root, pool_path, chunk, weights_path)
+            t0 = time.perf_counter()
+            res = _run_isolated(job, opts.timeout_s) if isolate else _run_inline(job)
+            res.update(name=vp.name, runtime=vp.runtime, options={k: v for k, v in vp.options.items() if v is not None},
+                       selectable=vp.selectable, note=vp.note, wall_s=time.perf_counter() - t0)
+            if res["status"] == "ok":
+                with np.load(res.pop("outputs"), allow_pickle=False) as z:
+                    outs = {k: z[k] for k in z.files}
+                fid = compare(reference, outs, opts.budget, model.task, labels)
+                res["fidelity"] = fid.to_dict()
+                if not fid.passed:
+                    res["status"], res["reason"] = "rejected", fid.reason
+            results.append(res)
+        say("selecting", len(variants), len(variants))
+        _ratios(results, opts.target)
+        picked = select(results, opts.target, opts.latency_slo_ms)
+        machine = machine_info(opts.threads)
+        if picked is None:
+            near = closest(results)
+            message = "no variant met the budget" + (f" at p99 <= {opts.latency_slo_ms} ms" if opts.latency_slo_ms else "")
+            if near:
+                message += f"; closest: {near['name']} ({near['reason']})"
+            chosen, chosen_bs = None, None
+        else:
+            chosen, chosen_bs = picked
+            chosen["selected"] = True
+            message = f"chose {chosen['name']} at batch size {chosen_bs}"
+        result = OptimizeResult(model.name, results, chosen, chosen_bs, None, None, machine, message)
+        meta = {"budget": opts.budget.to_dict(), "verification": pool_note, "batch_sizes": list(opts.batch_sizes),
+                "target_batch_size": opts.target, "latency_slo_ms": opts.latency_slo_ms, "device": opts.device,
+                "spec": model.spec.to_dict(), "task": model.task, "dims": model.dims}
+        if out is not None and chosen is not None:
+            say("writing the bundle and report", len(variants), len(variants))
+            _package(result, meta, root, Path(out))
+        return result
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _package(result: OptimizeResult, meta: dict, root: Path, out: Path) -> None:
+    from .report import write_report
+    report_dir = root / "report"
+    write_report(result, meta, report_dir)
+    files = [(p, f"report/{p.name}") for p in sorted(report_dir.iterdir())]
+    c = result.chosen
+    files += [(root / c["name"] / f, f) for f in c["artifact"]["files"]]
+    manifest = {
+        "name": result.model, "version": "1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__, "spec": meta["spec"], "task": meta["task"], "dims": meta["dims"],
+        "variant": c["name"], "runtime": c["runtime"], "transforms": [], "device": meta["device"],
+        "threads": result.machine["threads"], "artifact": c["artifact"], "max_batch_size": result.chosen_batch_size,
+        "budget": meta["budget"], "fidelity": c["fidelity"], "profile": c["profile"],
+        "cold_start_s": c["cold_start_s"], "artifact_bytes": c["artifact_bytes"], "machine": result.machine,
+    }
+    result.bundle = bundle.write(out, manifest, files)
+    result.report = result.bundle / "report" / "report.md"

@@ -1,0 +1,49 @@
+"""torch.export + AOTInductor, packaged as ``.pt2``: loads and runs without the model's Python code."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..errors import BuildSkipped
+from .base import Artifact, PRECISIONS, TorchRunner, cast_args, dynamic_shapes, example_args, register
+
+
+def export(model, device="cpu", precision="fp32"):
+    if model.module is None:
+        raise BuildSkipped("the source is an ONNX file: only ONNX Runtime can run it")
+    module = model.module.to(device)
+    if precision != "fp32":
+        import copy
+        module = copy.deepcopy(module).to(PRECISIONS[precision])
+    args = cast_args(example_args(model, 2, device), precision)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(model.spec))
+    except Exception as exc:
+        raise BuildSkipped(f"torch.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:240]}") from exc
+    finally:
+        model.module.to("cpu")
+
+
+def build(model, options, workdir):
+    device, precision = options.get("device", "cpu"), options.get("precision", "fp32")
+    program = export(model, device, precision)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch._inductor.aoti_compile_and_package(program, package_path=str(workdir / "model.pt2"))
+    except Exception as exc:
+        raise BuildSkipped(f"AOTInductor compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:240]}") from exc
+    return Artifact("aoti", ("model.pt2",), dict(options))
+
+
+def load(artifact, root, spec, device="cpu"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = torch._inductor.aoti_load_package(str(root / artifact.files[0]))
+    return TorchRunner(runner, spec, device, artifact.options.get("precision", "fp32"))
+
+
+register("aoti", build, load)

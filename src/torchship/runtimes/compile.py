@@ -1,0 +1,24 @@
+"""torch.compile (inductor): rebuilt from weights at load time; the compile is part of the cold start."""
+from __future__ import annotations
+
+import torch
+
+from .base import TorchRunner, load_weights_module, register
+from .eager import build as eager_build
+from .eager import prepare
+
+
+def build(model, options, workdir):
+    from .base import Artifact
+    art = eager_build(model, options, workdir)
+    return Artifact("compile", art.files, dict(options))
+
+
+def load(artifact, root, spec, device="cpu"):
+    opts = artifact.options
+    module = prepare(load_weights_module(root), opts, device).eval()
+    compiled = torch.compile(module, mode=opts.get("mode", "default"), dynamic=opts.get("dynamic"))
+    return TorchRunner(compiled, spec, device, opts.get("precision", "fp32"))
+
+
+register("compile", build, load)

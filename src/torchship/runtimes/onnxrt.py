@@ -1,0 +1,93 @@
+"""ONNX export + ONNX Runtime with full graph optimizations and explicit thread settings."""
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+
+import numpy as np
+
+from ..errors import BuildSkipped, MissingExtra
+from .base import Artifact, dynamic_shapes, example_args, register
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise MissingExtra("onnxruntime", "onnx") from exc
+    return onnxruntime
+
+
+def export_onnx(model, path):
+    import torch
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    args = example_args(model, 2)
+    errors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model.module, args, str(path), dynamo=True, verbose=False,
+                              dynamic_shapes=dynamic_shapes(model.spec), input_names=model.spec.input_names)
+            return
+        except Exception as exc:
+            errors.append(f"dynamo exporter: {str(exc).strip().splitlines()[0][:200]}")
+        axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in model.spec.inputs}
+        try:
+            torch.onnx.export(model.module, args, str(path), dynamo=False, input_names=model.spec.input_names,
+                              output_names=model.spec.output_names, dynamic_axes=axes, opset_version=17)
+            return
+        except Exception as exc:
+            errors.append(f"TorchScript exporter: {str(exc).strip().splitlines()[0][:200]}")
+    raise BuildSkipped("ONNX export failed: " + "; ".join(errors))
+
+
+def build(model, options, workdir):
+    _ort()
+    target = workdir / "model.onnx"
+    if model.onnx_path is not None:
+        shutil.copyfile(model.onnx_path, target)
+    else:
+        export_onnx(model, target)
+    files = tuple(sorted(p.name for p in workdir.iterdir() if p.name.startswith("model.onnx")))
+    return Artifact("onnxrt", files, dict(options))
+
+
+def session(path, device="cpu", threads=None, optimize=True):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BuildSkipped("onnxruntime has no CUDA execution provider here: pip install onnxruntime-gpu")
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as exc:
+        raise BuildSkipped(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:240]}") from exc
+
+
+class OrtRunner:
+    def __init__(self, sess, spec):
+        self.sess, self.spec = sess, spec
+        self.input_names = [i.name for i in sess.get_inputs()]
+        self.output_names = spec.output_names or [o.name for o in sess.get_outputs()]
+
+    def __call__(self, feeds):
+        outs = self.sess.run(None, {n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
+        return dict(zip(self.output_names, outs))
+
+
+def load(artifact, root, spec, device="cpu"):
+    opts = artifact.options
+    return OrtRunner(session(root / artifact.files[0], device, opts.get("threads"), opts.get("optimize", True)), spec)
+
+
+register("onnxrt", build, load)

@@ -1,0 +1,96 @@
+"""Model files: TorchScript, torch.export ``.pt2``, ONNX."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import SourceError, UsageError
+from ..spec import BATCH, IOSpec, TensorSpec
+
+
+def load_file(path: Path, inputs, dims, outputs):
+    if path.suffix in (".pth", ".ckpt", ".safetensors"):
+        raise UsageError(f"{path} holds weights, not a model: give the architecture as package.module:attr "
+                         f"and pass this file with --weights {path}")
+    if path.suffix == ".onnx":
+        return _load_onnx(path, inputs, dims)
+    from . import finish
+    if path.suffix == ".pt2":
+        try:
+            ep = torch.export.load(str(path))
+        except Exception as exc:
+            raise SourceError(f"{path} is not a torch.export program ({str(exc).splitlines()[0]})") from exc
+        spec = IOSpec.parse(inputs) if inputs else _spec_from_program(ep)
+        return finish(path.stem, _Frozen(ep.module()), spec, dims, outputs=outputs)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise SourceError(f"{path} is not a TorchScript file ({str(exc).splitlines()[0]}); a pickled checkpoint "
+                          "is a state dict: give the architecture as package.module:attr with --weights") from exc
+    if not inputs:
+        raise UsageError(f"{path}: a TorchScript file does not record its input shapes; give them with --input")
+    return finish(path.stem, module, IOSpec.parse(inputs), dims, outputs=outputs)
+
+
+class _Frozen(torch.nn.Module):
+    """An exported program's module; its train/eval mode cannot be changed, so eval() is a no-op."""
+
+    def __init__(self, gm):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args):
+        return self.gm(*args)
+
+    def train(self, mode: bool = True):
+        return self
+
+
+def _dim_names(dims) -> tuple:
+    out = []
+    for i, d in enumerate(dims):
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            out.append(BATCH if i == 0 else (str(d) if str(d).isidentifier() else f"dim{i}"))
+    return tuple(out)
+
+
+def _spec_from_program(ep) -> IOSpec:
+    specs = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in ep.graph_signature.user_inputs:
+            val = node.meta["val"]
+            dims = [int(d) if isinstance(d, int) or str(d).isdigit() else str(d) for d in val.shape]
+            specs.append(TensorSpec(node.name, str(val.dtype).removeprefix("torch."), _dim_names(dims)))
+    return IOSpec(tuple(specs))
+
+
+_ONNX_TYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
+
+
+def onnx_spec(path: Path) -> IOSpec:
+    import onnx
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:
+        raise SourceError(f"{path} is not a readable ONNX model ({exc})") from exc
+    initializers = {i.name for i in graph.initializer}
+
+    def spec(v):
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "dyn") for d in t.shape.dim]
+        return TensorSpec(v.name, _ONNX_TYPES.get(t.elem_type, "float32"), _dim_names(dims))
+
+    return IOSpec(tuple(spec(v) for v in graph.input if v.name not in initializers), tuple(spec(v) for v in graph.output))
+
+
+def _load_onnx(path: Path, inputs, dims):
+    from . import Model
+    spec = onnx_spec(path)
+    if inputs:
+        spec = IOSpec(IOSpec.parse(inputs).inputs, spec.outputs)
+    o = spec.outputs[0] if spec.outputs else None
+    task = "classify" if o and len(spec.outputs) == 1 and len(o.shape) == 2 and isinstance(o.shape[1], int) and o.shape[1] > 1 else "other"
+    return Model(path.stem, None, spec, task=task, onnx_path=path, dims={s: int(dims.get(s, 16)) for s in spec.symbols})

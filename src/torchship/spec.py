@@ -1,0 +1,169 @@
+"""IOSpec: a model's inputs and outputs (name, dtype, shape with symbolic dims).
+
+Written on the command line as ``NAME:DTYPE[DIM,...]``, e.g. ``x:float32[batch,1,28,28]``.
+A dimension is an int or a symbol; the first dimension named ``batch`` is the batch axis.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .errors import SpecError
+
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+_SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*:\s*(\w+)\s*\[([^\]]*)\]\s*$")
+_SYMBOL_RE = re.compile(r"^[A-Za-z_]\w*$")
+BATCH = "batch"
+
+Dim = "int | str"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple  # of int | str
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise SpecError(f"{self.name}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for d in self.shape:
+            if isinstance(d, bool) or not (isinstance(d, str) and _SYMBOL_RE.match(d) or isinstance(d, int) and d > 0):
+                raise SpecError(f"{self.name}: dimension {d!r} must be a positive int or a name such as 'batch'")
+
+    @classmethod
+    def parse(cls, text: str) -> "TensorSpec":
+        m = _SPEC_RE.match(text)
+        if not m:
+            raise SpecError(f"cannot parse {text!r}: write NAME:DTYPE[DIM,...], e.g. x:float32[batch,3,28,28]")
+        name, dtype, dims = m.groups()
+        parts = [p.strip() for p in dims.split(",")] if dims.strip() else []
+        if any(not p for p in parts):
+            raise SpecError(f"cannot parse {text!r}: empty dimension between commas")
+        shape = tuple(int(p) if p.isdigit() else p for p in parts)
+        return cls(name, dtype, shape)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+
+    @property
+    def batch_axis(self) -> int | None:
+        return self.shape.index(BATCH) if BATCH in self.shape else None
+
+    def concrete(self, batch: int, dims: Mapping[str, int]) -> tuple[int, ...]:
+        out = []
+        for d in self.shape:
+            if isinstance(d, int):
+                out.append(d)
+            elif d == BATCH:
+                out.append(batch)
+            elif d in dims:
+                out.append(int(dims[d]))
+            else:
+                raise SpecError(f"{self.name}: no size given for dimension {d!r}; pass --dim {d}=N")
+        return tuple(out)
+
+    def check(self, array: np.ndarray) -> None:
+        """Raise SpecError naming what is wrong when ``array`` does not fit this spec."""
+        if array.dtype != np.dtype(self.dtype):
+            raise SpecError(f"input {self.name!r}: expected dtype {self.dtype}, got {array.dtype}")
+        if array.ndim != len(self.shape):
+            raise SpecError(f"input {self.name!r}: expected {len(self.shape)} dimensions {list(self.shape)}, got shape {list(array.shape)}")
+        for i, (want, got) in enumerate(zip(self.shape, array.shape)):
+            if isinstance(want, int) and want != got:
+                raise SpecError(f"input {self.name!r}: dimension {i} must be {want}, got {got} (shape {list(array.shape)})")
+            if got == 0:
+                raise SpecError(f"input {self.name!r}: dimension {i} is empty")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...] = field(default=())
+
+    @classmethod
+    def parse(cls, inputs: list[str], outputs: list[str] = ()) -> "IOSpec":
+        spec = cls(tuple(TensorSpec.parse(t) for t in inputs), tuple(TensorSpec.parse(t) for t in outputs))
+        names = [t.name for t in spec.inputs]
+        if len(set(names)) != len(names):
+            raise SpecError(f"input names repeat: {names}")
+        if not spec.inputs:
+            raise SpecError("at least one input is needed, e.g. --input x:float32[batch,3,28,28]")
+        return spec
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def symbols(self) -> list[str]:
+        """Dynamic dimension names other than batch, in order of first use."""
+        seen: list[str] = []
+        for t in self.inputs:
+            seen += [d for d in t.shape if isinstance(d, str) and d != BATCH and d not in seen]
+        return seen
+
+    @property
+    def has_batch(self) -> bool:
+        return all(t.batch_axis == 0 for t in self.inputs)
+
+    def check(self, feeds: Mapping[str, np.ndarray]) -> int:
+        """Validate feeds against the inputs; return the batch size."""
+        missing = [n for n in self.input_names if n not in feeds]
+        unknown = [n for n in feeds if n not in self.input_names]
+        if missing or unknown:
+            raise SpecError(f"inputs must be {self.input_names}; missing {missing}, unknown {unknown}")
+        sizes: dict[str, int] = {}
+        for t in self.inputs:
+            a = feeds[t.name]
+            t.check(a)
+            for d, got in zip(t.shape, a.shape):
+                if isinstance(d, str) and sizes.setdefault(d, got) != got:
+                    raise SpecError(f"dimension {d!r} is {sizes[d]} in one input and {got} in {t.name!r}")
+        return sizes.get(BATCH, 1)
+
+    def sample(self, batch: int, dims: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+        """Generate inputs that fit the spec: normal floats, ints in [0, 100), ones for masks and bools."""
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for t in self.inputs:
+            shape = t.concrete(batch, dims or {})
+            if t.dtype.startswith("float"):
+                feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
+            elif t.dtype == "bool" or t.name.endswith("mask"):
+                feeds[t.name] = np.ones(shape, dtype=t.dtype)
+            else:
+                feeds[t.name] = rng.integers(0, 100, size=shape).astype(t.dtype)
+        return feeds
+
+    def to_dict(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "IOSpec":
+        return cls(tuple(map(TensorSpec.from_dict, d["inputs"])), tuple(map(TensorSpec.from_dict, d.get("outputs", ()))))
+
+    def __str__(self) -> str:
+        return " ".join(map(str, self.inputs)) + " -> " + " ".join(map(str, self.outputs))
+
+
+def slice_batch(feeds: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {k: v[start:stop] for k, v in feeds.items()}
+
+
+def concat_batches(parts: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

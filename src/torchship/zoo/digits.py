@@ -1,0 +1,90 @@
+"""digits-cnn: a small image classifier trained on scikit-learn's bundled digits (8x8 upsampled to 28x28)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..spec import IOSpec
+
+SPEC = IOSpec.parse(["image:float32[batch,1,28,28]"])
+SEED = 0
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self, width: int = 16, hidden: int = 64):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(width * 14 * 14, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, image):
+        x = self.pool(torch.relu(self.bn(self.conv(image))))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def architecture() -> nn.Module:
+    from ..sources._wrap import Normalized
+    return Normalized(DigitsCNN(), SPEC.input_names)
+
+
+def dataset() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fixed train/val/test split (70/10/20) of the 1,797 digits, as float32 [N,1,28,28] in [0,1] and int64 labels."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    x = nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).numpy()
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(SEED).permutation(len(y))
+    n_train, n_val = int(0.7 * len(y)), int(0.1 * len(y))
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return {k: (x[idx], y[idx]) for k, idx in parts.items()}
+
+
+def train(epochs: int = 8, seed: int = SEED) -> tuple[nn.Module, float]:
+    """Plain loop (to move onto the Lightning trainer); returns the model and its test accuracy."""
+    torch.manual_seed(seed)
+    data = dataset()
+    model = architecture()
+    x, y = map(torch.from_numpy, data["train"])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(y), generator=gen).split(64):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[idx])[0], y[idx])
+            loss.backward()
+            opt.step()
+    return model.eval(), accuracy(model, *data["test"])
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.inference_mode():
+        return float((model.eval()(torch.from_numpy(x))[0].argmax(1).numpy() == y).mean())
+
+
+def load():
+    from safetensors.torch import load_file, save_file
+
+    from ..sources import Model, _wrap
+    from . import cache_dir
+    path = cache_dir() / "digits-cnn.safetensors"
+    model = architecture()
+    if path.exists():
+        model.load_state_dict(load_file(str(path)))
+    else:
+        started = time.perf_counter()
+        model, acc = train()
+        tmp = path.with_suffix(".tmp")
+        save_file(model.state_dict(), str(tmp), metadata={"test_accuracy": f"{acc:.4f}"})
+        tmp.replace(path)
+        print(f"trained digits-cnn in {time.perf_counter() - started:.1f}s: test accuracy {acc:.1%} (cached at {path})")
+    x, y = dataset()["test"]
+    out = _wrap.infer_outputs(model.eval(), SPEC, {}, ["logits"])
+    return Model("digits-cnn", model.eval(), IOSpec(SPEC.inputs, out), task="classify",
+                 arch={"kind": "zoo", "name": "digits-cnn"}, eval_data={"image": x}, labels=y)
