@@ -19,7 +19,7 @@ def rows(result, target: int) -> list[dict]:
         f = r.get("fidelity") or {}
         out.append({
             "variant": r["name"] + (" *" if r.get("selected") else ""),
-            "status": r["status"],
+            "status": "reference" if r["status"] == "ok" and not r["selectable"] else r["status"],
             f"items/s @{target}": _fmt(s.get("throughput"), "{:,.0f}"),
             f"p50 ms @{target}": _fmt(s.get("p50_ms"), "{:.2f}"),
             f"p99 ms @{target}": _fmt(s.get("p99_ms"), "{:.2f}"),
@@ -48,8 +48,10 @@ def plot(result, path_png: Path) -> None:
         label = r["name"] + ("" if r["status"] == "ok" else f" ({r['status']})")
         ax1.plot(bs, [prof[b]["p50_ms"] for b in bs], style, marker="o", label=label)
         ax2.plot(bs, [prof[b]["throughput"] for b in bs], style, marker="o", label=label)
+    sizes = sorted({int(k) for r in result.variants for k in (r.get("profile") or {})})
     for ax, title, ylabel in ((ax1, "p50 latency", "ms per batch"), (ax2, "throughput", "items / s")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
         ax.set_ylabel(ylabel)

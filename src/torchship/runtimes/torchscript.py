@@ -46,6 +46,14 @@ def _optimize(frozen):
         return frozen
 
 
+def _script(module, model):
+    """Script the user's module; a trace of the thin normalizing wrapper keeps the scripted control flow."""
+    from ..sources._wrap import Normalized
+    inner = module.module if isinstance(module, Normalized) else module
+    wrapper = Normalized(torch.jit.script(inner), module.input_names, module.keys, module.by_keyword).eval()
+    return torch.jit.trace(wrapper, example_args(model), check_trace=False, strict=False)
+
+
 def build(model, options, workdir):
     if model.module is None:
         raise BuildSkipped("the source is an ONNX file: only ONNX Runtime can run it")
@@ -65,7 +73,7 @@ def build(model, options, workdir):
             notes.append(f"trace failed: {str(exc).strip().splitlines()[0][:200]}")
         if scripted is None:
             try:
-                mode, scripted = "script", torch.jit.script(module)
+                mode, scripted = "script", _script(module, model)
             except Exception as exc:
                 notes.append(f"script failed: {str(exc).strip().splitlines()[0][:200]}")
                 raise BuildSkipped("; ".join(notes)) from exc
@@ -73,7 +81,7 @@ def build(model, options, workdir):
         problem = disagreement(_optimize(torch.jit.freeze(scripted.eval())), module, checks)
         if problem:
             raise BuildSkipped("; ".join(notes + [f"{mode} {problem}"]))
-    torch.jit.save(frozen, str(workdir / "model.ts.pt"))
+        torch.jit.save(frozen, str(workdir / "model.ts.pt"))
     return Artifact("torchscript", ("model.ts.pt",), {**options, "mode": mode, "notes": notes})
 
 

@@ -1,0 +1,181 @@
+"""The ``torchship`` command: a thin shell over the Python API (parse, call, render with rich)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import TorchshipError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Take a trained PyTorch model to production: optimize, verify, package.")
+bundle_app = typer.Typer(no_args_is_help=True, help="Inspect and check bundles.")
+app.add_typer(bundle_app, name="bundle")
+console = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+
+
+@contextmanager
+def progress_bar():
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=False) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message, completed=done, total=total)
+        yield update
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{what} {text!r}: write comma-separated integers, e.g. 1,8,32") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{what} {text!r}: give at least one positive integer")
+    return values
+
+
+def _dims(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, sep, val = item.partition("=")
+        if not sep or not val.strip().isdigit() or int(val) < 1:
+            raise UsageError(f"--dim {item!r}: write NAME=SIZE, e.g. --dim seq=128")
+        out[name.strip()] = int(val)
+    return out
+
+
+def render(result, target: int) -> None:
+    from .report import rows
+    table = Table(title=f"torchship optimize: {result.model} (batch size {target})", show_lines=False)
+    data = rows(result, target)
+    cols = ["variant", "status", f"items/s @{target}", f"p99 ms @{target}", "vs eager", "cosine", "top-1", "size MB", "cold start s"]
+    for c in cols:
+        table.add_column(c, no_wrap=True, justify="right" if c not in ("variant", "status") else "left")
+    colors = {"ok": "green", "rejected": "red", "failed": "red", "skipped": "yellow", "reference": "cyan"}
+    notes = []
+    for row in data:
+        if row["why"]:
+            notes.append(f"[bold]{row['variant'].rstrip(' *')}[/]: {row['why']}")
+        row["status"] = f"[{colors.get(row['status'], 'white')}]{row['status']}[/]"
+        table.add_row(*[str(row[c]) for c in cols])
+    console.print(table)
+    for note in notes:
+        console.print("  " + note, highlight=False)
+
+
+@app.command()
+def optimize(
+    source: str = typer.Argument(..., help="zoo:NAME, package.module:attr, a .pt2/.onnx/TorchScript file, or a HF model directory"),
+    input: List[str] = typer.Option([], "--input", "-i", help="NAME:DTYPE[DIMS], e.g. x:float32[batch,3,28,28] (repeat per input)"),
+    weights: Optional[str] = typer.Option(None, help="state dict for a module:attr source (.safetensors, or a torch.save file loaded with weights_only=True)"),
+    dim: List[str] = typer.Option([], "--dim", help="size of a dynamic dimension for timing, e.g. seq=128"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    budget: Optional[str] = typer.Option(None, help="fidelity budget, e.g. cosine=0.999,top1=0.99,accuracy_drop=0.01"),
+    batch_sizes: str = typer.Option("1,8,32", help="batch sizes to time, comma-separated"),
+    target_batch_size: Optional[int] = typer.Option(None, help="choose by throughput at this batch size (default: the largest)"),
+    latency_slo: Optional[float] = typer.Option(None, "--latency-slo", help="choose the best throughput whose p99 stays under this many ms"),
+    runtimes: Optional[str] = typer.Option(None, help="comma-separated subset of eager,torchscript,compile,aoti,onnxrt"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads, as serving will use (default: all cores)"),
+    timeout: float = typer.Option(600.0, help="seconds allowed to build and time one variant"),
+    out: Path = typer.Option(Path("torchship-bundle"), "--out", "-o", help="bundle directory to write"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table"),
+):
+    """Build every applicable way of running the model, verify, time, choose, and package the best."""
+    from .optimize import OptimizeOptions
+    from .optimize import optimize as run
+    from .verify import Budget
+    opts = OptimizeOptions(device=device, budget=Budget.parse(budget), batch_sizes=_ints(batch_sizes, "--batch-sizes"),
+                           target_batch_size=target_batch_size, latency_slo_ms=latency_slo,
+                           runtimes=tuple(r.strip() for r in runtimes.split(",")) if runtimes else None,
+                           threads=threads, timeout_s=timeout)
+    with progress_bar() as update:
+        result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, progress=update)
+    if as_json:
+        console.print_json(json.dumps(result.to_dict(), default=str))
+    else:
+        render(result, opts.target)
+        console.print(result.message)
+    if result.bundle is None:
+        raise TorchshipError(f"{result.message}; no bundle was written (loosen --budget, or see the table for why)")
+    console.print(f"bundle: [bold]{result.bundle}[/]  report: [bold]{result.report}[/]")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="where the demo bundle goes")):
+    """Train digits-cnn (if not cached), optimize it, and answer a few test images through the bundle."""
+    from . import load_bundle
+    from .optimize import OptimizeOptions
+    from .optimize import optimize as run
+    from .zoo.digits import dataset
+    started = time.perf_counter()
+    console.print("[bold]torchship demo[/]: digits-cnn, a small CNN trained on scikit-learn's digits")
+    with progress_bar() as update:
+        result = run("zoo:digits-cnn", OptimizeOptions(), out=out, progress=update)
+    render(result, OptimizeOptions().target)
+    console.print(result.message)
+    if result.bundle is None:
+        raise TorchshipError(result.message)
+    loaded = load_bundle(result.bundle)
+    x, y = dataset()["test"]
+    pred = loaded({"image": x[:16]})["logits"].argmax(1)
+    console.print(f"bundle {result.bundle} ({loaded.manifest['runtime']}) predicts {pred.tolist()}")
+    console.print(f"            labels {y[:16].tolist()}")
+    console.print(f"report: [bold]{result.report}[/] (and latency.png beside it); demo took {time.perf_counter() - started:.0f}s")
+
+
+@bundle_app.command("verify")
+def bundle_verify(path: Path = typer.Argument(..., help="bundle directory")):
+    """Check every file of a bundle against the sha256 in its manifest."""
+    from .bundle import verify
+    manifest = verify(path)
+    console.print(f"[green]ok[/]: {path} ({manifest['name']} v{manifest['version']}, {manifest['runtime']}, "
+                  f"{len(manifest['files'])} files verified)")
+
+
+@bundle_app.command("info")
+def bundle_info(path: Path = typer.Argument(..., help="bundle directory")):
+    """Print a bundle's manifest (spec, runtime, fidelity, profile)."""
+    from .bundle import read_manifest
+    console.print_json(json.dumps(read_manifest(path)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        app(argv, standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        return 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except TorchshipError as exc:
+        if debug:
+            raise
+        err.print(f"[red]error[/]: {exc}", highlight=False)
+        return exc.exit_code
+    except Exception as exc:
+        if debug:
+            raise
+        err.print(f"[red]error[/]: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", highlight=False)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

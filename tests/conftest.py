@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TORCHSHIP_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "torchship"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device; none here")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """One full optimize of zoo:digits-cnn with every runtime, shared by the tests that inspect it."""
+    from torchship import OptimizeOptions, optimize
+    out = tmp_path_factory.mktemp("digits") / "bundle"
+    return optimize("zoo:digits-cnn", OptimizeOptions(batch_sizes=(1, 8), seconds_per_size=0.2), out=out)

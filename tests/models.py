@@ -1,0 +1,71 @@
+"""Small models built to exercise one behaviour each (importable as tests.models:NAME)."""
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    """A plain MLP classifier."""
+
+    example_inputs = ["x:float32[batch,8]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow that torch.jit.script handles and a trace gets wrong."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if bool(x.sum() > 0):
+            return self.lin(x)
+        return self.lin(-x) * 2.0
+
+
+class Unscriptable(nn.Module):
+    """Data-dependent control flow in code TorchScript cannot compile: no faithful TorchScript exists."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        branch = {True: lambda t: self.lin(t), False: lambda t: self.lin(-t) * 2.0}
+        return branch[bool(x.sum() > 0)](x)
+
+
+class Broken(nn.Module):
+    """Fails on any input."""
+
+    def forward(self, x):
+        raise ValueError("this model is broken on purpose")
+
+
+class TwoHeads(nn.Module):
+    """Two inputs, a dict of two outputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 3)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x, y):
+        return {"sum": self.a(x) + self.b(y), "diff": self.a(x) - self.b(y)}
+
+
+def tiny_factory():
+    return Tiny()
+
+
+NOT_A_MODEL = 42

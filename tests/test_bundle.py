@@ -1,0 +1,77 @@
+import json
+
+import numpy as np
+import pytest
+
+from torchship import BundleError, OptimizeOptions, load_bundle, optimize, verify_bundle
+from torchship.bundle import write
+from torchship.errors import OutputError
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    optimize("tests.models:Tiny", OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(4,), seconds_per_size=0.05), out=out)
+    return out
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_manifest_holds_what_the_design_names(tiny_bundle):
+    m = verify_bundle(tiny_bundle)
+    for key in ("format_version", "name", "version", "spec", "runtime", "transforms", "device", "threads",
+                "fidelity", "profile", "files", "artifact"):
+        assert key in m
+    assert set(m["files"]) >= {"model.onnx", "report/report.json"}
+    out = load_bundle(tiny_bundle)({"x": np.ones((3, 8), np.float32)})
+    assert out["output"].shape == (3, 4)
+
+
+def test_changed_truncated_or_missing_file_fails_its_checksum(tiny_bundle, tmp_path):
+    changed = _copy(tiny_bundle, tmp_path / "changed")
+    data = bytearray((changed / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (changed / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.onnx fails its checksum"):
+        load_bundle(changed)
+    truncated = _copy(tiny_bundle, tmp_path / "truncated")
+    (truncated / "model.onnx").write_bytes((truncated / "model.onnx").read_bytes()[:100])
+    with pytest.raises(BundleError, match="fails its checksum"):
+        verify_bundle(truncated)
+    missing = _copy(tiny_bundle, tmp_path / "missing")
+    (missing / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        verify_bundle(missing)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no manifest.json"):
+        verify_bundle(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        verify_bundle(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(BundleError, match="format 99"):
+        verify_bundle(tmp_path)
+
+
+def test_write_is_atomic_and_never_clobbers_other_data(tmp_path):
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 10)
+    out = write(tmp_path / "b", {"name": "m"}, [(src, "a.bin")])
+    assert verify_bundle(out)["files"]["a.bin"]
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(FileNotFoundError):  # a failure half-way leaves the previous bundle as it was
+        write(out, {"name": "m2"}, [(src, "a.bin"), (tmp_path / "nope", "nope")])
+    assert (out / "manifest.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not a bundle"):
+        write(other, {"name": "m"}, [(src, "a.bin")])
+    assert (other / "keep.txt").read_text() == "mine"

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from torchship import Budget, UsageError
+from torchship.select import closest, select
+from torchship.verify import compare
+
+
+def test_budget_parse():
+    assert Budget.parse(None) == Budget()
+    b = Budget.parse("cosine=0.99,top1=0.9,accuracy_drop=0.01")
+    assert (b.min_cosine, b.min_top1, b.max_accuracy_drop) == (0.99, 0.9, 0.01)
+    for bad in ("cosine", "speed=1", "cosine=abc", "cosine=2"):
+        with pytest.raises(UsageError):
+            Budget.parse(bad)
+
+
+def test_compare_exact_and_perturbed():
+    rng = np.random.default_rng(0)
+    ref = {"logits": rng.standard_normal((50, 10)).astype(np.float32)}
+    labels = ref["logits"].argmax(1)
+    same = compare(ref, {"logits": ref["logits"].copy()}, Budget(), "classify", labels)
+    assert same.passed and same.cosine == pytest.approx(1.0) and same.top1 == 1.0 and same.max_abs_error == 0
+    noisy = {"logits": ref["logits"] + rng.standard_normal((50, 10)).astype(np.float32)}
+    bad = compare(ref, noisy, Budget(), "classify", labels)
+    assert not bad.passed and "cosine" in bad.reason and bad.accuracy < 1.0
+    nan = compare(ref, {"logits": np.full_like(ref["logits"], np.nan)}, Budget(), "classify")
+    assert not nan.passed and "non-finite" in nan.reason
+    shape = compare(ref, {"logits": ref["logits"][:, :5]}, Budget())
+    assert not shape.passed and "shape" in shape.reason
+
+
+def test_accuracy_budget():
+    ref = {"logits": np.eye(10, dtype=np.float32)[np.arange(100) % 10]}
+    labels = np.arange(100) % 10
+    out = ref["logits"].copy()
+    out[:3] = np.roll(out[:3], 1, axis=1)  # three wrong answers: 3 points lost
+    budget = Budget(min_cosine=0.0, min_top1=0.0, max_accuracy_drop=0.01)
+    res = compare(ref, {"logits": out}, budget, "classify", labels)
+    assert not res.passed and "accuracy drop 3.00%" in res.reason
+
+
+def _row(name, status, tput, selectable=True, p99=1.0, cos=1.0):
+    return {"name": name, "status": status, "selectable": selectable, "fidelity": {"cosine": cos},
+            "profile": {"8": {"throughput": tput, "p99_ms": p99}, "1": {"throughput": tput / 4, "p99_ms": p99 / 4}}}
+
+
+def test_select_never_picks_rejected_or_reference():
+    rows = [_row("fast-but-wrong", "rejected", 1000, cos=0.9), _row("naive", "ok", 900, selectable=False),
+            _row("slow", "ok", 100), _row("medium", "ok", 300), _row("crashed", "failed", 0)]
+    chosen, bs = select(rows, 8)
+    assert chosen["name"] == "medium" and bs == 8
+    assert select([rows[0], rows[1]], 8) is None
+    assert closest(rows)["name"] == "fast-but-wrong"
+
+
+def test_select_under_latency_slo():
+    rows = [_row("big", "ok", 1000, p99=10.0), _row("small", "ok", 200, p99=2.0)]
+    chosen, bs = select(rows, 8, latency_slo_ms=20.0)
+    assert (chosen["name"], bs) == ("big", 8)
+    chosen, bs = select(rows, 8, latency_slo_ms=3.0)  # big at batch 1 (250/s, p99 2.5) beats small at 8 (200/s)
+    assert (chosen["name"], bs) == ("big", 1)
+    chosen, bs = select(rows, 8, latency_slo_ms=1.0)
+    assert (chosen["name"], bs) == ("small", 1)
+    assert select(rows, 8, latency_slo_ms=0.1) is None
