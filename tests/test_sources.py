@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from torchship import OptimizeOptions, SourceError, UsageError, load_source, optimize
+from torchship.errors import MissingExtra  # noqa: F401  (part of the public error tree)
+
+
+def test_module_attr_class_factory_and_example_inputs():
+    m = load_source("tests.models:Tiny")  # inputs from the class's example_inputs
+    assert str(m.spec) == "x:float32[batch,8] -> output:float32[batch,4]" and m.task == "classify"
+    f = load_source("tests.models:tiny_factory", ["x:float32[batch,8]"])
+    assert f.spec == m.spec and f.arch["ref"] == "tests.models:tiny_factory"
+
+
+def test_dict_outputs_and_two_inputs():
+    m = load_source("tests.models:TwoHeads", ["x:float32[batch,8]", "y:float32[batch,5]"])
+    assert m.spec.output_names == ["sum", "diff"] and m.task == "other"
+
+
+@pytest.mark.parametrize("source, inputs, err, fragment", [
+    ("tests.models:Nope", ["x:float32[batch,8]"], SourceError, "has no attribute"),
+    ("no_such_pkg.mod:X", ["x:float32[batch,8]"], SourceError, "cannot import"),
+    ("tests.models:NOT_A_MODEL", ["x:float32[batch,8]"], SourceError, "not an nn.Module"),
+    ("tests.models:Broken", ["x:float32[batch,8]"], SourceError, "fails on an example input"),
+    ("tests.models:Tiny", ["x:float32[batch,9]"], SourceError, "fails on an example input"),
+    ("tests.models:Branchy", None, UsageError, "give the inputs"),
+    ("zoo:nothing", None, SourceError, "zoo:digits-cnn"),
+    ("missing.onnx", None, SourceError, "no such file"),
+    ("what", None, SourceError, "not a source"),
+])
+def test_bad_sources_say_what_to_do(source, inputs, err, fragment):
+    with pytest.raises(err, match=fragment):
+        load_source(source, inputs)
+
+
+def test_weights_from_safetensors_and_weights_only(tmp_path):
+    trained = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    torch.manual_seed(1)
+    state = {f"net.{k}": torch.randn_like(v) for k, v in trained.state_dict().items()}
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save(state, tmp_path / "w.pt")
+    x = torch.ones(2, 8)
+    for path in ("w.safetensors", "w.pt"):
+        m = load_source("tests.models:Tiny", weights=str(tmp_path / path))
+        assert torch.equal(m.module.module.net[0].weight, state["net.0.weight"])
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # a whole pickled module
+    with pytest.raises(SourceError, match="weights_only=True"):
+        load_source("tests.models:Tiny", weights=str(tmp_path / "pickled.pt"))
+    with pytest.raises(SourceError, match="do not fit"):
+        load_source("tests.models:Branchy", ["x:float32[batch,8]"], weights=str(tmp_path / "w.safetensors"))
+    with pytest.raises(UsageError, match="--weights"):
+        load_source(str(tmp_path / "w.pt"))
+    del x
+
+
+def test_torchscript_pt2_and_onnx_files(tmp_path):
+    module = load_source("tests.models:Tiny").module
+    x = torch.randn(3, 8)
+    torch.jit.save(torch.jit.trace(module, (x,)), str(tmp_path / "m.ts"))
+    ep = torch.export.export(module, (x,), dynamic_shapes=((({0: torch.export.Dim("batch")}),),))
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    with torch.inference_mode():
+        want = module(x)[0].numpy()
+    ts = load_source(str(tmp_path / "m.ts"), ["x:float32[batch,8]"])
+    pt2 = load_source(str(tmp_path / "m.pt2"))
+    assert pt2.spec.inputs[0].shape == ("batch", 8)
+    for m in (ts, pt2):
+        with torch.inference_mode():
+            np.testing.assert_allclose(m.module(x)[0].numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match="--input"):
+        load_source(str(tmp_path / "m.ts"))
+
+
+def test_onnx_source_runs_only_onnx_runtime(tmp_path):
+    from torchship.runtimes.onnxrt import export_onnx
+    m = load_source("tests.models:Tiny")
+    export_onnx(m, tmp_path / "tiny.onnx")
+    res = optimize(str(tmp_path / "tiny.onnx"), OptimizeOptions(batch_sizes=(4,), seconds_per_size=0.05))
+    assert [v["name"] for v in res.variants] == ["onnxrt"]
+    assert res.chosen["fidelity"]["cosine"] > 0.9999
+    assert res.variants[0]["profile"]["4"]["throughput"] > 0
