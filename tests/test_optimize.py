@@ -50,7 +50,7 @@ def test_bundle_loads_and_answers_like_the_model(digits_run):
     assert data["machine"]["threads"] >= 1 and "isa" in data["machine"]
 
 
-@pytest.mark.parametrize("runtime", ["eager", "torchscript", "aoti", "onnxrt"])
+@pytest.mark.parametrize("runtime", ["eager", "torchscript", "compile", "aoti", "onnxrt"])
 def test_each_packaged_runtime_reloads_from_its_own_bundle(runtime, tmp_path):
     res = optimize("zoo:digits-cnn", OptimizeOptions(runtimes=(runtime,), batch_sizes=(2,), seconds_per_size=0.05),
                    out=tmp_path / "b")

@@ -1,0 +1,71 @@
+"""Figures for `torchship optimize`, from one run: for digits-cnn and MiniLM (seq 128), each variant's
+throughput as a ratio to eager and as a fraction of the machine's limit (model FLOPs x items/s over a
+measured fp32 matrix-multiply rate). Figures, not pass/fail.
+
+    python benchmarks/optimize.py [--models digits-cnn,minilm] [--batch-sizes 1,8,32] [--seconds 1.0]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from torchship import OptimizeOptions, load_source, optimize
+from torchship.runtimes.base import example_args
+
+
+def matmul_rate(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    """Best observed fp32 GEMM rate in FLOP/s with ``threads`` intra-op threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def flops_per_item(source: str, dims: dict) -> float:
+    model = load_source(source, dims=dims)
+    args = example_args(model, 1)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.module(*args)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="digits-cnn,minilm")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--seconds", type=float, default=1.0)
+    args = p.parse_args()
+    threads = os.cpu_count()
+    peak = matmul_rate(threads)
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    print(f"machine: {threads} threads, fp32 matmul {peak / 1e9:.1f} GFLOP/s (2048x2048, best of 10)")
+    for name in args.models.split(","):
+        dims = {"seq": 128} if name == "minilm" else {}
+        flops = flops_per_item(f"zoo:{name}", dims)
+        res = optimize(f"zoo:{name}", OptimizeOptions(batch_sizes=sizes, seconds_per_size=args.seconds), dims=dims)
+        print(f"\n{name}{' (seq 128)' if dims else ''}: {flops / 1e6:.2f} MFLOP per item; {res.message}")
+        print(f"{'variant':<13}{'status':<10}" + "".join(f"{'bs ' + str(b) + ' x eager':>16}{'% of peak':>11}" for b in sizes))
+        eager = next(v for v in res.variants if v["name"] == "eager")
+        for v in res.variants:
+            cells = ""
+            for b in sizes:
+                s, e = (v.get("profile") or {}).get(str(b), {}), (eager.get("profile") or {}).get(str(b), {})
+                if "throughput" in s and "throughput" in e:
+                    cells += f"{s['throughput'] / e['throughput']:>15.2f}x{100 * flops * s['throughput'] / peak:>10.1f}%"
+                else:
+                    cells += f"{'-':>16}{'-':>11}"
+            print(f"{v['name']:<13}{v['status']:<10}{cells}" + (f"  ({v.get('reason')})" if v.get("reason") else ""))
+
+
+if __name__ == "__main__":
+    main()
