@@ -1,0 +1,29 @@
+"""CUDA paths: cudnn.benchmark for fixed shapes, fp16/bf16 variants. Skipped cleanly without a GPU."""
+import pytest
+import torch
+
+from torchship import OptimizeOptions, load_bundle, optimize
+from torchship.zoo.digits import dataset
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_plan_verifies_lower_precision_and_bundle_runs_on_gpu(tmp_path):
+    res = optimize("zoo:digits-cnn", OptimizeOptions(device="cuda", runtimes=("eager", "aoti", "onnxrt"),
+                   batch_sizes=(1, 64), seconds_per_size=0.2), out=tmp_path / "b")
+    by = {v["name"]: v for v in res.variants}
+    assert {"eager-fp16", "eager-bf16", "aoti-fp16", "aoti-bf16"} <= set(by)
+    for name in ("eager", "aoti", "eager-fp16", "aoti-fp16"):
+        assert by[name]["status"] == "ok", (name, by[name].get("reason"))
+        assert by[name]["peak_memory_kind"] == "cuda allocated"
+    assert by["eager"]["options"]["fixed_shapes"] is True  # cudnn.benchmark on: no dynamic dims but batch
+    assert by["onnxrt"]["status"] in ("ok", "skipped")  # skipped, with the reason, without onnxruntime-gpu
+    loaded = load_bundle(res.bundle)
+    x, y = dataset()["test"]
+    assert (loaded({"image": x[:64]})["logits"].argmax(1) == y[:64]).mean() >= 0.95
+
+
+def test_optimize_refuses_cuda_without_a_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    from torchship import UsageError
+    with pytest.raises(UsageError, match="no CUDA device"):
+        OptimizeOptions(device="cuda")
