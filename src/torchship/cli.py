@@ -133,6 +133,48 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="where t
     console.print(f"report: [bold]{result.report}[/] (and latency.png beside it); demo took {time.perf_counter() - started:.0f}s")
 
 
+@app.command()
+def serve(
+    bundles: List[Path] = typer.Argument(..., help="bundle directories, or model repositories laid out as REPO/NAME/VERSION/"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (default: loopback only)"),
+    port: int = typer.Option(8000, help="port to bind"),
+    workers: int = typer.Option(1, help="model worker processes, each with its own copy and cores/N threads"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads per worker (default: cores / workers)"),
+    max_batch_size: Optional[int] = typer.Option(None, help="largest batch (default: the bundle's chosen batch size)"),
+    max_queue_delay_us: int = typer.Option(2000, help="longest wait for a batch to fill, in microseconds"),
+    preferred_batch_sizes: Optional[str] = typer.Option(None, help="dispatch as soon as one of these sizes is reached, e.g. 8,16"),
+    max_queue: int = typer.Option(1024, help="queued requests per model before 503"),
+    timeout_ms: float = typer.Option(30000, help="default request deadline; a request's 'timeout' parameter may only lower it"),
+    slo_ms: Optional[float] = typer.Option(None, help="SLO mode: batch and shed by the bundle's latency profile to meet this p99"),
+    max_body_mb: float = typer.Option(64, help="largest request body (413 beyond)"),
+    drain_timeout: float = typer.Option(30, help="seconds to finish queued requests after SIGTERM"),
+    repository: Optional[Path] = typer.Option(None, help="model repository for the load/unload API"),
+    admin_token: Optional[str] = typer.Option(None, envvar="TORCHSHIP_ADMIN_TOKEN", help="token for the load/unload API"),
+):
+    """Serve bundles over the Open Inference Protocol (KServe v2) with dynamic batching."""
+    from .serve.app import ServeConfig
+    from .serve.batcher import BatchConfig
+    from .serve.registry import discover
+    from .serve.server import serve as run
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    found = [(n, v) for p in bundles for n, v, b in discover(p) if verify_ok(b)]
+    batch = BatchConfig(max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
+                        slo_s=slo_ms / 1e3 if slo_ms else None,
+                        preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
+    config = ServeConfig(batch=batch, max_batch_size=max_batch_size, max_body_bytes=int(max_body_mb * 2**20), threads=threads,
+                         workers=workers, repository=repository, admin_token=admin_token)
+    err.print(f"serving {', '.join(f'{n} v{v}' for n, v in found)} on http://{host}:{port}/v2 "
+              f"({workers} worker{'s' if workers > 1 else ''}); ready once warmed up at /v2/health/ready", highlight=False)
+    run(bundles, config, host=host, port=port, drain_timeout=drain_timeout)
+
+
+def verify_ok(path: Path) -> bool:
+    from .bundle import verify
+    verify(path)
+    return True
+
+
 @bundle_app.command("verify")
 def bundle_verify(path: Path = typer.Argument(..., help="bundle directory")):
     """Check every file of a bundle against the sha256 in its manifest."""

@@ -1,0 +1,268 @@
+"""The Open Inference Protocol (KServe v2) over HTTP, as a Starlette app.
+
+Routes: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{m}[/versions/{v}][/ready], /metrics;
+POST /v2/models/{m}[/versions/{v}]/infer; with a repository and a token,
+POST /v2/repository/models/{m}/load and /unload (load the new version, then swap).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import SpecError, TorchshipError
+from .batcher import BatchConfig, DeadlineExceeded, QueueFull, ShuttingDown
+from .metrics import Metrics
+from .protocol import HEADER, BadRequest, decode_inputs, encode_outputs, metadata, split_body
+from .registry import Entry, discover, latest, load_entry, nonfinite
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    batch: BatchConfig = BatchConfig()
+    max_batch_size: int | None = None  # default: the bundle's chosen batch size
+    max_body_bytes: int = 64 * 2**20
+    threads: int | None = None  # intra-op threads per worker (default: cores / workers)
+    workers: int = 1
+    repository: Path | None = None
+    admin_token: str | None = None
+
+
+class Server:
+    """State shared by the routes: the models, readiness and metrics."""
+
+    def __init__(self, paths: list[Path], config: ServeConfig):
+        self.paths, self.config = [Path(p) for p in paths], config
+        self.models: dict[str, dict[str, Entry]] = {}
+        self.metrics = Metrics()
+        self.ready = False
+        self.draining = False
+        self._swap = asyncio.Lock()
+
+    def batch_config(self, manifest: dict) -> BatchConfig:
+        size = self.config.max_batch_size or manifest.get("max_batch_size") or self.config.batch.max_batch_size
+        return replace(self.config.batch, max_batch_size=int(size))
+
+    async def start(self) -> None:
+        for path in self.paths:
+            for name, version, p in discover(path):
+                await self.add(name, version, p)
+        self.ready = True
+
+    async def add(self, name: str, version: str, path: Path) -> Entry:
+        from .. import bundle
+        manifest = bundle.read_manifest(path)
+        entry = await load_entry(name, version, path, self.batch_config(manifest), self.metrics, self.config.threads,
+                                 self.config.workers)
+        old = self.models.setdefault(name, {}).get(version)
+        self.models[name][version] = entry  # the swap: new requests go to the new entry from here on
+        if old:
+            await old.stop()
+        return entry
+
+    async def remove(self, name: str) -> None:
+        versions = self.models.pop(name, {})
+        for e in versions.values():
+            e.ready = False
+        await asyncio.gather(*(e.stop() for e in versions.values()))
+
+    async def stop(self) -> None:
+        self.ready = False
+        for name in list(self.models):
+            await self.remove(name)
+
+    def idle(self) -> bool:
+        return all(e.batcher.idle for v in self.models.values() for e in v.values())
+
+    def find(self, name: str, version: str | None) -> Entry:
+        versions = self.models.get(name)
+        if not versions:
+            raise NotFound(f"unknown model {name!r}; serving {sorted(self.models)}")
+        entry = versions.get(version) if version else latest(versions)
+        if entry is None:
+            raise NotFound(f"model {name!r} has no version {version!r}; versions: {sorted(versions)}")
+        return entry
+
+
+class NotFound(Exception):
+    pass
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class TooLarge(Exception):
+    pass
+
+
+def create_app(paths: list[Path], config: ServeConfig | None = None) -> Starlette:
+    server = Server(paths, config or ServeConfig())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    async def root(request):
+        return JSONResponse({"name": "torchship", "version": VERSION, "extensions": ["binary_tensor_data"]
+                             + (["model_repository"] if server.config.admin_token else [])})
+
+    async def live(request):
+        return JSONResponse({"live": True})
+
+    async def ready(request):
+        ok = server.ready and not server.draining
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    def entry_of(request) -> Entry:
+        return server.find(request.path_params["model"], request.path_params.get("version"))
+
+    async def model_meta(request):
+        try:
+            e = entry_of(request)
+        except NotFound as exc:
+            return error(404, str(exc))
+        versions = sorted(server.models[e.name])
+        return JSONResponse(metadata(e.name, versions, f"torchship_{e.manifest['runtime']}", e.spec))
+
+    async def model_ready(request):
+        try:
+            e = entry_of(request)
+        except NotFound as exc:
+            return error(404, str(exc))
+        ok = e.ready and not server.draining
+        return JSONResponse({"name": e.name, "ready": ok}, status_code=200 if ok else 503)
+
+    async def infer(request):
+        name, version = request.path_params["model"], request.path_params.get("version") or ""
+        try:
+            e = entry_of(request)
+        except NotFound as exc:
+            return error(404, str(exc))
+        labels = (e.name, e.version)
+
+        def fail(status, reason, message, headers=None):
+            server.metrics.failure.labels(*labels, reason).inc()
+            return error(status, message, headers)
+        try:
+            body = await read_body(request, server.config.max_body_bytes)
+            req, binary = split_body(body, request.headers.get(HEADER))
+            feeds = decode_inputs(req, binary, e.spec)
+            e.spec.check(feeds)
+            bad = nonfinite(feeds)
+            if bad:
+                raise BadRequest(f"input(s) {bad} hold NaN or infinite values, which the model cannot take")
+            timeout = (req.get("parameters") or {}).get("timeout")  # microseconds, as Triton's clients send it
+            if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+                raise BadRequest(f"parameter 'timeout' must be a positive number of microseconds, got {timeout!r}")
+        except TooLarge as exc:
+            return fail(413, "too_large", str(exc))
+        except (BadRequest, SpecError) as exc:
+            return fail(400, "bad_request", str(exc))
+        except ClientDisconnect:
+            return fail(400, "disconnect", "client disconnected")
+        server.metrics.queue_depth.labels(*labels).set(e.batcher.depth)
+        try:
+            try:
+                outputs = await e.batcher.submit(feeds, timeout / 1e6 if timeout else None)
+            except ShuttingDown:  # swapped out by a reload between lookup and submit: the new version takes it
+                if server.draining:
+                    raise
+                e = entry_of(request)
+                outputs = await e.batcher.submit(feeds, timeout / 1e6 if timeout else None)
+        except NotFound as exc:
+            return fail(404, "not_found", str(exc))
+        except QueueFull as exc:
+            server.metrics.rejected.labels(*labels, "queue_full").inc()
+            return fail(503, "queue_full", str(exc), {"Retry-After": "1"})
+        except ShuttingDown as exc:
+            return fail(503, "shutting_down", str(exc), {"Retry-After": "1"})
+        except DeadlineExceeded as exc:
+            server.metrics.rejected.labels(*labels, "deadline").inc()
+            return fail(504, "deadline", str(exc))
+        except Exception as exc:
+            return fail(500, "model_error", f"the model failed on this batch: {type(exc).__name__}: {exc}")
+        finally:
+            server.metrics.queue_depth.labels(*labels).set(e.batcher.depth)
+        try:
+            content, headers = encode_outputs(req, outputs, e.name, e.version)
+        except BadRequest as exc:
+            return fail(400, "bad_request", str(exc))
+        server.metrics.success.labels(*labels).inc()
+        return Response(content, headers=headers)
+
+    async def metrics(request):
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def authorized(request) -> bool:
+        token = server.config.admin_token
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return bool(token) and server.config.repository is not None and hmac.compare_digest(given, token)
+
+    async def repo_load(request):
+        if not authorized(request):
+            return error(403, "model repository changes need --repository and a matching --admin-token (Authorization: Bearer TOKEN)")
+        name = request.path_params["model"]
+        try:
+            found = [(n, v, p) for n, v, p in discover(server.config.repository) if n == name]
+            if not found:
+                return error(404, f"no model {name!r} in repository {server.config.repository}")
+            async with server._swap:
+                for n, v, p in found:
+                    await server.add(n, v, p)
+        except TorchshipError as exc:
+            return error(400, f"cannot load {name!r}: {exc}")
+        return JSONResponse({"name": name, "versions": [v for _, v, _ in found]})
+
+    async def repo_unload(request):
+        if not authorized(request):
+            return error(403, "model repository changes need --repository and a matching --admin-token (Authorization: Bearer TOKEN)")
+        name = request.path_params["model"]
+        if name not in server.models:
+            return error(404, f"unknown model {name!r}")
+        async with server._swap:
+            await server.remove(name)
+        return JSONResponse({"name": name, "unloaded": True})
+
+    routes = [
+        Route("/v2", root), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+        Route("/v2/models/{model}", model_meta), Route("/v2/models/{model}/versions/{version}", model_meta),
+        Route("/v2/models/{model}/ready", model_ready), Route("/v2/models/{model}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repo_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repo_unload, methods=["POST"]),
+        Route("/metrics", metrics),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.server = server
+    return app
+
+

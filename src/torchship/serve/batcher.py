@@ -1,0 +1,273 @@
+"""A dynamic batcher: a plain async queue with no HTTP in it.
+
+Wait for the first request, collect requests of the same shape until the batch is full or the
+oldest has waited ``max_queue_delay``, drop those whose deadline has passed, run the batch off the
+event loop, split the outputs back. Every path resolves every waiting request, errors included.
+Dimensions named in ``paddable`` are padded to the longest request in a batch (with zeros, which an
+attention mask ignores) and outputs are cut back per request; other shapes never mix.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..spec import IOSpec
+
+
+class QueueFull(Exception):
+    """The queue is at its request or byte limit (HTTP 503 with Retry-After)."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before it ran (HTTP 504)."""
+
+
+class ShuttingDown(Exception):
+    """The batcher was stopped before the request ran (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch_size: int = 32
+    max_queue_delay_s: float = 0.002
+    max_queue_requests: int = 1024
+    max_queue_bytes: int = 256 * 2**20
+    preferred_batch_sizes: tuple[int, ...] = ()
+    timeout_s: float = 30.0  # server default deadline; a request may only lower it
+    slo_s: float | None = None  # SLO mode: dispatch and shed by predicted batch time
+    slo_margin: float = 0.1  # fraction of the SLO kept in reserve
+
+    def __post_init__(self):
+        from ..errors import UsageError
+        if self.max_batch_size < 1 or self.max_queue_requests < 1 or self.max_queue_delay_s < 0:
+            raise UsageError(f"batching settings must be positive: {self}")
+
+
+@dataclass(eq=False)
+class Item:
+    feeds: dict[str, np.ndarray]
+    size: int
+    key: tuple
+    lengths: dict[str, int]
+    deadline: float
+    future: asyncio.Future
+    nbytes: int
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class LatencyModel:
+    """Predicted compute time per batch size: the bundle's profile, refined online (EMA of measured times)."""
+
+    def __init__(self, profile: Mapping[str, Mapping] | None = None, alpha: float = 0.2):
+        self.points = {int(k): v["p50_ms"] / 1e3 for k, v in (profile or {}).items() if "p50_ms" in v}
+        self.alpha = alpha
+
+    def predict(self, size: int) -> float:
+        if not self.points:
+            return 0.0
+        sizes = sorted(self.points)
+        return float(np.interp(size, sizes, [self.points[s] for s in sizes],
+                               right=self.points[sizes[-1]] * size / sizes[-1]))
+
+    def observe(self, size: int, seconds: float) -> None:
+        old = self.points.get(size)
+        self.points[size] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+
+Hook = Callable[..., None]
+
+
+class Batcher:
+    def __init__(self, run: Callable[[dict], dict], spec: IOSpec, config: BatchConfig, *,
+                 paddable: tuple[str, ...] = (), latency: LatencyModel | None = None, on_batch: Hook | None = None,
+                 concurrency: int = 1):
+        self.run, self.spec, self.config = run, spec, config
+        self.paddable = set(paddable)
+        self.latency = latency or LatencyModel()
+        self.on_batch = on_batch or (lambda **kw: None)
+        self.queue: deque[Item] = deque()
+        self.queued_bytes = 0
+        self.in_flight = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="torchship-runner")
+        self._slots = asyncio.Semaphore(concurrency)  # batches running at once (one per worker process)
+        self._running: set[asyncio.Task] = set()
+        self._stopping = False
+
+    # --- public -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def submit(self, feeds: dict[str, np.ndarray], timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """Queue one request (already validated against the spec); returns its outputs."""
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down")
+        size = len(next(iter(feeds.values())))
+        nbytes = sum(a.nbytes for a in feeds.values())
+        if len(self.queue) >= self.config.max_queue_requests or self.queued_bytes + nbytes > self.config.max_queue_bytes:
+            raise QueueFull(f"queue full ({len(self.queue)} requests, {self.queued_bytes} bytes)")
+        timeout = self.config.timeout_s if timeout_s is None else min(timeout_s, self.config.timeout_s)
+        now = time.monotonic()
+        if self.config.slo_s is not None:
+            wait = self.latency.predict(sum(i.size for i in self.queue) + size)
+            if wait > self.config.slo_s * (1 - self.config.slo_margin):
+                raise QueueFull(f"cannot meet the {self.config.slo_s * 1e3:.0f} ms SLO (predicted {wait * 1e3:.1f} ms)")
+            timeout = min(timeout, self.config.slo_s)
+        key, lengths = self._key(feeds)
+        item = Item(feeds, size, key, lengths, now + timeout, asyncio.get_running_loop().create_future(), nbytes)
+        self.queue.append(item)
+        self.queued_bytes += nbytes
+        self._wake.set()
+        return await item.future
+
+    @property
+    def depth(self) -> int:
+        return len(self.queue)
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and self.in_flight == 0
+
+    async def stop(self) -> None:
+        """Stop: what is queued still runs; then the loop ends and nothing is left waiting."""
+        self._stopping = True
+        self._wake.set()
+        if self._task:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    # --- internals --------------------------------------------------------------------------------
+    def _key(self, feeds):
+        key, lengths = [], {}
+        for t in self.spec.inputs:
+            shape = feeds[t.name].shape
+            for dim, n in zip(t.shape[1:], shape[1:]):
+                if dim in self.paddable:
+                    lengths[dim] = max(lengths.get(dim, 0), n)
+                    key.append(dim)
+                else:
+                    key.append(n)
+        return tuple(key), lengths
+
+    def _dispatch_at(self, oldest: Item, pending: int) -> float:
+        """Plain mode: the oldest has waited max_queue_delay. SLO mode: its wait plus the predicted batch
+        time reaches the SLO minus the margin."""
+        if self.config.slo_s is None:
+            return oldest.enqueued + self.config.max_queue_delay_s
+        return oldest.enqueued + self.config.slo_s * (1 - self.config.slo_margin) - self.latency.predict(pending)
+
+    def _ready_size(self, key) -> int:
+        return sum(i.size for i in self.queue if i.key == key)
+
+    def _full(self, n: int) -> bool:
+        return n >= self.config.max_batch_size or (n in self.config.preferred_batch_sizes and n > 1)
+
+    async def _loop(self) -> None:
+        while True:
+            while not self.queue:
+                if self._stopping:
+                    await asyncio.gather(*self._running)
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            oldest = self.queue[0]
+            while not self._stopping:
+                pending = self._ready_size(oldest.key)
+                remaining = self._dispatch_at(oldest, pending) - time.monotonic()
+                if self._full(pending) or remaining <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            await self._slots.acquire()
+            task = asyncio.get_running_loop().create_task(self._run_batch(self._take(oldest.key)))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    def _take(self, key) -> list[Item]:
+        taken, kept, n = [], deque(), 0
+        while self.queue:
+            item = self.queue.popleft()
+            if item.key == key and (n == 0 or n + item.size <= self.config.max_batch_size):
+                taken.append(item)
+                n += item.size
+            else:
+                kept.append(item)
+        self.queue = kept
+        self.queued_bytes -= sum(i.nbytes for i in taken)
+        return taken
+
+    async def _run_batch(self, items: list[Item]) -> None:
+        now = time.monotonic()
+        live = []
+        for item in items:
+            if item.future.done():  # the client went away
+                continue
+            if item.deadline <= now:
+                item.future.set_exception(DeadlineExceeded(f"deadline passed after {now - item.enqueued:.3f}s in the queue"))
+            else:
+                live.append(item)
+        if not live:
+            return
+        self.in_flight += len(live)
+        started = time.monotonic()
+        try:
+            feeds = self._merge(live)
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, feeds)
+            total = sum(i.size for i in live)
+            bad = [k for k, v in outputs.items() if len(v) != total]
+            if bad:
+                raise RuntimeError(f"the model returned {[len(outputs[k]) for k in bad]} rows for {total} inputs")
+            elapsed = time.monotonic() - started
+            self.latency.observe(total, elapsed)
+            self.on_batch(size=total, requests=len(live), compute_s=elapsed,
+                          queue_s=[started - i.enqueued for i in live])
+            start = 0
+            for item in live:
+                part = {k: self._cut(k, v[start:start + item.size], item) for k, v in outputs.items()}
+                start += item.size
+                if not item.future.done():
+                    item.future.set_result(part)
+        except Exception as exc:  # every waiting request gets the error: none may hang
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        finally:
+            self.in_flight -= len(live)
+
+    def _merge(self, items: list[Item]) -> dict[str, np.ndarray]:
+        if len(items) == 1 and not self.paddable:
+            return items[0].feeds
+        target = {}
+        for item in items:
+            for d, n in item.lengths.items():
+                target[d] = max(target.get(d, 0), n)
+        merged = {}
+        for t in self.spec.inputs:
+            parts = []
+            for item in items:
+                a = item.feeds[t.name]
+                pads = [(0, 0)] + [(0, target[d] - n) if d in target else (0, 0) for d, n in zip(t.shape[1:], a.shape[1:])]
+                parts.append(np.pad(a, pads) if any(p[1] for p in pads) else a)
+            merged[t.name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return merged
+
+    def _cut(self, name: str, array: np.ndarray, item: Item) -> np.ndarray:
+        spec = next((t for t in self.spec.outputs if t.name == name), None)
+        if spec is None or not item.lengths:
+            return array
+        index = tuple(slice(0, item.lengths[d]) if d in item.lengths else slice(None) for d in spec.shape[1:])
+        return array[(slice(None),) + index]

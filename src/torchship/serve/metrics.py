@@ -1,0 +1,34 @@
+"""Prometheus metrics for the server (one registry per app, so tests and reloads never collide)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        labels = ["model", "version"]
+        r = self.registry
+        self.success = Counter("torchship_request_success", "Inference requests that succeeded", labels, registry=r)
+        self.failure = Counter("torchship_request_failure", "Inference requests that failed, by reason",
+                               labels + ["reason"], registry=r)
+        self.inferences = Counter("torchship_inference_count", "Items inferred (sum of batch sizes)", labels, registry=r)
+        self.executions = Counter("torchship_execution_count", "Model executions (batches run)", labels, registry=r)
+        self.queue_time = Histogram("torchship_queue_duration_seconds", "Time a request waited in the queue", labels,
+                                    buckets=_BUCKETS, registry=r)
+        self.compute_time = Histogram("torchship_compute_duration_seconds", "Time to run one batch", labels,
+                                      buckets=_BUCKETS, registry=r)
+        self.queue_depth = Gauge("torchship_queue_depth", "Requests waiting in the queue", labels, registry=r)
+        self.rejected = Counter("torchship_rejected", "Requests turned away before running, by reason",
+                                labels + ["reason"], registry=r)
+
+    def on_batch(self, model: str, version: str):
+        def hook(size: int, requests: int, compute_s: float, queue_s: list[float]) -> None:
+            self.inferences.labels(model, version).inc(size)
+            self.executions.labels(model, version).inc()
+            self.compute_time.labels(model, version).observe(compute_s)
+            for q in queue_s:
+                self.queue_time.labels(model, version).observe(q)
+        return hook

@@ -1,0 +1,46 @@
+"""Run the server: uvicorn on one port; SIGTERM stops readiness, drains, then exits."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import uvicorn
+
+from .app import ServeConfig, create_app
+
+
+class _Uvicorn(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: not ready, wait for the queues to empty (up to the drain timeout), exit."""
+
+    def __init__(self, config: uvicorn.Config, drain_timeout: float):
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+        self._draining = False
+
+    def handle_exit(self, sig, frame):
+        if self._draining:  # a second signal: stop now
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        app_server = self.config.app.state.server
+        app_server.draining = True
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain(app_server)))
+
+    async def _drain(self, app_server) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        await asyncio.sleep(0.05)
+        while time.monotonic() < deadline and not app_server.idle():
+            await asyncio.sleep(0.02)
+        self.should_exit = True
+
+
+def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+          drain_timeout: float = 30.0, log_level: str = "warning") -> None:
+    app = create_app(paths, config)
+    ucfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout) or 1,
+                          lifespan="on", access_log=False)
+    server = _Uvicorn(ucfg, drain_timeout)
+    server.run()
+
+
