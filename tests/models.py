@@ -69,3 +69,19 @@ def tiny_factory():
 
 
 NOT_A_MODEL = 42
+
+
+class Slow(nn.Module):
+    """Doubles its input after sleeping ``delay`` seconds per batch: a stand-in for a heavy model."""
+
+    example_inputs = ["x:float32[batch,4]"]
+    delay = 0.02
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        import time
+        time.sleep(self.delay)
+        return x * self.scale

@@ -88,6 +88,7 @@ def optimize(
     threads: Optional[int] = typer.Option(None, help="intra-op threads, as serving will use (default: all cores)"),
     timeout: float = typer.Option(600.0, help="seconds allowed to build and time one variant"),
     out: Path = typer.Option(Path("torchship-bundle"), "--out", "-o", help="bundle directory to write"),
+    name: Optional[str] = typer.Option(None, help="model name in the bundle and when served (default: from the source)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table"),
 ):
     """Build every applicable way of running the model, verify, time, choose, and package the best."""
@@ -99,7 +100,7 @@ def optimize(
                            runtimes=tuple(r.strip() for r in runtimes.split(",")) if runtimes else None,
                            threads=threads, timeout_s=timeout)
     with progress_bar() as update:
-        result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, progress=update)
+        result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update)
     if as_json:
         console.print_json(json.dumps(result.to_dict(), default=str))
     else:

@@ -161,7 +161,7 @@ def _ratios(results: list[dict], target: int) -> None:
 
 def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str] | None = None,
              weights: str | None = None, dims: dict | None = None, out: str | Path | None = None,
-             progress: Progress | None = None) -> OptimizeResult:
+             name: str | None = None, progress: Progress | None = None) -> OptimizeResult:
     """Build every applicable variant of ``source``, verify, profile, select and (with ``out``) bundle it."""
     opts = options or OptimizeOptions()
     say = progress or (lambda msg, i, n: None)
@@ -169,6 +169,7 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
         bundle.check_writable(Path(out))
     say("loading the model", 0, 1)
     model = load_source(source, inputs, weights=weights, dims=dims)
+    model.name = name or model.name
     if model.source is None and isinstance(source, (str, Path)) and model.arch is None:
         model.source = str(source)
     variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads)

@@ -1,0 +1,99 @@
+"""A real server on 127.0.0.1, started by the test as a subprocess and stopped by its pid."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from torchship import OptimizeOptions, optimize
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, args, log):
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "torchship.cli", "serve", *map(str, args), "--port", str(self.port)],
+                                     cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {Path(log).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not ready in 90 s: {Path(log).read_text()[-2000:]}")
+
+    def http(self, method, path, **kw):
+        return httpx.request(method, f"http://{self.url}{path}", timeout=30, **kw)
+
+    def metric(self, name: str) -> float:
+        total = 0.0
+        for line in self.http("GET", "/metrics").text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def server(tmp_path):
+    started = []
+
+    def start(*args):
+        s = Running(args, tmp_path / f"server{len(started)}.log")
+        started.append(s)
+        return s
+    yield start
+    for s in started:
+        s.stop(signal.SIGKILL if s.proc.poll() is None else signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "digits"
+    optimize("zoo:digits-cnn", OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(1, 8), seconds_per_size=0.05), out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def slow_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "slow"
+    optimize("tests.models:Slow", OptimizeOptions(runtimes=("eager",), batch_sizes=(1, 4), seconds_per_size=0.01), out=out,
+             name="slow")
+    return out
+
+
+@pytest.fixture
+def repository(tmp_path, digits_bundle):
+    repo = tmp_path / "repo"
+    shutil.copytree(digits_bundle, repo / "digits-cnn" / "1")
+    return repo

@@ -1,0 +1,165 @@
+"""The batcher with a fake runner: no model, no HTTP."""
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from torchship.serve.batcher import BatchConfig, Batcher, DeadlineExceeded, LatencyModel, QueueFull, ShuttingDown
+from torchship.spec import IOSpec
+
+SPEC = IOSpec.parse(["x:float32[batch,4]"])
+SPEC = IOSpec(SPEC.inputs, IOSpec.parse(["y:float32[batch,4]"]).inputs)
+SEQ = IOSpec(IOSpec.parse(["input_ids:int64[batch,seq]", "attention_mask:int64[batch,seq]"]).inputs,
+             IOSpec.parse(["hidden:float32[batch,seq]", "pooled:float32[batch,2]"]).inputs)
+
+
+class FakeRunner:
+    """Doubles its input; records each batch; can be slow or fail."""
+
+    def __init__(self, delay=0.0, fail=None, drop_row=False):
+        self.batches, self.delay, self.fail, self.drop_row = [], delay, fail, drop_row
+
+    def __call__(self, feeds):
+        self.batches.append({k: v.copy() for k, v in feeds.items()})
+        time.sleep(self.delay)
+        if self.fail:
+            raise self.fail
+        if "x" in feeds:
+            y = feeds["x"] * 2
+            return {"y": y[:-1] if self.drop_row else y}
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        return {"hidden": (ids * mask).astype(np.float32),
+                "pooled": np.stack([mask.sum(1), (ids * mask).sum(1)], 1).astype(np.float32)}
+
+
+def x(n, value=1.0):
+    return {"x": np.full((n, 4), value, np.float32)}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with(batcher, make):
+    batcher.start()
+    try:
+        return await make()
+    finally:
+        await batcher.stop()
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows():
+    runner = FakeRunner(delay=0.01)
+    b = Batcher(runner, SPEC, BatchConfig(max_batch_size=8, max_queue_delay_s=0.02))
+    outs = run(_with(b, lambda: asyncio.gather(*(b.submit(x(1, float(i))) for i in range(20)))))
+    assert [float(o["y"][0, 0]) for o in outs] == [2.0 * i for i in range(20)]
+    assert len(runner.batches) < 20 and max(len(f["x"]) for f in runner.batches) <= 8
+
+
+def test_a_request_larger_than_max_batch_runs_alone():
+    runner = FakeRunner()
+    b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4))
+    out = run(_with(b, lambda: b.submit(x(10))))
+    assert out["y"].shape == (10, 4) and [len(f["x"]) for f in runner.batches] == [10]
+
+
+def test_expired_requests_are_dropped_before_compute():
+    runner = FakeRunner(delay=0.1)
+    b = Batcher(runner, SPEC, BatchConfig(max_batch_size=1, max_queue_delay_s=0))
+
+    async def go():
+        first = asyncio.ensure_future(b.submit(x(1, 1.0)))
+        await asyncio.sleep(0.01)  # the first is running for 100 ms
+        late = b.submit(x(1, 7.0), timeout_s=0.02)
+        results = await asyncio.gather(first, late, return_exceptions=True)
+        return results
+    first, late = run(_with(b, go))
+    assert float(first["y"][0, 0]) == 2.0
+    assert isinstance(late, DeadlineExceeded)
+    assert all(float(f["x"][0, 0]) != 7.0 for f in runner.batches)  # never ran late
+
+
+def test_timeout_may_only_lower_the_server_default():
+    b = Batcher(FakeRunner(delay=0.05), SPEC, BatchConfig(max_batch_size=1, max_queue_delay_s=0, timeout_s=0.01))
+
+    async def go():
+        first = asyncio.ensure_future(b.submit(x(1)))
+        await asyncio.sleep(0.005)
+        return await asyncio.gather(first, b.submit(x(1), timeout_s=60), return_exceptions=True)
+    _, second = run(_with(b, go))
+    assert isinstance(second, DeadlineExceeded)
+
+
+def test_full_queue_rejects_at_once():
+    b = Batcher(FakeRunner(delay=0.2), SPEC, BatchConfig(max_batch_size=1, max_queue_delay_s=0, max_queue_requests=2))
+
+    async def go():
+        tasks = [asyncio.ensure_future(b.submit(x(1))) for _ in range(6)]
+        t0 = time.monotonic()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return results, time.monotonic() - t0
+    results, _ = run(_with(b, go))
+    rejected = [r for r in results if isinstance(r, QueueFull)]
+    assert len(rejected) >= 3 and all("queue full" in str(r) for r in rejected)
+    assert all(isinstance(r, dict) for r in results if not isinstance(r, QueueFull))
+
+
+def test_errors_reach_every_waiting_request():
+    for runner, fragment in ((FakeRunner(fail=ValueError("boom")), "boom"), (FakeRunner(drop_row=True), "rows for")):
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=8, max_queue_delay_s=0.02))
+        results = run(_with(b, lambda: asyncio.gather(*(b.submit(x(1)) for _ in range(5)), return_exceptions=True)))
+        assert len(results) == 5 and all(fragment in str(r) for r in results)
+
+
+def test_other_shapes_never_mix_but_paddable_dims_are_padded_and_cut_back():
+    runner = FakeRunner()
+    b = Batcher(runner, SEQ, BatchConfig(max_batch_size=8, max_queue_delay_s=0.03), paddable=("seq",))
+
+    def req(n, seq):
+        ids = np.arange(1, seq + 1, dtype=np.int64)[None].repeat(n, 0)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    outs = run(_with(b, lambda: asyncio.gather(b.submit(req(1, 3)), b.submit(req(2, 5)))))
+    assert len(runner.batches) == 1 and runner.batches[0]["input_ids"].shape == (3, 5)
+    assert outs[0]["hidden"].shape == (1, 3) and outs[1]["hidden"].shape == (2, 5)
+    np.testing.assert_array_equal(outs[0]["hidden"][0], [1, 2, 3])
+    assert outs[0]["pooled"][0].tolist() == [3, 6]  # the padding was masked out
+    unpadded = FakeRunner()
+    b = Batcher(unpadded, SEQ, BatchConfig(max_batch_size=8, max_queue_delay_s=0.03))
+    run(_with(b, lambda: asyncio.gather(b.submit(req(1, 3)), b.submit(req(2, 5)))))
+    assert sorted(f["input_ids"].shape for f in unpadded.batches) == [(1, 3), (2, 5)]
+
+
+def test_slo_mode_sheds_what_cannot_make_it():
+    profile = {"1": {"p50_ms": 20.0}, "8": {"p50_ms": 60.0}}
+    b = Batcher(FakeRunner(delay=0.02), SPEC, BatchConfig(max_batch_size=8, slo_s=0.05), latency=LatencyModel(profile))
+
+    async def go():
+        return await asyncio.gather(*(b.submit(x(1)) for _ in range(12)), return_exceptions=True)
+    results = run(_with(b, go))
+    assert any(isinstance(r, QueueFull) and "SLO" in str(r) for r in results)
+    assert any(isinstance(r, dict) for r in results)
+
+
+def test_latency_model_interpolates_and_learns():
+    m = LatencyModel({"1": {"p50_ms": 10.0}, "8": {"p50_ms": 24.0}})
+    assert m.predict(1) == pytest.approx(0.010) and m.predict(8) == pytest.approx(0.024)
+    assert 0.010 < m.predict(4) < 0.024 and m.predict(16) == pytest.approx(0.048)
+    for _ in range(50):
+        m.observe(8, 0.050)
+    assert m.predict(8) == pytest.approx(0.050, rel=0.01)
+
+
+def test_stop_runs_what_is_queued_and_refuses_new_work():
+    runner = FakeRunner(delay=0.01)
+    b = Batcher(runner, SPEC, BatchConfig(max_batch_size=2, max_queue_delay_s=0))
+
+    async def go():
+        b.start()
+        tasks = [asyncio.ensure_future(b.submit(x(1))) for _ in range(6)]
+        await asyncio.sleep(0)
+        await b.stop()
+        with pytest.raises(ShuttingDown):
+            await b.submit(x(1))
+        return await asyncio.gather(*tasks)
+    assert len(run(go())) == 6

@@ -1,0 +1,193 @@
+"""The server end to end: tritonclient unchanged, bad input, full queues, deadlines, SIGTERM, reloads, workers."""
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from torchship import load_bundle
+from torchship.zoo.digits import dataset
+
+pytestmark = pytest.mark.slow
+
+
+def images(n):
+    return dataset()["test"][0][:n]
+
+
+def triton_infer(url, x, binary, model="digits-cnn"):
+    client = triton.InferenceServerClient(url)
+    inp = triton.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    return client.infer(model, [inp], outputs=[triton.InferRequestedOutput("logits", binary_data=binary)]).as_numpy("logits")
+
+
+def test_tritonclient_json_and_binary(server, digits_bundle):
+    s = server(digits_bundle)
+    client = triton.InferenceServerClient(s.url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits-cnn")
+    meta = client.get_model_metadata("digits-cnn")
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    x = images(5)
+    want = load_bundle(digits_bundle)({"image": x})["logits"]
+    for binary in (False, True):
+        np.testing.assert_allclose(triton_infer(s.url, x, binary), want, rtol=1e-5, atol=1e-5)
+    assert s.http("GET", "/v2/models/digits-cnn/versions/1").status_code == 200
+    assert s.metric("torchship_request_success_total") == 2
+    assert s.metric("torchship_inference_count_total") == 10
+
+
+def _body(**inp):
+    base = {"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}
+    return json.dumps({"inputs": [{**base, **inp}]})
+
+
+@pytest.mark.parametrize("path, body, status, fragment", [
+    ("/v2/models/nope/infer", _body(), 404, "unknown model 'nope'"),
+    ("/v2/models/digits-cnn/versions/7/infer", _body(), 404, "no version '7'"),
+    ("/v2/models/digits-cnn/infer", _body(name="pixels"), 400, "unknown input 'pixels'"),
+    ("/v2/models/digits-cnn/infer", json.dumps({"inputs": []}), 400, "missing ['image']"),
+    ("/v2/models/digits-cnn/infer", _body(datatype="INT64", data=[0] * 784), 400, "datatype INT64"),
+    ("/v2/models/digits-cnn/infer", _body(shape=[1, 1, 28, 27], data=[0.0] * 756), 400, "dimension 3 must be 28"),
+    ("/v2/models/digits-cnn/infer", _body(data=[0.0] * 10), 400, "10 values do not fill"),
+    ("/v2/models/digits-cnn/infer", _body(data=[float("nan")] * 784), 400, "NaN or infinite"),
+    ("/v2/models/digits-cnn/infer", "{broken", 400, "not valid JSON"),
+    ("/v2/models/digits-cnn/infer", "x" * 300_000, 413, "over the"),
+])
+def test_bad_requests_get_their_status_and_harm_nobody(server, digits_bundle, path, body, status, fragment):
+    s = server(digits_bundle, "--max-body-mb", "0.25")
+    r = s.http("POST", path, content=body)
+    assert r.status_code == status and fragment in r.json()["error"]
+    assert triton_infer(s.url, images(2), True).shape == (2, 10)  # the server still answers
+
+
+def _hammer(s, n_threads, seconds, results, path="/v2/models/slow/infer", timeout_us=None):
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    if timeout_us:
+        body["parameters"] = {"timeout": timeout_us}
+    stop = time.monotonic() + seconds
+
+    def loop():
+        with httpx.Client(timeout=20) as c:
+            for _ in range(400):
+                if time.monotonic() > stop:
+                    return
+                try:
+                    r = c.post(f"http://{s.url}{path}", json=body)
+                    results.append(r.status_code if r.status_code != 200 or r.json()["outputs"][0]["data"] == [2, 4, 6, 8] else -1)
+                except httpx.ConnectError:
+                    results.append("refused")  # never accepted: nothing lost
+                except httpx.HTTPError as exc:
+                    results.append(f"lost: {type(exc).__name__}")
+    threads = [threading.Thread(target=loop) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_full_queue_gets_503_quickly_with_retry_after(server, slow_bundle):
+    s = server(slow_bundle, "--max-queue", "2", "--max-batch-size", "1")
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    codes, times, headers = [], [], []
+
+    def one():
+        t0 = time.monotonic()
+        r = httpx.post(f"http://{s.url}/v2/models/slow/infer", json=body, timeout=20)
+        codes.append(r.status_code)
+        times.append((r.status_code, time.monotonic() - t0))
+        headers.append(r.headers.get("retry-after"))
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert codes.count(503) >= 4 and set(codes) <= {200, 503}
+    assert all(h == "1" for c, h in zip(codes, headers) if c == 503)
+    assert min(dt for c, dt in times if c == 503) < 0.5
+    assert s.metric("torchship_rejected_total") == codes.count(503)
+
+
+def test_deadline_passed_in_queue_gets_504(server, slow_bundle):
+    s = server(slow_bundle, "--max-batch-size", "1")
+    results = []
+    for t in _hammer(s, 6, 1.5, results, timeout_us=25_000):
+        t.join(30)
+    assert 504 in results and 200 in results and set(results) <= {200, 504}
+
+
+def test_sigterm_during_load_loses_no_accepted_request(server, slow_bundle):
+    s = server(slow_bundle, "--drain-timeout", "10")
+    results = []
+    threads = _hammer(s, 6, 4.0, results)
+    time.sleep(1.0)
+    s.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    assert s.proc.wait(30) == 0
+    assert results.count(200) > 20
+    assert [r for r in results if r not in (200, "refused")] == []
+
+
+def test_reload_during_load_fails_nothing(server, repository):
+    s = server(repository, "--repository", repository, "--admin-token", "s3cret")
+    assert s.http("POST", "/v2/repository/models/digits-cnn/load").status_code == 403
+    assert s.http("POST", "/v2/repository/models/digits-cnn/load", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    results = []
+    body = {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
+    stop = time.monotonic() + 3.0
+
+    def loop():
+        with httpx.Client(timeout=20) as c:
+            for _ in range(2000):
+                if time.monotonic() > stop:
+                    return
+                results.append(c.post(f"http://{s.url}/v2/models/digits-cnn/infer", json=body).status_code)
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(2):
+        time.sleep(0.5)
+        r = s.http("POST", "/v2/repository/models/digits-cnn/load", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200, r.text
+    for t in threads:
+        t.join(30)
+    assert len(results) > 50 and set(results) == {200}
+    r = s.http("POST", "/v2/repository/models/digits-cnn/unload", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and s.http("POST", "/v2/models/digits-cnn/infer", content=json.dumps(body)).status_code == 404
+
+
+def _workers(pid):
+    """Model worker processes of the server: its spawned children, whichever thread started them."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in map(int, f.read().split()):
+                cmd = open(f"/proc/{child}/cmdline").read()
+                if "spawn_main" in cmd and "resource_tracker" not in cmd:
+                    found.append(child)
+    return found
+
+
+def test_a_dead_worker_fails_only_its_batch_and_is_restarted(server, slow_bundle):
+    s = server(slow_bundle, "--workers", "2")
+    workers = _workers(s.proc.pid)
+    assert len(workers) == 2
+    results = []
+    threads = _hammer(s, 4, 3.0, results)
+    time.sleep(0.8)
+    os.kill(workers[0], signal.SIGKILL)
+    for t in threads:
+        t.join(30)
+    assert set(results) <= {200, 500} and results.count(200) > 20
+    assert results.count(500) <= 2  # only the batch the dead worker held
+    after = []
+    for t in _hammer(s, 2, 1.0, after):
+        t.join(30)
+    assert after and set(after) == {200}
+    assert len(_workers(s.proc.pid)) == 2 and workers[0] not in _workers(s.proc.pid)
