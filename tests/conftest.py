@@ -20,3 +20,6 @@ def digits_run(tmp_path_factory):
     from torchship import OptimizeOptions, optimize
     out = tmp_path_factory.mktemp("digits") / "bundle"
     return optimize("zoo:digits-cnn", OptimizeOptions(batch_sizes=(1, 8), seconds_per_size=0.2), out=out)
+
+
+from tests._server import digits_bundle, repository, server, slow_bundle  # noqa: E402,F401  (shared fixtures)

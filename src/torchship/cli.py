@@ -170,6 +170,36 @@ def serve(
     run(bundles, config, host=host, port=port, drain_timeout=drain_timeout)
 
 
+@app.command()
+def perf(
+    url: str = typer.Argument(..., help="server address, e.g. 127.0.0.1:8000"),
+    model: str = typer.Option(..., "--model", "-m", help="model name"),
+    concurrency: str = typer.Option("1,2,4,8", help="closed loop: concurrent clients per step, comma-separated"),
+    rate: Optional[float] = typer.Option(None, help="open loop: requests per second instead of a concurrency sweep"),
+    poisson: bool = typer.Option(False, help="open loop with Poisson (exponential) inter-arrival times"),
+    duration: float = typer.Option(5.0, help="seconds per step"),
+    batch: int = typer.Option(1, help="items per request"),
+    dim: List[str] = typer.Option([], "--dim", help="size of other dynamic dimensions, e.g. seq=128"),
+    json_data: bool = typer.Option(False, "--json-data", help="send JSON numbers instead of binary tensors"),
+    as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
+):
+    """Load a running server and report throughput, latency percentiles, errors and its average batch size."""
+    from .perf import perf as run
+    rows = run(url, model, concurrency=list(_ints(concurrency, "--concurrency")), rate=rate, poisson=poisson,
+               duration=duration, batch=batch, dims=_dims(dim), binary=not json_data)
+    if as_json:
+        console.print_json(json.dumps([r.to_dict() for r in rows]))
+        return
+    table = Table(title=f"torchship perf: {model} at {url} ({batch} item(s) per request, {duration:g}s per step)")
+    for c in ("load", "requests", "ok", "req/s", "p50 ms", "p90 ms", "p99 ms", "avg batch", "errors"):
+        table.add_column(c, justify="left" if c in ("load", "errors") else "right")
+    for r in rows:
+        f = lambda v, spec="{:.2f}": "-" if v is None else spec.format(v)  # noqa: E731
+        table.add_row(r.mode, str(r.requests), str(r.ok), f(r.throughput, "{:.1f}"), f(r.p50_ms), f(r.p90_ms), f(r.p99_ms),
+                      f(r.avg_batch), ", ".join(f"{k}: {v}" for k, v in r.errors.items()) or "none")
+    console.print(table)
+
+
 def verify_ok(path: Path) -> bool:
     from .bundle import verify
     verify(path)

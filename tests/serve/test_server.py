@@ -185,7 +185,7 @@ def test_a_dead_worker_fails_only_its_batch_and_is_restarted(server, slow_bundle
     for t in threads:
         t.join(30)
     assert set(results) <= {200, 500} and results.count(200) > 20
-    assert results.count(500) <= 2  # only the batch the dead worker held
+    assert results.count(500) <= 4  # only the one batch (at most 4 requests, the max batch size) the dead worker held
     after = []
     for t in _hammer(s, 2, 1.0, after):
         t.join(30)

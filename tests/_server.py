@@ -13,7 +13,7 @@ import pytest
 
 from torchship import OptimizeOptions, optimize
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:

@@ -1,0 +1,153 @@
+"""A load tool for any Open Inference Protocol server: closed-loop concurrency sweeps and open-loop rates.
+
+Bounded in time and in request count; reports throughput, p50/p90/p99, errors by status, and the
+server's average batch size read from its /metrics (torchship's counters) where it has them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import httpx
+import numpy as np
+
+from .errors import TorchshipError, UsageError
+from .serve.protocol import HEADER, TO_NUMPY
+
+
+@dataclass
+class PerfRow:
+    mode: str  # "concurrency N" or "rate R/s"
+    requests: int
+    ok: int
+    errors: dict
+    throughput: float  # successful requests per second
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    avg_batch: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _base(url: str) -> str:
+    return url if url.startswith("http") else f"http://{url}"
+
+
+def make_request(meta: dict, batch: int, dims: dict[str, int], binary: bool, seed: int = 0) -> tuple[bytes, dict]:
+    """A request body for the model's metadata: random data, JSON or binary tensors."""
+    rng = np.random.default_rng(seed)
+    inputs, chunks = [], []
+    for i in meta["inputs"]:
+        shape = [batch if n == 0 and d == -1 else (d if d != -1 else dims.get("seq", 16)) for n, d in enumerate(i["shape"])]
+        dtype = TO_NUMPY.get(i["datatype"])
+        if dtype is None:
+            raise UsageError(f"input {i['name']}: datatype {i['datatype']} is not supported by torchship perf")
+        if dtype.startswith("float"):
+            a = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in i["name"] or dtype == "bool":
+            a = np.ones(shape, dtype)
+        else:
+            a = rng.integers(0, 100, shape).astype(dtype)
+        entry = {"name": i["name"], "shape": shape, "datatype": i["datatype"]}
+        if binary:
+            entry["parameters"] = {"binary_data_size": a.nbytes}
+            chunks.append(a.tobytes())
+        else:
+            entry["data"] = a.reshape(-1).tolist()
+        inputs.append(entry)
+    head = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": binary}}).encode()
+    headers = {HEADER: str(len(head)), "content-type": "application/octet-stream"} if binary else {"content-type": "application/json"}
+    return head + b"".join(chunks), headers
+
+
+def _counters(client: httpx.Client, base: str, model: str) -> tuple[float, float] | None:
+    try:
+        text = client.get(f"{base}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    if "torchship_inference_count" not in text:
+        return None  # not a torchship server: no batch figures
+    got = {"torchship_inference_count_total": 0.0, "torchship_execution_count_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in got and f'model="{model}"' in line:
+            got[name] += float(line.rsplit(" ", 1)[1])
+    return got["torchship_inference_count_total"], got["torchship_execution_count_total"]
+
+
+async def _run(url: str, body: bytes, headers: dict, *, concurrency: int | None, rate: float | None, poisson: bool,
+               duration: float, max_requests: int) -> tuple[list[float], dict, int]:
+    latencies, errors, sent = [], {}, 0
+    stop = time.monotonic() + duration
+    limits = httpx.Limits(max_connections=max(concurrency or 0, 64))
+
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        async def one():
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url, content=body, headers=headers)
+                key = r.status_code
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            if key == 200:
+                latencies.append((time.perf_counter() - t0) * 1e3)
+            else:
+                errors[str(key)] = errors.get(str(key), 0) + 1
+
+        if concurrency:
+            async def worker():
+                nonlocal sent
+                while time.monotonic() < stop and sent < max_requests:
+                    sent += 1
+                    await one()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            tasks, next_at = [], time.monotonic()
+            rng = random.Random(0)
+            while next_at < stop and sent < max_requests:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                tasks.append(asyncio.ensure_future(one()))
+                sent += 1
+                next_at += rng.expovariate(rate) if poisson else 1.0 / rate
+            await asyncio.gather(*tasks)
+    return latencies, errors, sent
+
+
+def perf(url: str, model: str, *, concurrency: list[int] | None = None, rate: float | None = None, poisson: bool = False,
+         duration: float = 5.0, batch: int = 1, dims: dict[str, int] | None = None, binary: bool = True,
+         max_requests: int = 100_000) -> list[PerfRow]:
+    """Load ``model`` at ``url``: one row per concurrency level (closed loop), or one row at ``rate`` req/s (open loop)."""
+    if rate is not None and rate <= 0:
+        raise UsageError(f"--rate must be positive, got {rate}")
+    if duration <= 0 or duration > 3600:
+        raise UsageError(f"--duration must be between 0 and 3600 seconds, got {duration}")
+    base = _base(url)
+    with httpx.Client() as c:
+        try:
+            r = c.get(f"{base}/v2/models/{model}", timeout=10)
+        except httpx.HTTPError as exc:
+            raise TorchshipError(f"cannot reach {base}: {exc}") from exc
+        if r.status_code != 200:
+            raise TorchshipError(f"{base}/v2/models/{model} answered {r.status_code}: {r.text[:200]}")
+        body, headers = make_request(r.json(), batch, dims or {}, binary)
+        target = f"{base}/v2/models/{model}/infer"
+        modes = [("rate", rate)] if rate else [("concurrency", n) for n in (concurrency or [1, 2, 4, 8])]
+        rows = []
+        for kind, value in modes:
+            before = _counters(c, base, model)
+            lat, errors, sent = asyncio.run(_run(target, body, headers, concurrency=value if kind == "concurrency" else None,
+                                                 rate=value if kind == "rate" else None, poisson=poisson,
+                                                 duration=duration, max_requests=max_requests))
+            after = _counters(c, base, model)
+            avg = None
+            if before and after and after[1] > before[1]:
+                avg = (after[0] - before[0]) / (after[1] - before[1])
+            pct = np.percentile(lat, [50, 90, 99]).tolist() if lat else [None] * 3
+            label = f"rate {value:g}/s{' poisson' if poisson else ''}" if kind == "rate" else f"concurrency {value}"
+            rows.append(PerfRow(label, sent, len(lat), errors, len(lat) / duration, *pct, avg))
+    return rows
