@@ -85,3 +85,76 @@ class Slow(nn.Module):
         import time
         time.sleep(self.delay)
         return x * self.scale
+
+
+class Amplify(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+class Overflow(nn.Module):
+    """Finite until ``square``, which overflows float32 (1e25 squared): the NaN tracer must name it."""
+
+    example_inputs = ["x:float32[batch,4]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+        self.amp = Amplify(1e25)
+        self.square = Square()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.square(self.amp(self.lin(x))))
+
+
+class WithDropout(nn.Module):
+    example_inputs = ["x:float32[batch,8]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 16)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.lin(x))))
+
+
+def dropout_in_eval():
+    return WithDropout().eval()
+
+
+def frozen_tiny():
+    return Tiny().requires_grad_(False).eval()
+
+
+class NoBatchGain(nn.Module):
+    """A 256x256 matrix product per item (batched as bmm): its cost grows with the batch, so batching gains
+    nothing. Frozen and traceable: a model with none of the mistakes `check` looks for."""
+
+    example_inputs = ["x:float32[batch,8]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(256, 256) / 16)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x):
+        h = x.sum(1)[:, None, None] * self.w
+        for _ in range(3):
+            h = h @ self.w
+        return h.mean(1)[:, :4]

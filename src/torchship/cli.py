@@ -200,6 +200,75 @@ def perf(
     console.print(table)
 
 
+@app.command("inspect")
+def inspect_cmd(
+    source: str = typer.Argument(..., help="zoo:NAME, package.module:attr, a .pt2/TorchScript file, or a HF model directory"),
+    input: List[str] = typer.Option([], "--input", "-i", help="NAME:DTYPE[DIMS] (repeat per input)"),
+    weights: Optional[str] = typer.Option(None, help="state dict for a module:attr source"),
+    dim: List[str] = typer.Option([], "--dim", help="size of a dynamic dimension, e.g. seq=128"),
+    batch: int = typer.Option(2, help="items in the forward pass"),
+    include: Optional[str] = typer.Option(None, help="only modules whose name matches this glob, e.g. 'encoder.layer.0.*'"),
+    dump: Optional[Path] = typer.Option(None, help="save every hooked module's output to DIR/activations.safetensors"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """One forward pass with hooks on every leaf module: shapes, FLOPs, time, activation statistics, first NaN/Inf."""
+    from .inspect import inspect as run
+    w = run(source, input or None, weights=weights, dims=_dims(dim), batch=batch, include=include,
+            dump=str(dump) if dump else None)
+    if as_json:
+        console.print_json(json.dumps(w.to_dict()))
+    else:
+        table = Table(title=f"torchship inspect: {source} (batch {batch})")
+        for c in ("module", "type", "output", "params", "MFLOPs", "ms", "min", "max", "mean", "std", "zeros", "non-finite"):
+            table.add_column(c, justify="left" if c in ("module", "type", "output") else "right", no_wrap=c != "module")
+        f = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+        for l in w.layers.values():
+            s = l.stats
+            table.add_row(l.name, l.type, " ".join(f"{d}{sh}" for d, sh in zip(l.dtypes, l.shapes)), f"{l.params:,}",
+                          f"{l.flops / 1e6:.3g}", f"{l.ms:.3f}", f(s["min"]), f(s["max"]), f(s["mean"]), f(s["std"]),
+                          f"{s['zeros']:.0%}", f"[red]{s['nonfinite']}[/]" if s["nonfinite"] else "0")
+        console.print(table)
+        total = sum(l.flops for l in w.layers.values())
+        console.print(f"{len(w.layers)} modules, {sum(l.params for l in w.layers.values()):,} parameters, "
+                      f"about {total / 1e6:.3g} MFLOPs per forward pass of {batch}")
+    if w.first_nonfinite:
+        n = w.first_nonfinite
+        ins = "; ".join(f"min {s['min']}, max {s['max']}, non-finite {s['nonfinite']}" for s in n["inputs"])
+        err.print(f"[red]first non-finite output[/]: {n['module']} ({n['type']}); its input: {ins}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    if dump:
+        console.print(f"activations: {dump / 'activations.safetensors'}")
+
+
+@app.command("check")
+def check_cmd(
+    source: str = typer.Argument(..., help="zoo:NAME, package.module:attr, a .pt2/TorchScript file, or a HF model directory"),
+    input: List[str] = typer.Option([], "--input", "-i", help="NAME:DTYPE[DIMS] (repeat per input)"),
+    weights: Optional[str] = typer.Option(None, help="the checkpoint you deploy (checked for unpickling too)"),
+    dim: List[str] = typer.Option([], "--dim", help="size of a dynamic dimension, e.g. seq=128"),
+    device: str = typer.Option("cpu", help="the device you serve on: cpu or cuda"),
+    workers: int = typer.Option(1, help="worker processes you serve with (for the thread check)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a list"),
+):
+    """Find the classic production mistakes, each with measured evidence and the fix. Exit 1 when any is found."""
+    from .inspect.check import check as run
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    findings = run(source, input or None, weights=weights, dims=_dims(dim), device=device, workers=workers)
+    if as_json:
+        console.print_json(json.dumps([f.to_dict() for f in findings]))
+    else:
+        marks = {True: "[red]FOUND[/]", False: "[green]ok[/]   ", None: "[dim]n/a[/]  "}
+        for f in findings:
+            console.print(f"{marks[f.found]} [bold]{f.check}[/]: {f.evidence}", highlight=False)
+            if f.found:
+                console.print(f"       fix: {f.fix}", highlight=False)
+        found = sum(1 for f in findings if f.found)
+        console.print(f"{found} problem(s) found" if found else "no problems found")
+    if any(f.found for f in findings):
+        raise typer.Exit(1)
+
+
 def verify_ok(path: Path) -> bool:
     from .bundle import verify
     verify(path)
@@ -227,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
-        app(argv, standalone_mode=False)
+        code = app(argv, standalone_mode=False)  # click returns a typer.Exit's code here
+        return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
@@ -246,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err.print(f"[red]error[/]: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import SourceError, SpecError, UsageError
+from ..errors import SourceError, UsageError
 from ..spec import IOSpec
 from ._wrap import Normalized, infer_outputs, output_keys, to_torch
 
@@ -44,6 +44,7 @@ class Model:
     onnx_path: Path | None = None
     tokenizer: Any = None
     source: str | None = None  # re-loadable source string for a fresh process, where no arch is known
+    was_training: bool = False  # the module as given was in training mode (torchship runs it in eval mode)
 
 
 def load_source(source: Any, inputs: list[str] | None = None, *, weights: str | None = None,
@@ -142,24 +143,26 @@ def finish(name: str, module: nn.Module, spec: IOSpec, dims: Mapping[str, int], 
             module.load_state_dict(load_weights(weights))
         except RuntimeError as exc:
             raise SourceError(f"weights in {weights} do not fit {name}: {str(exc).splitlines()[0]}") from exc
+    was_training = any(m.training for m in module.modules())
     module = module.eval()
     dims = {s: int(dims.get(s, 16)) for s in spec.symbols}
-    try:
-        with torch.inference_mode():
-            raw = (module(**dict(zip(spec.input_names, to_torch(spec.sample(2, dims), spec.input_names))))
-                   if by_keyword else module(*to_torch(spec.sample(2, dims), spec.input_names)))
-    except SpecError:
-        raise
-    except Exception as exc:
-        raise SourceError(f"{name} fails on an example input {spec.inputs and ' '.join(map(str, spec.inputs))}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    from ..inspect import watch
+    args = to_torch(spec.sample(2, dims), spec.input_names)
+    with watch(module) as w:
+        try:
+            with torch.inference_mode():
+                raw = module(**dict(zip(spec.input_names, args))) if by_keyword else module(*args)
+        except Exception as exc:
+            where = f"in module {w.current!r}: " if w.current else ""
+            raise SourceError(f"{name} fails on an example input {' '.join(map(str, spec.inputs))}: {where}"
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     norm = Normalized(module, spec.input_names, output_keys(raw), by_keyword).eval()
     out_specs = infer_outputs(norm, spec, dims, outputs or norm.keys)
     spec = IOSpec(spec.inputs, out_specs)
     if task is None:
         o = out_specs[0]
         task = "classify" if len(out_specs) == 1 and len(o.shape) == 2 and o.shape[0] == "batch" and isinstance(o.shape[1], int) and o.shape[1] > 1 else "other"
-    return Model(name, norm, spec, task=task, dims=dims, **kw)
+    return Model(name, norm, spec, task=task, dims=dims, was_training=was_training, **kw)
 
 
 def rebuild(arch: Mapping, root: Path | None = None) -> nn.Module:
