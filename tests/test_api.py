@@ -3,11 +3,13 @@ import torchship
 
 def test_public_api_is_pinned():
     assert sorted(torchship.__all__) == sorted([
-        "Budget", "BundleError", "IOSpec", "MissingExtra", "Model", "OptimizeOptions", "OptimizeResult", "SourceError",
-        "SpecError", "TensorSpec", "TorchshipError", "UsageError", "load_bundle", "load_source", "optimize",
-        "verify_bundle"])
+        "BatchConfig", "Budget", "BundleError", "Finding", "IOSpec", "MissingExtra", "Model", "OptimizeOptions",
+        "OptimizeResult", "ServeConfig", "SourceError", "SpecError", "TensorSpec", "TorchshipError", "UsageError",
+        "check", "create_app", "inspect", "load_bundle", "load_source", "optimize", "perf", "serve", "verify_bundle",
+        "watch"])
     for name in torchship.__all__:
         assert hasattr(torchship, name)
+    assert callable(torchship.inspect.watch) and callable(torchship.inspect.inspect)
 
 
 def test_unknown_runtime_names_the_registered_ones():

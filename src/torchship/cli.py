@@ -142,7 +142,7 @@ def serve(
     workers: int = typer.Option(1, help="model worker processes, each with its own copy and cores/N threads"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads per worker (default: cores / workers)"),
     max_batch_size: Optional[int] = typer.Option(None, help="largest batch (default: the bundle's chosen batch size)"),
-    max_queue_delay_us: int = typer.Option(2000, help="longest wait for a batch to fill, in microseconds"),
+    max_queue_delay_us: int = typer.Option(0, help="longest wait for a batch to fill, in microseconds (0: batch what is queued when a worker is free)"),
     preferred_batch_sizes: Optional[str] = typer.Option(None, help="dispatch as soon as one of these sizes is reached, e.g. 8,16"),
     max_queue: int = typer.Option(1024, help="queued requests per model before 503"),
     timeout_ms: float = typer.Option(30000, help="default request deadline; a request's 'timeout' parameter may only lower it"),

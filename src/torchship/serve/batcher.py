@@ -35,7 +35,7 @@ class ShuttingDown(Exception):
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch_size: int = 32
-    max_queue_delay_s: float = 0.002
+    max_queue_delay_s: float = 0.0  # as Triton: run what is queued as soon as a runner is free
     max_queue_requests: int = 1024
     max_queue_bytes: int = 256 * 2**20
     preferred_batch_sizes: tuple[int, ...] = ()
