@@ -27,3 +27,14 @@ def test_optimize_refuses_cuda_without_a_device(monkeypatch):
     from torchship import UsageError
     with pytest.raises(UsageError, match="no CUDA device"):
         OptimizeOptions(device="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_checks_measure_on_a_gpu():
+    from torchship.inspect import check as c
+    from torchship.sources import load_source
+    model = load_source("zoo:digits-cnn")
+    unused = c.cuda_unused(model, "cpu")
+    assert unused.found and "ms on the GPU" in unused.evidence
+    assert c.cuda_unused(model, "cuda").found is False
+    assert c.cudnn(model, "cuda").found in (True, False)  # measured either way; never "does not apply" here

@@ -200,6 +200,50 @@ def perf(
     console.print(table)
 
 
+@app.command("train")
+def train_cmd(
+    source: str = typer.Argument(..., help="zoo:digits-cnn or package.module:attr (an nn.Module or a factory)"),
+    data: str = typer.Option(..., help="zoo:digits, or a .npz with x_train/y_train/x_val/y_val[/x_test/y_test] or x/y"),
+    task: str = typer.Option("classify", help="classify, regress or embed"),
+    epochs: int = typer.Option(10, help="most epochs (early stopping may end sooner)"),
+    batch_size: int = typer.Option(64, help="items per step (per process)"),
+    lr: float = typer.Option(3e-3, help="AdamW learning rate"),
+    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay (not on biases and norms)"),
+    schedule: str = typer.Option("cosine", help="cosine (with warm-up), step, poly or none"),
+    grad_clip: Optional[float] = typer.Option(1.0, help="gradient norm clipping (0: off)"),
+    precision: str = typer.Option("auto", help="auto, 32-true, bf16-mixed or 16-mixed"),
+    patience: int = typer.Option(3, help="early-stopping patience in epochs (0: off)"),
+    augment: bool = typer.Option(False, help="random shifts, small rotations and noise for images"),
+    seed: int = typer.Option(0, help="a fixed seed makes a run repeatable"),
+    devices: int = typer.Option(1, help="processes (data parallel with --strategy ddp)"),
+    strategy: str = typer.Option("auto", help="auto or ddp"),
+    teacher: Optional[str] = typer.Option(None, help="distil from this teacher (zoo:digits-cnn or package.module:attr)"),
+    teacher_weights: Optional[str] = typer.Option(None, help="the teacher's state dict (.safetensors)"),
+    weights: Optional[str] = typer.Option(None, help="start from these weights (e.g. to fine-tune a pruned model)"),
+    out: Path = typer.Option(Path("torchship-run"), "--out", "-o", help="run directory: model.safetensors, metrics.csv, summary.json"),
+):
+    """Train with PyTorch Lightning and the production recipe; the weights feed `torchship optimize --weights`."""
+    from .train import TrainConfig
+    from .train import train as run
+    config = TrainConfig(task=task, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                         grad_clip=grad_clip or None, precision=precision, patience=patience or None, augment=augment, seed=seed,
+                         devices=devices, strategy=strategy)
+    teacher_model = teacher
+    if teacher and teacher_weights:
+        from .train import _module
+        teacher_model = _module(teacher, weights=teacher_weights)
+    result = run(source, data, config, out=out, teacher=teacher_model, weights=weights)
+    r = result.summary
+    console.print(f"trained {r['epochs_run']} epochs in {r['seconds']:.1f}s ({r['recipe']['precision']}: "
+                  f"{r['recipe']['precision_reason']}); validation {_metrics(r['val'])}; test {_metrics(r['test']) or '-'}",
+                  highlight=False)
+    console.print(f"weights: [bold]{out / 'model.safetensors'}[/]  metrics: {out / 'metrics.csv'}  summary: {out / 'summary.json'}")
+
+
+def _metrics(d: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in d.items())
+
+
 @app.command("inspect")
 def inspect_cmd(
     source: str = typer.Argument(..., help="zoo:NAME, package.module:attr, a .pt2/TorchScript file, or a HF model directory"),

@@ -27,6 +27,11 @@ class DigitsCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+def student() -> nn.Module:
+    """Half the width of digits-cnn: a distillation student."""
+    return DigitsCNN(width=8, hidden=32)
+
+
 def architecture() -> nn.Module:
     from ..sources._wrap import Normalized
     return Normalized(DigitsCNN(), SPEC.input_names)
@@ -45,22 +50,12 @@ def dataset() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {k: (x[idx], y[idx]) for k, idx in parts.items()}
 
 
-def train(epochs: int = 8, seed: int = SEED) -> tuple[nn.Module, float]:
-    """Plain loop (to move onto the Lightning trainer); returns the model and its test accuracy."""
-    torch.manual_seed(seed)
-    data = dataset()
-    model = architecture()
-    x, y = map(torch.from_numpy, data["train"])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(y), generator=gen).split(64):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx])[0], y[idx])
-            loss.backward()
-            opt.step()
-    return model.eval(), accuracy(model, *data["test"])
+def train(epochs: int = 15, seed: int = SEED) -> tuple[nn.Module, float]:
+    """Train through torchship's Lightning trainer; returns the model and its test accuracy."""
+    from ..train import TrainConfig
+    from ..train import train as run
+    result = run(architecture(), dataset(), TrainConfig(epochs=epochs, patience=5, seed=seed, progress=False))
+    return result.model, result.summary["test"]["test_acc"]
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

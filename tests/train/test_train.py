@@ -1,0 +1,109 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from torchship import OptimizeOptions, UsageError, optimize
+from torchship.train import TrainConfig, choose_precision, train
+from torchship.train.module import TrainingDiverged
+from torchship.zoo.digits import dataset
+
+FAST = dict(progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "run"
+    return train("zoo:digits-cnn", "zoo:digits", TrainConfig(epochs=15, patience=5, **FAST), out=out)
+
+
+def test_digits_reaches_97_percent_and_writes_the_run(digits_run):
+    s = digits_run.summary
+    assert s["test"]["test_acc"] >= 0.97
+    assert {p.name for p in digits_run.out.iterdir()} == {"model.safetensors", "metrics.csv", "summary.json"}
+    recipe = json.loads((digits_run.out / "summary.json").read_text())["recipe"]
+    for key in ("optimizer", "schedule", "weight_decay", "grad_clip", "precision", "precision_reason", "early_stopping", "seed"):
+        assert key in recipe
+    assert "val_acc" in (digits_run.out / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_the_weights_feed_optimize(digits_run, tmp_path):
+    res = optimize("torchship.zoo.digits:DigitsCNN", OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(8,), seconds_per_size=0.05),
+                   inputs=["image:float32[batch,1,28,28]"], weights=str(digits_run.out / "model.safetensors"))
+    assert res.chosen["fidelity"]["accuracy"] is None  # a module:attr source has no labels
+    x, y = dataset()["test"]
+    from torchship.sources import load_source
+    m = load_source("torchship.zoo.digits:DigitsCNN", ["image:float32[batch,1,28,28]"],
+                    weights=str(digits_run.out / "model.safetensors"))
+    with torch.inference_mode():
+        assert (m.module(torch.from_numpy(x))[0].argmax(1).numpy() == y).mean() >= 0.97
+
+
+def test_repeatable_with_a_fixed_seed():
+    small = {k: (v[0][:300], v[1][:300]) for k, v in dataset().items()}
+    a = train("zoo:digits-cnn", small, TrainConfig(epochs=2, precision="32-true", **FAST)).model
+    b = train("zoo:digits-cnn", small, TrainConfig(epochs=2, precision="32-true", **FAST)).model
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+@pytest.mark.slow
+def test_half_width_student_distils_within_1_5_points(digits_run):
+    teacher_acc = digits_run.summary["test"]["test_acc"]
+    student = train("torchship.zoo.digits:student", "zoo:digits", TrainConfig(epochs=15, patience=5, **FAST),
+                    teacher=digits_run.model)
+    assert student.summary["recipe"]["distillation"] is True
+    assert student.summary["test"]["test_acc"] >= teacher_acc - 0.015
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(digits_run):
+    ddp = train("zoo:digits-cnn", "zoo:digits", TrainConfig(epochs=15, patience=5, devices=2, strategy="ddp", **FAST))
+    assert ddp.summary["recipe"]["strategy"] == "ddp_spawn"
+    assert ddp.summary["test"]["test_acc"] >= digits_run.summary["test"]["test_acc"] - 0.01
+
+
+def _xy(n=64, classes=2, width=4):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, width)).astype(np.float32), rng.integers(0, classes, n)
+
+
+@pytest.mark.parametrize("data, kwargs, fragment", [
+    (_xy(width=5), {}, "do not fit the model"),
+    (_xy(width=8, classes=7), {}, "labels run from 0 to 6, but the model has 4 outputs"),
+    ({"train": (np.zeros((0, 8), np.float32), np.zeros(0, np.int64)), "val": _xy(width=8)}, {}, "train split is empty"),
+    ((_xy(width=8)[0], _xy(width=8)[1].astype(np.float32)), {}, "labels must be integers"),
+    ("nope.csv", {}, "give zoo:digits or a .npz"),
+])
+def test_bad_data_is_one_clear_line(data, kwargs, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        train("tests.models:Tiny", data, TrainConfig(epochs=1, **FAST))
+
+
+def test_teacher_that_does_not_match_and_occupied_output(tmp_path):
+    with pytest.raises(UsageError, match="teacher's outputs"):
+        train("zoo:digits-cnn", "zoo:digits", TrainConfig(epochs=1, **FAST), teacher=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 3)))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.safetensors").write_text("an earlier run")
+    with pytest.raises(UsageError, match="never overwrites"):
+        train("tests.models:Tiny", _xy(width=8, classes=4), TrainConfig(epochs=1, **FAST), out=tmp_path / "run")
+    assert (tmp_path / "run" / "model.safetensors").read_text() == "an earlier run"
+
+
+def test_nan_loss_stops_with_the_step_and_the_module(tmp_path):
+    with pytest.raises(TrainingDiverged, match="at step 0 .*'square'"):
+        train("tests.models:Overflow", _xy(width=4), TrainConfig(epochs=1, precision="32-true", **FAST), out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_config_errors_and_precision_choice():
+    with pytest.raises(UsageError, match="--task"):
+        TrainConfig(task="segment")
+    with pytest.raises(UsageError, match="--schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(UsageError, match="epochs"):
+        TrainConfig(epochs=0)
+    precision, why = choose_precision("auto", "cpu")
+    assert precision in ("bf16-mixed", "32-true") and why
+    assert choose_precision("32-true", "cpu") == ("32-true", "as requested")
