@@ -61,7 +61,7 @@ class TaskModule(L.LightningModule):
             loss = task_loss(self.config.task, out, y)
         if not torch.isfinite(loss):
             raise TrainingDiverged(self._diagnose(x, loss))
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def _diagnose(self, x, loss) -> str:

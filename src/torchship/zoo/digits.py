@@ -68,7 +68,7 @@ def load():
 
     from ..sources import Model, _wrap
     from . import cache_dir
-    path = cache_dir() / "digits-cnn.safetensors"
+    path = cache_dir() / "digits-cnn-v2.safetensors"  # v2: trained through the Lightning trainer
     model = architecture()
     if path.exists():
         model.load_state_dict(load_file(str(path)))
