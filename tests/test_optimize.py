@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_every_runtime_builds_verifies_and_times(digits_run):
     by_name = {v["name"]: v for v in digits_run.variants}
-    assert set(by_name) == {"eager-naive", "eager", "torchscript", "compile", "aoti", "onnxrt"}
+    assert set(by_name) == {"eager-naive", "eager", "torchscript", "compile", "aoti", "onnxrt", "eager+int8", "onnxrt+int8"}
     for name in ("eager", "torchscript", "compile", "aoti", "onnxrt"):
         v = by_name[name]
         assert v["status"] == "ok", (name, v.get("reason"))
@@ -44,7 +44,7 @@ def test_bundle_loads_and_answers_like_the_model(digits_run):
     pred = loaded({"image": x[:64]})["logits"].argmax(1)
     assert (pred == y[:64]).mean() >= 0.95
     report = digits_run.bundle / "report"
-    assert {p.name for p in report.iterdir()} == {"report.json", "report.md", "latency.png"}
+    assert {p.name for p in report.iterdir()} == {"report.json", "report.md", "latency.png", "pareto.png"}
     assert "chose" in (report / "report.md").read_text()
     data = json.loads((report / "report.json").read_text())
     assert data["machine"]["threads"] >= 1 and "isa" in data["machine"]

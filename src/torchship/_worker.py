@@ -38,6 +38,21 @@ def _reload(job: dict, pool: dict):
     return model
 
 
+def _transform(model, transforms: list[dict], options: dict) -> dict:
+    """Weight-changing transforms now (the artifact stores their result); at-load ones go into the options."""
+    from .transforms import apply, from_dict, sparsity
+    extra = {}
+    for t in transforms:
+        config = from_dict(t)
+        if config.at_load:
+            apply(model.module, config)  # fails here, with the reason, if it cannot apply
+            options.setdefault("transforms", []).append(t)
+        else:
+            model.module = apply(model.module, config)
+            extra["sparsity"] = sparsity(model.module)
+    return extra
+
+
 def _chunks(feeds: dict, size: int):
     n = len(next(iter(feeds.values())))
     for i in range(0, n, size):
@@ -62,6 +77,7 @@ def run(job: dict) -> dict:
     try:
         model = _reload(job, pool)
         t0 = time.perf_counter()
+        extra = _transform(model, job.get("transforms") or [], options)
         artifact = runtime.build(model, options, workdir)
         build_s = time.perf_counter() - t0
         spec, device = IOSpec.from_dict(job["model"]["spec"]), options.get("device", "cpu")
@@ -82,7 +98,7 @@ def run(job: dict) -> dict:
     return {"status": "ok", "artifact": artifact.to_dict(), "build_s": build_s, "cold_start_s": cold_start_s,
             "artifact_bytes": sum((workdir / f).stat().st_size for f in artifact.files),
             "peak_memory_mb": peak, "peak_memory_kind": "cuda allocated" if device.startswith("cuda") else "process RSS",
-            "profile": {str(k): v for k, v in prof.items()}, "outputs": str(workdir / "outputs.npz")}
+            "profile": {str(k): v for k, v in prof.items()}, "outputs": str(workdir / "outputs.npz"), **extra}
 
 
 def main(path: str) -> int:

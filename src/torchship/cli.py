@@ -86,6 +86,7 @@ def optimize(
     latency_slo: Optional[float] = typer.Option(None, "--latency-slo", help="choose the best throughput whose p99 stays under this many ms"),
     runtimes: Optional[str] = typer.Option(None, help="comma-separated subset of eager,torchscript,compile,aoti,onnxrt"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads, as serving will use (default: all cores)"),
+    transforms: str = typer.Option("int8", help="compression variants to try: int8, prune (comma-separated), or none"),
     timeout: float = typer.Option(600.0, help="seconds allowed to build and time one variant"),
     out: Path = typer.Option(Path("torchship-bundle"), "--out", "-o", help="bundle directory to write"),
     name: Optional[str] = typer.Option(None, help="model name in the bundle and when served (default: from the source)"),
@@ -98,7 +99,8 @@ def optimize(
     opts = OptimizeOptions(device=device, budget=Budget.parse(budget), batch_sizes=_ints(batch_sizes, "--batch-sizes"),
                            target_batch_size=target_batch_size, latency_slo_ms=latency_slo,
                            runtimes=tuple(r.strip() for r in runtimes.split(",")) if runtimes else None,
-                           threads=threads, timeout_s=timeout)
+                           threads=threads, timeout_s=timeout,
+                           transforms=() if transforms.strip() == "none" else tuple(t.strip() for t in transforms.split(",") if t.strip()))
     with progress_bar() as update:
         result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update)
     if as_json:

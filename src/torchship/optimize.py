@@ -37,6 +37,7 @@ class OptimizeOptions:
     timeout_s: float = 600.0
     seconds_per_size: float = 1.0
     isolate: bool = True  # each variant in its own process
+    transforms: tuple[str, ...] = ("int8",)  # compression variants: int8, prune
 
     def __post_init__(self):
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
@@ -112,7 +113,8 @@ def reference_outputs(model: Model, pool: dict, chunk: int) -> dict[str, np.ndar
 
 
 def _job(model: Model, vp: VariantPlan, opts: OptimizeOptions, root: Path, pool_path: Path, chunk: int, weights) -> dict:
-    return {"runtime": vp.runtime, "options": {**vp.options}, "workdir": str(root / vp.name), "pool": str(pool_path),
+    return {"runtime": vp.runtime, "options": {**vp.options}, "transforms": list(vp.transforms),
+            "workdir": str(root / vp.name), "pool": str(pool_path),
             "chunk": chunk, "batch_sizes": list(opts.batch_sizes), "seconds": opts.seconds_per_size, "threads": opts.threads,
             "model": {"name": model.name, "spec": model.spec.to_dict(), "task": model.task, "dims": model.dims,
                       "arch": model.arch, "weights": str(weights) if weights else None,
@@ -150,8 +152,8 @@ def _ratios(results: list[dict], target: int) -> None:
     def tput(r):
         return ((r.get("profile") or {}).get(str(target)) or {}).get("throughput")
     eager = next((tput(r) for r in results if r["name"] == "eager" and r["status"] in ("ok", "rejected")), None)
-    fp32 = [tput(r) for r in results if r["status"] == "ok" and r["selectable"]
-            and r.get("options", {}).get("precision", "fp32") == "fp32" and tput(r)]
+    fp32 = [tput(r) for r in results if r["status"] == "ok" and r["selectable"] and not r.get("transforms")
+            and "quantize" not in r.get("options", {}) and r.get("options", {}).get("precision", "fp32") == "fp32" and tput(r)]
     best = max(fp32, default=None)
     for r in results:
         t = tput(r)
@@ -172,7 +174,7 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
     model.name = name or model.name
     if model.source is None and isinstance(source, (str, Path)) and model.arch is None:
         model.source = str(source)
-    variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads)
+    variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms)
     isolate = opts.isolate and (model.arch is not None or model.source is not None or model.onnx_path is not None)
     root = Path(tempfile.mkdtemp(prefix="torchship-"))
     try:
@@ -186,14 +188,19 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
             from safetensors.torch import save_model
             weights_path = root / "reference.safetensors"
             save_model(model.module, str(weights_path))
-        results = []
+        results, failed_level = [], {}
         for i, vp in enumerate(variants):
             say(f"building and timing {vp.name}", i, len(variants))
+            if vp.family and failed_level.get(vp.family, vp.level + 1) < vp.level:
+                results.append({"status": "skipped", "name": vp.name, "runtime": vp.runtime, "options": vp.options,
+                                "selectable": vp.selectable, "note": vp.note, "transforms": list(vp.transforms),
+                                "reason": f"not tried: a gentler {vp.family} variant failed the budget"})
+                continue
             job = _job(model, vp, opts, root, pool_path, chunk, weights_path)
             t0 = time.perf_counter()
             res = _run_isolated(job, opts.timeout_s) if isolate else _run_inline(job)
             res.update(name=vp.name, runtime=vp.runtime, options={k: v for k, v in vp.options.items() if v is not None},
-                       selectable=vp.selectable, note=vp.note, wall_s=time.perf_counter() - t0)
+                       selectable=vp.selectable, note=vp.note, transforms=list(vp.transforms), wall_s=time.perf_counter() - t0)
             if res["status"] == "ok":
                 with np.load(res.pop("outputs"), allow_pickle=False) as z:
                     outs = {k: z[k] for k in z.files}
@@ -201,6 +208,8 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
                 res["fidelity"] = fid.to_dict()
                 if not fid.passed:
                     res["status"], res["reason"] = "rejected", fid.reason
+            if res["status"] == "rejected" and vp.family:
+                failed_level.setdefault(vp.family, vp.level)
             results.append(res)
         say("selecting", len(variants), len(variants))
         _ratios(results, opts.target)
@@ -238,7 +247,7 @@ def _package(result: OptimizeResult, meta: dict, root: Path, out: Path) -> None:
     manifest = {
         "name": result.model, "version": "1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "torch": torch.__version__, "spec": meta["spec"], "task": meta["task"], "dims": meta["dims"],
-        "variant": c["name"], "runtime": c["runtime"], "transforms": [], "device": meta["device"],
+        "variant": c["name"], "runtime": c["runtime"], "transforms": c.get("transforms", []), "device": meta["device"],
         "threads": result.machine["threads"], "artifact": c["artifact"], "max_batch_size": result.chosen_batch_size,
         "budget": meta["budget"], "fidelity": c["fidelity"], "profile": c["profile"],
         "cold_start_s": c["cold_start_s"], "artifact_bytes": c["artifact_bytes"], "machine": result.machine,

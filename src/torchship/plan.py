@@ -13,12 +13,18 @@ class VariantPlan:
     options: dict = field(default_factory=dict)
     selectable: bool = True
     note: str = ""
+    transforms: tuple = ()  # transform configs as dicts (torchship.transforms.to_dict)
+    family: str | None = None  # variants of one family go from gentle to aggressive: ...
+    level: int = 0  # ... and a level is not tried once a gentler one failed the budget
 
 
 RUNTIME_ORDER = ("eager", "torchscript", "compile", "aoti", "onnxrt")
+TRANSFORMS = ("int8", "prune")
+PRUNE_LEVELS = (0.3, 0.5, 0.7)
 
 
-def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads: int | None = None) -> list[VariantPlan]:
+def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads: int | None = None,
+         transforms: tuple[str, ...] = ("int8",)) -> list[VariantPlan]:
     wanted = list(runtimes or RUNTIME_ORDER)
     unknown = [r for r in wanted if r not in RUNTIME_ORDER]
     if unknown:
@@ -31,9 +37,32 @@ def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads:
         out.append(VariantPlan("eager-naive", "eager", {**base, "naive": True}, selectable=False,
                                note="reference: the model as too often run (no eval(), autograd on); never selected"))
     out += [VariantPlan(r, r, dict(base)) for r in wanted if model.module is not None or r == "onnxrt"]
+    unknown = [t for t in transforms if t not in TRANSFORMS]
+    if unknown:
+        raise UsageError(f"unknown transform(s) {unknown}; choose from {', '.join(TRANSFORMS)} (or none)")
+    out += compression(model, wanted, base, device, transforms)
     if device.startswith("cuda") and model.module is not None:
         for prec in ("fp16", "bf16"):
             for r in ("eager", "aoti"):
                 if r in wanted:
                     out.append(VariantPlan(f"{r}-{prec}", r, {**base, "precision": prec}, note=f"{prec} weights and activations"))
+    return out
+
+
+def compression(model, wanted, base, device, transforms) -> list[VariantPlan]:
+    """int8 and pruning variants, gentle to aggressive."""
+    from .transforms import DynamicInt8, MagnitudePrune, to_dict
+    out = []
+    if "int8" in transforms and device == "cpu":
+        if "eager" in wanted and model.module is not None:
+            out.append(VariantPlan("eager+int8", "eager", dict(base), transforms=(to_dict(DynamicInt8()),),
+                                   note="torch.ao dynamic int8 Linear layers"))
+        if "onnxrt" in wanted:
+            out.append(VariantPlan("onnxrt+int8", "onnxrt", {**base, "quantize": "dynamic_int8"},
+                                   note="ONNX Runtime dynamic int8 (QInt8 weights)"))
+    if "prune" in transforms and "eager" in wanted and model.module is not None:
+        for i, amount in enumerate(PRUNE_LEVELS):
+            out.append(VariantPlan(f"eager+prune{int(amount * 100)}", "eager", dict(base),
+                                   transforms=(to_dict(MagnitudePrune(amount)),), family="prune", level=i,
+                                   note=f"{amount:.0%} of Linear/Conv weights zeroed (dense kernels: no speed-up expected)"))
     return out

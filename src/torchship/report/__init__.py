@@ -28,6 +28,7 @@ def rows(result, target: int) -> list[dict]:
             "top-1": _fmt(f.get("top1"), "{:.1%}"),
             "max abs err": _fmt(f.get("max_abs_error"), "{:.2e}"),
             "size MB": _fmt(r.get("artifact_bytes") and r["artifact_bytes"] / 2**20, "{:.2f}"),
+            "sparsity": _fmt(r.get("sparsity"), "{:.0%}"),
             "cold start s": _fmt(r.get("cold_start_s"), "{:.2f}"),
             "why": r.get("reason") or r.get("note") or "",
         })
@@ -63,6 +64,33 @@ def plot(result, path_png: Path) -> None:
     plt.close(fig)
 
 
+def pareto(result, target: int, path_png: Path) -> None:
+    """Fidelity (accuracy with labels, else cosine to fp32) against throughput at the target batch size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points = []
+    for r in result.variants:
+        s = ((r.get("profile") or {}).get(str(target)) or {}).get("throughput")
+        f = r.get("fidelity") or {}
+        y = f.get("accuracy") if f.get("accuracy") is not None else f.get("cosine")
+        if s and y is not None:
+            points.append((s, y, r["name"], r["status"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s, y, name, status in points:
+        ax.scatter(s, y, c="tab:green" if status == "ok" else "tab:red", marker="o" if status == "ok" else "x")
+        ax.annotate(name, (s, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    labelled = any((r.get("fidelity") or {}).get("accuracy") is not None for r in result.variants)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"items / s at batch size {target}")
+    ax.set_ylabel("test accuracy" if labelled else "cosine similarity to fp32 eager")
+    ax.set_title(f"{result.model}: fidelity against throughput (green: within budget, red x: rejected)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+
+
 def markdown(result, meta: dict) -> str:
     target = meta["target_batch_size"]
     m = result.machine
@@ -73,7 +101,7 @@ def markdown(result, meta: dict) -> str:
              f"- Device {meta['device']}; CPU {m['cpu']} ({m['cores']} cores, ISA: {', '.join(m['isa']) or 'none detected'}); "
              f"intra-op threads {m['threads']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}",
              f"- Timed per batch size {meta['batch_sizes']} after warm-up (p50 of repeated runs); table at batch size {target}",
-             "", "![latency and throughput](latency.png)", ""]
+             "", "![latency and throughput](latency.png)", "", "![fidelity against throughput](pareto.png)", ""]
     table = rows(result, target)
     head = list(table[0]) if table else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -94,3 +122,4 @@ def write_report(result, meta: dict, directory: Path) -> None:
     (directory / "report.json").write_text(json.dumps({**result.to_dict(), "meta": meta}, indent=2, default=str))
     (directory / "report.md").write_text(markdown(result, meta))
     plot(result, directory / "latency.png")
+    pareto(result, meta["target_batch_size"], directory / "pareto.png")

@@ -23,8 +23,12 @@ def prepare(module, options, device):
 
 
 def load(artifact, root, spec, device="cpu"):
+    from ..transforms import apply, from_dict
     opts = artifact.options
-    module = prepare(load_weights_module(root), opts, device)
+    module = load_weights_module(root)
+    for t in opts.get("transforms", []):  # deterministic from the fp32 weights the artifact holds
+        module = apply(module, from_dict(t))
+    module = prepare(module, opts, device)
     if opts.get("naive"):  # as too often written: training mode, autograd on
         return TorchRunner(module.train(), spec, device, grad=True)
     return TorchRunner(module.eval(), spec, device, opts.get("precision", "fp32"))

@@ -62,7 +62,23 @@ def build(model, options, workdir):
         export_onnx(model, raw)
         files = save_onnx(raw, target)
         shutil.rmtree(raw.parent)
+    if options.get("quantize") == "dynamic_int8":
+        files = _quantize_dynamic(workdir, files)
     return Artifact("onnxrt", files, dict(options))
+
+
+def _quantize_dynamic(workdir, files) -> tuple[str, ...]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    source = workdir / "fp32.onnx"
+    (workdir / files[0]).rename(source)
+    try:
+        quantize_dynamic(str(source), str(workdir / "model.onnx"), weight_type=QuantType.QInt8)
+    except Exception as exc:
+        raise BuildSkipped(f"ONNX Runtime dynamic quantization failed: {str(exc).splitlines()[0][:200]}") from exc
+    for name in files[1:]:  # external data of the fp32 model, if any
+        (workdir / name).unlink(missing_ok=True)
+    source.unlink()
+    return ("model.onnx",)
 
 
 def session(path, device="cpu", threads=None, optimize=True):

@@ -1,0 +1,96 @@
+"""Transforms: ``nn.Module -> nn.Module``, one config dataclass and one handler each, found by the config's type.
+
+A transform never mutates its input: it returns a new module. ``at_load`` transforms (dynamic quantization)
+are deterministic functions of the fp32 weights, so a bundle stores those weights and applies the transform
+again when it loads; the others (pruning) change the weights, which the bundle then stores.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import BuildSkipped, UsageError
+
+_HANDLERS: dict[type, Callable] = {}
+
+
+def register(config_type: type):
+    def wrap(fn):
+        _HANDLERS[config_type] = fn
+        return fn
+    return wrap
+
+
+@dataclass(frozen=True)
+class DynamicInt8:
+    """int8 weights and dynamically quantized activations for nn.Linear (torch.ao, on the CPU)."""
+
+    kind: str = "dynamic_int8"
+    at_load: bool = True
+
+
+@dataclass(frozen=True)
+class MagnitudePrune:
+    """Unstructured L1 magnitude pruning of Linear and Conv weights, made permanent (zeros in dense tensors)."""
+
+    amount: float = 0.5
+    kind: str = "magnitude_prune"
+    at_load: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.amount < 1:
+            raise UsageError(f"pruning amount must lie strictly between 0 and 1, got {self.amount}")
+
+
+KINDS = {"dynamic_int8": DynamicInt8, "magnitude_prune": MagnitudePrune}
+
+
+def from_dict(d: dict):
+    """The config a manifest or job recorded (round trip of ``to_dict``)."""
+    kind = d.get("kind")
+    if kind not in KINDS:
+        raise UsageError(f"unknown transform {kind!r}; registered: {', '.join(sorted(KINDS))}")
+    return KINDS[kind](**{k: v for k, v in d.items() if k not in ("kind", "at_load")})
+
+
+def to_dict(config) -> dict:
+    return asdict(config)
+
+
+def apply(module: nn.Module, config) -> nn.Module:
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise UsageError(f"no handler for {type(config).__name__}; registered: {', '.join(t.__name__ for t in _HANDLERS)}")
+    return handler(copy.deepcopy(module), config)
+
+
+@register(DynamicInt8)
+def _dynamic_int8(module: nn.Module, config: DynamicInt8) -> nn.Module:
+    if not any(isinstance(m, nn.Linear) for m in module.modules()):
+        raise BuildSkipped("dynamic int8 quantizes nn.Linear layers, and this model has none")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(module.eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+@register(MagnitudePrune)
+def _magnitude_prune(module: nn.Module, config: MagnitudePrune) -> nn.Module:
+    from torch.nn.utils import prune
+    targets = [(m, "weight") for m in module.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    if not targets:
+        raise BuildSkipped("magnitude pruning applies to Linear and Conv layers, and this model has none")
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=config.amount)
+    for m, name in targets:
+        prune.remove(m, name)
+    return module
+
+
+def sparsity(module: nn.Module) -> float:
+    weights = [m.weight for m in module.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    total = sum(w.numel() for w in weights)
+    return float(sum((w == 0).sum().item() for w in weights) / total) if total else 0.0
