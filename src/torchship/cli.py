@@ -161,7 +161,12 @@ def serve(
     from .serve.server import serve as run
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    found = [(n, v) for p in bundles for n, v, b in discover(p) if verify_ok(b)]
+    from .bundle import verify
+    found = []
+    for path in bundles:  # fail here, with the reason, rather than in the server's start-up
+        for n, v, b in discover(path):
+            verify(b)
+            found.append((n, v))
     batch = BatchConfig(max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
                         slo_s=slo_ms / 1e3 if slo_ms else None,
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
@@ -313,12 +318,6 @@ def check_cmd(
         console.print(f"{found} problem(s) found" if found else "no problems found")
     if any(f.found for f in findings):
         raise typer.Exit(1)
-
-
-def verify_ok(path: Path) -> bool:
-    from .bundle import verify
-    verify(path)
-    return True
 
 
 @bundle_app.command("verify")

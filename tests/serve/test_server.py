@@ -127,6 +127,9 @@ def test_sigterm_during_load_loses_no_accepted_request(server, slow_bundle):
     threads = _hammer(s, 6, 4.0, results)
     time.sleep(1.0)
     s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    ready = s.http("GET", "/v2/health/ready")  # still serving while the load lasts, but no longer ready
+    assert ready.status_code == 503 and ready.headers["connection"] == "close"
     for t in threads:
         t.join(30)
     assert s.proc.wait(30) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +48,7 @@ class Server:
         self.metrics = Metrics()
         self.ready = False
         self.draining = False
+        self.last_request = 0.0  # time.monotonic() of the latest infer request
         self._swap = asyncio.Lock()
 
     def batch_config(self, manifest: dict) -> BatchConfig:
@@ -161,7 +163,7 @@ def create_app(paths: list[Path], config: ServeConfig | None = None) -> Starlett
         return JSONResponse({"name": e.name, "ready": ok}, status_code=200 if ok else 503)
 
     async def infer(request):
-        name, version = request.path_params["model"], request.path_params.get("version") or ""
+        server.last_request = time.monotonic()
         try:
             e = entry_of(request)
         except NotFound as exc:
@@ -263,6 +265,25 @@ def create_app(paths: list[Path], config: ServeConfig | None = None) -> Starlett
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.server = server
-    return app
+    return _CloseWhileDraining(app, server)
+
+
+class _CloseWhileDraining:
+    """ASGI wrapper: while draining, every response says ``Connection: close``, so clients stop reusing
+    connections that the server is about to close (a request sent on one would be lost in flight)."""
+
+    def __init__(self, app, server):
+        self.app, self.server = app, server
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start" and self.server.draining:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+        await self.app(scope, receive, wrapped)
 
 

@@ -27,10 +27,13 @@ class _Uvicorn(uvicorn.Server):
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain(app_server)))
 
-    async def _drain(self, app_server) -> None:
+    async def _drain(self, app_server, quiet: float = 0.25) -> None:
+        """Serve on (not ready, closing connections after each response) until the queues are empty and no
+        request came for ``quiet`` seconds, or the drain timeout passes; then uvicorn finishes what is in flight."""
         deadline = time.monotonic() + self.drain_timeout
-        await asyncio.sleep(0.05)
-        while time.monotonic() < deadline and not app_server.idle():
+        while time.monotonic() < deadline:
+            if app_server.idle() and time.monotonic() - app_server.last_request > quiet:
+                break
             await asyncio.sleep(0.02)
         self.should_exit = True
 
