@@ -158,3 +158,16 @@ class NoBatchGain(nn.Module):
         for _ in range(3):
             h = h @ self.w
         return h.mean(1)[:, :4]
+
+
+class Noisy(nn.Module):
+    """Adds fresh noise on every call: no variant can match the reference, whatever the runtime."""
+
+    example_inputs = ["x:float32[batch,8]"]
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(x) + torch.randn(x.shape[0], 4)

@@ -65,3 +65,13 @@ def test_optimize_writes_bundle_then_verify_and_info(capsys, tmp_path):
     (out / "report" / "report.md").write_text("tampered")
     code, stdout, err = run(capsys, "bundle", "verify", str(out))
     assert code == 1 and "report/report.md fails its checksum" in err
+
+
+@pytest.mark.slow
+def test_a_budget_nothing_meets_names_the_closest_and_writes_nothing(capsys, tmp_path):
+    out = tmp_path / "b"
+    code, stdout, err = run(capsys, "optimize", "tests.models:Noisy", "--runtimes", "eager,onnxrt", "--transforms", "none",
+                            "--batch-sizes", "2", "--out", str(out))
+    assert code == 1
+    assert "no variant met the budget; closest:" in stdout and "no bundle was written" in err
+    assert not out.exists()

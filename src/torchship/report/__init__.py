@@ -75,16 +75,17 @@ def pareto(result, target: int, path_png: Path) -> None:
         f = r.get("fidelity") or {}
         y = f.get("accuracy") if f.get("accuracy") is not None else f.get("cosine")
         if s and y is not None:
-            points.append((s, y, r["name"], r["status"]))
+            points.append((s, y, r["name"], r["status"] if r["selectable"] else "reference"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s, y, name, status in points:
-        ax.scatter(s, y, c="tab:green" if status == "ok" else "tab:red", marker="o" if status == "ok" else "x")
+        color = {"ok": "tab:green", "reference": "tab:gray"}.get(status, "tab:red")
+        ax.scatter(s, y, c=color, marker="x" if status == "rejected" else "o")
         ax.annotate(name, (s, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     labelled = any((r.get("fidelity") or {}).get("accuracy") is not None for r in result.variants)
     ax.set_xscale("log")
     ax.set_xlabel(f"items / s at batch size {target}")
     ax.set_ylabel("test accuracy" if labelled else "cosine similarity to fp32 eager")
-    ax.set_title(f"{result.model}: fidelity against throughput (green: within budget, red x: rejected)")
+    ax.set_title(f"{result.model}: fidelity against throughput (green: within budget, red x: rejected, grey: reference)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path_png, dpi=110)

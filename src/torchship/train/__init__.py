@@ -140,7 +140,7 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
 
     from ..bundle import check_writable
     from .data import load_data
-    from .module import TaskModule
+    from .module import SyncTeardown, TaskModule
     config = config or TrainConfig()
     out = Path(out) if out is not None else None
     if out is not None:
@@ -165,7 +165,8 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
     loader = lambda split, shuffle: torch.utils.data.DataLoader(  # noqa: E731
         datasets[split], batch_size=config.batch_size, shuffle=shuffle, num_workers=0)
     ckpt = ModelCheckpoint(dirpath=work / "checkpoints", monitor=monitor, mode=mode, save_top_k=1, save_weights_only=True)
-    callbacks = [ckpt] + ([EarlyStopping(monitor=monitor, mode=mode, patience=config.patience)] if config.patience else [])
+    callbacks = [ckpt, SyncTeardown()] + ([EarlyStopping(monitor=monitor, mode=mode, patience=config.patience)]
+                                           if config.patience else [])
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     if teacher_model is not None:  # the teacher stays in eval mode on purpose

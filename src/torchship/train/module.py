@@ -38,6 +38,15 @@ def distill_loss(task: str, student: torch.Tensor, teacher: torch.Tensor, y: tor
     return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
 
 
+class SyncTeardown(L.Callback):
+    """Every process reaches the end of fit before any tears down: a rank that exits while another still talks
+    to it over gloo aborts (seen once under load as 'terminate called without an active exception')."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
 class TaskModule(L.LightningModule):
     def __init__(self, model: nn.Module, config, teacher: nn.Module | None = None):
         super().__init__()
