@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from torchship import OptimizeOptions, UsageError, optimize
+from torchship import Budget, OptimizeOptions, UsageError, optimize
 from torchship.errors import BuildSkipped
 from torchship.sources import load_source
 from torchship.transforms import DynamicInt8, MagnitudePrune, apply, from_dict, sparsity, to_dict
@@ -39,7 +39,7 @@ def test_transforms_return_new_modules_within_tolerance():
 @pytest.mark.slow
 def test_gentle_to_aggressive_and_never_selecting_a_failing_variant():
     res = optimize("zoo:digits-cnn", OptimizeOptions(runtimes=("eager", "onnxrt"), transforms=("int8", "prune"),
-                   batch_sizes=(16,), seconds_per_size=0.05, budget=__import__("torchship").Budget(min_cosine=0.9995)))
+                   batch_sizes=(16,), seconds_per_size=0.05, budget=Budget(min_cosine=0.9995)))
     by = {v["name"]: v for v in res.variants}
     assert by["onnxrt+int8"]["status"] in ("ok", "rejected") and by["eager+int8"]["status"] in ("ok", "rejected")
     prune = [by[f"eager+prune{n}"] for n in (30, 50, 70)]
