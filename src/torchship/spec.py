@@ -18,8 +18,6 @@ _SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*:\s*(\w+)\s*\[([^\]]*)\]\s*$")
 _SYMBOL_RE = re.compile(r"^[A-Za-z_]\w*$")
 BATCH = "batch"
 
-Dim = "int | str"
-
 
 @dataclass(frozen=True)
 class TensorSpec:

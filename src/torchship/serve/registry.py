@@ -48,7 +48,7 @@ def discover(path: Path) -> list[tuple[str, str, Path]]:
     return found
 
 
-def paddable(manifest: dict, spec: IOSpec) -> tuple[str, ...]:
+def paddable(spec: IOSpec) -> tuple[str, ...]:
     """Symbols that may be padded: those shared with an attention mask input."""
     mask = next((t for t in spec.inputs if t.name.endswith("attention_mask")), None)
     return tuple(d for d in (mask.shape[1:] if mask else ()) if isinstance(d, str))
@@ -72,7 +72,7 @@ async def load_entry(name: str, version: str, path: Path, config: BatchConfig, m
         loaded = await loop.run_in_executor(None, bundle.load, path)
         manifest, spec, run, close = loaded.manifest, loaded.spec, loaded, None
         await loop.run_in_executor(None, lambda: [loaded(spec.sample(bs, manifest.get("dims") or {})) for bs in warm_sizes])
-    batcher = Batcher(run, spec, config, paddable=paddable(manifest, spec), latency=LatencyModel(manifest.get("profile")),
+    batcher = Batcher(run, spec, config, paddable=paddable(spec), latency=LatencyModel(manifest.get("profile")),
                       on_batch=metrics.on_batch(name, version), concurrency=workers)
     batcher.start()
     return Entry(name, version, path, manifest, spec, batcher, ready=True, close=close)

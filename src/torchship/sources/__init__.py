@@ -160,9 +160,15 @@ def finish(name: str, module: nn.Module, spec: IOSpec, dims: Mapping[str, int], 
     out_specs = infer_outputs(norm, spec, dims, outputs or norm.keys)
     spec = IOSpec(spec.inputs, out_specs)
     if task is None:
-        o = out_specs[0]
-        task = "classify" if len(out_specs) == 1 and len(o.shape) == 2 and o.shape[0] == "batch" and isinstance(o.shape[1], int) and o.shape[1] > 1 else "other"
+        task = guess_task(out_specs)
     return Model(name, norm, spec, task=task, dims=dims, was_training=was_training, **kw)
+
+
+def guess_task(outputs) -> str:
+    """A classifier has one [batch, C] output with C > 1 (top-1 agreement is then measured)."""
+    o = outputs[0] if len(outputs) == 1 else None
+    return ("classify" if o is not None and len(o.shape) == 2 and o.shape[0] == "batch"
+            and isinstance(o.shape[1], int) and o.shape[1] > 1 else "other")
 
 
 def rebuild(arch: Mapping, root: Path | None = None) -> nn.Module:

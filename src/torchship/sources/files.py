@@ -104,10 +104,8 @@ def onnx_spec(path: Path) -> IOSpec:
 
 
 def _load_onnx(path: Path, inputs, dims):
-    from . import Model
+    from . import Model, guess_task
     spec = onnx_spec(path)
     if inputs:
         spec = IOSpec(IOSpec.parse(inputs).inputs, spec.outputs)
-    o = spec.outputs[0] if spec.outputs else None
-    task = "classify" if o and len(spec.outputs) == 1 and len(o.shape) == 2 and isinstance(o.shape[1], int) and o.shape[1] > 1 else "other"
-    return Model(path.stem, None, spec, task=task, onnx_path=path, dims={s: int(dims.get(s, 16)) for s in spec.symbols})
+    return Model(path.stem, None, spec, task=guess_task(spec.outputs), onnx_path=path, dims={s: int(dims.get(s, 16)) for s in spec.symbols})
