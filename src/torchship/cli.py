@@ -227,6 +227,7 @@ def train_cmd(
     teacher: Optional[str] = typer.Option(None, help="distil from this teacher (zoo:digits-cnn or package.module:attr)"),
     teacher_weights: Optional[str] = typer.Option(None, help="the teacher's state dict (.safetensors)"),
     weights: Optional[str] = typer.Option(None, help="start from these weights (e.g. to fine-tune a pruned model)"),
+    qat: bool = typer.Option(False, help="quantization-aware training (torchao): writes an int8 model_int8.pt2 for optimize"),
     out: Path = typer.Option(Path("torchship-run"), "--out", "-o", help="run directory: model.safetensors, metrics.csv, summary.json"),
 ):
     """Train with PyTorch Lightning and the production recipe; the weights feed `torchship optimize --weights`."""
@@ -234,7 +235,7 @@ def train_cmd(
     from .train import train as run
     config = TrainConfig(task=task, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                          grad_clip=grad_clip or None, precision=precision, patience=patience or None, augment=augment, seed=seed,
-                         devices=devices, strategy=strategy)
+                         devices=devices, strategy=strategy, qat=qat)
     teacher_model = teacher
     if teacher and teacher_weights:
         from .train import _module
@@ -244,7 +245,9 @@ def train_cmd(
     console.print(f"trained {r['epochs_run']} epochs in {r['seconds']:.1f}s ({r['recipe']['precision']}: "
                   f"{r['recipe']['precision_reason']}); validation {_metrics(r['val'])}; test {_metrics(r['test']) or '-'}",
                   highlight=False)
-    console.print(f"weights: [bold]{out / 'model.safetensors'}[/]  metrics: {out / 'metrics.csv'}  summary: {out / 'summary.json'}")
+    model_file = out / ("model_int8.pt2" if qat else "model.safetensors")
+    console.print(f"{'int8 model' if qat else 'weights'}: [bold]{model_file}[/]  metrics: {out / 'metrics.csv'}  "
+                  f"summary: {out / 'summary.json'}")
 
 
 def _metrics(d: dict) -> str:

@@ -48,6 +48,33 @@ def test_repeatable_with_a_fixed_seed():
         assert ka == kb and torch.equal(va, vb)
 
 
+def test_qat_int8_model_stays_within_1_point_and_feeds_optimize(digits_run, tmp_path):
+    before = {k: v.clone() for k, v in digits_run.model.state_dict().items()}
+    run = train(digits_run.model, "zoo:digits", TrainConfig(epochs=3, lr=1e-4, patience=None, qat=True, **FAST),
+                out=tmp_path / "qat")
+    assert all(torch.equal(v, before[k]) for k, v in digits_run.model.state_dict().items())  # the fp32 model untouched
+    assert run.summary["recipe"]["precision"] == "32-true"
+    assert run.summary["test"]["test_acc_int8"] >= digits_run.summary["test"]["test_acc"] - 0.01
+    program = tmp_path / "qat" / "model_int8.pt2"
+    assert {p.name for p in program.parent.iterdir()} == {"model_int8.pt2", "metrics.csv", "summary.json"}
+    from torchship.sources import load_source
+    m = load_source(str(program))
+    assert list(m.spec.input_names) == ["image"]
+    graph = str(torch.export.load(str(program)).graph)
+    assert "quantize_per_tensor" in graph and "dequantize_per_channel" in graph  # int8 weights and activations
+    x, y = dataset()["test"]
+    with torch.inference_mode():
+        assert (m.module(torch.from_numpy(x))[0].argmax(1).numpy() == y).mean() == pytest.approx(
+            run.summary["test"]["test_acc_int8"], abs=1e-6)
+    res = optimize(str(program), OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(8,), seconds_per_size=0.05, transforms=()))
+    assert res.chosen["name"] == "onnxrt" and res.chosen["fidelity"]["cosine"] > 0.999
+
+
+def test_qat_needs_one_process():
+    with pytest.raises(UsageError, match="one process"):
+        TrainConfig(qat=True, devices=2, strategy="ddp")
+
+
 @pytest.mark.slow
 def test_half_width_student_distils_within_1_5_points(digits_run):
     teacher_acc = digits_run.summary["test"]["test_acc"]

@@ -41,6 +41,7 @@ class TrainConfig:
     strategy: str = "auto"  # "ddp" for data parallel over processes (gloo on CPU)
     temperature: float = 4.0  # distillation
     alpha: float = 0.7  # distillation: weight of the soft-target loss
+    qat: bool = False  # quantization-aware training: writes model_int8.pt2 (torchao PT2E, x86 inductor quantizer)
     progress: bool = True
 
     def __post_init__(self):
@@ -53,6 +54,8 @@ class TrainConfig:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise UsageError(f"lr must be positive and weight_decay non-negative, got {self.lr}, {self.weight_decay}")
+        if self.qat and self.devices > 1:
+            raise UsageError("quantization-aware training runs in one process: drop --devices/--strategy or --qat")
 
 
 @dataclass
@@ -103,9 +106,13 @@ def _module(source, inputs=None, weights=None) -> torch.nn.Module:
     return module
 
 
+def _first_batch(datasets) -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter(torch.utils.data.DataLoader(datasets["train"], batch_size=min(8, len(datasets["train"])))))
+
+
 def _check_fit(model, teacher, datasets, config) -> None:
     """Run one batch through the model (and teacher) before training: a clear line instead of a traceback."""
-    x, y = next(iter(torch.utils.data.DataLoader(datasets["train"], batch_size=min(8, len(datasets["train"])))))
+    x, y = _first_batch(datasets)
     from .module import first_output
     try:
         with torch.no_grad():
@@ -153,13 +160,21 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = _module(source, weights=weights)
     teacher_model = _module(teacher) if teacher is not None and not isinstance(teacher, torch.nn.Module) else teacher
+    from ..sources import load_source
     if isinstance(teacher, str) and teacher == "zoo:digits-cnn":  # the trained one, not a fresh architecture
-        from ..sources import load_source
         teacher_model = load_source("zoo:digits-cnn").module
+    if config.qat and source == "zoo:digits-cnn" and not weights:  # QAT fine-tunes the trained model
+        model = load_source("zoo:digits-cnn").module
     datasets = load_data(data, config.seed)
     _check_fit(model, teacher_model, datasets, config)
+    example = _first_batch(datasets)[0]
+    if config.qat:
+        from . import qat
+        model = qat.prepare(model, example)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     precision, why = choose_precision(config.precision, accelerator)
+    if config.qat and config.precision == "auto":
+        precision, why = "32-true", "quantization-aware training: fake quantization runs in fp32"
     monitor, mode = ("val_acc", "max") if config.task == "classify" else ("val_loss", "min")
     work = Path(tempfile.mkdtemp(prefix="torchship-train-"))
     loader = lambda split, shuffle: torch.utils.data.DataLoader(  # noqa: E731
@@ -179,9 +194,14 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
                         logger=CSVLogger(work, name="", version=""), enable_progress_bar=config.progress,
                         enable_model_summary=False, deterministic=False,
                         log_every_n_steps=max(1, min(10, len(datasets["train"]) // config.batch_size)))
+    trainable_teacher = [p for p in teacher_model.parameters() if p.requires_grad] if teacher_model is not None else []
     task = TaskModule(model, config, teacher_model)
     started = time.perf_counter()
-    trainer.fit(task, loader("train", True), loader("val", False))
+    try:
+        trainer.fit(task, loader("train", True), loader("val", False))
+    finally:  # the teacher was frozen for the run; hand the caller's module back as it came
+        for p in trainable_teacher:
+            p.requires_grad_(True)
     seconds = time.perf_counter() - started
     if ckpt.best_model_path:  # the best epoch's weights (a weights-only checkpoint this run wrote)
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -191,20 +211,29 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
                           enable_progress_bar=False, enable_model_summary=False)
     val = evaluator.validate(task, loader("val", False), verbose=False)[0]
     test = evaluator.test(task, loader("test", False), verbose=False)[0] if "test" in datasets else {}
+    model = task.model.eval()
+    if config.qat:  # the int8 model's own figures, beside the fake-quantized ones
+        model = qat.convert(model)
+        int8 = TaskModule(model, config)
+        val.update({f"{k}_int8": v for k, v in evaluator.validate(int8, loader("val", False), verbose=False)[0].items()})
+        if "test" in datasets:
+            test.update({f"{k}_int8": v for k, v in evaluator.test(int8, loader("test", False), verbose=False)[0].items()})
     epochs = _epochs_run(work / "metrics.csv")
     summary = {
         "recipe": {**{k: v for k, v in asdict(config).items() if k != "progress"}, "strategy": strategy,
                    "optimizer": "AdamW (no decay on biases and norms)", "precision": precision, "precision_reason": why,
                    "early_stopping": f"{monitor} ({mode}), patience {config.patience}" if config.patience else "off",
-                   "distillation": teacher is not None},
+                   "distillation": teacher is not None,
+                   "qat": "torchao PT2E, x86 inductor quantizer (int8)" if config.qat else "off"},
         "epochs_run": epochs, "seconds": round(seconds, 2),
         "val": {k: float(v) for k, v in val.items()}, "test": {k: float(v) for k, v in test.items()},
     }
-    model = task.model.eval()
     if out is not None and trainer.is_global_zero:
         from ..sources._wrap import Normalized
-        # the user's architecture's own keys, so that `optimize package.module:attr --weights` takes them
-        save_model(model.module if isinstance(model, Normalized) else model, str(work / "model.safetensors"))
+        if config.qat:  # a torch.export program that `optimize model_int8.pt2` takes
+            qat.save(model, example, work / "model_int8.pt2")
+        else:  # the user's architecture's own keys, so that `optimize package.module:attr --weights` takes them
+            save_model(model.module if isinstance(model, Normalized) else model, str(work / "model.safetensors"))
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)

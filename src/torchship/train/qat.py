@@ -1,0 +1,85 @@
+"""Quantization-aware training with torchao's PT2E flow and the x86 inductor quantizer.
+
+prepare (export, insert fake quantization) -> train as usual -> convert (int8 quantize/dequantize pairs) ->
+``model_int8.pt2``, a torch.export program that ``torchship optimize`` takes as a source: inductor (compile,
+aoti) lowers its quantize/dequantize pairs to int8 kernels.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MissingExtra
+
+
+def _torchao():
+    for name in ("torchao", "torch.utils._pytree"):  # import-time notices about kernels this machine does not use
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization import pt2e
+            from torchao.quantization.pt2e import quantize_pt2e
+            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    except ImportError as exc:
+        raise MissingExtra("quantization-aware training needs torchao: pip install 'torchship[quant]'") from exc
+    return pt2e, quantize_pt2e, x86
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The user's own module (its forward's parameter names become the program's input names)."""
+    from ..sources._wrap import Normalized
+    return model.module if isinstance(model, Normalized) else model
+
+
+def _export(module: nn.Module, example: torch.Tensor):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+
+
+class QATModel(nn.Module):
+    """A prepared (fake-quantized) exported model whose train()/eval() switch batch norm and dropout the PT2E way."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x):
+        return self.graph(x)
+
+    def train(self, mode: bool = True):
+        pt2e, _, _ = _torchao()
+        (pt2e.move_exported_model_to_train if mode else pt2e.move_exported_model_to_eval)(self.graph)
+        self.training = mode
+        return self
+
+
+def prepare(model: nn.Module, example: torch.Tensor) -> QATModel:
+    """Export ``model`` in training mode and insert the x86 inductor quantizer's fake quantization (int8, QAT)."""
+    import copy
+    _, quantize_pt2e, x86 = _torchao()
+    module = copy.deepcopy(_inner(model)).train()  # the exported graph would share (and train) the caller's tensors
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_qat=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = quantize_pt2e.prepare_qat_pt2e(_export(module, example).module(), quantizer)
+    return QATModel(prepared).train()
+
+
+def convert(model: QATModel) -> QATModel:
+    """Fake quantization -> int8 quantize/dequantize with the learned scales (eval mode)."""
+    _, quantize_pt2e, _ = _torchao()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return QATModel(quantize_pt2e.convert_pt2e(model.graph)).eval()
+
+
+def save(model: QATModel, example: torch.Tensor, path: Path) -> None:
+    """The converted model as a torch.export program (``.pt2``, nothing pickled), batch dimension dynamic."""
+    torch.export.save(_export(model.graph, example), str(path))
