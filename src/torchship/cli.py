@@ -228,6 +228,7 @@ def train_cmd(
     teacher_weights: Optional[str] = typer.Option(None, help="the teacher's state dict (.safetensors)"),
     weights: Optional[str] = typer.Option(None, help="start from these weights (e.g. to fine-tune a pruned model)"),
     qat: bool = typer.Option(False, help="quantization-aware training (torchao): writes an int8 model_int8.pt2 for optimize"),
+    keep_sparsity: bool = typer.Option(False, help="fine-tune a pruned model (--weights): zero weights stay zero"),
     out: Path = typer.Option(Path("torchship-run"), "--out", "-o", help="run directory: model.safetensors, metrics.csv, summary.json"),
 ):
     """Train with PyTorch Lightning and the production recipe; the weights feed `torchship optimize --weights`."""
@@ -235,7 +236,8 @@ def train_cmd(
     from .train import train as run
     config = TrainConfig(task=task, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                          grad_clip=grad_clip or None, precision=precision, patience=patience or None, augment=augment, seed=seed,
-                         devices=devices, strategy=strategy, qat=qat)
+                         devices=devices, strategy=strategy, qat=qat,
+                         keep_sparsity=keep_sparsity)
     teacher_model = teacher
     if teacher and teacher_weights:
         from .train import _module

@@ -70,6 +70,22 @@ def test_qat_int8_model_stays_within_1_point_and_feeds_optimize(digits_run, tmp_
     assert res.chosen["name"] == "onnxrt" and res.chosen["fidelity"]["cosine"] > 0.999
 
 
+def test_fine_tuning_a_pruned_model_keeps_its_zeros_and_recovers(digits_run, tmp_path):
+    from torchship.transforms import MagnitudePrune, apply, sparsity
+    pruned = apply(digits_run.model, MagnitudePrune(0.9))
+    x, y = dataset()["test"]
+    with torch.inference_mode():
+        pruned_acc = (pruned(torch.from_numpy(x))[0].argmax(1).numpy() == y).mean()
+    fp32 = digits_run.summary["test"]["test_acc"]
+    tuned = train(pruned, "zoo:digits", TrainConfig(epochs=6, lr=3e-3, patience=None, keep_sparsity=True, **FAST),
+                  out=tmp_path / "tuned")
+    assert tuned.summary["sparsity"] >= 0.9 - 1e-3 and sparsity(tuned.model) >= 0.9 - 1e-3
+    assert tuned.summary["test"]["test_acc"] >= max(pruned_acc, fp32 - 0.01)
+    assert not any("weight_orig" in k for k in tuned.model.state_dict())  # plain weights, ready for optimize
+    with pytest.raises(UsageError, match="no zero weights"):
+        train(digits_run.model, "zoo:digits", TrainConfig(epochs=1, keep_sparsity=True, **FAST))
+
+
 def test_qat_needs_one_process():
     with pytest.raises(UsageError, match="one process"):
         TrainConfig(qat=True, devices=2, strategy="ddp")

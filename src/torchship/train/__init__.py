@@ -42,6 +42,7 @@ class TrainConfig:
     temperature: float = 4.0  # distillation
     alpha: float = 0.7  # distillation: weight of the soft-target loss
     qat: bool = False  # quantization-aware training: writes model_int8.pt2 (torchao PT2E, x86 inductor quantizer)
+    keep_sparsity: bool = False  # fine-tuning a pruned model: weights that are zero at the start stay zero
     progress: bool = True
 
     def __post_init__(self):
@@ -56,6 +57,8 @@ class TrainConfig:
             raise UsageError(f"lr must be positive and weight_decay non-negative, got {self.lr}, {self.weight_decay}")
         if self.qat and self.devices > 1:
             raise UsageError("quantization-aware training runs in one process: drop --devices/--strategy or --qat")
+        if self.qat and self.keep_sparsity:
+            raise UsageError("--keep-sparsity and --qat do not combine: fine-tune the pruned model first, then run QAT on it")
 
 
 @dataclass
@@ -96,14 +99,30 @@ def _module(source, inputs=None, weights=None) -> torch.nn.Module:
     if isinstance(source, torch.nn.Module):
         return source
     text = str(source)
+    from ..sources import _import_attr, _instantiate, load_weights
+    from ..sources._wrap import Normalized
     if text == "zoo:digits-cnn":
         from ..zoo.digits import architecture
-        return architecture()
-    from ..sources import _import_attr, _instantiate, load_weights
-    module = _instantiate(_import_attr(text), text)
-    if weights:
-        module.load_state_dict(load_weights(weights))
+        module = architecture()
+    else:
+        module = _instantiate(_import_attr(text), text)
+    if weights:  # the architecture's own keys, as train writes them
+        (module.module if isinstance(module, Normalized) else module).load_state_dict(load_weights(weights))
     return module
+
+
+def _mask_zeros(model: torch.nn.Module) -> list:
+    """Hold each Linear/Conv weight's zeros at zero while training (torch's pruning reparametrization)."""
+    from torch.nn.utils import prune
+
+    from ..transforms import PRUNABLE
+    masked = [m for m in model.modules() if isinstance(m, PRUNABLE) and bool((m.weight == 0).any())]
+    if not masked:
+        raise UsageError("--keep-sparsity: the model has no zero weights to keep; prune it first "
+                         "(torchship.transforms.apply(model, MagnitudePrune(0.5)))")
+    for m in masked:
+        prune.custom_from_mask(m, "weight", m.weight != 0)
+    return masked
 
 
 def _first_batch(datasets) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +214,7 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
                         enable_model_summary=False, deterministic=False,
                         log_every_n_steps=max(1, min(10, len(datasets["train"]) // config.batch_size)))
     trainable_teacher = [p for p in teacher_model.parameters() if p.requires_grad] if teacher_model is not None else []
+    masked = _mask_zeros(model) if config.keep_sparsity else []
     task = TaskModule(model, config, teacher_model)
     started = time.perf_counter()
     try:
@@ -206,12 +226,17 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
     if ckpt.best_model_path:  # the best epoch's weights (a weights-only checkpoint this run wrote)
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)
+    if masked:  # the masks become permanent zeros again: plain weights for safetensors and the runtimes
+        from torch.nn.utils import prune
+        for m in masked:
+            prune.remove(m, "weight")
     # evaluate once on one device: a distributed sampler would repeat items to even out the ranks
     evaluator = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
                           enable_progress_bar=False, enable_model_summary=False)
     val = evaluator.validate(task, loader("val", False), verbose=False)[0]
     test = evaluator.test(task, loader("test", False), verbose=False)[0] if "test" in datasets else {}
     model = task.model.eval()
+    from ..transforms import sparsity
     if config.qat:  # the int8 model's own figures, beside the fake-quantized ones
         model = qat.convert(model)
         int8 = TaskModule(model, config)
@@ -225,6 +250,7 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
                    "early_stopping": f"{monitor} ({mode}), patience {config.patience}" if config.patience else "off",
                    "distillation": teacher is not None,
                    "qat": "torchao PT2E, x86 inductor quantizer (int8)" if config.qat else "off"},
+        **({"sparsity": round(sparsity(model), 4)} if config.keep_sparsity else {}),
         "epochs_run": epochs, "seconds": round(seconds, 2),
         "val": {k: float(v) for k, v in val.items()}, "test": {k: float(v) for k, v in test.items()},
     }

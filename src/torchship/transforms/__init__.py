@@ -78,10 +78,13 @@ def _dynamic_int8(module: nn.Module, config: DynamicInt8) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(module.eval(), {nn.Linear}, dtype=torch.qint8)
 
 
+PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
 @register(MagnitudePrune)
 def _magnitude_prune(module: nn.Module, config: MagnitudePrune) -> nn.Module:
     from torch.nn.utils import prune
-    targets = [(m, "weight") for m in module.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    targets = [(m, "weight") for m in module.modules() if isinstance(m, PRUNABLE)]
     if not targets:
         raise BuildSkipped("magnitude pruning applies to Linear and Conv layers, and this model has none")
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=config.amount)
@@ -91,6 +94,6 @@ def _magnitude_prune(module: nn.Module, config: MagnitudePrune) -> nn.Module:
 
 
 def sparsity(module: nn.Module) -> float:
-    weights = [m.weight for m in module.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    weights = [m.weight for m in module.modules() if isinstance(m, PRUNABLE)]
     total = sum(w.numel() for w in weights)
     return float(sum((w == 0).sum().item() for w in weights) / total) if total else 0.0
