@@ -4,7 +4,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean cxx-tools cpp
+
+# the C++ loader (cpp/) builds with a compiler and CMake from Debian against the LibTorch inside the torch wheel
+cxx-tools:
+	@command -v cmake >/dev/null && command -v c++ >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends cmake g++ make; }
+
+cpp: $(STAMP) cxx-tools
+	cmake -S cpp -B build/cpp -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cpp -j2
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +26,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) cxx-tools
 	$(BIN)/torchship demo
 
-test: $(STAMP)
+test: $(STAMP) cxx-tools
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
