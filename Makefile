@@ -4,15 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean cxx-tools cpp
+.PHONY: setup demo test test-fast bench clean system-deps cpp
 
-# the C++ loader (cpp/) builds with a compiler and CMake from Debian against the LibTorch inside the torch wheel
-cxx-tools:
-	@command -v cmake >/dev/null && command -v c++ >/dev/null || { \
+# from Debian: a compiler and CMake (AOTInductor, torch.compile, and the C++ loader in cpp/ against the LibTorch
+# inside the torch wheel) and iproute2 (the Ray tests run the cluster in a network namespace of their own)
+system-deps:
+	@command -v cmake >/dev/null && command -v c++ >/dev/null && command -v ip >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends cmake g++ make; }
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends cmake g++ make iproute2; }
 
-cpp: $(STAMP) cxx-tools
+cpp: $(STAMP) system-deps
 	cmake -S cpp -B build/cpp -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cpp -j2
 
@@ -21,15 +22,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch found locally; an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[nlp,quant,dev]'
+	$(BIN)/python -m pip install -q -e '.[nlp,quant,ray,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-demo: $(STAMP) cxx-tools
+demo: $(STAMP) system-deps
 	$(BIN)/torchship demo
 
-test: $(STAMP) cxx-tools
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

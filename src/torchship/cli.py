@@ -153,6 +153,10 @@ def serve(
     drain_timeout: float = typer.Option(30, help="seconds to finish queued requests after SIGTERM"),
     repository: Optional[Path] = typer.Option(None, help="model repository for the load/unload API"),
     admin_token: Optional[str] = typer.Option(None, envvar="TORCHSHIP_ADMIN_TOKEN", help="token for the load/unload API"),
+    ray: bool = typer.Option(False, "--ray", help="deploy on Ray Serve (pip install 'torchship[ray]'): replicas, autoscaling"),
+    replicas: int = typer.Option(1, help="--ray: replicas (the least, with --max-replicas)"),
+    max_replicas: Optional[int] = typer.Option(None, help="--ray: autoscale from --replicas up to this many"),
+    ray_address: Optional[str] = typer.Option(None, help="--ray: join this cluster (auto, ray://HOST:PORT); default: start a local one"),
 ):
     """Serve bundles over the Open Inference Protocol (KServe v2) with dynamic batching."""
     from .serve.app import ServeConfig
@@ -172,6 +176,15 @@ def serve(
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
     config = ServeConfig(batch=batch, max_batch_size=max_batch_size, max_body_bytes=int(max_body_mb * 2**20), threads=threads,
                          workers=workers, repository=repository, admin_token=admin_token)
+    if ray:
+        from .serve.ray import RayConfig, application, serve_ray
+        rc = RayConfig(replicas=replicas, max_replicas=max_replicas, address=ray_address)
+        application(bundles, config, rc)  # the settings' errors before a cluster starts
+        scale = f"{replicas}-{max_replicas} replicas, autoscaled" if max_replicas else f"{replicas} replica{'s' if replicas > 1 else ''}"
+        err.print(f"serving {', '.join(f'{n} v{v}' for n, v in found)} on Ray Serve at http://{host}:{port}/v2 ({scale}); "
+                  "ready once warmed up at /v2/health/ready", highlight=False)
+        serve_ray(bundles, config, rc, host=host, port=port, drain_timeout=drain_timeout)
+        return
     err.print(f"serving {', '.join(f'{n} v{v}' for n, v in found)} on http://{host}:{port}/v2 "
               f"({workers} worker{'s' if workers > 1 else ''}); ready once warmed up at /v2/health/ready", highlight=False)
     run(bundles, config, host=host, port=port, drain_timeout=drain_timeout)

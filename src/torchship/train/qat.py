@@ -26,7 +26,7 @@ def _torchao():
             from torchao.quantization.pt2e import quantize_pt2e
             from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
     except ImportError as exc:
-        raise MissingExtra("quantization-aware training needs torchao: pip install 'torchship[quant]'") from exc
+        raise MissingExtra("torchao (for quantization-aware training)", "quant") from exc
     return pt2e, quantize_pt2e, x86
 
 
