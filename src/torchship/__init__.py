@@ -1,4 +1,10 @@
 """torchship: take a trained PyTorch model to production."""
+import logging as _logging
+
+# import-time notices from torchao (imported by transformers where installed) about kernels for other machines
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
 from .bundle import load as load_bundle
 from .bundle import verify as verify_bundle
 from .errors import BundleError, MissingExtra, SourceError, SpecError, TorchshipError, UsageError

@@ -76,6 +76,9 @@ def run(job: dict) -> dict:
     options = {**job["options"], "threads": threads}
     try:
         model = _reload(job, pool)
+        if job.get("calibration") and Path(job["calibration"]).exists():
+            with np.load(job["calibration"], allow_pickle=False) as z:
+                model.calibration_data = {k: z[k] for k in z.files}
         t0 = time.perf_counter()
         extra = _transform(model, job.get("transforms") or [], options)
         artifact = runtime.build(model, options, workdir)

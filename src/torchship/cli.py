@@ -87,6 +87,8 @@ def optimize(
     runtimes: Optional[str] = typer.Option(None, help="comma-separated subset of eager,torchscript,compile,aoti,onnxrt"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads, as serving will use (default: all cores)"),
     transforms: str = typer.Option("int8", help="compression variants to try: int8, prune (comma-separated), or none"),
+    eval_data: Optional[Path] = typer.Option(None, help=".npz/.safetensors of held-out inputs named as the model's (+ 'labels' for accuracy)"),
+    calibration_data: Optional[Path] = typer.Option(None, help=".npz/.safetensors of representative inputs for static int8"),
     timeout: float = typer.Option(600.0, help="seconds allowed to build and time one variant"),
     out: Path = typer.Option(Path("torchship-bundle"), "--out", "-o", help="bundle directory to write"),
     name: Optional[str] = typer.Option(None, help="model name in the bundle and when served (default: from the source)"),
@@ -102,7 +104,9 @@ def optimize(
                            threads=threads, timeout_s=timeout,
                            transforms=() if transforms.strip() == "none" else tuple(t.strip() for t in transforms.split(",") if t.strip()))
     with progress_bar() as update:
-        result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update)
+        result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update,
+                     eval_data=eval_data, calibration_data=calibration_data,
+                     warn=lambda line: err.print(f"[yellow]warning:[/] {line}", highlight=False))
     if as_json:
         console.print_json(json.dumps(result.to_dict(), default=str))
     else:

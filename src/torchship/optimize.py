@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from . import bundle
-from .errors import UsageError
+from .errors import SpecError, UsageError
 from .plan import VariantPlan, plan
 from .select import closest, select
 from .sources import Model, load_source
@@ -91,6 +92,31 @@ def machine_info(threads: int | None = None) -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def read_arrays(data, spec, what: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Inputs named as the IOSpec's (and optional ``labels``) from a .npz or .safetensors file or a dict of arrays."""
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.numpy import load_file
+                arrays = load_file(str(path))
+            else:
+                with np.load(path, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+        except Exception as exc:
+            raise UsageError(f"--{what} {path}: not a readable .npz or .safetensors file ({str(exc).splitlines()[0]})") from exc
+    else:
+        arrays = {k: np.asarray(v) for k, v in dict(data).items()}
+    labels = arrays.pop("labels", None)
+    try:
+        n = spec.check(arrays)
+    except SpecError as exc:
+        raise UsageError(f"--{what} does not fit the model's inputs: {exc}") from exc
+    if labels is not None and len(labels) != n:
+        raise UsageError(f"--{what}: {len(labels)} labels for {n} items")
+    return arrays, labels
+
+
 def verification_pool(model: Model) -> tuple[dict[str, np.ndarray], np.ndarray | None, str]:
     if model.eval_data is not None:
         n = min(POOL_LIMIT, len(next(iter(model.eval_data.values()))))
@@ -114,7 +140,7 @@ def reference_outputs(model: Model, pool: dict, chunk: int) -> dict[str, np.ndar
 
 def _job(model: Model, vp: VariantPlan, opts: OptimizeOptions, root: Path, pool_path: Path, chunk: int, weights) -> dict:
     return {"runtime": vp.runtime, "options": {**vp.options}, "transforms": list(vp.transforms),
-            "workdir": str(root / vp.name), "pool": str(pool_path),
+            "workdir": str(root / vp.name), "pool": str(pool_path), "calibration": str(root / "calibration.npz"),
             "chunk": chunk, "batch_sizes": list(opts.batch_sizes), "seconds": opts.seconds_per_size, "threads": opts.threads,
             "model": {"name": model.name, "spec": model.spec.to_dict(), "task": model.task, "dims": model.dims,
                       "arch": model.arch, "weights": str(weights) if weights else None,
@@ -163,15 +189,33 @@ def _ratios(results: list[dict], target: int) -> None:
 
 def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str] | None = None,
              weights: str | None = None, dims: dict | None = None, out: str | Path | None = None,
-             name: str | None = None, progress: Progress | None = None) -> OptimizeResult:
-    """Build every applicable variant of ``source``, verify, profile, select and (with ``out``) bundle it."""
+             name: str | None = None, progress: Progress | None = None, eval_data=None, calibration_data=None,
+             warn: Callable[[str], None] | None = None) -> OptimizeResult:
+    """Build every applicable variant of ``source``, verify, profile, select and (with ``out``) bundle it.
+
+    ``eval_data``: held-out inputs (and ``labels`` for a task metric) to verify on, a .npz/.safetensors path or a
+    dict; ``calibration_data``: representative inputs for static int8. Data that does not fit the model is one
+    line through ``warn`` and the run goes on with the source's own data (or generated inputs)."""
     opts = options or OptimizeOptions()
     say = progress or (lambda msg, i, n: None)
+    warn = warn or (lambda line: warnings.warn(line, stacklevel=2))
     if out is not None:
         bundle.check_writable(Path(out))
     say("loading the model", 0, 1)
     model = load_source(source, inputs, weights=weights, dims=dims)
     model.name = name or model.name
+    for what, data in (("eval-data", eval_data), ("calibration-data", calibration_data)):
+        if data is None:
+            continue
+        try:
+            arrays, labels = read_arrays(data, model.spec, what)
+        except UsageError as exc:
+            warn(f"{exc}; going on without it")
+            continue
+        if what == "eval-data":
+            model.eval_data, model.labels = arrays, labels
+        else:
+            model.calibration_data = arrays
     if model.source is None and isinstance(source, (str, Path)) and model.arch is None:
         model.source = str(source)
     variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms)
@@ -182,6 +226,8 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
         chunk = min(32, max(opts.batch_sizes))
         pool_path = root / "pool.npz"
         np.savez(pool_path, **pool)
+        # static int8 calibrates on the source's own representative inputs, else on the verification pool
+        np.savez(root / "calibration.npz", **(model.calibration_data or pool))
         reference = reference_outputs(model, pool, chunk)
         weights_path = None
         if model.arch is not None:

@@ -51,15 +51,26 @@ def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads:
 
 def compression(model, wanted, base, device, transforms) -> list[VariantPlan]:
     """int8 and pruning variants, gentle to aggressive."""
-    from .transforms import DynamicInt8, MagnitudePrune, to_dict
+    from .transforms import DynamicInt8, MagnitudePrune, TorchaoInt8, to_dict
     out = []
     if "int8" in transforms and device == "cpu":
         if "eager" in wanted and model.module is not None:
             out.append(VariantPlan("eager+int8", "eager", dict(base), transforms=(to_dict(DynamicInt8()),),
                                    note="torch.ao dynamic int8 Linear layers"))
+            out.append(VariantPlan("eager+ao-int8", "eager", dict(base), transforms=(to_dict(TorchaoInt8()),),
+                                   note="torchao int8 Linear layers (dynamic int8 activations)"))
+        if "compile" in wanted and model.module is not None:
+            for mode, label in (("dynamic", "ao-int8"), ("weight_only", "ao-int8wo")):
+                out.append(VariantPlan(f"compile+{label}", "compile", dict(base), transforms=(to_dict(TorchaoInt8(mode)),),
+                                       note=f"torchao int8 Linear layers ({mode.replace('_', '-')}) under torch.compile"))
         if "onnxrt" in wanted:
             out.append(VariantPlan("onnxrt+int8", "onnxrt", {**base, "quantize": "dynamic_int8"},
-                                   note="ONNX Runtime dynamic int8 (QInt8 weights)"))
+                                   note="ONNX Runtime dynamic int8 (per-channel QInt8 weights)"))
+            out.append(VariantPlan("onnxrt+static-int8", "onnxrt", {**base, "quantize": "static_int8"},
+                                   note="ONNX Runtime static int8 (QDQ, calibrated activations, per-channel weights)"))
+        if "aoti" in wanted and model.module is not None:
+            out.append(VariantPlan("aoti+static-int8", "aoti", {**base, "quantize": "static_int8"},
+                                   note="PT2E static int8 (torchao, x86 inductor quantizer, calibrated) on AOTInductor"))
     if "prune" in transforms and "eager" in wanted and model.module is not None:
         for i, amount in enumerate(PRUNE_LEVELS):
             out.append(VariantPlan(f"eager+prune{int(amount * 100)}", "eager", dict(base),

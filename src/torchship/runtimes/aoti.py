@@ -6,7 +6,8 @@ import warnings
 import torch
 
 from ..errors import BuildSkipped
-from .base import Artifact, PRECISIONS, TorchRunner, cast_args, dynamic_shapes, example_args, register
+from .base import (Artifact, PRECISIONS, TorchRunner, calibration_batches, cast_args, dynamic_shapes, example_args,
+                   register)
 
 
 def export(model, device="cpu", precision="fp32"):
@@ -27,9 +28,25 @@ def export(model, device="cpu", precision="fp32"):
         model.module.to("cpu")
 
 
+def static_int8(program, model):
+    """PT2E post-training static int8 (torchao, x86 inductor quantizer), calibrated, exported again."""
+    from ..transforms.pt2e import quantize_static
+    batches = [tuple(torch.from_numpy(b[n]) for n in model.spec.input_names) for b in calibration_batches(model)]
+    try:
+        converted = quantize_static(program.module(), batches)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # the converted module takes the inputs flat: one shape spec per input
+            return torch.export.export(converted, example_args(model, 2), dynamic_shapes=dynamic_shapes(model.spec)[0])
+    except Exception as exc:
+        raise BuildSkipped(f"PT2E static int8 failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:240]}") from exc
+
+
 def build(model, options, workdir):
     device, precision = options.get("device", "cpu"), options.get("precision", "fp32")
     program = export(model, device, precision)
+    if options.get("quantize") == "static_int8":
+        program = static_int8(program, model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -136,3 +136,12 @@ def load_weights_module(root: Path):
     module = rebuild(json.loads((root / "architecture.json").read_text()), root)
     load_model(module, str(root / "weights.safetensors"))
     return module.eval()
+
+
+def calibration_batches(model, items: int = 128, batch: int = 16) -> list[dict[str, np.ndarray]]:
+    """Representative inputs for static int8: the source's calibration data, else the verification inputs."""
+    data = model.calibration_data or model.eval_data
+    if not data:
+        raise BuildSkipped("static int8 needs calibration inputs, and this model has none")
+    n = min(items, len(next(iter(data.values()))))
+    return [{k: np.ascontiguousarray(v[i:i + batch]) for k, v in data.items()} for i in range(0, n, batch)]

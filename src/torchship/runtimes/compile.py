@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import TorchRunner, load_weights_module, register
+from .base import TorchRunner, register
 from .eager import build as eager_build
-from .eager import prepare
+from .eager import prepare, rebuild
 
 
 def build(model, options, workdir):
@@ -16,7 +16,9 @@ def build(model, options, workdir):
 
 def load(artifact, root, spec, device="cpu"):
     opts = artifact.options
-    module = prepare(load_weights_module(root), opts, device).eval()
+    # freezing: weights become constants that inductor folds and prepacks (and int8 patterns lower to int8 kernels)
+    torch._inductor.config.freezing = opts.get("freezing", True)
+    module = prepare(rebuild(root, opts), opts, device).eval()
     compiled = torch.compile(module, mode=opts.get("mode", "default"), dynamic=opts.get("dynamic"))
     return TorchRunner(compiled, spec, device, opts.get("precision", "fp32"))
 

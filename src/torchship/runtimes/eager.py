@@ -22,13 +22,19 @@ def prepare(module, options, device):
     return module
 
 
-def load(artifact, root, spec, device="cpu"):
+def rebuild(root, opts):
+    """The module from the artifact's fp32 weights, with its at-load transforms applied again (they are
+    deterministic functions of those weights)."""
     from ..transforms import apply, from_dict
-    opts = artifact.options
     module = load_weights_module(root)
-    for t in opts.get("transforms", []):  # deterministic from the fp32 weights the artifact holds
+    for t in opts.get("transforms", []):
         module = apply(module, from_dict(t))
-    module = prepare(module, opts, device)
+    return module
+
+
+def load(artifact, root, spec, device="cpu"):
+    opts = artifact.options
+    module = prepare(rebuild(root, opts), opts, device)
     if opts.get("naive"):  # as too often written: training mode, autograd on
         return TorchRunner(module.train(), spec, device, grad=True)
     return TorchRunner(module.eval(), spec, device, opts.get("precision", "fp32"))

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 
 from ..errors import BuildSkipped, MissingExtra
-from .base import Artifact, dynamic_shapes, example_args, register
+from .base import Artifact, calibration_batches, dynamic_shapes, example_args, register
 
 
 def _ort():
@@ -63,18 +63,36 @@ def build(model, options, workdir):
         files = save_onnx(raw, target)
         shutil.rmtree(raw.parent)
     if options.get("quantize") == "dynamic_int8":
-        files = _quantize_dynamic(workdir, files)
+        files = _quantize(workdir, files, "dynamic", None)
+    elif options.get("quantize") == "static_int8":
+        files = _quantize(workdir, files, "static", calibration_batches(model))
     return Artifact("onnxrt", files, dict(options))
 
 
-def _quantize_dynamic(workdir, files) -> tuple[str, ...]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _quantize(workdir, files, kind: str, batches) -> tuple[str, ...]:
+    """ONNX Runtime int8: dynamic (int8 weights, activations quantized per call) or static (QDQ, activation
+    ranges calibrated on ``batches``, per-channel weights)."""
+    from onnxruntime import quantization as q
     source = workdir / "fp32.onnx"
     (workdir / files[0]).rename(source)
     try:
-        quantize_dynamic(str(source), str(workdir / "model.onnx"), weight_type=QuantType.QInt8)
+        if kind == "dynamic":
+            # per-channel weight scales: on MiniLM cosine to fp32 0.993 against 0.966 per-tensor, at the same speed
+            q.quantize_dynamic(str(source), str(workdir / "model.onnx"), weight_type=q.QuantType.QInt8, per_channel=True)
+        else:
+            class Reader(q.CalibrationDataReader):
+                def __init__(self):
+                    self.batches = iter(batches)
+
+                def get_next(self):
+                    return next(self.batches, None)
+            prepared = workdir / "prepared.onnx"
+            q.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            q.quantize_static(str(prepared), str(workdir / "model.onnx"), Reader(), quant_format=q.QuantFormat.QDQ,
+                              per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+            prepared.unlink()
     except Exception as exc:
-        raise BuildSkipped(f"ONNX Runtime dynamic quantization failed: {str(exc).splitlines()[0][:200]}") from exc
+        raise BuildSkipped(f"ONNX Runtime {kind} quantization failed: {str(exc).splitlines()[0][:200]}") from exc
     for name in files[1:]:  # external data of the fp32 model, if any
         (workdir / name).unlink(missing_ok=True)
     source.unlink()

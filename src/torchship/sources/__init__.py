@@ -45,6 +45,7 @@ class Model:
     tokenizer: Any = None
     source: str | None = None  # re-loadable source string for a fresh process, where no arch is known
     was_training: bool = False  # the module as given was in training mode (torchship runs it in eval mode)
+    calibration_data: dict[str, np.ndarray] | None = None  # representative inputs for static int8, apart from eval_data
 
 
 def load_source(source: Any, inputs: list[str] | None = None, *, weights: str | None = None,

