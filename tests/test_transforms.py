@@ -5,17 +5,17 @@ import torch
 from torchship import Budget, OptimizeOptions, UsageError, optimize
 from torchship.errors import BuildSkipped
 from torchship.sources import load_source
-from torchship.transforms import DynamicInt8, MagnitudePrune, TorchaoInt8, apply, from_dict, sparsity, to_dict
+from torchship.transforms import ChannelPrune, DynamicInt8, MagnitudePrune, TorchaoInt8, apply, from_dict, sparsity, to_dict
 
 
 def test_configs_round_trip_and_validate():
-    for config in (DynamicInt8(), MagnitudePrune(0.3), TorchaoInt8("weight_only")):
+    for config in (DynamicInt8(), MagnitudePrune(0.3), TorchaoInt8("weight_only"), ChannelPrune(0.5)):
         assert from_dict(to_dict(config)) == config
     with pytest.raises(UsageError, match="dynamic or weight_only"):
         TorchaoInt8("int4")
     with pytest.raises(UsageError, match="between 0 and 1"):
         MagnitudePrune(1.5)
-    with pytest.raises(UsageError, match="registered: dynamic_int8, magnitude_prune, torchao_int8"):
+    with pytest.raises(UsageError, match="registered: channel_prune, dynamic_int8, magnitude_prune, torchao_int8"):
         from_dict({"kind": "sparsify"})
 
 

@@ -246,6 +246,7 @@ def train_cmd(
     weights: Optional[str] = typer.Option(None, help="start from these weights (e.g. to fine-tune a pruned model)"),
     qat: bool = typer.Option(False, help="quantization-aware training (torchao): writes an int8 model_int8.pt2 for optimize"),
     keep_sparsity: bool = typer.Option(False, help="fine-tune a pruned model (--weights): zero weights stay zero"),
+    prune_channels: Optional[float] = typer.Option(None, help="remove this fraction of channels (Torch-Pruning), then fine-tune; writes model.pt2"),
     out: Path = typer.Option(Path("torchship-run"), "--out", "-o", help="run directory: model.safetensors, metrics.csv, summary.json"),
 ):
     """Train with PyTorch Lightning and the production recipe; the weights feed `torchship optimize --weights`."""
@@ -254,7 +255,7 @@ def train_cmd(
     config = TrainConfig(task=task, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                          grad_clip=grad_clip or None, precision=precision, patience=patience or None, augment=augment, seed=seed,
                          devices=devices, strategy=strategy, qat=qat,
-                         keep_sparsity=keep_sparsity)
+                         keep_sparsity=keep_sparsity, prune_channels=prune_channels)
     teacher_model = teacher
     if teacher and teacher_weights:
         from .train import _module
@@ -264,8 +265,8 @@ def train_cmd(
     console.print(f"trained {r['epochs_run']} epochs in {r['seconds']:.1f}s ({r['recipe']['precision']}: "
                   f"{r['recipe']['precision_reason']}); validation {_metrics(r['val'])}; test {_metrics(r['test']) or '-'}",
                   highlight=False)
-    model_file = out / ("model_int8.pt2" if qat else "model.safetensors")
-    console.print(f"{'int8 model' if qat else 'weights'}: [bold]{model_file}[/]  metrics: {out / 'metrics.csv'}  "
+    model_file = out / ("model_int8.pt2" if qat else "model.pt2" if prune_channels else "model.safetensors")
+    console.print(f"{'weights' if model_file.suffix == '.safetensors' else 'model'}: [bold]{model_file}[/]  metrics: {out / 'metrics.csv'}  "
                   f"summary: {out / 'summary.json'}")
 
 

@@ -86,6 +86,24 @@ def test_fine_tuning_a_pruned_model_keeps_its_zeros_and_recovers(digits_run, tmp
         train(digits_run.model, "zoo:digits", TrainConfig(epochs=1, keep_sparsity=True, **FAST))
 
 
+def test_structured_pruning_shrinks_layers_and_fine_tuning_recovers(digits_run, tmp_path):
+    run = train(digits_run.model, "zoo:digits", TrainConfig(epochs=8, lr=1e-3, patience=None, prune_channels=0.5, **FAST),
+                out=tmp_path / "pruned")
+    s = run.summary
+    assert s["parameters_after"] < 0.5 * s["parameters_before"]
+    inner = run.model.module
+    assert inner.conv.out_channels == 8 and inner.fc1.out_features == 32 and inner.fc2.out_features == 10  # output kept
+    assert s["test"]["test_acc"] >= digits_run.summary["test"]["test_acc"] - 0.01
+    assert {p.name for p in (tmp_path / "pruned").iterdir()} == {"model.pt2", "metrics.csv", "summary.json"}
+    from torchship.sources import load_source
+    m = load_source(str(tmp_path / "pruned" / "model.pt2"))
+    x, y = dataset()["test"]
+    with torch.inference_mode():
+        assert (m.module(torch.from_numpy(x))[0].argmax(1).numpy() == y).mean() == pytest.approx(s["test"]["test_acc"], abs=1e-6)
+    with pytest.raises(UsageError, match="strictly between 0 and 1"):
+        TrainConfig(prune_channels=1.0)
+
+
 def test_qat_needs_one_process():
     with pytest.raises(UsageError, match="one process"):
         TrainConfig(qat=True, devices=2, strategy="ddp")

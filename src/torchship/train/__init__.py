@@ -43,6 +43,7 @@ class TrainConfig:
     alpha: float = 0.7  # distillation: weight of the soft-target loss
     qat: bool = False  # quantization-aware training: writes model_int8.pt2 (torchao PT2E, x86 inductor quantizer)
     keep_sparsity: bool = False  # fine-tuning a pruned model: weights that are zero at the start stay zero
+    prune_channels: float | None = None  # structured pruning (Torch-Pruning) of this fraction of channels, then fine-tune
     progress: bool = True
 
     def __post_init__(self):
@@ -57,6 +58,8 @@ class TrainConfig:
             raise UsageError(f"lr must be positive and weight_decay non-negative, got {self.lr}, {self.weight_decay}")
         if self.qat and self.devices > 1:
             raise UsageError("quantization-aware training runs in one process: drop --devices/--strategy or --qat")
+        if self.prune_channels is not None and not 0 < self.prune_channels < 1:
+            raise UsageError(f"--prune-channels must lie strictly between 0 and 1, got {self.prune_channels}")
         if self.qat and self.keep_sparsity:
             raise UsageError("--keep-sparsity and --qat do not combine: fine-tune the pruned model first, then run QAT on it")
 
@@ -182,11 +185,18 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
     from ..sources import load_source
     if isinstance(teacher, str) and teacher == "zoo:digits-cnn":  # the trained one, not a fresh architecture
         teacher_model = load_source("zoo:digits-cnn").module
-    if config.qat and source == "zoo:digits-cnn" and not weights:  # QAT fine-tunes the trained model
+    if (config.qat or config.prune_channels) and source == "zoo:digits-cnn" and not weights:  # fine-tune the trained model
         model = load_source("zoo:digits-cnn").module
     datasets = load_data(data, config.seed)
     _check_fit(model, teacher_model, datasets, config)
     example = _first_batch(datasets)[0]
+    pruning = {}
+    if config.prune_channels:  # shrink the layers now, recover the accuracy by training
+        from ..transforms import ChannelPrune, apply
+        before = sum(p.numel() for p in model.parameters())
+        model = apply(model, ChannelPrune(config.prune_channels), (example,)).train()
+        pruning = {"channels_pruned": config.prune_channels, "parameters_before": before,
+                   "parameters_after": sum(p.numel() for p in model.parameters())}
     if config.qat:
         from . import qat
         model = qat.prepare(model, example)
@@ -250,7 +260,7 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
                    "early_stopping": f"{monitor} ({mode}), patience {config.patience}" if config.patience else "off",
                    "distillation": teacher is not None,
                    "qat": "torchao PT2E, x86 inductor quantizer (int8)" if config.qat else "off"},
-        **({"sparsity": round(sparsity(model), 4)} if config.keep_sparsity else {}),
+        **({"sparsity": round(sparsity(model), 4)} if config.keep_sparsity else {}), **pruning,
         "epochs_run": epochs, "seconds": round(seconds, 2),
         "val": {k: float(v) for k, v in val.items()}, "test": {k: float(v) for k, v in test.items()},
     }
@@ -258,6 +268,9 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
         from ..sources._wrap import Normalized
         if config.qat:  # a torch.export program that `optimize model_int8.pt2` takes
             qat.save(model, example, work / "model_int8.pt2")
+        elif config.prune_channels:  # a new architecture: a torch.export program, not weights for the old one
+            from .qat import export_program, inner
+            torch.export.save(export_program(inner(model).eval(), example), str(work / "model.pt2"))
         else:  # the user's architecture's own keys, so that `optimize package.module:attr --weights` takes them
             save_model(model.module if isinstance(model, Normalized) else model, str(work / "model.safetensors"))
         (work / "summary.json").write_text(json.dumps(summary, indent=2))

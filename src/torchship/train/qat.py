@@ -18,13 +18,14 @@ def _torchao():
     return torchao()
 
 
-def _inner(model: nn.Module) -> nn.Module:
+def inner(model: nn.Module) -> nn.Module:
     """The user's own module (its forward's parameter names become the program's input names)."""
     from ..sources._wrap import Normalized
     return model.module if isinstance(model, Normalized) else model
 
 
-def _export(module: nn.Module, example: torch.Tensor):
+def export_program(module: nn.Module, example: torch.Tensor):
+    """A torch.export program of the user's module (batch dimension dynamic): what ``optimize FILE.pt2`` takes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
@@ -53,10 +54,10 @@ def prepare(model: nn.Module, example: torch.Tensor) -> QATModel:
 
     from ..transforms.pt2e import x86_quantizer
     _, quantize_pt2e, _ = _torchao()
-    module = copy.deepcopy(_inner(model)).train()  # the exported graph would share (and train) the caller's tensors
+    module = copy.deepcopy(inner(model)).train()  # the exported graph would share (and train) the caller's tensors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = quantize_pt2e.prepare_qat_pt2e(_export(module, example).module(), x86_quantizer(qat=True))
+        prepared = quantize_pt2e.prepare_qat_pt2e(export_program(module, example).module(), x86_quantizer(qat=True))
     return QATModel(prepared).train()
 
 
@@ -71,4 +72,4 @@ def convert(model: QATModel) -> QATModel:
 
 def save(model: QATModel, example: torch.Tensor, path: Path) -> None:
     """The converted model as a torch.export program (``.pt2``, nothing pickled), batch dimension dynamic."""
-    torch.export.save(_export(model.graph, example), str(path))
+    torch.export.save(export_program(model.graph, example), str(path))

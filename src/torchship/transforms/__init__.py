@@ -60,7 +60,23 @@ class TorchaoInt8:
             raise UsageError(f"torchao int8 mode must be dynamic or weight_only, got {self.mode!r}")
 
 
-KINDS = {"dynamic_int8": DynamicInt8, "magnitude_prune": MagnitudePrune, "torchao_int8": TorchaoInt8}
+@dataclass(frozen=True)
+class ChannelPrune:
+    """Structured pruning: the lowest-L2 ``amount`` of channels of every Conv/Linear (output layers kept whole) are
+    removed through Torch-Pruning's dependency graph, so layers really shrink. Needs example inputs; fine-tune
+    afterwards (``torchship train --prune-channels``)."""
+
+    amount: float = 0.5
+    kind: str = "channel_prune"
+    at_load: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.amount < 1:
+            raise UsageError(f"pruning amount must lie strictly between 0 and 1, got {self.amount}")
+
+
+KINDS = {"dynamic_int8": DynamicInt8, "magnitude_prune": MagnitudePrune, "torchao_int8": TorchaoInt8,
+         "channel_prune": ChannelPrune}
 
 
 def from_dict(d: dict):
@@ -75,10 +91,15 @@ def to_dict(config) -> dict:
     return asdict(config)
 
 
-def apply(module: nn.Module, config) -> nn.Module:
+def apply(module: nn.Module, config, example: tuple | None = None) -> nn.Module:
+    """A new module with ``config`` applied; ``example`` inputs for transforms that trace the model."""
     handler = _HANDLERS.get(type(config))
     if handler is None:
         raise UsageError(f"no handler for {type(config).__name__}; registered: {', '.join(t.__name__ for t in _HANDLERS)}")
+    if isinstance(config, ChannelPrune):
+        if example is None:
+            raise UsageError("channel pruning traces the model: pass example inputs")
+        return handler(copy.deepcopy(module), config, example)
     return handler(copy.deepcopy(module), config)
 
 
@@ -109,6 +130,40 @@ def _torchao_int8(module: nn.Module, config: TorchaoInt8) -> nn.Module:
 
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _output_layers(module: nn.Module, example: tuple) -> list[nn.Module]:
+    """Layers whose output is a model output: their channels are the model's interface, never pruned."""
+    produced, hooks = {}, []
+    for m in module.modules():
+        if isinstance(m, PRUNABLE):
+            hooks.append(m.register_forward_hook(lambda mod, inp, out: produced.__setitem__(id(out), mod)))
+    try:
+        with torch.no_grad():
+            outs = module(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    found = [produced[id(o)] for o in outs if id(o) in produced]
+    return found or [[m for m in module.modules() if isinstance(m, PRUNABLE)][-1]]
+
+
+@register(ChannelPrune)
+def _channel_prune(module: nn.Module, config: ChannelPrune, example: tuple) -> nn.Module:
+    try:
+        import torch_pruning as tp
+    except ImportError as exc:
+        from ..errors import MissingExtra
+        raise MissingExtra("torch-pruning (for structured channel pruning)", "compress") from exc
+    if not any(isinstance(m, PRUNABLE) for m in module.modules()):
+        raise BuildSkipped("channel pruning applies to Linear and Conv layers, and this model has none")
+    training = module.training
+    module.eval()
+    pruner = tp.pruner.MagnitudePruner(module, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=config.amount, ignored_layers=_output_layers(module, example))
+    pruner.step()
+    return module.train(training)
 
 
 @register(MagnitudePrune)

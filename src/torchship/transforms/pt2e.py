@@ -19,7 +19,7 @@ def torchao():
             from torchao.quantization.pt2e import quantize_pt2e
             from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
     except ImportError as exc:
-        raise MissingExtra("torchao (for PT2E int8 and quantization-aware training)", "quant") from exc
+        raise MissingExtra("torchao (for PT2E int8 and quantization-aware training)", "compress") from exc
     return pt2e, quantize_pt2e, x86
 
 
