@@ -229,6 +229,9 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
     started = time.perf_counter()
     try:
         trainer.fit(task, loader("train", True), loader("val", False))
+    except BaseException:  # a diverged or interrupted run leaves nothing behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:  # the teacher was frozen for the run; hand the caller's module back as it came
         for p in trainable_teacher:
             p.requires_grad_(True)
