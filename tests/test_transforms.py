@@ -110,3 +110,16 @@ def test_eval_data_that_does_not_fit_is_one_line_and_the_run_goes_on(tmp_path):
     assert res.chosen["status"] == "ok"
     assert len(lines) == 2 and "--eval-data does not fit the model's inputs" in lines[0] and "unknown ['pixels']" in lines[0]
     assert "--calibration-data" in lines[1] and "not a readable" in lines[1]
+
+
+def test_bf16_on_cpu_only_where_native_otherwise_skipped_with_the_reason(monkeypatch):
+    import torchship.machine
+    opts = OptimizeOptions(runtimes=("eager",), transforms=("bf16",), batch_sizes=(4,), seconds_per_size=0.02)
+    monkeypatch.setattr(torchship.machine, "native_bf16", lambda: False)
+    row = {v["name"]: v for v in optimize("tests.models:Tiny", opts).variants}["eager-bf16"]
+    assert row["status"] == "skipped" and "no native bf16" in row["reason"]
+    monkeypatch.setattr(torchship.machine, "native_bf16", lambda: True)
+    res = optimize("tests.models:Tiny", opts)
+    row = {v["name"]: v for v in res.variants}["eager-bf16"]
+    assert row["status"] in ("ok", "rejected") and row["fidelity"]["cosine"] > 0.99  # bf16 keeps ~3 digits
+    assert row["vs_best_fp32"] is not None and res.chosen["name"] in ("eager", "eager-bf16")

@@ -86,7 +86,7 @@ def optimize(
     latency_slo: Optional[float] = typer.Option(None, "--latency-slo", help="choose the best throughput whose p99 stays under this many ms"),
     runtimes: Optional[str] = typer.Option(None, help="comma-separated subset of eager,torchscript,compile,aoti,onnxrt"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads, as serving will use (default: all cores)"),
-    transforms: str = typer.Option("int8", help="compression variants to try: int8, prune (comma-separated), or none"),
+    transforms: str = typer.Option("int8,bf16", help="compression variants to try: int8, bf16 (CPU with native bf16), prune (comma-separated), or none"),
     eval_data: Optional[Path] = typer.Option(None, help=".npz/.safetensors of held-out inputs named as the model's (+ 'labels' for accuracy)"),
     calibration_data: Optional[Path] = typer.Option(None, help=".npz/.safetensors of representative inputs for static int8"),
     timeout: float = typer.Option(600.0, help="seconds allowed to build and time one variant"),

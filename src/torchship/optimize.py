@@ -38,7 +38,7 @@ class OptimizeOptions:
     timeout_s: float = 600.0
     seconds_per_size: float = 1.0
     isolate: bool = True  # each variant in its own process
-    transforms: tuple[str, ...] = ("int8",)  # compression variants: int8, prune
+    transforms: tuple[str, ...] = ("int8", "bf16")  # compression variants: int8, bf16, prune
 
     def __post_init__(self):
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
@@ -76,15 +76,8 @@ Progress = Callable[[str, int, int], None]
 
 
 def machine_info(threads: int | None = None) -> dict:
-    flags, cpu = set(), "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from .machine import cpu as cpu_info
+    cpu, flags = cpu_info()
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
     import onnxruntime
     return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "threads": threads or os.cpu_count(),
@@ -237,10 +230,11 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
         results, failed_level = [], {}
         for i, vp in enumerate(variants):
             say(f"building and timing {vp.name}", i, len(variants))
-            if vp.family and failed_level.get(vp.family, vp.level + 1) < vp.level:
+            gentler_failed = vp.family and failed_level.get(vp.family, vp.level + 1) < vp.level
+            if gentler_failed or vp.options.get("skip"):
                 results.append({"status": "skipped", "name": vp.name, "runtime": vp.runtime, "options": vp.options,
                                 "selectable": vp.selectable, "note": vp.note, "transforms": list(vp.transforms),
-                                "reason": f"not tried: a gentler {vp.family} variant failed the budget"})
+                                "reason": vp.options.get("skip") or f"not tried: a gentler {vp.family} variant failed the budget"})
                 continue
             job = _job(model, vp, opts, root, pool_path, chunk, weights_path)
             t0 = time.perf_counter()

@@ -19,12 +19,12 @@ class VariantPlan:
 
 
 RUNTIME_ORDER = ("eager", "torchscript", "compile", "aoti", "onnxrt")
-TRANSFORMS = ("int8", "prune")
+TRANSFORMS = ("int8", "prune", "bf16")
 PRUNE_LEVELS = (0.3, 0.5, 0.7)
 
 
 def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads: int | None = None,
-         transforms: tuple[str, ...] = ("int8",)) -> list[VariantPlan]:
+         transforms: tuple[str, ...] = ("int8", "bf16")) -> list[VariantPlan]:
     wanted = list(runtimes or RUNTIME_ORDER)
     unknown = [r for r in wanted if r not in RUNTIME_ORDER]
     if unknown:
@@ -41,6 +41,12 @@ def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads:
     if unknown:
         raise UsageError(f"unknown transform(s) {unknown}; choose from {', '.join(TRANSFORMS)} (or none)")
     out += compression(model, wanted, base, device, transforms)
+    if "bf16" in transforms and device == "cpu" and model.module is not None:
+        from .machine import NO_BF16, native_bf16
+        for r in ("eager", "aoti"):
+            if r in wanted:  # where the CPU lacks bf16, the build skips with the reason
+                out.append(VariantPlan(f"{r}-bf16", r, {**base, "precision": "bf16", **({} if native_bf16() else {"skip": NO_BF16})},
+                                       note="bf16 weights and activations (native on this CPU)"))
     if device.startswith("cuda") and model.module is not None:
         for prec in ("fp16", "bf16"):
             for r in ("eager", "aoti"):

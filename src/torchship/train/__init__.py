@@ -79,14 +79,10 @@ def choose_precision(requested: str, accelerator: str) -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bf16-mixed", "CUDA device supports bf16"
         return "16-mixed", "CUDA device without bf16: fp16 autocast with loss scaling"
-    flags = ""
-    try:
-        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
-    except OSError:
-        pass
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
+    from ..machine import NO_BF16, native_bf16
+    if native_bf16():
         return "bf16-mixed", "the CPU runs bf16 natively (avx512_bf16/amx_bf16)"
-    return "32-true", "fp32: this CPU has no native bf16 (no avx512_bf16 or amx_bf16), so autocast would only slow it down"
+    return "32-true", f"fp32: {NO_BF16}"
 
 
 def _epochs_run(csv: Path) -> int:

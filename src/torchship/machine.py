@@ -1,0 +1,29 @@
+"""What this machine's CPU can do (from /proc/cpuinfo)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+
+@lru_cache(maxsize=1)
+def cpu() -> tuple[str, frozenset]:
+    """(model name, ISA flags); ("unknown", {}) where /proc/cpuinfo cannot be read."""
+    name, flags = "unknown", frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown":
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return name, flags
+
+
+def native_bf16() -> bool:
+    """The CPU computes in bf16 natively (avx512_bf16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    flags = cpu()[1]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+NO_BF16 = "this CPU has no native bf16 (no avx512_bf16 or amx_bf16): bf16 would be emulated, slower than fp32"
