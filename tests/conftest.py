@@ -16,10 +16,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
-    """One full optimize of zoo:digits-cnn with every runtime, shared by the tests that inspect it."""
+    """One full optimize of zoo:digits-cnn with every runtime, shared by the tests that inspect it (the compression
+    variants have their own tests in test_transforms.py)."""
     from torchship import OptimizeOptions, optimize
     out = tmp_path_factory.mktemp("digits") / "bundle"
-    return optimize("zoo:digits-cnn", OptimizeOptions(batch_sizes=(1, 8), seconds_per_size=0.2), out=out)
+    return optimize("zoo:digits-cnn", OptimizeOptions(batch_sizes=(1, 8), seconds_per_size=0.2, transforms=()), out=out)
 
 
 from tests._server import digits_bundle, repository, server, slow_bundle  # noqa: E402,F401  (shared fixtures)

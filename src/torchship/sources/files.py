@@ -20,7 +20,8 @@ def load_file(path: Path, inputs, dims, outputs):
     from . import finish
     if path.suffix == ".pt2":
         try:
-            import torch.ao.quantization.fx._decomposed  # noqa: F401  (the int8 ops a QAT/PT2E program uses)
+            import importlib
+            importlib.import_module("torch.ao.quantization.fx._decomposed")  # the int8 ops a QAT/PT2E program uses
             ep = torch.export.load(str(path))
         except Exception as exc:
             raise SourceError(f"{path} is not a torch.export program ({str(exc).splitlines()[0]})") from exc
