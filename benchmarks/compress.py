@@ -5,7 +5,8 @@ as a ratio to fp32 eager, and the cosine similarity of its embeddings to fp32 ov
 calibration never saw (goal: one variant >= 1.5x with cosine >= 0.99).
 
 digits-cnn: 50% structured channel pruning (Torch-Pruning's dependency graph) followed by fine-tuning through the
-trainer: accuracy drop (goal <= 1 point), size ratio and throughput ratio against the unpruned model (goal: faster).
+trainer: accuracy drop (goal <= 1 point), size ratio and throughput ratio against the unpruned model (goal: faster);
+then the trained variants inside one `optimize --train-data` run (QAT, channel pruning, a distilled student).
 
     python benchmarks/compress.py [--sentences 256] [--skip-minilm] [--skip-digits]
 """
@@ -63,6 +64,7 @@ def main() -> None:
         minilm(args.sentences)
     if not args.skip_digits:
         digits()
+        searched()
 
 
 def digits(amount: float = 0.5) -> None:
@@ -88,6 +90,18 @@ def digits(amount: float = 0.5) -> None:
     print(f"  parameters {run.summary['parameters_after']:,} of {run.summary['parameters_before']:,}; size ratio "
           f"{size[1] / size[0]:.2f}; eager throughput at batch 32 {speed[1]:,.0f} against {speed[0]:,.0f} items/s = "
           f"{speed[1] / speed[0]:.2f}x (goal > 1)")
+
+
+def searched() -> None:
+    """The same kinds inside one optimize run with --train-data: what each trained variant bought on its runtime."""
+    from torchship import Budget, OptimizeOptions, optimize
+    from torchship.report import bought
+    res = optimize("zoo:digits-cnn", OptimizeOptions(runtimes=("aoti", "onnxrt"), batch_sizes=(32,), seconds_per_size=1.0,
+                                                     transforms=("qat", "channels", "distill"),
+                                                     budget=Budget(max_accuracy_drop=0.01)), train_data="zoo:digits")
+    print(f"digits-cnn, optimize --train-data zoo:digits --budget accuracy_drop=0.01 (batch 32): {res.message}")
+    for line in bought(res.variants)[2:-1]:
+        print("  " + line.replace("**", ""))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ def run(capsys, *args):
     (["optimize", "tests.models:Tiny", "--runtimes", "tensorrt"], 2, "unknown runtime"),
     (["optimize", "tests.models:Broken", "--input", "x:float32[batch,8]"], 1, "fails on an example input"),
     (["optimize", "tests.models:Tiny", "--dim", "seq"], 2, "NAME=SIZE"),
+    (["optimize", "tests.models:Tiny", "--train-epochs", "0"], 2, "--train-epochs must be at least 1"),
     (["optimize"], 2, "Missing argument"),
     (["bundle", "verify", "/nonexistent/b"], 1, "not a bundle"),
 ])
@@ -75,3 +76,14 @@ def test_a_budget_nothing_meets_names_the_closest_and_writes_nothing(capsys, tmp
     assert code == 1
     assert "no variant met the budget; closest:" in stdout and "no bundle was written" in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_training_data_adds_trained_variants_from_the_cli(capsys, tmp_path):
+    code, stdout, err = run(capsys, "optimize", "zoo:digits-cnn", "--runtimes", "onnxrt", "--transforms", "channels",
+                            "--train-data", "zoo:digits", "--train-epochs", "2", "--budget", "accuracy_drop=0.05",
+                            "--batch-sizes", "8", "--out", str(tmp_path / "b"), "--json")
+    assert code == 0, err
+    import json
+    rows = {v["name"]: v for v in json.loads(stdout)["variants"]}
+    assert rows["onnxrt+channels30"]["training"]["epochs"] == 2 and rows["onnxrt+channels30"]["status"] == "ok"

@@ -38,6 +38,11 @@ def test_accuracy_budget():
     budget = Budget(min_cosine=0.0, min_top1=0.0, max_accuracy_drop=0.01)
     res = compare(ref, {"logits": out}, budget, "classify", labels)
     assert not res.passed and "accuracy drop 3.00%" in res.reason
+    # with labels, an accuracy budget is the measure: the logits may move as long as the task metric holds ...
+    assert compare(ref, {"logits": out}, Budget(max_accuracy_drop=0.05), "classify", labels).passed
+    # ... unless a floor is also set; and without labels the default fidelity floors apply
+    assert "cosine" in compare(ref, {"logits": out}, Budget(min_cosine=0.999, max_accuracy_drop=0.05), "classify", labels).reason
+    assert "cosine" in compare(ref, {"logits": out}, Budget(max_accuracy_drop=0.05), "classify").reason
 
 
 def _row(name, status, tput, selectable=True, p99=1.0, cos=1.0):

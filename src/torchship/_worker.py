@@ -33,7 +33,7 @@ def _reload(job: dict, pool: dict):
         return Model(m["name"], module.eval(), spec, m["task"], m["arch"], pool, None, m["dims"])
     if m.get("onnx_path"):
         return Model(m["name"], None, spec, m["task"], None, pool, None, m["dims"], Path(m["onnx_path"]))
-    model = load_source(m["source"], m.get("inputs"), dims=m["dims"])
+    model = load_source(m["source"], m.get("inputs"), dims=m["dims"], outputs=m.get("outputs"))
     model.eval_data = pool
     return model
 

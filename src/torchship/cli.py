@@ -86,9 +86,15 @@ def optimize(
     latency_slo: Optional[float] = typer.Option(None, "--latency-slo", help="choose the best throughput whose p99 stays under this many ms"),
     runtimes: Optional[str] = typer.Option(None, help="comma-separated subset of eager,torchscript,compile,aoti,onnxrt"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads, as serving will use (default: all cores)"),
-    transforms: str = typer.Option("int8,bf16", help="compression variants to try: int8, bf16 (CPU with native bf16), prune (comma-separated), or none"),
+    transforms: str = typer.Option("int8,bf16,qat,channels,distill",
+                                   help="compression variants to try, comma-separated, or none: int8, bf16 (CPU with native bf16), "
+                                        "prune (unstructured); with --train-data also qat, channels (pruning + fine-tuning), distill"),
     eval_data: Optional[Path] = typer.Option(None, help=".npz/.safetensors of held-out inputs named as the model's (+ 'labels' for accuracy)"),
     calibration_data: Optional[Path] = typer.Option(None, help=".npz/.safetensors of representative inputs for static int8"),
+    train_data: Optional[str] = typer.Option(None, help="training data as `torchship train --data` takes it (zoo:digits or .npz): "
+                                                        "adds variants trained from the model"),
+    student: Optional[str] = typer.Option(None, help="the smaller architecture to distil into (package.module:attr)"),
+    train_epochs: Optional[int] = typer.Option(None, help="epochs for each trained variant (default: 3 for QAT, 8 after pruning, 15 for a student)"),
     timeout: float = typer.Option(600.0, help="seconds allowed to build and time one variant"),
     out: Path = typer.Option(Path("torchship-bundle"), "--out", "-o", help="bundle directory to write"),
     name: Optional[str] = typer.Option(None, help="model name in the bundle and when served (default: from the source)"),
@@ -101,11 +107,11 @@ def optimize(
     opts = OptimizeOptions(device=device, budget=Budget.parse(budget), batch_sizes=_ints(batch_sizes, "--batch-sizes"),
                            target_batch_size=target_batch_size, latency_slo_ms=latency_slo,
                            runtimes=tuple(r.strip() for r in runtimes.split(",")) if runtimes else None,
-                           threads=threads, timeout_s=timeout,
+                           threads=threads, timeout_s=timeout, train_epochs=train_epochs,
                            transforms=() if transforms.strip() == "none" else tuple(t.strip() for t in transforms.split(",") if t.strip()))
     with progress_bar() as update:
         result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update,
-                     eval_data=eval_data, calibration_data=calibration_data,
+                     eval_data=eval_data, calibration_data=calibration_data, train_data=train_data, student=student,
                      warn=lambda line: err.print(f"[yellow]warning:[/] {line}", highlight=False))
     if as_json:
         console.print_json(json.dumps(result.to_dict(), default=str))
@@ -114,7 +120,7 @@ def optimize(
         console.print(result.message)
     if result.bundle is None:
         raise TorchshipError(f"{result.message}; no bundle was written (loosen --budget, or see the table for why)")
-    console.print(f"bundle: [bold]{result.bundle}[/]  report: [bold]{result.report}[/]")
+    (err if as_json else console).print(f"bundle: [bold]{result.bundle}[/]  report: [bold]{result.report}[/]")  # stdout: JSON only
 
 
 @app.command()

@@ -38,13 +38,16 @@ class OptimizeOptions:
     timeout_s: float = 600.0
     seconds_per_size: float = 1.0
     isolate: bool = True  # each variant in its own process
-    transforms: tuple[str, ...] = ("int8", "bf16")  # compression variants: int8, bf16, prune
+    transforms: tuple[str, ...] = ("int8", "bf16", "qat", "channels", "distill")  # see plan.TRANSFORMS
+    train_epochs: int | None = None  # for the trained variants (qat, channels, distill); default: per kind
 
     def __post_init__(self):
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise UsageError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
         if self.target_batch_size is not None and self.target_batch_size not in self.batch_sizes:
             raise UsageError(f"target batch size {self.target_batch_size} is not among --batch-sizes {list(self.batch_sizes)}")
+        if self.train_epochs is not None and self.train_epochs < 1:
+            raise UsageError(f"--train-epochs must be at least 1, got {self.train_epochs}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise UsageError(f"--device {self.device!r}: use cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -167,28 +170,53 @@ def _run_inline(job: dict) -> dict:
         return {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"}
 
 
+def _derive(model: Model, key: tuple, data, root: Path, student, epochs):
+    """(program, training summary), or the one line saying why this trained variant cannot be made."""
+    from .derive import derive
+    from .errors import TorchshipError
+    kind, level = key
+    try:
+        return derive(model, kind, level, data, root / "derived" / f"{kind}{level or ''}", student=student, epochs=epochs)
+    except TorchshipError as exc:
+        return str(exc)
+    except Exception as exc:  # a crash in training or export costs this variant only
+        return f"training failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+
+
+def _compressed(r: dict) -> bool:
+    return bool(r.get("transforms") or r.get("derived") or "quantize" in r.get("options", {})
+                or r.get("options", {}).get("precision", "fp32") != "fp32")
+
+
 def _ratios(results: list[dict], target: int) -> None:
+    """Throughput against eager and the best fp32 variant; for a compressed variant, what it bought over the same
+    runtime without it (throughput and artifact size)."""
     def tput(r):
         return ((r.get("profile") or {}).get(str(target)) or {}).get("throughput")
     eager = next((tput(r) for r in results if r["name"] == "eager" and r["status"] in ("ok", "rejected")), None)
-    fp32 = [tput(r) for r in results if r["status"] == "ok" and r["selectable"] and not r.get("transforms")
-            and "quantize" not in r.get("options", {}) and r.get("options", {}).get("precision", "fp32") == "fp32" and tput(r)]
-    best = max(fp32, default=None)
+    best = max((tput(r) for r in results if r["status"] == "ok" and r["selectable"] and not _compressed(r) and tput(r)),
+               default=None)
+    plain = {r["runtime"]: r for r in results if r["name"] == r["runtime"] and r["status"] in ("ok", "rejected")}
     for r in results:
-        t = tput(r)
+        t, base = tput(r), plain.get(r["runtime"])
         r["vs_eager"] = t / eager if t and eager else None
         r["vs_best_fp32"] = t / best if t and best else None
+        if _compressed(r) and base is not None and t and tput(base):
+            r["vs_runtime"] = t / tput(base)
+            r["size_vs_runtime"] = r["artifact_bytes"] / base["artifact_bytes"] if base.get("artifact_bytes") else None
 
 
 def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str] | None = None,
              weights: str | None = None, dims: dict | None = None, out: str | Path | None = None,
              name: str | None = None, progress: Progress | None = None, eval_data=None, calibration_data=None,
-             warn: Callable[[str], None] | None = None) -> OptimizeResult:
+             train_data=None, student=None, warn: Callable[[str], None] | None = None) -> OptimizeResult:
     """Build every applicable variant of ``source``, verify, profile, select and (with ``out``) bundle it.
 
     ``eval_data``: held-out inputs (and ``labels`` for a task metric) to verify on, a .npz/.safetensors path or a
     dict; ``calibration_data``: representative inputs for static int8. Data that does not fit the model is one
-    line through ``warn`` and the run goes on with the source's own data (or generated inputs)."""
+    line through ``warn`` and the run goes on with the source's own data (or generated inputs).
+    ``train_data`` (as ``torchship train`` takes it) adds variants trained from the model: QAT, channel pruning
+    with fine-tuning, and distillation into ``student`` (package.module:attr or an nn.Module; the zoo knows its own)."""
     opts = options or OptimizeOptions()
     say = progress or (lambda msg, i, n: None)
     warn = warn or (lambda line: warnings.warn(line, stacklevel=2))
@@ -209,9 +237,17 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
             model.eval_data, model.labels = arrays, labels
         else:
             model.calibration_data = arrays
+    if train_data is not None:
+        from .train.data import load_data
+        try:
+            load_data(train_data)
+        except UsageError as exc:
+            warn(f"--train-data: {exc}; going on without the trained variants")
+            train_data = None
     if model.source is None and isinstance(source, (str, Path)) and model.arch is None:
         model.source = str(source)
-    variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms)
+    variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms,
+                    trainable=train_data is not None)
     isolate = opts.isolate and (model.arch is not None or model.source is not None or model.onnx_path is not None)
     root = Path(tempfile.mkdtemp(prefix="torchship-"))
     try:
@@ -227,20 +263,30 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
             from safetensors.torch import save_model
             weights_path = root / "reference.safetensors"
             save_model(model.module, str(weights_path))
-        results, failed_level = [], {}
+        results, failed_level, derived = [], {}, {}
         for i, vp in enumerate(variants):
-            say(f"building and timing {vp.name}", i, len(variants))
             gentler_failed = vp.family and failed_level.get(vp.family, vp.level + 1) < vp.level
-            if gentler_failed or vp.options.get("skip"):
+            skip = vp.options.get("skip") or (gentler_failed and f"not tried: a gentler {vp.family} variant failed the budget")
+            if vp.derived and not skip:
+                if vp.derived not in derived:
+                    say(f"training {vp.name.partition('+')[2]}", i, len(variants))
+                    derived[vp.derived] = _derive(model, vp.derived, train_data, root, student, opts.train_epochs)
+                skip = derived[vp.derived] if isinstance(derived[vp.derived], str) else None
+            if skip:
                 results.append({"status": "skipped", "name": vp.name, "runtime": vp.runtime, "options": vp.options,
-                                "selectable": vp.selectable, "note": vp.note, "transforms": list(vp.transforms),
-                                "reason": vp.options.get("skip") or f"not tried: a gentler {vp.family} variant failed the budget"})
+                                "selectable": vp.selectable, "note": vp.note, "transforms": list(vp.transforms), "reason": skip})
                 continue
+            say(f"building and timing {vp.name}", i, len(variants))
             job = _job(model, vp, opts, root, pool_path, chunk, weights_path)
+            if vp.derived:  # the worker loads the trained program instead of the original
+                program, training = derived[vp.derived]
+                job["model"].update(arch=None, weights=None, source=str(program), outputs=list(model.spec.output_names))
             t0 = time.perf_counter()
             res = _run_isolated(job, opts.timeout_s) if isolate else _run_inline(job)
             res.update(name=vp.name, runtime=vp.runtime, options={k: v for k, v in vp.options.items() if v is not None},
                        selectable=vp.selectable, note=vp.note, transforms=list(vp.transforms), wall_s=time.perf_counter() - t0)
+            if vp.derived:
+                res.update(derived=vp.derived[0], training=training)
             if res["status"] == "ok":
                 with np.load(res.pop("outputs"), allow_pickle=False) as z:
                     outs = {k: z[k] for k in z.files}

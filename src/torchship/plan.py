@@ -16,15 +16,16 @@ class VariantPlan:
     transforms: tuple = ()  # transform configs as dicts (torchship.transforms.to_dict)
     family: str | None = None  # variants of one family go from gentle to aggressive: ...
     level: int = 0  # ... and a level is not tried once a gentler one failed the budget
+    derived: tuple | None = None  # (kind, level): a model trained from this one first (torchship.derive)
 
 
 RUNTIME_ORDER = ("eager", "torchscript", "compile", "aoti", "onnxrt")
-TRANSFORMS = ("int8", "prune", "bf16")
+TRANSFORMS = ("int8", "prune", "bf16", "qat", "channels", "distill")  # the last three need training data
 PRUNE_LEVELS = (0.3, 0.5, 0.7)
 
 
 def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads: int | None = None,
-         transforms: tuple[str, ...] = ("int8", "bf16")) -> list[VariantPlan]:
+         transforms: tuple[str, ...] = ("int8", "bf16"), trainable: bool = False) -> list[VariantPlan]:
     wanted = list(runtimes or RUNTIME_ORDER)
     unknown = [r for r in wanted if r not in RUNTIME_ORDER]
     if unknown:
@@ -41,6 +42,8 @@ def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads:
     if unknown:
         raise UsageError(f"unknown transform(s) {unknown}; choose from {', '.join(TRANSFORMS)} (or none)")
     out += compression(model, wanted, base, device, transforms)
+    if trainable and model.module is not None:
+        out += trained(wanted, base, transforms)
     if "bf16" in transforms and device == "cpu" and model.module is not None:
         from .machine import NO_BF16, native_bf16
         for r in ("eager", "aoti"):
@@ -82,4 +85,23 @@ def compression(model, wanted, base, device, transforms) -> list[VariantPlan]:
             out.append(VariantPlan(f"eager+prune{int(amount * 100)}", "eager", dict(base),
                                    transforms=(to_dict(MagnitudePrune(amount)),), family="prune", level=i,
                                    note=f"{amount:.0%} of Linear/Conv weights zeroed (dense kernels: no speed-up expected)"))
+    return out
+
+
+def trained(wanted, base, transforms) -> list[VariantPlan]:
+    """Variants of models trained from this one (with training data): built on the runtimes that take a program."""
+    from .derive import CHANNEL_LEVELS, RUNTIMES
+    runtimes = [r for r in RUNTIMES if r in wanted]
+    out = []
+    if "qat" in transforms:
+        out += [VariantPlan(f"{r}+qat-int8", r, dict(base), derived=("qat", None),
+                            note="quantization-aware fine-tuning to int8 (torchao PT2E, x86 inductor quantizer)") for r in runtimes]
+    if "channels" in transforms:
+        for i, amount in enumerate(CHANNEL_LEVELS):
+            out += [VariantPlan(f"{r}+channels{int(amount * 100)}", r, dict(base), derived=("channels", amount),
+                                family="channels", level=i,
+                                note=f"{amount:.0%} of channels removed (Torch-Pruning), then fine-tuned") for r in runtimes]
+    if "distill" in transforms:
+        out += [VariantPlan(f"{r}+student", r, dict(base), derived=("distill", None),
+                            note="a smaller student distilled from this model") for r in runtimes]
     return out

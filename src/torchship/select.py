@@ -26,6 +26,7 @@ def select(results: list[dict], target_batch_size: int, latency_slo_ms: float | 
 
 
 def closest(results: list[dict]) -> dict | None:
-    """The rejected variant nearest to the budget (highest cosine), to name when nothing passes."""
+    """The rejected variant nearest to the budget (highest accuracy where labels gave one, else highest cosine), to
+    name when nothing passes."""
     rejected = [r for r in results if r["status"] == "rejected" and r["selectable"] and r.get("fidelity")]
-    return max(rejected, key=lambda r: r["fidelity"]["cosine"], default=None)
+    return max(rejected, key=lambda r: (r["fidelity"].get("accuracy") or 0.0, r["fidelity"]["cosine"]), default=None)

@@ -11,11 +11,19 @@ from .errors import UsageError
 
 @dataclass(frozen=True)
 class Budget:
-    """What a variant must keep. ``max_accuracy_drop`` applies when labels are given (absolute, 0.01 = 1 point)."""
+    """What a variant must keep. ``max_accuracy_drop`` applies when labels are given (absolute, 0.01 = 1 point) and
+    then is the measure: the cosine and top-1 floors hold only where set. Without it (or without labels) they
+    default to 0.999 and 0.99 of agreement with the fp32 original."""
 
-    min_cosine: float = 0.999
-    min_top1: float = 0.99
+    min_cosine: float | None = None
+    min_top1: float | None = None
     max_accuracy_drop: float | None = None
+
+    def floors(self, by_accuracy: bool) -> tuple[float | None, float | None]:
+        """(cosine, top-1) floors in force: the defaults unless the task metric is the measure."""
+        if by_accuracy:
+            return self.min_cosine, self.min_top1
+        return (0.999 if self.min_cosine is None else self.min_cosine), (0.99 if self.min_top1 is None else self.min_top1)
 
     _KEYS = {"cosine": "min_cosine", "top1": "min_top1", "accuracy_drop": "max_accuracy_drop"}
 
@@ -88,12 +96,13 @@ def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
         if labels is not None:
             acc, ref_acc = float((out.argmax(-1) == labels).mean()), float((ref.argmax(-1) == labels).mean())
     problems = []
+    min_cos, min_top1 = budget.floors(acc is not None and budget.max_accuracy_drop is not None)
     if not finite:
         problems.append("non-finite outputs")
-    if cos.mean() < budget.min_cosine:
-        problems.append(f"cosine {cos.mean():.6f} < {budget.min_cosine}")
-    if top1 is not None and top1 < budget.min_top1:
-        problems.append(f"top-1 agreement {top1:.2%} < {budget.min_top1:.0%}")
+    if min_cos is not None and cos.mean() < min_cos:
+        problems.append(f"cosine {cos.mean():.6f} < {min_cos}")
+    if top1 is not None and min_top1 is not None and top1 < min_top1:
+        problems.append(f"top-1 agreement {top1:.2%} < {min_top1:.0%}")
     if acc is not None and budget.max_accuracy_drop is not None and ref_acc - acc > budget.max_accuracy_drop:
         problems.append(f"accuracy drop {ref_acc - acc:.2%} > {budget.max_accuracy_drop:.2%}")
     return Fidelity(max_abs, float(cos.mean()), float(cos.min()), top1, acc, ref_acc, not problems,

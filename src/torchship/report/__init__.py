@@ -24,6 +24,7 @@ def rows(result, target: int) -> list[dict]:
             f"p50 ms @{target}": _fmt(s.get("p50_ms"), "{:.2f}"),
             f"p99 ms @{target}": _fmt(s.get("p99_ms"), "{:.2f}"),
             "vs eager": _fmt(r.get("vs_eager"), "{:.2f}x"),
+            "vs its runtime": _fmt(r.get("vs_runtime"), "{:.2f}x"),
             "cosine": _fmt(f.get("cosine"), "{:.6f}"),
             "top-1": _fmt(f.get("top1"), "{:.1%}"),
             "max abs err": _fmt(f.get("max_abs_error"), "{:.2e}"),
@@ -107,7 +108,9 @@ def markdown(result, meta: dict) -> str:
     head = list(table[0]) if table else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(v).replace("|", "/") for v in row.values()) + " |" for row in table]
-    lines += ["", "`*` marks the chosen variant. `vs eager` is throughput relative to eager (eval + inference_mode).", ""]
+    lines += ["", "`*` marks the chosen variant. `vs eager` is throughput relative to eager (eval + inference_mode); "
+              "`vs its runtime` that of a compressed variant relative to the same runtime without compression.", ""]
+    lines += bought(result.variants)
     lines += ["## Per batch size", ""]
     for r in result.variants:
         prof = r.get("profile") or {}
@@ -116,6 +119,25 @@ def markdown(result, meta: dict) -> str:
                               for bs, v in prof.items())
             lines.append(f"- **{r['name']}**: {cells}")
     return "\n".join(lines) + "\n"
+
+
+def bought(variants: list[dict]) -> list[str]:
+    """One line per compressed variant: its speed, size and fidelity against the same runtime uncompressed."""
+    plain = {r["runtime"]: r for r in variants if r["name"] == r["runtime"]}
+    lines = []
+    for r in variants:
+        base = plain.get(r["runtime"])
+        if r.get("vs_runtime") is None or base is None:
+            continue
+        f, fb = r.get("fidelity") or {}, base.get("fidelity") or {}
+        quality = (f"accuracy {f['accuracy']:.1%} (fp32 {f['reference_accuracy']:.1%})" if f.get("accuracy") is not None
+                   else f"cosine {f.get('cosine', float('nan')):.4f} (plain {fb.get('cosine', float('nan')):.4f})")
+        size = f", {r['size_vs_runtime']:.2f}x the size" if r.get("size_vs_runtime") else ""
+        trained = r.get("training")
+        how = f"; trained {trained['epochs']} epochs in {trained['seconds']:.0f} s" if trained else ""
+        lines.append(f"- **{r['name']}** ({r['status']}): {r['vs_runtime']:.2f}x the throughput of {base['name']}{size}; "
+                     f"{quality}{how}")
+    return ["## What each transform bought", "", *lines, ""] if lines else []
 
 
 def write_report(result, meta: dict, directory: Path) -> None:

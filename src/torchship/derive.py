@@ -1,0 +1,61 @@
+"""Variants that need training data: derived from the model through the trainer, then built like any other source.
+
+``qat``: quantization-aware fine-tuning to int8 (torchao PT2E); ``channelsNN``: NN% of channels removed
+(Torch-Pruning) and fine-tuned back; ``student``: a smaller model distilled from this one. Each becomes a
+torch.export program (``.pt2``) with the original's input and output names, so the AOTInductor and ONNX Runtime
+variants build from it, and each is verified against the original fp32 model on the same held-out inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .errors import BuildSkipped
+
+KINDS = ("qat", "channels", "distill")
+CHANNEL_LEVELS = (0.3, 0.5, 0.7)
+RUNTIMES = ("aoti", "onnxrt")  # the runtimes that build from a program (eager and TorchScript need an architecture)
+STUDENTS = {"digits-cnn": "torchship.zoo.digits:student"}  # the zoo's own smaller architectures
+
+
+def defaults(kind: str, task: str):
+    """The fine-tuning recipe per kind (the model starts trained, except a student)."""
+    from .train import TrainConfig
+    base = TrainConfig(task="classify" if task == "classify" else "regress", progress=False, patience=None)
+    return {"qat": replace(base, epochs=3, lr=1e-4), "channels": replace(base, epochs=8, lr=1e-3),
+            "distill": replace(base, epochs=15, lr=3e-3, patience=3)}[kind]
+
+
+def derive(model, kind: str, level: float | None, data, workdir: Path, *, student=None,
+           epochs: int | None = None) -> tuple[Path, dict]:
+    """Train the derived model of ``kind`` and export it into ``workdir``; returns (program path, what training did)."""
+    from .train import train
+    from .train.qat import export_program, inner
+    if model.module is None:
+        raise BuildSkipped("an ONNX source cannot be trained here: only ONNX Runtime can run it")
+    if len(model.spec.inputs) != 1:
+        raise BuildSkipped(f"training takes one input tensor (x, y pairs), and this model has {len(model.spec.inputs)}")
+    config = defaults(kind, model.task)
+    config = replace(config, epochs=epochs or config.epochs, qat=kind == "qat",
+                     prune_channels=level if kind == "channels" else None)
+    if kind == "distill":
+        student = student or STUDENTS.get(model.name)
+        if student is None:
+            raise BuildSkipped("distillation needs a smaller architecture: pass --student package.module:attr")
+        run = train(student, data, config, teacher=model.module)
+    else:
+        run = train(model.module, data, config)
+    name = model.spec.input_names[0]
+    example = torch.from_numpy(model.spec.sample(2, model.dims, seed=0)[name])
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "model.pt2"
+    if kind == "qat":
+        from .train import qat
+        qat.save(run.model, example, path)
+    else:
+        torch.export.save(export_program(inner(run.model).eval(), example), str(path))
+    s = run.summary
+    return path, {"epochs": s["epochs_run"], "seconds": s["seconds"], "val": s["val"], "test": s.get("test", {}),
+                  **{k: s[k] for k in ("parameters_before", "parameters_after") if k in s}}
