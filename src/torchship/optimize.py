@@ -172,7 +172,7 @@ def _run_inline(job: dict) -> dict:
 
 def _derive(model: Model, key: tuple, data, root: Path, student, epochs):
     """(program, training summary), or the one line saying why this trained variant cannot be made."""
-    from .derive import derive
+    from .transforms.trained import derive
     from .errors import TorchshipError
     kind, level = key
     try:

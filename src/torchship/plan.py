@@ -16,7 +16,7 @@ class VariantPlan:
     transforms: tuple = ()  # transform configs as dicts (torchship.transforms.to_dict)
     family: str | None = None  # variants of one family go from gentle to aggressive: ...
     level: int = 0  # ... and a level is not tried once a gentler one failed the budget
-    derived: tuple | None = None  # (kind, level): a model trained from this one first (torchship.derive)
+    derived: tuple | None = None  # (kind, level): a model trained from this one first (torchship.transforms.trained)
 
 
 RUNTIME_ORDER = ("eager", "torchscript", "compile", "aoti", "onnxrt")
@@ -90,7 +90,7 @@ def compression(model, wanted, base, device, transforms) -> list[VariantPlan]:
 
 def trained(wanted, base, transforms) -> list[VariantPlan]:
     """Variants of models trained from this one (with training data): built on the runtimes that take a program."""
-    from .derive import CHANNEL_LEVELS, RUNTIMES
+    from .transforms.trained import CHANNEL_LEVELS, RUNTIMES
     runtimes = [r for r in RUNTIMES if r in wanted]
     out = []
     if "qat" in transforms:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BuildSkipped
+from ..errors import BuildSkipped
 
 KINDS = ("qat", "channels", "distill")
 CHANNEL_LEVELS = (0.3, 0.5, 0.7)
@@ -22,7 +22,7 @@ STUDENTS = {"digits-cnn": "torchship.zoo.digits:student"}  # the zoo's own small
 
 def defaults(kind: str, task: str):
     """The fine-tuning recipe per kind (the model starts trained, except a student)."""
-    from .train import TrainConfig
+    from ..train import TrainConfig
     base = TrainConfig(task="classify" if task == "classify" else "regress", progress=False, patience=None)
     return {"qat": replace(base, epochs=3, lr=1e-4), "channels": replace(base, epochs=8, lr=1e-3),
             "distill": replace(base, epochs=15, lr=3e-3, patience=3)}[kind]
@@ -31,8 +31,8 @@ def defaults(kind: str, task: str):
 def derive(model, kind: str, level: float | None, data, workdir: Path, *, student=None,
            epochs: int | None = None) -> tuple[Path, dict]:
     """Train the derived model of ``kind`` and export it into ``workdir``; returns (program path, what training did)."""
-    from .train import train
-    from .train.qat import export_program, inner
+    from ..train import train
+    from ..train.qat import export_program, inner
     if model.module is None:
         raise BuildSkipped("an ONNX source cannot be trained here: only ONNX Runtime can run it")
     if len(model.spec.inputs) != 1:
@@ -52,7 +52,7 @@ def derive(model, kind: str, level: float | None, data, workdir: Path, *, studen
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "model.pt2"
     if kind == "qat":
-        from .train import qat
+        from ..train import qat
         qat.save(run.model, example, path)
     else:
         torch.export.save(export_program(inner(run.model).eval(), example), str(path))
