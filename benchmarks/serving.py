@@ -9,7 +9,11 @@
 The load generator (torchship perf, Python) runs on the same cores as the server: on a 2-core machine
 it takes a large share of them, so served figures here are a floor.
 
-    python benchmarks/serving.py [--duration 5] [--slo-ms 50]
+digits-cnn costs about 2 us an item offline, so on it an HTTP request is the whole cost. `--minilm` adds the same
+two ratios on MiniLM (single sentences of 64 tokens, ONNX Runtime), a model whose compute dominates, to show what
+the batcher itself gives up against offline batching.
+
+    python benchmarks/serving.py [--duration 5] [--slo-ms 50] [--minilm]
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--slo-ms", type=float, default=50.0)
+    p.add_argument("--minilm", action="store_true", help="also serve MiniLM (needs the nlp extra)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="torchship-bench-"))
     res = optimize("zoo:digits-cnn", OptimizeOptions(batch_sizes=(1, 8, 64), seconds_per_size=0.5), out=work / "bundle")
@@ -89,6 +94,28 @@ def main() -> None:
     print(f"open loop, Poisson at 2x capacity ({2 * capacity:,.0f} req/s offered) with --slo-ms {args.slo_ms:g}: "
           f"goodput {over.throughput:,.0f} req/s = {over.throughput / capacity:.2f} of capacity (goal >= 0.9); "
           f"p99 of accepted {over.p99_ms or float('nan'):.1f} ms (SLO {args.slo_ms:g} ms); rejected {over.errors or 'none'}")
+    if args.minilm:
+        minilm(work, args.duration)
+
+
+def minilm(work: Path, duration: float, seq: int = 64, batch: int = 16) -> None:
+    res = optimize("zoo:minilm", OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(1, batch), seconds_per_size=1.0,
+                                                 transforms=()), dims={"seq": seq}, out=work / "minilm")
+    runner = load_bundle(res.bundle)
+    feeds = runner.spec.sample(batch, {"seq": seq}, seed=0)
+    offline = batch / (measure(runner, feeds, seconds=3.0)["p50_ms"] / 1e3)
+    single = 1 / (measure(runner, {k: v[:1] for k, v in feeds.items()}, seconds=3.0)["p50_ms"] / 1e3)
+    rows = {}
+    for label, size in (("batching", batch), ("no batching", 1)):
+        with Server(res.bundle, "--max-batch-size", str(size)) as url:
+            rows[label] = perf(url, "minilm", concurrency=[64], duration=duration, dims={"seq": seq})[0]
+    on, off = rows["batching"], rows["no batching"]
+    print(f"MiniLM, one sentence of {seq} tokens per request, concurrency 64: batching on {on.throughput:,.1f} req/s "
+          f"(avg batch {on.avg_batch or 0:.1f}, p99 {on.p99_ms:.0f} ms), off {off.throughput:,.1f} req/s; offline at "
+          f"batch {batch}: {offline:,.1f} items/s")
+    print(f"  served / offline batched throughput: {on.throughput / offline:.3f}  (goal >= 0.8)")
+    print(f"  batching on / off:                   {on.throughput / off.throughput:.2f}x  (bounded by what batching "
+          f"gives offline: batch {batch} / batch 1 = {offline / single:.2f}x on this CPU)")
 
 
 if __name__ == "__main__":

@@ -34,16 +34,20 @@ class DynamicInt8:
 
 
 @dataclass(frozen=True)
-class MagnitudePrune:
-    """Unstructured L1 magnitude pruning of Linear and Conv weights, made permanent (zeros in dense tensors)."""
-
+class _Pruning:
     amount: float = 0.5
-    kind: str = "magnitude_prune"
-    at_load: bool = False
 
     def __post_init__(self):
         if not 0 < self.amount < 1:
             raise UsageError(f"pruning amount must lie strictly between 0 and 1, got {self.amount}")
+
+
+@dataclass(frozen=True)
+class MagnitudePrune(_Pruning):
+    """Unstructured L1 magnitude pruning of Linear and Conv weights, made permanent (zeros in dense tensors)."""
+
+    kind: str = "magnitude_prune"
+    at_load: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,18 +65,13 @@ class TorchaoInt8:
 
 
 @dataclass(frozen=True)
-class ChannelPrune:
+class ChannelPrune(_Pruning):
     """Structured pruning: the lowest-L2 ``amount`` of channels of every Conv/Linear (output layers kept whole) are
     removed through Torch-Pruning's dependency graph, so layers really shrink. Needs example inputs; fine-tune
     afterwards (``torchship train --prune-channels``)."""
 
-    amount: float = 0.5
     kind: str = "channel_prune"
     at_load: bool = False
-
-    def __post_init__(self):
-        if not 0 < self.amount < 1:
-            raise UsageError(f"pruning amount must lie strictly between 0 and 1, got {self.amount}")
 
 
 KINDS = {"dynamic_int8": DynamicInt8, "magnitude_prune": MagnitudePrune, "torchao_int8": TorchaoInt8,
