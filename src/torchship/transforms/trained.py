@@ -14,16 +14,15 @@ import torch
 
 from ..errors import BuildSkipped
 
-KINDS = ("qat", "channels", "distill")
 CHANNEL_LEVELS = (0.3, 0.5, 0.7)
 RUNTIMES = ("aoti", "onnxrt")  # the runtimes that build from a program (eager and TorchScript need an architecture)
-STUDENTS = {"digits-cnn": "torchship.zoo.digits:student"}  # the zoo's own smaller architectures
+STUDENTS = {"digits-cnn": "torchship.zoo.digits:student"}  # the zoo's own smaller architectures, by zoo name
 
 
 def defaults(kind: str, task: str):
     """The fine-tuning recipe per kind (the model starts trained, except a student)."""
     from ..train import TrainConfig
-    base = TrainConfig(task="classify" if task == "classify" else "regress", progress=False, patience=None)
+    base = TrainConfig(task=task if task in ("classify", "embed") else "regress", progress=False, patience=None)
     return {"qat": replace(base, epochs=3, lr=1e-4), "channels": replace(base, epochs=8, lr=1e-3),
             "distill": replace(base, epochs=15, lr=3e-3, patience=3)}[kind]
 
@@ -41,7 +40,8 @@ def derive(model, kind: str, level: float | None, data, workdir: Path, *, studen
     config = replace(config, epochs=epochs or config.epochs, qat=kind == "qat",
                      prune_channels=level if kind == "channels" else None)
     if kind == "distill":
-        student = student or STUDENTS.get(model.name)
+        zoo = (model.arch or {}).get("name") if (model.arch or {}).get("kind") == "zoo" else None
+        student = student or STUDENTS.get(zoo)
         if student is None:
             raise BuildSkipped("distillation needs a smaller architecture: pass --student package.module:attr")
         run = train(student, data, config, teacher=model.module)
