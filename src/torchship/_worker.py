@@ -20,7 +20,6 @@ from .errors import BuildSkipped
 
 
 def _reload(job: dict, pool: dict):
-    import torch
     from safetensors.torch import load_model
 
     from .sources import Model, load_source, rebuild

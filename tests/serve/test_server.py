@@ -9,7 +9,6 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from tritonclient.utils import InferenceServerException
 
 from torchship import load_bundle
 from torchship.zoo.digits import dataset

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import MissingExtra, SourceError
