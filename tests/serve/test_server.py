@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -110,6 +111,34 @@ def test_full_queue_gets_503_quickly_with_retry_after(server, slow_bundle):
     assert all(h == "1" for c, h in zip(codes, headers) if c == 503)
     assert min(dt for c, dt in times if c == 503) < 0.5
     assert s.metric("torchship_rejected_total") == codes.count(503)
+
+
+def test_past_the_in_flight_limit_503_before_the_body_is_read(server, digits_bundle):
+    s = server(digits_bundle, "--max-queue", "1")  # in-flight limit: the queue + 64 = 65 requests
+    host, port = s.url.split(":")
+    body = _body().encode()
+    head = b"POST /v2/models/digits-cnn/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    held = [socket.create_connection((host, int(port)), timeout=20) for _ in range(65)]
+    try:
+        for sock in held:  # headers only: each request is in flight while its body is awaited
+            sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body))
+        for _ in range(50):
+            r = s.http("POST", "/v2/models/digits-cnn/infer", content=body)
+            if r.status_code == 503:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 503 and "65 requests in flight (limit 65)" in r.json()["error"]
+        assert r.headers["retry-after"] == "1"
+        statuses = []
+        for sock in held:  # the held requests finish: nothing they sent was lost or refused
+            sock.sendall(body)
+            statuses.append(int(sock.recv(65536).split()[1]))
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 60, statuses
+    finally:
+        for sock in held:
+            sock.close()
+    assert s.http("POST", "/v2/models/digits-cnn/infer", content=body).status_code == 200
+    assert s.metric('torchship_rejected_total{model="digits-cnn",reason="in_flight",version="1"}') >= 1
 
 
 def test_deadline_passed_in_queue_gets_504(server, slow_bundle):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -15,7 +17,6 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -49,6 +50,13 @@ class Server:
         self.ready = False
         self.draining = False
         self.last_request = 0.0  # time.monotonic() of the latest infer request
+        # past this many infer requests in the server (read, queued or running), answer 503 before reading the body:
+        # under overload the event loop itself is a queue, and the batcher's limits cannot shed what it has not seen
+        b = config.batch
+        self.max_in_flight = b.max_queue_requests + 64
+        if b.slo_s is not None:  # SLO mode: a few batches' worth
+            self.max_in_flight = min(self.max_in_flight, 4 * (config.max_batch_size or b.max_batch_size) + 64)
+        self.in_flight = 0
         self._swap = asyncio.Lock()
 
     def batch_config(self, manifest: dict) -> BatchConfig:
@@ -104,21 +112,110 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+class TooLarge(Exception):
+    pass
+
+
+class Disconnected(Exception):
+    pass
+
+
+async def read_body(receive, declared: bytes | None, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+        raise TooLarge(f"body of {int(declared)} bytes is over the {limit}-byte limit")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Disconnected
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise TooLarge(f"body is over the {limit}-byte limit")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
-class TooLarge(Exception):
-    pass
+Answer = tuple[int, bytes, dict]
+
+
+def problem(status: int, message: str, headers: dict | None = None) -> Answer:
+    return status, json.dumps({"error": message}).encode(), {"content-type": "application/json", **(headers or {})}
+
+
+async def infer(server: Server, name: str, version: str | None, headers: dict[bytes, bytes], receive) -> Answer:
+    """POST .../infer: decode and check the request, queue it, encode the outputs. Plain ASGI rather than a
+    Starlette route, because this path is the server's throughput: routing, middleware and Request objects
+    cost several times what an HTTP request itself costs when the model runs in microseconds."""
+    server.last_request = time.monotonic()
+    try:
+        e = server.find(name, version)
+    except NotFound as exc:
+        return problem(404, str(exc))
+    if server.in_flight >= server.max_in_flight:
+        e.metrics.rejected("in_flight")
+        e.metrics.failure("in_flight")
+        return problem(503, f"server busy: {server.in_flight} requests in flight (limit {server.max_in_flight})",
+                       {"Retry-After": "1"})
+    server.in_flight += 1
+    try:
+        return await _infer(server, e, name, version, headers, receive)
+    finally:
+        server.in_flight -= 1
+
+
+async def _infer(server: Server, e: Entry, name: str, version: str | None, headers: dict[bytes, bytes], receive) -> Answer:
+    def fail(status, reason, message, extra=None):
+        e.metrics.failure(reason)
+        return problem(status, message, extra)
+    try:
+        body = await read_body(receive, headers.get(b"content-length"), server.config.max_body_bytes)
+        header_length = headers.get(HEADER.lower().encode())
+        req, binary = split_body(body, header_length.decode("latin-1") if header_length is not None else None)
+        feeds = decode_inputs(req, binary, e.spec)
+        e.spec.check(feeds)
+        bad = nonfinite(feeds)
+        if bad:
+            raise BadRequest(f"input(s) {bad} hold NaN or infinite values, which the model cannot take")
+        timeout = (req.get("parameters") or {}).get("timeout")  # microseconds, as Triton's clients send it
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise BadRequest(f"parameter 'timeout' must be a positive number of microseconds, got {timeout!r}")
+    except TooLarge as exc:
+        return fail(413, "too_large", str(exc))
+    except (BadRequest, SpecError) as exc:
+        return fail(400, "bad_request", str(exc))
+    except Disconnected:
+        return fail(400, "disconnect", "client disconnected")
+    e.metrics.queue_depth.set(e.batcher.depth)
+    try:
+        try:
+            outputs = await e.batcher.submit(feeds, timeout / 1e6 if timeout else None)
+        except ShuttingDown:  # swapped out by a reload between lookup and submit: the new version takes it
+            if server.draining:
+                raise
+            e = server.find(name, version)
+            outputs = await e.batcher.submit(feeds, timeout / 1e6 if timeout else None)
+    except NotFound as exc:
+        return fail(404, "not_found", str(exc))
+    except QueueFull as exc:
+        e.metrics.rejected("queue_full")
+        return fail(503, "queue_full", str(exc), {"Retry-After": "1"})
+    except ShuttingDown as exc:
+        return fail(503, "shutting_down", str(exc), {"Retry-After": "1"})
+    except DeadlineExceeded as exc:
+        e.metrics.rejected("deadline")
+        return fail(504, "deadline", str(exc))
+    except Exception as exc:
+        return fail(500, "model_error", f"the model failed on this batch: {type(exc).__name__}: {exc}")
+    finally:
+        e.metrics.queue_depth.set(e.batcher.depth)
+    try:
+        content, extra = encode_outputs(req, outputs, e.name, e.version)
+    except BadRequest as exc:
+        return fail(400, "bad_request", str(exc))
+    e.metrics.success.inc()
+    return 200, content, extra
 
 
 def create_app(paths: list[Path], config: ServeConfig | None = None) -> Starlette:
@@ -162,64 +259,6 @@ def create_app(paths: list[Path], config: ServeConfig | None = None) -> Starlett
         ok = e.ready and not server.draining
         return JSONResponse({"name": e.name, "ready": ok}, status_code=200 if ok else 503)
 
-    async def infer(request):
-        server.last_request = time.monotonic()
-        try:
-            e = entry_of(request)
-        except NotFound as exc:
-            return error(404, str(exc))
-        labels = (e.name, e.version)
-
-        def fail(status, reason, message, headers=None):
-            server.metrics.failure.labels(*labels, reason).inc()
-            return error(status, message, headers)
-        try:
-            body = await read_body(request, server.config.max_body_bytes)
-            req, binary = split_body(body, request.headers.get(HEADER))
-            feeds = decode_inputs(req, binary, e.spec)
-            e.spec.check(feeds)
-            bad = nonfinite(feeds)
-            if bad:
-                raise BadRequest(f"input(s) {bad} hold NaN or infinite values, which the model cannot take")
-            timeout = (req.get("parameters") or {}).get("timeout")  # microseconds, as Triton's clients send it
-            if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-                raise BadRequest(f"parameter 'timeout' must be a positive number of microseconds, got {timeout!r}")
-        except TooLarge as exc:
-            return fail(413, "too_large", str(exc))
-        except (BadRequest, SpecError) as exc:
-            return fail(400, "bad_request", str(exc))
-        except ClientDisconnect:
-            return fail(400, "disconnect", "client disconnected")
-        server.metrics.queue_depth.labels(*labels).set(e.batcher.depth)
-        try:
-            try:
-                outputs = await e.batcher.submit(feeds, timeout / 1e6 if timeout else None)
-            except ShuttingDown:  # swapped out by a reload between lookup and submit: the new version takes it
-                if server.draining:
-                    raise
-                e = entry_of(request)
-                outputs = await e.batcher.submit(feeds, timeout / 1e6 if timeout else None)
-        except NotFound as exc:
-            return fail(404, "not_found", str(exc))
-        except QueueFull as exc:
-            server.metrics.rejected.labels(*labels, "queue_full").inc()
-            return fail(503, "queue_full", str(exc), {"Retry-After": "1"})
-        except ShuttingDown as exc:
-            return fail(503, "shutting_down", str(exc), {"Retry-After": "1"})
-        except DeadlineExceeded as exc:
-            server.metrics.rejected.labels(*labels, "deadline").inc()
-            return fail(504, "deadline", str(exc))
-        except Exception as exc:
-            return fail(500, "model_error", f"the model failed on this batch: {type(exc).__name__}: {exc}")
-        finally:
-            server.metrics.queue_depth.labels(*labels).set(e.batcher.depth)
-        try:
-            content, headers = encode_outputs(req, outputs, e.name, e.version)
-        except BadRequest as exc:
-            return fail(400, "bad_request", str(exc))
-        server.metrics.success.labels(*labels).inc()
-        return Response(content, headers=headers)
-
     async def metrics(request):
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -257,33 +296,40 @@ def create_app(paths: list[Path], config: ServeConfig | None = None) -> Starlett
         Route("/v2", root), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
         Route("/v2/models/{model}", model_meta), Route("/v2/models/{model}/versions/{version}", model_meta),
         Route("/v2/models/{model}/ready", model_ready), Route("/v2/models/{model}/versions/{version}/ready", model_ready),
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", repo_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", repo_unload, methods=["POST"]),
         Route("/metrics", metrics),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.server = server
-    return _CloseWhileDraining(app, server)
+    return _Front(app, server)
 
 
-class _CloseWhileDraining:
-    """ASGI wrapper: while draining, every response says ``Connection: close``, so clients stop reusing
-    connections that the server is about to close (a request sent on one would be lost in flight)."""
+_INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
-    def __init__(self, app, server):
+
+class _Front:
+    """The ASGI app the HTTP server runs: POST .../infer straight to ``infer``, everything else to Starlette.
+    While draining, every response says ``Connection: close``, so clients stop reusing connections that the
+    server is about to close (a request sent on one would be lost in flight)."""
+
+    def __init__(self, app, server: Server):
         self.app, self.server = app, server
         self.state = app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-
-        async def wrapped(message):
-            if message["type"] == "http.response.start" and self.server.draining:
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
-        await self.app(scope, receive, wrapped)
-
-
+        found = _INFER.fullmatch(scope["path"])
+        if found is None or scope["method"] != "POST":
+            async def wrapped(message):
+                if message["type"] == "http.response.start" and self.server.draining:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                await send(message)
+            return await self.app(scope, receive, wrapped)
+        status, body, headers = await infer(self.server, found[1], found[2], dict(scope["headers"]), receive)
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()] + [(b"content-length", b"%d" % len(body))]
+        if self.server.draining:
+            raw.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})

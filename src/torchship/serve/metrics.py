@@ -24,11 +24,30 @@ class Metrics:
         self.rejected = Counter("torchship_rejected", "Requests turned away before running, by reason",
                                 labels + ["reason"], registry=r)
 
-    def on_batch(self, model: str, version: str):
-        def hook(size: int, requests: int, compute_s: float, queue_s: list[float]) -> None:
-            self.inferences.labels(model, version).inc(size)
-            self.executions.labels(model, version).inc()
-            self.compute_time.labels(model, version).observe(compute_s)
-            for q in queue_s:
-                self.queue_time.labels(model, version).observe(q)
-        return hook
+    def model(self, model: str, version: str) -> "ModelMetrics":
+        return ModelMetrics(self, model, version)
+
+
+class ModelMetrics:
+    """One model version's series, with the label lookups done once rather than on every request."""
+
+    def __init__(self, m: Metrics, model: str, version: str):
+        labels = (model, version)
+        self.success, self.queue_depth = m.success.labels(*labels), m.queue_depth.labels(*labels)
+        self._inferences, self._executions = m.inferences.labels(*labels), m.executions.labels(*labels)
+        self._compute, self._queue = m.compute_time.labels(*labels), m.queue_time.labels(*labels)
+        self._failure = lambda reason: m.failure.labels(*labels, reason)
+        self._rejected = lambda reason: m.rejected.labels(*labels, reason)
+
+    def failure(self, reason: str) -> None:
+        self._failure(reason).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected(reason).inc()
+
+    def on_batch(self, size: int, requests: int, compute_s: float, queue_s: list[float]) -> None:
+        self._inferences.inc(size)
+        self._executions.inc()
+        self._compute.observe(compute_s)
+        for q in queue_s:
+            self._queue.observe(q)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Mapping
 
 import numpy as np
@@ -68,7 +69,7 @@ def decode_inputs(request: dict, binary: bytes, spec: IOSpec) -> dict[str, np.nd
         shape = inp["shape"]
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         size = (inp.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             nbytes = count * np.dtype(want).itemsize

@@ -13,6 +13,7 @@ from .. import bundle
 from ..errors import BundleError
 from ..spec import IOSpec
 from .batcher import BatchConfig, Batcher, LatencyModel
+from .metrics import Metrics, ModelMetrics
 
 _VERSION = re.compile(r"^\d+$")
 
@@ -25,6 +26,7 @@ class Entry:
     manifest: dict
     spec: IOSpec
     batcher: Batcher
+    metrics: ModelMetrics | None = None
     ready: bool = False
     close: Callable[[], None] | None = None  # worker processes to stop with the entry
 
@@ -54,7 +56,7 @@ def paddable(spec: IOSpec) -> tuple[str, ...]:
     return tuple(d for d in (mask.shape[1:] if mask else ()) if isinstance(d, str))
 
 
-async def load_entry(name: str, version: str, path: Path, config: BatchConfig, metrics, threads: int | None,
+async def load_entry(name: str, version: str, path: Path, config: BatchConfig, metrics: Metrics, threads: int | None,
                      workers: int = 1) -> Entry:
     """Load a bundle off the event loop (in this process, or in ``workers`` processes), warm it up,
     start its batcher."""
@@ -72,10 +74,11 @@ async def load_entry(name: str, version: str, path: Path, config: BatchConfig, m
         loaded = await loop.run_in_executor(None, bundle.load, path)
         manifest, spec, run, close = loaded.manifest, loaded.spec, loaded, None
         await loop.run_in_executor(None, lambda: [loaded(spec.sample(bs, manifest.get("dims") or {})) for bs in warm_sizes])
+    series = metrics.model(name, version)
     batcher = Batcher(run, spec, config, paddable=paddable(spec), latency=LatencyModel(manifest.get("profile")),
-                      on_batch=metrics.on_batch(name, version), concurrency=workers)
+                      on_batch=series.on_batch, concurrency=workers)
     batcher.start()
-    return Entry(name, version, path, manifest, spec, batcher, ready=True, close=close)
+    return Entry(name, version, path, manifest, spec, batcher, series, ready=True, close=close)
 
 
 def latest(versions: dict[str, Entry]) -> Entry | None:

@@ -42,13 +42,8 @@ def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "
           drain_timeout: float = 30.0, log_level: str = "warning") -> None:
     config = config or ServeConfig()
     app = create_app(paths, config)
-    # past this many requests in the HTTP layer, answer 503 at once: under overload the event loop itself
-    # is the queue, and the batcher's own limits cannot shed what it has not seen yet
-    limit = config.batch.max_queue_requests + 64
-    if config.batch.slo_s is not None:  # SLO mode: keep the HTTP backlog to a few batches' worth
-        limit = min(limit, 4 * (config.max_batch_size or config.batch.max_batch_size) + 64)
     ucfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout) or 1,
-                          lifespan="on", access_log=False, limit_concurrency=limit)
+                          lifespan="on", access_log=False)
     server = _Uvicorn(ucfg, drain_timeout)
     server.run()
 
