@@ -3,34 +3,38 @@
 - served throughput at concurrency 64, as a ratio to the offline batched throughput of the same Runner
   and to the same server with batching off (--max-batch-size 1);
 - p50 at concurrency 1;
-- an open-loop Poisson load at twice the measured capacity with --slo-ms: goodput as a fraction of
-  capacity and the p99 of accepted requests against the SLO.
+- an open-loop Poisson load at twice the measured capacity with --slo-ms: goodput (answers within the SLO) as a
+  fraction of capacity and the p99 of accepted requests against the SLO.
 
-The load generator (torchship perf, Python) runs on the same cores as the server: on a 2-core machine
-it takes a large share of them, so served figures here are a floor.
+The load comes from benchmarks/loadgen.c (built here with the C compiler that `make system-deps` installs): a
+Python generator takes about a core at 10,000 requests/s, which on a 2-core machine is half of what the server
+could use. It still runs on the same cores as the server, so served figures here are a floor.
 
 digits-cnn costs about 2 us an item offline, so on it an HTTP request is the whole cost. `--minilm` adds the same
-two ratios on MiniLM (single sentences of 64 tokens, ONNX Runtime), a model whose compute dominates, to show what
-the batcher itself gives up against offline batching.
+figures on MiniLM (single sentences of 64 tokens, ONNX Runtime), a model whose compute dominates, to show what
+the batcher itself gives up against offline batching and how SLO mode sheds overload.
 
-    python benchmarks/serving.py [--duration 5] [--slo-ms 50] [--minilm]
+    python benchmarks/serving.py [--duration 5] [--slo-ms 50] [--minilm] [--minilm-slo-ms 500]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from torchship import OptimizeOptions, load_bundle, optimize
-from torchship.perf import perf
+from torchship.perf import MAX_OPEN, _counters, make_request
 from torchship.profile import measure
 from torchship.zoo.digits import dataset
 
@@ -62,60 +66,119 @@ class Server:
         self.proc.wait(30)
 
 
+@dataclass
+class Run:
+    seconds: float
+    statuses: dict[int, int]
+    ok_ms: np.ndarray  # latency of each 200, from its arrival
+    not_sent: int
+    avg_batch: float | None
+
+    @property
+    def throughput(self) -> float:
+        return len(self.ok_ms) / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.ok_ms, q)) if len(self.ok_ms) else float("nan")
+
+    def goodput(self, slo_ms: float) -> float:
+        return int((self.ok_ms <= slo_ms).sum()) / self.seconds
+
+    def refused(self) -> str:
+        parts = [f"{n} x {code}" for code, n in sorted(self.statuses.items()) if code != 200]
+        parts += [f"{self.not_sent} not sent (generator at {MAX_OPEN} connections)"] if self.not_sent else []
+        return ", ".join(parts) or "none"
+
+
+class Load:
+    """benchmarks/loadgen.c, compiled once, pointed at one model of one server."""
+
+    def __init__(self, work: Path):
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            sys.exit("benchmarks/serving.py needs a C compiler for its load generator: run `make system-deps` "
+                     "(or apt-get install gcc)")
+        self.exe, self.work = work / "loadgen", work
+        subprocess.run([cc, "-O2", "-o", str(self.exe), str(Path(__file__).with_name("loadgen.c")), "-lm"], check=True)
+
+    def __call__(self, url: str, model: str, mode: str, value: float, seconds: float, dims: dict | None = None) -> Run:
+        host, port = url.split(":")
+        with httpx.Client() as c:
+            body, headers = make_request(c.get(f"http://{url}/v2/models/{model}").json(), 1, dims or {}, True)
+            before = _counters(c, f"http://{url}", model)
+            head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": len(body)}.items())
+            request = self.work / "request.bin"
+            request.write_bytes(f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {url}\r\n{head}\r\n".encode() + body)
+            extra = [str(MAX_OPEN), "0"] if mode == "poisson" else []
+            out = subprocess.run([str(self.exe), host, port, str(request), mode, f"{value:g}", str(seconds), *extra],
+                                 capture_output=True, text=True, timeout=seconds + 60, check=True).stdout.split("\n")
+            after = _counters(c, f"http://{url}", model)
+        rows = [line.split() for line in out if line[:1].isdigit()]
+        statuses: dict[int, int] = {}
+        for status, _ in rows:
+            statuses[int(status)] = statuses.get(int(status), 0) + 1
+        tail = dict(line.split() for line in out if line[:1].isalpha())
+        statuses.update({0: int(tail["failed"])} if int(tail["failed"]) else {})
+        batch = (after[0] - before[0]) / (after[1] - before[1]) if before and after and after[1] > before[1] else None
+        return Run(seconds, statuses, np.array([int(us) / 1e3 for status, us in rows if status == "200"]),
+                   int(tail["not_sent"]), batch)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--slo-ms", type=float, default=50.0)
     p.add_argument("--minilm", action="store_true", help="also serve MiniLM (needs the nlp extra)")
+    p.add_argument("--minilm-slo-ms", type=float, default=500.0)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="torchship-bench-"))
+    load = Load(work)
     res = optimize("zoo:digits-cnn", OptimizeOptions(batch_sizes=(1, 8, 64), seconds_per_size=0.5), out=work / "bundle")
     runner = load_bundle(res.bundle)
     x = dataset()["test"][0]
     offline = 64 / (measure(runner, {"image": x[:64]}, seconds=2.0)["p50_ms"] / 1e3)
     print(f"digits-cnn bundle: {res.chosen['name']}; offline batched throughput at batch 64: {offline:,.0f} items/s "
           f"({os.cpu_count()} cores, server and load generator share them)")
-    rows = {}
-    for label, extra in (("batching", ["--max-batch-size", "64"]), ("no batching", ["--max-batch-size", "1"])):
-        with Server(res.bundle, *extra) as url:
-            rows[label] = perf(url, "digits-cnn", concurrency=[64], duration=args.duration)[0]
-            if label == "batching":
-                rows["c1"] = perf(url, "digits-cnn", concurrency=[1], duration=args.duration)[0]
-    served, unbatched = rows["batching"], rows["no batching"]
-    print(f"concurrency 64, batching on : {served.throughput:,.0f} req/s, p50 {served.p50_ms:.1f} ms, p99 {served.p99_ms:.1f} ms, "
-          f"avg batch {served.avg_batch or 0:.1f}, errors {served.errors or 'none'}")
-    print(f"concurrency 64, batching off: {unbatched.throughput:,.0f} req/s, p99 {unbatched.p99_ms:.1f} ms")
-    print(f"  served / offline batched throughput: {served.throughput / offline:.3f}  (goal >= 0.8)")
-    print(f"  batching on / off:                   {served.throughput / unbatched.throughput:.2f}x  (goal >= 3)")
-    print(f"concurrency 1: p50 {rows['c1'].p50_ms:.2f} ms, {rows['c1'].throughput:,.0f} req/s")
-    capacity = served.throughput
-    with Server(res.bundle, "--max-batch-size", "64", "--slo-ms", str(args.slo_ms)) as url:
-        over = perf(url, "digits-cnn", rate=2 * capacity, poisson=True, duration=args.duration)[0]
-    print(f"open loop, Poisson at 2x capacity ({2 * capacity:,.0f} req/s offered) with --slo-ms {args.slo_ms:g}: "
-          f"goodput {over.throughput:,.0f} req/s = {over.throughput / capacity:.2f} of capacity (goal >= 0.9); "
-          f"p99 of accepted {over.p99_ms or float('nan'):.1f} ms (SLO {args.slo_ms:g} ms); rejected {over.errors or 'none'}")
+    figures(load, res.bundle, "digits-cnn", offline, args.duration, args.slo_ms, batch=64)
     if args.minilm:
-        minilm(work, args.duration)
+        minilm(load, work, args.duration, args.minilm_slo_ms)
 
 
-def minilm(work: Path, duration: float, seq: int = 64, batch: int = 16) -> None:
+def figures(load: Load, bundle: Path, model: str, offline: float, duration: float, slo_ms: float, batch: int,
+            dims: dict | None = None, single: float | None = None) -> None:
+    rows = {}
+    for label, size in (("on", batch), ("off", 1)):
+        with Server(bundle, "--max-batch-size", str(size)) as url:
+            rows[label] = load(url, model, "closed", 64, duration, dims)
+            if label == "on":
+                rows["c1"] = load(url, model, "closed", 1, duration, dims)
+    on, off, c1 = rows["on"], rows["off"], rows["c1"]
+    print(f"concurrency 64, batching on : {on.throughput:,.1f} req/s, p50 {on.pct(50):.1f} ms, p99 {on.pct(99):.1f} ms, "
+          f"avg batch {on.avg_batch or 0:.1f}, refused {on.refused()}")
+    print(f"concurrency 64, batching off: {off.throughput:,.1f} req/s, p99 {off.pct(99):.1f} ms, refused {off.refused()}")
+    print(f"  served / offline batched throughput: {on.throughput / offline:.3f}  (goal >= 0.8)")
+    bound = f"; bounded by what batching gives offline: {offline / single:.2f}x on this CPU" if single else ""
+    print(f"  batching on / off:                   {on.throughput / off.throughput:.2f}x  (goal >= 3{bound})")
+    print(f"concurrency 1: p50 {c1.pct(50):.2f} ms, {c1.throughput:,.1f} req/s")
+    capacity = on.throughput
+    with Server(bundle, "--max-batch-size", str(batch), "--slo-ms", f"{slo_ms:g}") as url:
+        over = load(url, model, "poisson", 2 * capacity, duration, dims)
+    print(f"open loop, Poisson at 2x capacity ({2 * capacity:,.1f} req/s offered) with --slo-ms {slo_ms:g}: goodput "
+          f"{over.goodput(slo_ms):,.1f} req/s = {over.goodput(slo_ms) / capacity:.2f} of capacity (goal >= 0.9); p99 "
+          f"of accepted {over.pct(99):.1f} ms (SLO {slo_ms:g} ms); avg batch {over.avg_batch or 0:.1f}; "
+          f"refused {over.refused()}")
+
+
+def minilm(load: Load, work: Path, duration: float, slo_ms: float, seq: int = 64, batch: int = 16) -> None:
     res = optimize("zoo:minilm", OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(1, batch), seconds_per_size=1.0,
                                                  transforms=()), dims={"seq": seq}, out=work / "minilm")
     runner = load_bundle(res.bundle)
     feeds = runner.spec.sample(batch, {"seq": seq}, seed=0)
     offline = batch / (measure(runner, feeds, seconds=3.0)["p50_ms"] / 1e3)
     single = 1 / (measure(runner, {k: v[:1] for k, v in feeds.items()}, seconds=3.0)["p50_ms"] / 1e3)
-    rows = {}
-    for label, size in (("batching", batch), ("no batching", 1)):
-        with Server(res.bundle, "--max-batch-size", str(size)) as url:
-            rows[label] = perf(url, "minilm", concurrency=[64], duration=duration, dims={"seq": seq})[0]
-    on, off = rows["batching"], rows["no batching"]
-    print(f"MiniLM, one sentence of {seq} tokens per request, concurrency 64: batching on {on.throughput:,.1f} req/s "
-          f"(avg batch {on.avg_batch or 0:.1f}, p99 {on.p99_ms:.0f} ms), off {off.throughput:,.1f} req/s; offline at "
-          f"batch {batch}: {offline:,.1f} items/s")
-    print(f"  served / offline batched throughput: {on.throughput / offline:.3f}  (goal >= 0.8)")
-    print(f"  batching on / off:                   {on.throughput / off.throughput:.2f}x  (bounded by what batching "
-          f"gives offline: batch {batch} / batch 1 = {offline / single:.2f}x on this CPU)")
+    print(f"MiniLM, one sentence of {seq} tokens per request; offline at batch {batch}: {offline:,.1f} items/s, "
+          f"at batch 1: {single:,.1f} items/s")
+    figures(load, res.bundle, "minilm", offline, duration, slo_ms, batch, {"seq": seq}, single=single)
 
 
 if __name__ == "__main__":

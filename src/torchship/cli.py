@@ -159,6 +159,8 @@ def serve(
     max_queue: int = typer.Option(1024, help="queued requests per model before 503"),
     timeout_ms: float = typer.Option(30000, help="default request deadline; a request's 'timeout' parameter may only lower it"),
     slo_ms: Optional[float] = typer.Option(None, help="SLO mode: batch and shed by the bundle's latency profile to meet this p99"),
+    inline_under_ms: float = typer.Option(1.0, help="run batches predicted to take less on the event loop's thread "
+                                          "(no hand-off to a thread); 0: always on a thread"),
     max_body_mb: float = typer.Option(64, help="largest request body (413 beyond)"),
     drain_timeout: float = typer.Option(30, help="seconds to finish queued requests after SIGTERM"),
     repository: Optional[Path] = typer.Option(None, help="model repository for the load/unload API"),
@@ -182,7 +184,7 @@ def serve(
             verify(b)
             found.append((n, v))
     batch = BatchConfig(max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
-                        slo_s=slo_ms / 1e3 if slo_ms else None,
+                        slo_s=slo_ms / 1e3 if slo_ms else None, inline_s=inline_under_ms / 1e3,
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
     config = ServeConfig(batch=batch, max_batch_size=max_batch_size, max_body_bytes=int(max_body_mb * 2**20), threads=threads,
                          workers=workers, repository=repository, admin_token=admin_token)

@@ -1,11 +1,13 @@
 """The batcher with a fake runner: no model, no HTTP."""
 import asyncio
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from torchship.serve.batcher import BatchConfig, Batcher, DeadlineExceeded, LatencyModel, QueueFull, ShuttingDown
+from torchship.serve.batcher import (BatchConfig, Batcher, DeadlineExceeded, LatencyModel, QueueFull, ShuttingDown,
+                                     WouldMissSLO)
 from torchship.spec import IOSpec
 
 SPEC = IOSpec.parse(["x:float32[batch,4]"])
@@ -137,7 +139,7 @@ def test_slo_mode_sheds_what_cannot_make_it():
     async def go():
         return await asyncio.gather(*(b.submit(x(1)) for _ in range(12)), return_exceptions=True)
     results = run(_with(b, go))
-    assert any(isinstance(r, QueueFull) and "SLO" in str(r) for r in results)
+    assert any(isinstance(r, WouldMissSLO) and "SLO" in str(r) for r in results)
     assert any(isinstance(r, dict) for r in results)
 
 
@@ -148,6 +150,30 @@ def test_latency_model_interpolates_and_learns():
     for _ in range(50):
         m.observe(8, 0.050)
     assert m.predict(8) == pytest.approx(0.050, rel=0.01)
+    m.observe(8, 5.0)  # one slow run (a new shape, a preempted thread) barely moves it
+    assert m.predict(8) == pytest.approx(0.060, rel=0.01)
+    m.observe(3, 1.0)  # a first run at a new size starts from the interpolated prediction
+    assert m.predict(3) < 0.03
+
+
+@pytest.mark.parametrize("p50_ms, on_loop", [(0.1, True), (20.0, False), (None, False)])
+def test_batches_predicted_fast_run_on_the_loop_thread(p50_ms, on_loop):
+    """With no profile the first batch runs on a thread; its measured time decides for the next ones."""
+    seen = []
+
+    class Where(FakeRunner):
+        def __call__(self, feeds):
+            seen.append(threading.get_ident())
+            return super().__call__(feeds)
+    profile = {"4": {"p50_ms": p50_ms}} if p50_ms else None
+    b = Batcher(Where(), SPEC, BatchConfig(max_batch_size=4), latency=LatencyModel(profile))
+
+    async def go():
+        outs = await asyncio.gather(*(b.submit(x(1, i)) for i in range(8)))
+        return outs, threading.get_ident()
+    outs, loop_thread = run(_with(b, go))
+    assert [o["y"][0, 0] for o in outs] == [2.0 * i for i in range(8)]
+    assert seen and all((t == loop_thread) == on_loop for t in (seen if p50_ms else seen[:1]))
 
 
 def test_stop_runs_what_is_queued_and_refuses_new_work():

@@ -199,8 +199,8 @@ async def _infer(server: Server, e: Entry, name: str, version: str | None, heade
     except NotFound as exc:
         return fail(404, "not_found", str(exc))
     except QueueFull as exc:
-        e.metrics.rejected("queue_full")
-        return fail(503, "queue_full", str(exc), {"Retry-After": "1"})
+        e.metrics.rejected(exc.reason)
+        return fail(503, exc.reason, str(exc), {"Retry-After": "1"})
     except ShuttingDown as exc:
         return fail(503, "shutting_down", str(exc), {"Retry-After": "1"})
     except DeadlineExceeded as exc:
