@@ -39,6 +39,8 @@ def test_tritonclient_json_and_binary(server, digits_bundle):
     for binary in (False, True):
         np.testing.assert_allclose(triton_infer(s.url, x, binary), want, rtol=1e-5, atol=1e-5)
     assert s.http("GET", "/v2/models/digits-cnn/versions/1").status_code == 200
+    wrong = s.http("GET", "/v2/models/digits-cnn/infer")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST" and "POST" in wrong.json()["error"]
     assert s.metric("torchship_request_success_total") == 2
     assert s.metric("torchship_inference_count_total") == 10
 

@@ -321,13 +321,16 @@ class _Front:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         found = _INFER.fullmatch(scope["path"])
-        if found is None or scope["method"] != "POST":
+        if found is None:
             async def wrapped(message):
                 if message["type"] == "http.response.start" and self.server.draining:
                     message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
                 await send(message)
             return await self.app(scope, receive, wrapped)
-        status, body, headers = await infer(self.server, found[1], found[2], dict(scope["headers"]), receive)
+        if scope["method"] != "POST":
+            status, body, headers = problem(405, f"infer takes POST, not {scope['method']}", {"Allow": "POST"})
+        else:
+            status, body, headers = await infer(self.server, found[1], found[2], dict(scope["headers"]), receive)
         raw = [(k.encode(), v.encode()) for k, v in headers.items()] + [(b"content-length", b"%d" % len(body))]
         if self.server.draining:
             raw.append((b"connection", b"close"))
