@@ -1,8 +1,8 @@
 """A dynamic batcher: a plain async queue with no HTTP in it.
 
 Wait for the first request, collect requests of the same shape until the batch is full or the
-oldest has waited ``max_queue_delay``, drop those whose deadline has passed, run the batch off the
-event loop, split the outputs back. Every path resolves every waiting request, errors included.
+oldest has waited ``max_queue_delay``, drop those whose deadline has passed, run the batch on a
+thread (or, when predicted under ``inline_s``, on the loop's own), split the outputs back. Every path resolves every waiting request, errors included.
 Dimensions named in ``paddable`` are padded to the longest request in a batch (with zeros, which an
 attention mask ignores) and outputs are cut back per request; other shapes never mix.
 """

@@ -36,14 +36,19 @@ class ModelMetrics:
         self.success, self.queue_depth = m.success.labels(*labels), m.queue_depth.labels(*labels)
         self._inferences, self._executions = m.inferences.labels(*labels), m.executions.labels(*labels)
         self._compute, self._queue = m.compute_time.labels(*labels), m.queue_time.labels(*labels)
-        self._failure = lambda reason: m.failure.labels(*labels, reason)
-        self._rejected = lambda reason: m.rejected.labels(*labels, reason)
+        self._labels, self._failures, self._rejections = labels, (m.failure, {}), (m.rejected, {})
+
+    def _inc(self, series: tuple[Counter, dict], reason: str) -> None:
+        counter, children = series
+        if reason not in children:
+            children[reason] = counter.labels(*self._labels, reason)
+        children[reason].inc()
 
     def failure(self, reason: str) -> None:
-        self._failure(reason).inc()
+        self._inc(self._failures, reason)
 
     def rejected(self, reason: str) -> None:
-        self._rejected(reason).inc()
+        self._inc(self._rejections, reason)
 
     def on_batch(self, size: int, requests: int, compute_s: float, queue_s: list[float]) -> None:
         self._inferences.inc(size)

@@ -26,7 +26,7 @@ class Entry:
     manifest: dict
     spec: IOSpec
     batcher: Batcher
-    metrics: ModelMetrics | None = None
+    metrics: ModelMetrics
     ready: bool = False
     close: Callable[[], None] | None = None  # worker processes to stop with the entry
 
