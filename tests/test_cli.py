@@ -31,6 +31,27 @@ def test_errors_are_one_clear_line(capsys, args, code, fragment):
     assert "Traceback" not in out + err
 
 
+@pytest.mark.parametrize("command, text", [
+    (["train"], "x_train/y_train/x_val/y_val[/x_test/y_test]"),
+    (["serve"], "pip install 'torchship[ray]'"),
+    (["optimize"], "x:float32[batch,3,28,28]"),
+    (["inspect"], "NAME:DTYPE[DIMS]"),
+    (["check"], "NAME:DTYPE[DIMS]"),
+    (["perf"], "--concurrency"),
+    (["bundle", "verify"], "bundle directory"),
+])
+def test_help_shows_its_brackets(capsys, command, text):
+    """Help text is shown as written: rich markup once ate '[ray]' and crashed on '[/x_test/y_test]'."""
+    code, out, err = run(capsys, *command, "--help")
+    assert code == 0, err
+    assert text in " ".join(out.split())
+
+
+def test_an_error_with_brackets_is_printed_whole(capsys, tmp_path):
+    code, out, err = run(capsys, "bundle", "verify", str(tmp_path / "b[nlp]"))
+    assert code == 1 and "b[nlp]" in err and "Traceback" not in err
+
+
 def test_unwritable_or_occupied_output_fails_before_any_work(capsys, tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()

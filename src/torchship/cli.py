@@ -10,14 +10,15 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .errors import TorchshipError, UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Take a trained PyTorch model to production: optimize, verify, package.")
-bundle_app = typer.Typer(no_args_is_help=True, help="Inspect and check bundles.")
+bundle_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and check bundles.")
 app.add_typer(bundle_app, name="bundle")
 console = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -65,9 +66,9 @@ def render(result, target: int) -> None:
     notes = []
     for row in data:
         if row["why"]:
-            notes.append(f"[bold]{row['variant'].rstrip(' *')}[/]: {row['why']}")
+            notes.append(f"[bold]{escape(row['variant'].rstrip(' *'))}[/]: {escape(row['why'])}")
         row["status"] = f"[{colors.get(row['status'], 'white')}]{row['status']}[/]"
-        table.add_row(*[str(row[c]) for c in cols])
+        table.add_row(*[str(row[c]) if c == "status" else escape(str(row[c])) for c in cols])
     console.print(table)
     for note in notes:
         console.print("  " + note, highlight=False)
@@ -112,15 +113,15 @@ def optimize(
     with progress_bar() as update:
         result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update,
                      eval_data=eval_data, calibration_data=calibration_data, train_data=train_data, student=student,
-                     warn=lambda line: err.print(f"[yellow]warning:[/] {line}", highlight=False))
+                     warn=lambda line: err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False))
     if as_json:
         console.print_json(json.dumps(result.to_dict(), default=str))
     else:
         render(result, opts.target)
-        console.print(result.message)
+        console.print(escape(result.message))
     if result.bundle is None:
         raise TorchshipError(f"{result.message}; no bundle was written (loosen --budget, or see the table for why)")
-    (err if as_json else console).print(f"bundle: [bold]{result.bundle}[/]  report: [bold]{result.report}[/]")  # stdout: JSON only
+    (err if as_json else console).print(f"bundle: [bold]{escape(str(result.bundle))}[/]  report: [bold]{escape(str(result.report))}[/]")  # stdout: JSON only
 
 
 @app.command()
@@ -135,15 +136,15 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="where t
     with progress_bar() as update:
         result = run("zoo:digits-cnn", OptimizeOptions(), out=out, progress=update)
     render(result, OptimizeOptions().target)
-    console.print(result.message)
+    console.print(escape(result.message))
     if result.bundle is None:
         raise TorchshipError(result.message)
     loaded = load_bundle(result.bundle)
     x, y = dataset()["test"]
     pred = loaded({"image": x[:16]})["logits"].argmax(1)
-    console.print(f"bundle {result.bundle} ({loaded.manifest['runtime']}) predicts {pred.tolist()}")
+    console.print(f"bundle {escape(str(result.bundle))} ({loaded.manifest['runtime']}) predicts {pred.tolist()}")
     console.print(f"            labels {y[:16].tolist()}")
-    console.print(f"report: [bold]{result.report}[/] (and latency.png beside it); demo took {time.perf_counter() - started:.0f}s")
+    console.print(f"report: [bold]{escape(str(result.report))}[/] (and latency.png beside it); demo took {time.perf_counter() - started:.0f}s")
 
 
 @app.command()
@@ -193,11 +194,11 @@ def serve(
         rc = RayConfig(replicas=replicas, max_replicas=max_replicas, address=ray_address)
         application(bundles, config, rc)  # the settings' errors before a cluster starts
         scale = f"{replicas}-{max_replicas} replicas, autoscaled" if max_replicas else f"{replicas} replica{'s' if replicas > 1 else ''}"
-        err.print(f"serving {', '.join(f'{n} v{v}' for n, v in found)} on Ray Serve at http://{host}:{port}/v2 ({scale}); "
+        err.print(f"serving {escape(', '.join(f'{n} v{v}' for n, v in found))} on Ray Serve at http://{host}:{port}/v2 ({scale}); "
                   "ready once warmed up at /v2/health/ready", highlight=False)
         serve_ray(bundles, config, rc, host=host, port=port, drain_timeout=drain_timeout)
         return
-    err.print(f"serving {', '.join(f'{n} v{v}' for n, v in found)} on http://{host}:{port}/v2 "
+    err.print(f"serving {escape(', '.join(f'{n} v{v}' for n, v in found))} on http://{host}:{port}/v2 "
               f"({workers} worker{'s' if workers > 1 else ''}); ready once warmed up at /v2/health/ready", highlight=False)
     run(bundles, config, host=host, port=port, drain_timeout=drain_timeout)
 
@@ -271,10 +272,10 @@ def train_cmd(
     result = run(source, data, config, out=out, teacher=teacher_model, weights=weights)
     r = result.summary
     console.print(f"trained {r['epochs_run']} epochs in {r['seconds']:.1f}s ({r['recipe']['precision']}: "
-                  f"{r['recipe']['precision_reason']}); validation {_metrics(r['val'])}; test {_metrics(r['test']) or '-'}",
+                  f"{escape(r['recipe']['precision_reason'])}); validation {_metrics(r['val'])}; test {_metrics(r['test']) or '-'}",
                   highlight=False)
     model_file = out / ("model_int8.pt2" if qat else "model.pt2" if prune_channels else "model.safetensors")
-    console.print(f"{'weights' if model_file.suffix == '.safetensors' else 'model'}: [bold]{model_file}[/]  metrics: {out / 'metrics.csv'}  "
+    console.print(f"{'weights' if model_file.suffix == '.safetensors' else 'model'}: [bold]{escape(str(model_file))}[/]  metrics: {out / 'metrics.csv'}  "
                   f"summary: {out / 'summary.json'}")
 
 
@@ -306,7 +307,7 @@ def inspect_cmd(
         f = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
         for l in w.layers.values():
             s = l.stats
-            table.add_row(l.name, l.type, " ".join(f"{d}{sh}" for d, sh in zip(l.dtypes, l.shapes)), f"{l.params:,}",
+            table.add_row(escape(l.name), escape(l.type), escape(" ".join(f"{d}{sh}" for d, sh in zip(l.dtypes, l.shapes))), f"{l.params:,}",
                           f"{l.flops / 1e6:.3g}", f"{l.ms:.3f}", f(s["min"]), f(s["max"]), f(s["mean"]), f(s["std"]),
                           f"{s['zeros']:.0%}", f"[red]{s['nonfinite']}[/]" if s["nonfinite"] else "0")
         console.print(table)
@@ -316,10 +317,10 @@ def inspect_cmd(
     if w.first_nonfinite:
         n = w.first_nonfinite
         ins = "; ".join(f"min {s['min']}, max {s['max']}, non-finite {s['nonfinite']}" for s in n["inputs"])
-        err.print(f"[red]first non-finite output[/]: {n['module']} ({n['type']}); its input: {ins}", highlight=False, soft_wrap=True)
+        err.print(f"[red]first non-finite output[/]: {escape(n['module'])} ({escape(n['type'])}); its input: {ins}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     if dump:
-        console.print(f"activations: {dump / 'activations.safetensors'}")
+        console.print(f"activations: {escape(str(dump / 'activations.safetensors'))}")
 
 
 @app.command("check")
@@ -342,9 +343,9 @@ def check_cmd(
     else:
         marks = {True: "[red]FOUND[/]", False: "[green]ok[/]   ", None: "[dim]n/a[/]  "}
         for f in findings:
-            console.print(f"{marks[f.found]} [bold]{f.check}[/]: {f.evidence}", highlight=False)
+            console.print(f"{marks[f.found]} [bold]{escape(f.check)}[/]: {escape(f.evidence)}", highlight=False)
             if f.found:
-                console.print(f"       fix: {f.fix}", highlight=False)
+                console.print(f"       fix: {escape(f.fix)}", highlight=False)
         found = sum(1 for f in findings if f.found)
         console.print(f"{found} problem(s) found" if found else "no problems found")
     if any(f.found for f in findings):
@@ -356,7 +357,7 @@ def bundle_verify(path: Path = typer.Argument(..., help="bundle directory")):
     """Check every file of a bundle against the sha256 in its manifest."""
     from .bundle import verify
     manifest = verify(path)
-    console.print(f"[green]ok[/]: {path} ({manifest['name']} v{manifest['version']}, {manifest['runtime']}, "
+    console.print(f"[green]ok[/]: {escape(str(path))} ({manifest['name']} v{manifest['version']}, {manifest['runtime']}, "
                   f"{len(manifest['files'])} files verified)")
 
 
@@ -385,12 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     except TorchshipError as exc:
         if debug:
             raise
-        err.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/]: {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except Exception as exc:
         if debug:
             raise
-        err.print(f"[red]error[/]: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/]: {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
         return 1
 
 
