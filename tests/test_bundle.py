@@ -75,3 +75,19 @@ def test_write_is_atomic_and_never_clobbers_other_data(tmp_path):
     with pytest.raises(OutputError, match="not a bundle"):
         write(other, {"name": "m"}, [(src, "a.bin")])
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_threads_are_what_this_machine_has(tiny_bundle, tmp_path):
+    """A bundle optimized on a bigger machine starts no more threads than this one may use; an explicit count
+    wins; spin=False stops ONNX Runtime's idle threads from spinning."""
+    from torchship.machine import cores
+    big = _copy(tiny_bundle, tmp_path / "big")
+    manifest = json.loads((big / "manifest.json").read_text())
+    manifest["artifact"]["options"]["threads"] = 512
+    (big / "manifest.json").write_text(json.dumps(manifest))
+    opts = load_bundle(big).runner.sess.get_session_options()
+    assert opts.intra_op_num_threads == cores()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    opts = load_bundle(big, threads=1, spin=False).runner.sess.get_session_options()
+    assert opts.intra_op_num_threads == 1
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"

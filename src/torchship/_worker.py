@@ -6,7 +6,6 @@ becomes a rejected row with its reason instead of a failed run.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BuildSkipped
+from .machine import cores
 
 
 def _reload(job: dict, pool: dict):
@@ -65,7 +65,7 @@ def run(job: dict) -> dict:
     from . import runtimes
     from .profile import profile
     from .spec import IOSpec
-    threads = job.get("threads") or os.cpu_count()
+    threads = job.get("threads") or cores()
     torch.set_num_threads(threads)
     workdir = Path(job["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import BundleError, OutputError
+from .machine import cores
 from .spec import IOSpec
 
 FORMAT_VERSION = 1
@@ -110,8 +111,12 @@ class Loaded:
         return self.runner(feeds)
 
 
-def load(path: Path, device: str | None = None) -> Loaded:
-    """Verify and load a bundle; the result maps {name: array} to {name: array} for a whole batch."""
+def load(path: Path, device: str | None = None, threads: int | None = None, spin: bool = True) -> Loaded:
+    """Verify and load a bundle; the result maps {name: array} to {name: array} for a whole batch.
+
+    ``threads``: intra-op threads (default: what the bundle was optimized with, at most this machine's cores).
+    ``spin=False`` keeps ONNX Runtime's idle threads from spinning between calls, for a process that has other
+    work between them (a server's event loop)."""
     from . import runtimes
     from .runtimes import Artifact
     path = Path(path)
@@ -119,9 +124,9 @@ def load(path: Path, device: str | None = None) -> Loaded:
     artifact = Artifact.from_dict(manifest["artifact"])
     spec = IOSpec.from_dict(manifest["spec"])
     device = device or manifest.get("device", "cpu")
-    threads = (artifact.options or {}).get("threads")
-    if threads:
-        import torch
-        torch.set_num_threads(int(threads))
+    threads = int(threads or min(artifact.options.get("threads") or cores(), cores()))
+    artifact.options.update(threads=threads, spin=spin)
+    import torch
+    torch.set_num_threads(threads)
     runner = runtimes.get(artifact.runtime).load(artifact, path, spec, device)
     return Loaded(manifest, spec, runner)

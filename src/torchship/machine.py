@@ -1,8 +1,17 @@
-"""What this machine's CPU can do (from /proc/cpuinfo)."""
+"""What this machine's CPU can do (from /proc/cpuinfo), and how many cores this process may use."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset, taskset), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @lru_cache(maxsize=1)

@@ -79,11 +79,11 @@ Progress = Callable[[str, int, int], None]
 
 
 def machine_info(threads: int | None = None) -> dict:
-    from .machine import cpu as cpu_info
+    from .machine import cores, cpu as cpu_info
     cpu, flags = cpu_info()
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
     import onnxruntime
-    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "threads": threads or os.cpu_count(),
+    return {"cpu": cpu, "cores": cores(), "isa": isa, "threads": threads or cores(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

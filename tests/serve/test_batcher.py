@@ -189,3 +189,19 @@ def test_stop_runs_what_is_queued_and_refuses_new_work():
             await b.submit(x(1))
         return await asyncio.gather(*tasks)
     assert len(run(go())) == 6
+
+
+@pytest.mark.parametrize("inline_ms, spin", [(1.0, "0"), (0.0, "1")])
+def test_a_model_run_on_the_loop_gets_no_spinning_threads(digits_bundle, inline_ms, spin):
+    """digits-cnn's batches run on the event loop's thread: ONNX Runtime threads spinning between them would take
+    the loop's core; a model whose batches go to a thread keeps them. --threads reaches ONNX Runtime."""
+    from torchship.serve.metrics import Metrics
+    from torchship.serve.registry import load_entry
+
+    async def main():
+        entry = await load_entry("digits-cnn", "1", digits_bundle, BatchConfig(max_batch_size=8, inline_s=inline_ms / 1e3),
+                                 Metrics(), threads=1)
+        opts = entry.batcher.run.runner.sess.get_session_options()
+        await entry.stop()
+        return opts.intra_op_num_threads, opts.get_session_config_entry("session.intra_op.allow_spinning")
+    assert asyncio.run(main()) == (1, spin)

@@ -6,7 +6,6 @@ fine) or None (does not apply here, with why). ``check`` runs them all.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import machine
 from ..profile import batch_of
 
 
@@ -107,7 +107,7 @@ def batching(model) -> Finding:
 
 def threads(model, workers: int) -> Finding:
     name = "thread oversubscription"
-    cores, per = os.cpu_count() or 1, torch.get_num_threads()
+    cores, per = machine.cores(), torch.get_num_threads()
     if per * workers <= cores:
         return Finding(name, False, f"{workers} worker(s) x {per} intra-op threads <= {cores} cores")
     args = _args(model, 8)

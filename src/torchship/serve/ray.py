@@ -6,13 +6,13 @@ Ray Serve's autoscaler adds and removes them. Bundle paths must exist on every n
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import MissingExtra, UsageError
+from ..machine import cores
 from .app import ServeConfig, create_app
 
 APP_NAME = "torchship"
@@ -55,7 +55,7 @@ def application(paths: list[Path], config: ServeConfig | None = None, ray_config
         raise UsageError("the load/unload API is per process; under --ray, roll out a new version by deploying again "
                          "(Ray Serve replaces replicas one by one)")
     most = rc.max_replicas or rc.replicas
-    cpus = rc.cpus_per_replica or max(1.0, (os.cpu_count() or 1) // most)
+    cpus = rc.cpus_per_replica or max(1.0, cores() // most)
     config = replace(config, threads=config.threads or int(cpus), workers=1)
     # Ray holds back requests past a replica's max_ongoing_requests in its own queue; set it past what the replica's
     # batcher holds, so overflow reaches the batcher and gets the local server's 503, and bound Ray's queue too

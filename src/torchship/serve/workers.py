@@ -11,17 +11,16 @@ import queue
 import threading
 from pathlib import Path
 
+from ..machine import cores
+
 
 class WorkerDied(RuntimeError):
     pass
 
 
 def _worker_main(path: str, threads: int, warm_sizes: tuple[int, ...], conn) -> None:
-    import torch
-
     from ..bundle import load
-    torch.set_num_threads(threads)
-    runner = load(Path(path))
+    runner = load(Path(path), threads=threads)
     for bs in warm_sizes:
         runner(runner.spec.sample(bs, runner.manifest.get("dims") or {}))
     conn.send(("ready", os.getpid()))
@@ -71,7 +70,7 @@ class ProcessPool:
 
     def __init__(self, path: Path, workers: int, threads_each: int | None = None, warm_sizes: tuple[int, ...] = (1,)):
         self.path, self.size, self.warm = str(path), workers, tuple(warm_sizes)
-        self.threads = threads_each or max(1, (os.cpu_count() or 1) // workers)
+        self.threads = threads_each or max(1, cores() // workers)
         self._ctx = mp.get_context("spawn")
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: list[_Worker] = []
