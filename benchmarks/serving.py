@@ -10,6 +10,10 @@ The load comes from benchmarks/loadgen.c (built here with the C compiler that `m
 Python generator takes about a core at 10,000 requests/s, which on a 2-core machine is half of what the server
 could use. It still runs on the same cores as the server, so served figures here are a floor.
 
+What any server could reach here: benchmarks/ceiling.c, a C server that reads each request and sends a fixed
+answer, is measured with the same generator, and each goal is set against it (its rate bounds served / offline;
+its CPU a request bounds batching on / off; what refusing costs against serving bounds goodput under overload).
+
 digits-cnn costs about 2 us an item offline, so on it an HTTP request is the whole cost. `--minilm` adds the same
 figures on MiniLM (single sentences of 64 tokens, ONNX Runtime), a model whose compute dominates, to show what
 the batcher itself gives up against offline batching and how SLO mode sheds overload.
@@ -59,11 +63,48 @@ class Server:
         raise RuntimeError("server did not become ready")
 
     def __enter__(self):
+        return self
+
+    @property
+    def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def measure(self, load: "Load", model: str, *args, **kwargs) -> tuple["Run", float]:
+        """A load run, and this server's CPU seconds per answer during it."""
+        used = cpu_seconds(self.proc.pid)
+        run = load(self.url, model, *args, **kwargs)
+        return run, (cpu_seconds(self.proc.pid) - used) / max(1, sum(run.statuses.values()))
+
+    def answer(self, model: str, dims: dict | None) -> bytes:
+        """The whole HTTP response to one single-item request, as bytes."""
+        with httpx.Client() as c:
+            body, headers = make_request(c.get(f"http://{self.url}/v2/models/{model}").json(), 1, dims or {}, True)
+            r = c.post(f"http://{self.url}/v2/models/{model}/infer", content=body, headers=headers)
+        head = "".join(f"{k}: {v}\r\n" for k, v in r.headers.items())
+        return f"HTTP/1.1 {r.status_code} {r.reason_phrase}\r\n{head}\r\n".encode() + r.content
 
     def __exit__(self, *exc):
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
+
+
+class Ceiling:
+    """benchmarks/ceiling.c on a free port, one thread a core, answering ``answer`` to every request."""
+
+    def __init__(self, load: "Load", answer: bytes):
+        self.port, path = free_port(), load.work / "answer.bin"
+        path.write_bytes(answer)
+        self.proc = subprocess.Popen([str(load.ceiling_exe), str(self.port), str(os.cpu_count()), str(path)],
+                                     stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("benchmarks/ceiling.c did not start")
+
+    def __enter__(self):
+        return f"127.0.0.1:{self.port}", self.proc.pid
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait(10)
 
 
 @dataclass
@@ -90,27 +131,41 @@ class Run:
         return ", ".join(parts) or "none"
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Load:
-    """benchmarks/loadgen.c, compiled once, pointed at one model of one server."""
+    """benchmarks/loadgen.c, compiled once, pointed at one model of one server; benchmarks/ceiling.c beside it."""
 
     def __init__(self, work: Path):
         cc = shutil.which("cc") or shutil.which("gcc")
         if cc is None:
             sys.exit("benchmarks/serving.py needs a C compiler for its load generator: run `make system-deps` "
                      "(or apt-get install gcc)")
-        self.exe, self.work = work / "loadgen", work
-        subprocess.run([cc, "-O2", "-o", str(self.exe), str(Path(__file__).with_name("loadgen.c")), "-lm"], check=True)
+        self.exe, self.ceiling_exe, self.work = work / "loadgen", work / "ceiling", work
+        here = Path(__file__).parent
+        subprocess.run([cc, "-O2", "-o", str(self.exe), str(here / "loadgen.c"), "-lm"], check=True)
+        subprocess.run([cc, "-O2", "-o", str(self.ceiling_exe), str(here / "ceiling.c"), "-lpthread"], check=True)
 
-    def __call__(self, url: str, model: str, mode: str, value: float, seconds: float, dims: dict | None = None) -> Run:
-        host, port = url.split(":")
+    def request(self, url: str, model: str, dims: dict | None = None, path: str | None = None) -> bytes:
+        """One single-item infer request for ``model``, as bytes on the wire (sent to ``path`` if given)."""
         with httpx.Client() as c:
             body, headers = make_request(c.get(f"http://{url}/v2/models/{model}").json(), 1, dims or {}, True)
+        head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": len(body)}.items())
+        return f"POST {path or f'/v2/models/{model}/infer'} HTTP/1.1\r\nHost: {url}\r\n{head}\r\n".encode() + body
+
+    def __call__(self, url: str, model: str, mode: str, value: float, seconds: float, dims: dict | None = None,
+                 request: bytes | None = None) -> Run:
+        host, port = url.split(":")
+        request_file = self.work / "request.bin"
+        request_file.write_bytes(request or self.request(url, model, dims))
+        with httpx.Client() as c:
             before = _counters(c, f"http://{url}", model)
-            head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": len(body)}.items())
-            request = self.work / "request.bin"
-            request.write_bytes(f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {url}\r\n{head}\r\n".encode() + body)
             extra = [str(MAX_OPEN), "0"] if mode == "poisson" else []
-            out = subprocess.run([str(self.exe), host, port, str(request), mode, f"{value:g}", str(seconds), *extra],
+            out = subprocess.run([str(self.exe), host, port, str(request_file), mode, f"{value:g}", str(seconds), *extra],
                                  capture_output=True, text=True, timeout=seconds + 60, check=True).stdout.split("\n")
             after = _counters(c, f"http://{url}", model)
         rows = [line.split() for line in out if line[:1].isdigit()]
@@ -137,36 +192,64 @@ def main() -> None:
     runner = load_bundle(res.bundle)
     x = dataset()["test"][0]
     offline = 64 / (measure(runner, {"image": x[:64]}, seconds=2.0)["p50_ms"] / 1e3)
-    print(f"digits-cnn bundle: {res.chosen['name']}; offline batched throughput at batch 64: {offline:,.0f} items/s "
-          f"({os.cpu_count()} cores, server and load generator share them)")
-    figures(load, res.bundle, "digits-cnn", offline, args.duration, args.slo_ms, batch=64)
+    single = 1 / (measure(runner, {"image": x[:1]}, seconds=2.0)["p50_ms"] / 1e3)
+    print(f"digits-cnn bundle: {res.chosen['name']}; offline batched throughput at batch 64: {offline:,.0f} items/s, "
+          f"at batch 1: {single:,.0f} ({os.cpu_count()} cores, server and load generator share them)")
+    figures(load, res.bundle, "digits-cnn", offline, single, args.duration, args.slo_ms, batch=64)
     if args.minilm:
         minilm(load, work, args.duration, args.minilm_slo_ms)
 
 
-def figures(load: Load, bundle: Path, model: str, offline: float, duration: float, slo_ms: float, batch: int,
-            dims: dict | None = None, single: float | None = None) -> None:
-    rows = {}
+def figures(load: Load, bundle: Path, model: str, offline: float, single: float, duration: float, slo_ms: float,
+            batch: int, dims: dict | None = None) -> None:
+    rows, cost = {}, {}  # cost: the server's CPU seconds per answer
     for label, size in (("on", batch), ("off", 1)):
-        with Server(bundle, "--max-batch-size", str(size)) as url:
-            rows[label] = load(url, model, "closed", 64, duration, dims)
+        with Server(bundle, "--max-batch-size", str(size)) as s:
+            rows[label], cost[label] = s.measure(load, model, "closed", 64, duration, dims)
             if label == "on":
-                rows["c1"] = load(url, model, "closed", 1, duration, dims)
+                rows["c1"] = load(s.url, model, "closed", 1, duration, dims)
+                request, answer = load.request(s.url, model, dims), s.answer(model, dims)
+                missing = load.request(s.url, model, dims, path="/v2/models/no-such-model/infer")
+                _, cost["refusal"] = s.measure(load, model, "closed", 64, duration, request=missing)
     on, off, c1 = rows["on"], rows["off"], rows["c1"]
     print(f"concurrency 64, batching on : {on.throughput:,.1f} req/s, p50 {on.pct(50):.1f} ms, p99 {on.pct(99):.1f} ms, "
           f"avg batch {on.avg_batch or 0:.1f}, refused {on.refused()}")
     print(f"concurrency 64, batching off: {off.throughput:,.1f} req/s, p99 {off.pct(99):.1f} ms, refused {off.refused()}")
     print(f"  served / offline batched throughput: {on.throughput / offline:.3f}  (goal >= 0.8)")
-    bound = f"; bounded by what batching gives offline: {offline / single:.2f}x on this CPU" if single else ""
-    print(f"  batching on / off:                   {on.throughput / off.throughput:.2f}x  (goal >= 3{bound})")
+    print(f"  batching on / off:                   {on.throughput / off.throughput:.2f}x  (goal >= 3; offline, batch "
+          f"{batch} / batch 1: {offline / single:.1f}x)")
     print(f"concurrency 1: p50 {c1.pct(50):.2f} ms, {c1.throughput:,.1f} req/s")
     capacity = on.throughput
-    with Server(bundle, "--max-batch-size", str(batch), "--slo-ms", f"{slo_ms:g}") as url:
-        over = load(url, model, "poisson", 2 * capacity, duration, dims)
+    with Server(bundle, "--max-batch-size", str(batch), "--slo-ms", f"{slo_ms:g}") as s:
+        over = load(s.url, model, "poisson", 2 * capacity, duration, dims)
     print(f"open loop, Poisson at 2x capacity ({2 * capacity:,.1f} req/s offered) with --slo-ms {slo_ms:g}: goodput "
           f"{over.goodput(slo_ms):,.1f} req/s = {over.goodput(slo_ms) / capacity:.2f} of capacity (goal >= 0.9); p99 "
           f"of accepted {over.pct(99):.1f} ms (SLO {slo_ms:g} ms); avg batch {over.avg_batch or 0:.1f}; "
           f"refused {over.refused()}")
+    bounds(load, model, request, answer, offline, single, batch, duration, cost, on)
+
+
+def bounds(load: Load, model: str, request: bytes, answer: bytes, offline: float, single: float, batch: int,
+           duration: float, cost: dict, on: Run) -> None:
+    """What the goals ask of any server here: the ceiling server's rate and CPU a request against each goal."""
+    with Ceiling(load, answer) as (url, pid):
+        used = cpu_seconds(pid)
+        top = load(url, model, "closed", 64, duration, request=request)
+        top_cost = (cpu_seconds(pid) - used) / max(1, len(top.ok_ms))
+    us = lambda seconds: f"{seconds * 1e6:,.1f} us"  # noqa: E731
+    print(f"what any server could do here: benchmarks/ceiling.c (C, epoll, {os.cpu_count()} threads; reads each "
+          f"request, sends a fixed answer) serves {top.throughput:,.0f} req/s at concurrency 64 with {us(top_cost)} of "
+          f"CPU a request; torchship {us(cost['on'])} (batching on), {us(cost['off'])} (off), {us(cost['refusal'])} "
+          f"to refuse (404)")
+    print(f"  served / offline can be at most {min(1.0, top.throughput / offline):.3f} here (the ceiling's rate / offline); "
+          f"torchship serves at {on.throughput / top.throughput:.2f} of the ceiling")
+    http = (1 / single - 3 / offline) / 2  # (h + t1) / (h + t_batch) >= 3  <=>  h <= (t1 - 3 t_batch) / 2
+    need = f"under {us(http)} of HTTP work a request" if http > 0 else "an HTTP request that costs nothing, and more"
+    print(f"  batching on / off >= 3 needs {need} (batch 1 runs in {us(1 / single)}, batch {batch} in "
+          f"{us(1 / offline)} an item); the ceiling server spends {us(top_cost)}")
+    r = cost["refusal"] / cost["on"]
+    print(f"  goodput at 2x capacity is at most {max(0.0, (1 - 2 * r) / (1 - r)):.2f} when refusing costs {r:.2f} of "
+          f"serving (torchship, measured above); 0.9 needs refusals under 0.09 of a served request's cost")
 
 
 def minilm(load: Load, work: Path, duration: float, slo_ms: float, seq: int = 64, batch: int = 16) -> None:
@@ -178,7 +261,7 @@ def minilm(load: Load, work: Path, duration: float, slo_ms: float, seq: int = 64
     single = 1 / (measure(runner, {k: v[:1] for k, v in feeds.items()}, seconds=3.0)["p50_ms"] / 1e3)
     print(f"MiniLM, one sentence of {seq} tokens per request; offline at batch {batch}: {offline:,.1f} items/s, "
           f"at batch 1: {single:,.1f} items/s")
-    figures(load, res.bundle, "minilm", offline, duration, slo_ms, batch, {"seq": seq}, single=single)
+    figures(load, res.bundle, "minilm", offline, single, duration, slo_ms, batch, {"seq": seq})
 
 
 if __name__ == "__main__":
