@@ -69,17 +69,10 @@ class Server:
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def measure(self, load: "Load", model: str, *args, **kwargs) -> tuple["Run", float]:
-        """A load run, and this server's CPU seconds per answer during it."""
-        used = cpu_seconds(self.proc.pid)
-        run = load(self.url, model, *args, **kwargs)
-        return run, (cpu_seconds(self.proc.pid) - used) / max(1, sum(run.statuses.values()))
-
     def answer(self, model: str, dims: dict | None) -> bytes:
         """The whole HTTP response to one single-item request, as bytes."""
-        with httpx.Client() as c:
-            body, headers = make_request(c.get(f"http://{self.url}/v2/models/{model}").json(), 1, dims or {}, True)
-            r = c.post(f"http://{self.url}/v2/models/{model}/infer", content=body, headers=headers)
+        body, headers = single_request(self.url, model, dims)
+        r = httpx.post(f"http://{self.url}/v2/models/{model}/infer", content=body, headers=headers)
         head = "".join(f"{k}: {v}\r\n" for k, v in r.headers.items())
         return f"HTTP/1.1 {r.status_code} {r.reason_phrase}\r\n{head}\r\n".encode() + r.content
 
@@ -137,6 +130,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def measured(pid: int, load: "Load", url: str, model: str, *args, **kwargs) -> tuple[Run, float]:
+    """A load run, and the server process's CPU seconds per answer during it."""
+    used = cpu_seconds(pid)
+    run = load(url, model, *args, **kwargs)
+    return run, (cpu_seconds(pid) - used) / max(1, sum(run.statuses.values()))
+
+
+def single_request(url: str, model: str, dims: dict | None) -> tuple[bytes, dict]:
+    """Body and headers of a single-item binary infer request, from the model's metadata."""
+    return make_request(httpx.get(f"http://{url}/v2/models/{model}").json(), 1, dims or {}, True)
+
+
 class Load:
     """benchmarks/loadgen.c, compiled once, pointed at one model of one server; benchmarks/ceiling.c beside it."""
 
@@ -152,8 +157,7 @@ class Load:
 
     def request(self, url: str, model: str, dims: dict | None = None, path: str | None = None) -> bytes:
         """One single-item infer request for ``model``, as bytes on the wire (sent to ``path`` if given)."""
-        with httpx.Client() as c:
-            body, headers = make_request(c.get(f"http://{url}/v2/models/{model}").json(), 1, dims or {}, True)
+        body, headers = single_request(url, model, dims)
         head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": len(body)}.items())
         return f"POST {path or f'/v2/models/{model}/infer'} HTTP/1.1\r\nHost: {url}\r\n{head}\r\n".encode() + body
 
@@ -205,12 +209,12 @@ def figures(load: Load, bundle: Path, model: str, offline: float, single: float,
     rows, cost = {}, {}  # cost: the server's CPU seconds per answer
     for label, size in (("on", batch), ("off", 1)):
         with Server(bundle, "--max-batch-size", str(size)) as s:
-            rows[label], cost[label] = s.measure(load, model, "closed", 64, duration, dims)
+            rows[label], cost[label] = measured(s.proc.pid, load, s.url, model, "closed", 64, duration, dims)
             if label == "on":
                 rows["c1"] = load(s.url, model, "closed", 1, duration, dims)
                 request, answer = load.request(s.url, model, dims), s.answer(model, dims)
                 missing = load.request(s.url, model, dims, path="/v2/models/no-such-model/infer")
-                _, cost["refusal"] = s.measure(load, model, "closed", 64, duration, request=missing)
+                _, cost["refusal"] = measured(s.proc.pid, load, s.url, model, "closed", 64, duration, request=missing)
     on, off, c1 = rows["on"], rows["off"], rows["c1"]
     print(f"concurrency 64, batching on : {on.throughput:,.1f} req/s, p50 {on.pct(50):.1f} ms, p99 {on.pct(99):.1f} ms, "
           f"avg batch {on.avg_batch or 0:.1f}, refused {on.refused()}")
@@ -233,9 +237,7 @@ def bounds(load: Load, model: str, request: bytes, answer: bytes, offline: float
            duration: float, cost: dict, on: Run) -> None:
     """What the goals ask of any server here: the ceiling server's rate and CPU a request against each goal."""
     with Ceiling(load, answer) as (url, pid):
-        used = cpu_seconds(pid)
-        top = load(url, model, "closed", 64, duration, request=request)
-        top_cost = (cpu_seconds(pid) - used) / max(1, len(top.ok_ms))
+        top, top_cost = measured(pid, load, url, model, "closed", 64, duration, request=request)
     us = lambda seconds: f"{seconds * 1e6:,.1f} us"  # noqa: E731
     print(f"what any server could do here: benchmarks/ceiling.c (C, epoll, {os.cpu_count()} threads; reads each "
           f"request, sends a fixed answer) serves {top.throughput:,.0f} req/s at concurrency 64 with {us(top_cost)} of "

@@ -40,7 +40,7 @@ def test_errors_are_one_clear_line(capsys, args, code, fragment):
     (["perf"], "--concurrency"),
     (["bundle", "verify"], "bundle directory"),
 ])
-def test_help_shows_its_brackets(capsys, command, text):
+def test_every_help_renders_as_written(capsys, command, text):
     """Help text is shown as written: rich markup once ate '[ray]' and crashed on '[/x_test/y_test]'."""
     code, out, err = run(capsys, *command, "--help")
     assert code == 0, err
