@@ -21,9 +21,10 @@ import numpy as np
 
 def minilm(n_sentences: int) -> None:
     from torchship import Budget, OptimizeOptions, optimize
+    from torchship import load_source
     from torchship.sources.hf import tokenize
     from torchship.zoo import minilm as zoo
-    model = zoo.load()
+    model = load_source("zoo:minilm")
     seen = set(zoo.sentences(64 + 64))  # the zoo's own verification and calibration sentences
     held_out = [s for s in zoo.sentences(n_sentences + 200, seed=11) if s not in seen][:n_sentences]
     work = Path(tempfile.mkdtemp(prefix="torchship-compress-"))
@@ -31,20 +32,20 @@ def minilm(n_sentences: int) -> None:
     res = optimize("zoo:minilm", OptimizeOptions(runtimes=("eager", "compile", "aoti", "onnxrt"), transforms=("int8",),
                                                  batch_sizes=(32,), seconds_per_size=3.0, budget=Budget(min_cosine=0.99)),
                    eval_data=work / "eval.npz")
-    rows = {v["name"]: v for v in res.variants}
-    base = rows["eager"]["profile"]["32"]["throughput"]
+    rows = {v.name: v for v in res.variants}
+    base = rows["eager"].throughput(32)
     print(f"MiniLM, seq 128, batch 32, {len(held_out)} held-out sentences; fp32 eager {base:.1f} items/s")
     best = None
     for name, v in rows.items():
-        quantized = v.get("transforms") or v["options"].get("quantize")
+        quantized = v.transforms or v.options.get("quantize")
         if not quantized and name not in ("onnxrt", "compile", "aoti"):
             continue
-        if v["status"] not in ("ok", "rejected"):
-            print(f"  {name:20s} {v['status']}: {v.get('reason', '')[:110]}")
+        if v.status not in ("ok", "rejected"):
+            print(f"  {name:20s} {v.status}: {v.reason[:110]}")
             continue
-        ratio, cos = v["profile"]["32"]["throughput"] / base, v["fidelity"]["cosine"]
-        print(f"  {name:20s} {ratio:5.2f}x fp32 eager   cosine {cos:.4f} (min {v['fidelity']['cosine_min']:.4f})"
-              f"   {v['artifact_bytes'] / 2**20:6.1f} MB{'' if quantized else '   (fp32)'}")
+        ratio, cos = v.throughput(32) / base, v.fidelity.cosine
+        print(f"  {name:20s} {ratio:5.2f}x fp32 eager   cosine {cos:.4f} (min {v.fidelity.cosine_min:.4f})"
+              f"   {v.artifact_bytes / 2**20:6.1f} MB{'' if quantized else '   (fp32)'}")
         if quantized and cos >= 0.99 and (best is None or ratio > best[1]):
             best = (name, ratio, cos)
     if best:
@@ -70,8 +71,8 @@ def main() -> None:
 def digits(amount: float = 0.5) -> None:
     import torch
 
-    from torchship.profile import measure
-    from torchship.runtimes.base import TorchRunner
+    from torchship.profile import median_s
+    from torchship.runtimes._torch import TorchRunner
     from torchship.sources import load_source
     from torchship.train import TrainConfig, train
     from torchship.zoo.digits import dataset
@@ -83,7 +84,7 @@ def digits(amount: float = 0.5) -> None:
         acc = [float((m(torch.from_numpy(x))[0].argmax(1).numpy() == y).mean()) for m in (base.module, run.model)]
     size = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in (base.module, run.model)]
     feeds = {"image": x[:32]}
-    speed = [32 / (measure(TorchRunner(m.eval(), base.spec), feeds, seconds=2.0)["p50_ms"] / 1e3) for m in (base.module, run.model)]
+    speed = [32 / (median_s(TorchRunner(m.eval(), base.spec), feeds, seconds=2.0)) for m in (base.module, run.model)]
     print(f"digits-cnn, {amount:.0%} structured channel pruning (Torch-Pruning) + {run.summary['epochs_run']} epochs of "
           f"fine-tuning ({run.summary['seconds']:.1f}s): test accuracy {acc[1]:.2%} against {acc[0]:.2%} unpruned "
           f"(drop {100 * (acc[0] - acc[1]):+.2f} points; goal <= 1)")
@@ -100,7 +101,7 @@ def searched() -> None:
                                                      transforms=("qat", "channels", "distill"),
                                                      budget=Budget(max_accuracy_drop=0.01)), train_data="zoo:digits")
     print(f"digits-cnn, optimize --train-data zoo:digits --budget accuracy_drop=0.01 (batch 32): {res.message}")
-    for line in bought(res.variants)[2:-1]:
+    for line in bought(res)[2:-1]:
         print("  " + line.replace("**", ""))
 
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchship import OptimizeOptions, load_source, optimize
-from torchship.runtimes.base import example_args
+from torchship.runtimes._torch import example_args
 
 
 def _best(fn, repeats: int) -> float:
@@ -73,16 +73,16 @@ def main() -> None:
         res = optimize(f"zoo:{name}", OptimizeOptions(batch_sizes=sizes, seconds_per_size=args.seconds), dims=dims)
         print(f"\n{name}{' (seq 128)' if dims else ''}: {flops / 1e6:.2f} MFLOP per item; {res.message}")
         print(f"{'variant':<13}{'status':<10}" + "".join(f"{'bs ' + str(b) + ' x eager':>16}{'% of peak':>11}" for b in sizes))
-        eager = next(v for v in res.variants if v["name"] == "eager")
+        eager = res.variant("eager")
         for v in res.variants:
             cells = ""
             for b in sizes:
-                s, e = (v.get("profile") or {}).get(str(b), {}), (eager.get("profile") or {}).get(str(b), {})
-                if "throughput" in s and "throughput" in e:
-                    cells += f"{s['throughput'] / e['throughput']:>15.2f}x{100 * flops * s['throughput'] / peak:>10.1f}%"
+                s, e = v.throughput(b), eager.throughput(b)
+                if s and e:
+                    cells += f"{s / e:>15.2f}x{100 * flops * s / peak:>10.1f}%"
                 else:
                     cells += f"{'-':>16}{'-':>11}"
-            print(f"{v['name']:<13}{v['status']:<10}{cells}" + (f"  ({v.get('reason')})" if v.get("reason") else ""))
+            print(f"{v.name:<13}{v.status:<10}{cells}" + (f"  ({v.reason})" if v.reason else ""))
 
 
 if __name__ == "__main__":

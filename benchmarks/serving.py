@@ -39,7 +39,7 @@ import numpy as np
 
 from torchship import OptimizeOptions, load_bundle, optimize
 from torchship.perf import MAX_OPEN, _counters, make_request
-from torchship.profile import measure
+from torchship.profile import median_s
 from torchship.zoo.digits import dataset
 
 
@@ -195,9 +195,9 @@ def main() -> None:
     res = optimize("zoo:digits-cnn", OptimizeOptions(batch_sizes=(1, 8, 64), seconds_per_size=0.5), out=work / "bundle")
     runner = load_bundle(res.bundle)
     x = dataset()["test"][0]
-    offline = 64 / (measure(runner, {"image": x[:64]}, seconds=2.0)["p50_ms"] / 1e3)
-    single = 1 / (measure(runner, {"image": x[:1]}, seconds=2.0)["p50_ms"] / 1e3)
-    print(f"digits-cnn bundle: {res.chosen['name']}; offline batched throughput at batch 64: {offline:,.0f} items/s, "
+    offline = 64 / (median_s(runner, {"image": x[:64]}, seconds=2.0))
+    single = 1 / (median_s(runner, {"image": x[:1]}, seconds=2.0))
+    print(f"digits-cnn bundle: {res.chosen.name}; offline batched throughput at batch 64: {offline:,.0f} items/s, "
           f"at batch 1: {single:,.0f} ({os.cpu_count()} cores, server and load generator share them)")
     figures(load, res.bundle, "digits-cnn", offline, single, args.duration, args.slo_ms, batch=64)
     if args.minilm:
@@ -259,8 +259,8 @@ def minilm(load: Load, work: Path, duration: float, slo_ms: float, seq: int = 64
                                                  transforms=()), dims={"seq": seq}, out=work / "minilm")
     runner = load_bundle(res.bundle)
     feeds = runner.spec.sample(batch, {"seq": seq}, seed=0)
-    offline = batch / (measure(runner, feeds, seconds=3.0)["p50_ms"] / 1e3)
-    single = 1 / (measure(runner, {k: v[:1] for k, v in feeds.items()}, seconds=3.0)["p50_ms"] / 1e3)
+    offline = batch / (median_s(runner, feeds, seconds=3.0))
+    single = 1 / (median_s(runner, {k: v[:1] for k, v in feeds.items()}, seconds=3.0))
     print(f"MiniLM, one sentence of {seq} tokens per request; offline at batch {batch}: {offline:,.1f} items/s, "
           f"at batch 1: {single:,.1f} items/s")
     figures(load, res.bundle, "minilm", offline, single, duration, slo_ms, batch, {"seq": seq})

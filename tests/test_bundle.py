@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from torchship import BundleError, OptimizeOptions, load_bundle, optimize, verify_bundle
-from torchship.bundle import write
+import msgspec
+
+from torchship.bundle import Manifest, read_manifest, sha256, write
 from torchship.errors import OutputError
 
 
@@ -23,10 +25,11 @@ def _copy(src, dst):
 
 def test_manifest_holds_what_the_design_names(tiny_bundle):
     m = verify_bundle(tiny_bundle)
+    raw = json.loads((tiny_bundle / "manifest.json").read_text())
     for key in ("format_version", "name", "version", "spec", "runtime", "transforms", "device", "threads",
                 "fidelity", "profile", "files", "artifact"):
-        assert key in m
-    assert set(m["files"]) >= {"model.onnx", "report/report.json"}
+        assert key in raw
+    assert set(m.files) >= {"model.onnx", "report/report.json"} and m.runtime == "onnxrt" and m.threads >= 1
     out = load_bundle(tiny_bundle)({"x": np.ones((3, 8), np.float32)})
     assert out["output"].shape == (3, 4)
 
@@ -59,21 +62,40 @@ def test_not_a_bundle(tmp_path):
         verify_bundle(tmp_path)
 
 
+def _manifest(name="m", files=("a.bin",)):
+    from torchship import IOSpec
+    from torchship.runtimes import Artifact
+    return Manifest(format_version=2, name=name, spec=IOSpec.parse(["x:float32[batch,8]"]), variant="onnxrt",
+                    runtime="onnxrt", artifact=Artifact("onnxrt", tuple(files)))
+
+
+def test_manifest_round_trips_through_its_file(tiny_bundle, tmp_path):
+    """Written and read in one place: what read_manifest returns is what write was given, field for field."""
+    m = read_manifest(tiny_bundle)
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x")
+    out = write(tmp_path / "copy", msgspec.structs.replace(m, artifact=msgspec.structs.replace(m.artifact, files=("a.bin",))),
+                [(src, "a.bin")])
+    again = read_manifest(out)
+    assert again.files == {"a.bin": sha256(src)}
+    assert msgspec.structs.replace(again, files=m.files, artifact=m.artifact) == m
+
+
 def test_write_is_atomic_and_never_clobbers_other_data(tmp_path):
     src = tmp_path / "a.bin"
     src.write_bytes(b"x" * 10)
-    out = write(tmp_path / "b", {"name": "m"}, [(src, "a.bin")])
-    assert verify_bundle(out)["files"]["a.bin"]
+    out = write(tmp_path / "b", _manifest(), [(src, "a.bin")])
+    assert verify_bundle(out).files["a.bin"]
     before = (out / "manifest.json").read_text()
     with pytest.raises(FileNotFoundError):  # a failure half-way leaves the previous bundle as it was
-        write(out, {"name": "m2"}, [(src, "a.bin"), (tmp_path / "nope", "nope")])
+        write(out, _manifest("m2"), [(src, "a.bin"), (tmp_path / "nope", "nope")])
     assert (out / "manifest.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     with pytest.raises(OutputError, match="not a bundle"):
-        write(other, {"name": "m"}, [(src, "a.bin")])
+        write(other, _manifest(), [(src, "a.bin")])
     assert (other / "keep.txt").read_text() == "mine"
 
 
@@ -83,7 +105,7 @@ def test_threads_are_what_this_machine_has(tiny_bundle, tmp_path):
     from torchship.machine import cores
     big = _copy(tiny_bundle, tmp_path / "big")
     manifest = json.loads((big / "manifest.json").read_text())
-    manifest["artifact"]["options"]["threads"] = 512
+    manifest["threads"] = 512
     (big / "manifest.json").write_text(json.dumps(manifest))
     opts = load_bundle(big).runner.sess.get_session_options()
     assert opts.intra_op_num_threads == cores()

@@ -22,7 +22,7 @@ def run(capsys, *args):
     (["optimize", "tests.models:Tiny", "--dim", "seq"], 2, "NAME=SIZE"),
     (["optimize", "tests.models:Tiny", "--train-epochs", "0"], 2, "--train-epochs must be at least 1"),
     (["optimize"], 2, "Missing argument"),
-    (["bundle", "verify", "/nonexistent/b"], 1, "not a bundle"),
+    (["bundle", "verify", "/nonexistent/b"], 2, "not a bundle"),
 ])
 def test_errors_are_one_clear_line(capsys, args, code, fragment):
     got, out, err = run(capsys, *args)
@@ -49,7 +49,7 @@ def test_every_help_renders_as_written(capsys, command, text):
 
 def test_an_error_with_brackets_is_printed_whole(capsys, tmp_path):
     code, out, err = run(capsys, "bundle", "verify", str(tmp_path / "b[nlp]"))
-    assert code == 1 and "b[nlp]" in err and "Traceback" not in err
+    assert code == 2 and "b[nlp]" in err and "Traceback" not in err
 
 
 def test_unwritable_or_occupied_output_fails_before_any_work(capsys, tmp_path):
@@ -86,7 +86,7 @@ def test_optimize_writes_bundle_then_verify_and_info(capsys, tmp_path):
         f.write(" ")
     (out / "report" / "report.md").write_text("tampered")
     code, stdout, err = run(capsys, "bundle", "verify", str(out))
-    assert code == 1 and "report/report.md fails its checksum" in err
+    assert code == 2 and "report/report.md fails its checksum" in err
 
 
 @pytest.mark.slow

@@ -10,13 +10,13 @@ from torchship.zoo.digits import dataset
 def test_cuda_plan_verifies_lower_precision_and_bundle_runs_on_gpu(tmp_path):
     res = optimize("zoo:digits-cnn", OptimizeOptions(device="cuda", runtimes=("eager", "aoti", "onnxrt"),
                    batch_sizes=(1, 64), seconds_per_size=0.2), out=tmp_path / "b")
-    by = {v["name"]: v for v in res.variants}
+    by = {v.name: v for v in res.variants}
     assert {"eager-fp16", "eager-bf16", "aoti-fp16", "aoti-bf16"} <= set(by)
     for name in ("eager", "aoti", "eager-fp16", "aoti-fp16"):
-        assert by[name]["status"] == "ok", (name, by[name].get("reason"))
-        assert by[name]["peak_memory_kind"] == "cuda allocated"
-    assert by["eager"]["options"]["fixed_shapes"] is True  # cudnn.benchmark on: no dynamic dims but batch
-    assert by["onnxrt"]["status"] in ("ok", "skipped")  # skipped, with the reason, without onnxruntime-gpu
+        assert by[name].status == "ok", (name, by[name].reason)
+        assert by[name].peak_memory_kind == "cuda allocated"
+    assert by["eager"].options["fixed_shapes"] is True  # cudnn.benchmark on: no dynamic dims but batch
+    assert by["onnxrt"].status in ("ok", "skipped")  # skipped, with the reason, without onnxruntime-gpu
     loaded = load_bundle(res.bundle)
     x, y = dataset()["test"]
     assert (loaded({"image": x[:64]})["logits"].argmax(1) == y[:64]).mean() >= 0.95

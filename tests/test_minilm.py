@@ -16,11 +16,11 @@ def test_minilm_eager_and_onnx_bundle_answers(tmp_path):
     res = optimize("zoo:minilm", OptimizeOptions(runtimes=("eager", "onnxrt"), batch_sizes=(1, 4), seconds_per_size=0.2,
                                                  transforms=()),  # fp32 only: exact unit-norm embeddings below
                    dims={"seq": 32}, out=tmp_path / "b")
-    by = {v["name"]: v for v in res.variants}
-    assert by["eager"]["status"] == "ok" and by["onnxrt"]["status"] == "ok", [v.get("reason") for v in res.variants]
-    assert res.chosen["fidelity"]["cosine"] >= 0.999
+    by = {v.name: v for v in res.variants}
+    assert by["eager"].status == "ok" and by["onnxrt"].status == "ok", [v.reason for v in res.variants]
+    assert res.chosen.fidelity.cosine >= 0.999
     loaded = load_bundle(res.bundle)
-    assert [t["shape"] for t in loaded.manifest["spec"]["inputs"]] == [["batch", "seq"], ["batch", "seq"]]
+    assert [t.shape for t in loaded.manifest.spec.inputs] == [("batch", "seq"), ("batch", "seq")]
     # other batch and sequence sizes than were timed: the dimensions are dynamic
     from torchship.sources import load_source
     model = load_source("zoo:minilm")

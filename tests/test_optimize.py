@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from torchship import OptimizeOptions, load_bundle, optimize
-from torchship.runtimes import get
+from torchship import OptimizeOptions, TensorSpec, load_bundle, optimize
+from torchship.report import ratios
+from torchship.runtimes import LoadContext, get
 from torchship.sources import load_source
 from torchship.zoo.digits import dataset
 
@@ -13,33 +14,34 @@ pytestmark = pytest.mark.slow
 
 
 def test_every_runtime_builds_verifies_and_times(digits_run):
-    by_name = {v["name"]: v for v in digits_run.variants}
+    by_name = {v.name: v for v in digits_run.variants}
     assert set(by_name) == {"eager-naive", "eager", "torchscript", "compile", "aoti", "onnxrt"}
     for name in ("eager", "torchscript", "compile", "aoti", "onnxrt"):
         v = by_name[name]
-        assert v["status"] == "ok", (name, v.get("reason"))
-        assert v["fidelity"]["cosine"] >= 0.999 and v["fidelity"]["top1"] >= 0.99
-        assert v["fidelity"]["accuracy"] >= 0.95  # held-out digits with labels give the task metric
-        for bs in ("1", "8"):
-            s = v["profile"][bs]
-            assert 0 < s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] and s["throughput"] > 0
-        assert v["artifact_bytes"] > 0 and v["cold_start_s"] > 0
-    assert by_name["eager-naive"]["selectable"] is False and not by_name["eager-naive"].get("selected")
-    assert by_name["eager"]["vs_eager"] == pytest.approx(1.0)
+        assert v.status == "ok", (name, v.reason)
+        assert v.fidelity.cosine >= 0.999 and v.fidelity.top1 >= 0.99
+        assert v.fidelity.accuracy >= 0.95  # held-out digits with labels give the task metric
+        for bs in (1, 8):
+            s = v.profile[bs]
+            assert 0 < s.p50_ms <= s.p90_ms <= s.p99_ms and s.throughput > 0
+        assert v.artifact_bytes > 0 and v.cold_start_s > 0
+        assert v.lineage.parent == "model" and v.lineage.step == name
+    assert by_name["eager-naive"].selectable is False and digits_run.chosen.name != "eager-naive"
+    assert ratios(digits_run)["eager"]["vs_eager"] == pytest.approx(1.0)
 
 
 def test_chosen_is_the_fastest_faithful_at_target(digits_run):
-    ok = [v for v in digits_run.variants if v["status"] == "ok" and v["selectable"]]
-    best = max(ok, key=lambda v: v["profile"]["8"]["throughput"])
-    assert digits_run.chosen["name"] == best["name"] and digits_run.chosen_batch_size == 8
+    ok = [v for v in digits_run.variants if v.ok and v.selectable]
+    best = max(ok, key=lambda v: v.profile[8].throughput)
+    assert digits_run.chosen.name == best.name and digits_run.chosen_batch_size == 8
 
 
 def test_bundle_loads_and_answers_like_the_model(digits_run):
     loaded = load_bundle(digits_run.bundle)
     manifest = loaded.manifest
-    assert manifest["runtime"] == digits_run.chosen["runtime"]
-    assert manifest["spec"]["inputs"][0] == {"name": "image", "dtype": "float32", "shape": ["batch", 1, 28, 28]}
-    assert manifest["fidelity"]["passed"] and "8" in manifest["profile"]
+    assert manifest.runtime == digits_run.chosen.runtime
+    assert manifest.spec.inputs[0] == TensorSpec("image", "float32", ("batch", 1, 28, 28))
+    assert manifest.fidelity.passed and 8 in manifest.profile
     x, y = dataset()["test"]
     pred = loaded({"image": x[:64]})["logits"].argmax(1)
     assert (pred == y[:64]).mean() >= 0.95
@@ -48,13 +50,14 @@ def test_bundle_loads_and_answers_like_the_model(digits_run):
     assert "chose" in (report / "report.md").read_text()
     data = json.loads((report / "report.json").read_text())
     assert data["machine"]["threads"] >= 1 and "isa" in data["machine"]
+    assert data["bundle"] == str(digits_run.bundle) and data["report"] == str(digits_run.report)
 
 
 @pytest.mark.parametrize("runtime", ["eager", "torchscript", "compile", "aoti", "onnxrt"])
 def test_each_packaged_runtime_reloads_from_its_own_bundle(runtime, tmp_path):
     res = optimize("zoo:digits-cnn", OptimizeOptions(runtimes=(runtime,), batch_sizes=(2,), seconds_per_size=0.05,
                                                      transforms=()), out=tmp_path / "b")
-    assert res.chosen["name"] == runtime
+    assert res.chosen.name == runtime
     loaded = load_bundle(res.bundle)
     x = dataset()["test"][0][:5]
     model = load_source("zoo:digits-cnn").module
@@ -69,7 +72,7 @@ def test_data_dependent_control_flow_is_never_silently_mis_traced(tmp_path):
     artifact = get("torchscript").build(model, {}, tmp_path)
     assert artifact.options["mode"] == "script"
     assert "data-dependent control flow" in artifact.options["notes"][0]
-    runner = get("torchscript").load(artifact, tmp_path, model.spec)
+    runner = get("torchscript").load(artifact, tmp_path, model.spec, LoadContext())
     for sign in (1, -1):
         x = sign * np.abs(np.random.default_rng(0).standard_normal((3, 8))).astype(np.float32)
         import torch
@@ -81,7 +84,7 @@ def test_data_dependent_control_flow_is_never_silently_mis_traced(tmp_path):
 def test_unscriptable_control_flow_is_skipped_with_the_reason():
     res = optimize("tests.models:Unscriptable", OptimizeOptions(runtimes=("eager", "torchscript"), batch_sizes=(2,),
                    seconds_per_size=0.05), inputs=["x:float32[batch,8]"])
-    ts = next(v for v in res.variants if v["name"] == "torchscript")
-    assert ts["status"] == "skipped"
-    assert "data-dependent control flow" in ts["reason"] and "script failed" in ts["reason"]
-    assert res.chosen["name"] == "eager"
+    ts = res.variant("torchscript")
+    assert ts.status == "skipped"
+    assert "data-dependent control flow" in ts.reason and "script failed" in ts.reason
+    assert res.chosen.name == "eager"

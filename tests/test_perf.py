@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_closed_and_open_loop_report_what_the_server_did(server, slow_bundle):
-    s = server(slow_bundle, "--max-queue-delay-us", "20000")
+    s = server(slow_bundle, "--trust-code", "--max-queue-delay-us", "20000")
     rows = perf(s.url, "slow", concurrency=[1, 4], duration=1.0, max_requests=200)
     one, four = rows
     assert one.mode == "concurrency 1" and one.ok == one.requests > 5 and one.errors == {}
@@ -23,6 +23,6 @@ def test_closed_and_open_loop_report_what_the_server_did(server, slow_bundle):
 def test_unreachable_or_unknown_model_is_one_clear_line(server, slow_bundle, capsys):
     with pytest.raises(TorchshipError, match="cannot reach"):
         perf("127.0.0.1:9", "slow", duration=0.1)
-    s = server(slow_bundle)
+    s = server(slow_bundle, "--trust-code")
     assert main(["perf", s.url, "--model", "nope", "--duration", "0.1"]) == 1
     assert "answered 404" in capsys.readouterr().err

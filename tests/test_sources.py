@@ -11,7 +11,7 @@ def test_module_attr_class_factory_and_example_inputs():
     m = load_source("tests.models:Tiny")  # inputs from the class's example_inputs
     assert str(m.spec) == "x:float32[batch,8] -> output:float32[batch,4]" and m.task == "classify"
     f = load_source("tests.models:tiny_factory", ["x:float32[batch,8]"])
-    assert f.spec == m.spec and f.arch["ref"] == "tests.models:tiny_factory"
+    assert f.spec == m.spec and f.arch.ref == "tests.models:tiny_factory" and f.arch.imports == "tests.models"
 
 
 def test_dict_outputs_and_two_inputs():
@@ -78,6 +78,6 @@ def test_onnx_source_runs_only_onnx_runtime(tmp_path):
     m = load_source("tests.models:Tiny")
     export_onnx(m, tmp_path / "tiny.onnx")
     res = optimize(str(tmp_path / "tiny.onnx"), OptimizeOptions(batch_sizes=(4,), seconds_per_size=0.05))
-    assert {v["runtime"] for v in res.variants} == {"onnxrt"}  # onnxrt, and its int8 variant
-    assert res.chosen["fidelity"]["cosine"] > 0.9999
-    assert res.variants[0]["profile"]["4"]["throughput"] > 0
+    assert {v.runtime for v in res.variants} == {"onnxrt"}  # onnxrt, and its int8 variant
+    assert res.chosen.fidelity.cosine > 0.9999
+    assert res.variants[0].profile[4].throughput > 0

@@ -35,6 +35,26 @@ def progress_bar():
         yield update
 
 
+def _user_code_importable() -> None:
+    """A source named ``package.module:attr`` imports from the current directory, as ``python -m`` and uvicorn do.
+    Only the commands that take a source do this; ``serve`` and ``bundle`` never import from it."""
+    import os
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def _log_to_stderr() -> None:
+    """torchship's own notices (a zoo model trained on first use, ...) as lines on stderr, never on stdout."""
+    import logging
+    log = logging.getLogger("torchship")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def _ints(text: str, what: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -102,6 +122,7 @@ def optimize(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table"),
 ):
     """Build every applicable way of running the model, verify, time, choose, and package the best."""
+    _user_code_importable()
     from .optimize import OptimizeOptions
     from .optimize import optimize as run
     from .verify import Budget
@@ -127,6 +148,7 @@ def optimize(
 @app.command()
 def demo(out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="where the demo bundle goes")):
     """Train digits-cnn (if not cached), optimize it, and answer a few test images through the bundle."""
+    _user_code_importable()
     from . import load_bundle
     from .optimize import OptimizeOptions
     from .optimize import optimize as run
@@ -142,7 +164,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="where t
     loaded = load_bundle(result.bundle)
     x, y = dataset()["test"]
     pred = loaded({"image": x[:16]})["logits"].argmax(1)
-    console.print(f"bundle {escape(str(result.bundle))} ({loaded.manifest['runtime']}) predicts {pred.tolist()}")
+    console.print(f"bundle {escape(str(result.bundle))} ({loaded.manifest.runtime}) predicts {pred.tolist()}")
     console.print(f"            labels {y[:16].tolist()}")
     console.print(f"report: [bold]{escape(str(result.report))}[/] (and latency.png beside it); demo took {time.perf_counter() - started:.0f}s")
 
@@ -166,6 +188,8 @@ def serve(
     drain_timeout: float = typer.Option(30, help="seconds to finish queued requests after SIGTERM"),
     repository: Optional[Path] = typer.Option(None, help="model repository for the load/unload API"),
     admin_token: Optional[str] = typer.Option(None, envvar="TORCHSHIP_ADMIN_TOKEN", help="token for the load/unload API"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="allow bundles that rebuild their model by importing "
+                                    "Python code from outside torchship (eager and compile bundles of a package.module:attr source)"),
     ray: bool = typer.Option(False, "--ray", help="deploy on Ray Serve (pip install 'torchship[ray]'): replicas, autoscaling"),
     replicas: int = typer.Option(1, help="--ray: replicas (the least, with --max-replicas)"),
     max_replicas: Optional[int] = typer.Option(None, help="--ray: autoscale from --replicas up to this many"),
@@ -174,23 +198,19 @@ def serve(
     """Serve bundles over the Open Inference Protocol (KServe v2) with dynamic batching."""
     from .serve.app import ServeConfig
     from .serve.batcher import BatchConfig
-    from .serve.registry import discover
     from .serve.server import serve as run
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    from .bundle import verify
-    found = []
-    for path in bundles:  # fail here, with the reason, rather than in the server's start-up
-        for n, v, b in discover(path):
-            verify(b)
-            found.append((n, v))
     batch = BatchConfig(max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
                         slo_s=slo_ms / 1e3 if slo_ms else None, inline_s=inline_under_ms / 1e3,
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
     config = ServeConfig(batch=batch, max_batch_size=max_batch_size, max_body_bytes=int(max_body_mb * 2**20), threads=threads,
-                         workers=workers, repository=repository, admin_token=admin_token)
+                         workers=workers, repository=repository, admin_token=admin_token, trust_code=trust_code)
     if ray:
+        from .bundle import verify
         from .serve.ray import RayConfig, application, serve_ray
+        from .serve.registry import discover
+        found = [(n, v) for path in bundles for n, v, b in discover(path) if verify(b)]  # each replica verifies its own copy
         rc = RayConfig(replicas=replicas, max_replicas=max_replicas, address=ray_address)
         application(bundles, config, rc)  # the settings' errors before a cluster starts
         scale = f"{replicas}-{max_replicas} replicas, autoscaled" if max_replicas else f"{replicas} replica{'s' if replicas > 1 else ''}"
@@ -198,9 +218,11 @@ def serve(
                   "ready once warmed up at /v2/health/ready", highlight=False)
         serve_ray(bundles, config, rc, host=host, port=port, drain_timeout=drain_timeout)
         return
-    err.print(f"serving {escape(', '.join(f'{n} v{v}' for n, v in found))} on http://{host}:{port}/v2 "
-              f"({workers} worker{'s' if workers > 1 else ''}); ready once warmed up at /v2/health/ready", highlight=False)
-    run(bundles, config, host=host, port=port, drain_timeout=drain_timeout)
+
+    def announce(found):
+        err.print(f"serving {escape(', '.join(f'{n} v{v}' for n, v, _ in found))} on http://{host}:{port}/v2 "
+                  f"({workers} worker{'s' if workers > 1 else ''}); ready once warmed up at /v2/health/ready", highlight=False)
+    run(bundles, config, host=host, port=port, drain_timeout=drain_timeout, on_verified=announce)
 
 
 @app.command()
@@ -259,6 +281,7 @@ def train_cmd(
     out: Path = typer.Option(Path("torchship-run"), "--out", "-o", help="run directory: model.safetensors, metrics.csv, summary.json"),
 ):
     """Train with PyTorch Lightning and the production recipe; the weights feed `torchship optimize --weights`."""
+    _user_code_importable()
     from .train import TrainConfig
     from .train import train as run
     config = TrainConfig(task=task, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
@@ -295,6 +318,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ):
     """One forward pass with hooks on every leaf module: shapes, FLOPs, time, activation statistics, first NaN/Inf."""
+    _user_code_importable()
     from .inspect import inspect as run
     w = run(source, input or None, weights=weights, dims=_dims(dim), batch=batch, include=include,
             dump=str(dump) if dump else None)
@@ -334,6 +358,7 @@ def check_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a list"),
 ):
     """Find the classic production mistakes, each with measured evidence and the fix. Exit 1 when any is found."""
+    _user_code_importable()
     from .inspect.check import check as run
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
@@ -356,22 +381,22 @@ def check_cmd(
 def bundle_verify(path: Path = typer.Argument(..., help="bundle directory")):
     """Check every file of a bundle against the sha256 in its manifest."""
     from .bundle import verify
-    manifest = verify(path)
-    console.print(f"[green]ok[/]: {escape(str(path))} ({manifest['name']} v{manifest['version']}, {manifest['runtime']}, "
-                  f"{len(manifest['files'])} files verified)")
+    m = verify(path)
+    console.print(f"[green]ok[/]: {escape(str(path))} ({escape(m.name)} v{m.version}, {m.runtime}, {len(m.files)} files verified)")
 
 
 @bundle_app.command("info")
 def bundle_info(path: Path = typer.Argument(..., help="bundle directory")):
     """Print a bundle's manifest (spec, runtime, fidelity, profile)."""
-    from .bundle import read_manifest
-    console.print_json(json.dumps(read_manifest(path)))
+    from .bundle import info, read_manifest
+    console.print_json(info(read_manifest(path)).decode())
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    _log_to_stderr()
     try:
         code = app(argv, standalone_mode=False)  # click returns a typer.Exit's code here
         return code if isinstance(code, int) else 0

@@ -36,3 +36,25 @@ def native_bf16() -> bool:
 
 
 NO_BF16 = "this CPU has no native bf16 (no avx512_bf16 or amx_bf16): bf16 would be emulated, slower than fp32"
+
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+             "amx_int8")
+
+
+def info(threads: int | None = None) -> dict:
+    """The facts a report records: CPU and its matrix-relevant ISA flags, cores, threads, library versions, GPU."""
+    from importlib.metadata import PackageNotFoundError, version
+    name, flags = cpu()
+    versions = {}
+    for package in ("torch", "onnxruntime", "openvino"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    gpu = None
+    if "torch" in versions:
+        import torch
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": name, "cores": cores(), "isa": [f for f in ISA_FLAGS if f in flags], "threads": threads or cores(),
+            "versions": versions, "cuda": gpu}

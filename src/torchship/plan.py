@@ -1,22 +1,28 @@
 """Which variants to build for a model: runtime x options (precision, reference rows)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
 
 from .errors import UsageError
 
 
-@dataclass(frozen=True)
-class VariantPlan:
+class VariantPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     runtime: str
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = {}
     selectable: bool = True
     note: str = ""
-    transforms: tuple = ()  # transform configs as dicts (torchship.transforms.to_dict)
+    transforms: tuple[dict[str, Any], ...] = ()  # transform configs as dicts (torchship.transforms.to_dict)
     family: str | None = None  # variants of one family go from gentle to aggressive: ...
     level: int = 0  # ... and a level is not tried once a gentler one failed the budget
-    derived: tuple | None = None  # (kind, level): a model trained from this one first (torchship.transforms.trained)
+    derived: tuple[str, float | None] | None = None  # (kind, level): trained from the model first (train.derived)
+    parent: str | None = None  # the variant (or "model") this one is made from, for the lineage
+
+    @property
+    def skip(self) -> str | None:
+        return self.options.get("skip")
 
 
 RUNTIME_ORDER = ("eager", "torchscript", "compile", "aoti", "onnxrt")
@@ -90,7 +96,7 @@ def compression(model, wanted, base, device, transforms) -> list[VariantPlan]:
 
 def trained(wanted, base, transforms) -> list[VariantPlan]:
     """Variants of models trained from this one (with training data): built on the runtimes that take a program."""
-    from .transforms.trained import CHANNEL_LEVELS, RUNTIMES
+    from .train.derived import CHANNEL_LEVELS, RUNTIMES
     runtimes = [r for r in RUNTIMES if r in wanted]
     out = []
     if "qat" in transforms:

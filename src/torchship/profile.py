@@ -4,9 +4,22 @@ from __future__ import annotations
 import time
 from typing import Mapping
 
+import msgspec
 import numpy as np
 
+from .errors import first_line
 from .spec import IOSpec
+
+
+class Stats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One batch size's timing: latency percentiles of single calls, throughput at the median."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    runs: int
+    throughput: float  # items per second at the median latency
 
 
 def batch_of(spec: IOSpec, pool: Mapping[str, np.ndarray] | None, batch: int, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
@@ -18,29 +31,37 @@ def batch_of(spec: IOSpec, pool: Mapping[str, np.ndarray] | None, batch: int, di
     return spec.sample(batch, dims, seed=batch)
 
 
-def measure(runner, feeds, *, min_runs: int = 10, max_runs: int = 300, seconds: float = 1.0, warmup: int = 3) -> dict:
-    """Median-based latency stats of ``runner(feeds)`` in ms, after ``warmup`` discarded calls."""
+def stats(batch: int, seconds: list[float]) -> Stats:
+    ms = np.array(seconds) * 1e3
+    p50 = float(np.percentile(ms, 50))
+    return Stats(p50, float(np.percentile(ms, 90)), float(np.percentile(ms, 99)), float(ms.mean()), len(ms), batch / (p50 / 1e3))
+
+
+def measure(runner, feeds, *, min_runs: int = 10, max_runs: int = 300, seconds: float = 1.0, warmup: int = 3,
+            clock=time.perf_counter) -> list[float]:
+    """Seconds per call of ``runner(feeds)``, after ``warmup`` discarded calls."""
     for _ in range(warmup):
         runner(feeds)
     times = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() < deadline):
-        t0 = time.perf_counter()
+    deadline = clock() + seconds
+    while len(times) < min_runs or (len(times) < max_runs and clock() < deadline):
+        t0 = clock()
         runner(feeds)
-        times.append(time.perf_counter() - t0)
-    ms = np.array(times) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "runs": len(ms)}
+        times.append(clock() - t0)
+    return times
 
 
-def profile(runner, spec: IOSpec, batch_sizes, pool=None, dims=None, seconds: float = 1.0) -> dict[int, dict]:
-    out = {}
+def profile(runner, spec: IOSpec, batch_sizes, pool=None, dims=None, seconds: float = 1.0) -> tuple[dict[int, Stats], dict[int, str]]:
+    """(stats per batch size, the error at each batch size the model cannot run)."""
+    out, errors = {}, {}
     for bs in batch_sizes:
         try:
-            stats = measure(runner, batch_of(spec, pool, bs, dims or {}), seconds=seconds)
+            out[int(bs)] = stats(bs, measure(runner, batch_of(spec, pool, bs, dims or {}), seconds=seconds))
         except Exception as exc:  # e.g. batch norm in training mode at batch 1: a row, not a crash
-            out[int(bs)] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"}
-            continue
-        stats["throughput"] = bs / (stats["p50_ms"] / 1e3)
-        out[int(bs)] = stats
-    return out
+            errors[int(bs)] = first_line(exc, 200)
+    return out, errors
+
+
+def median_s(runner, feeds, **kw) -> float:
+    """The median seconds of one call of ``runner(feeds)`` (see ``measure``)."""
+    return float(np.median(measure(runner, feeds, **kw)))

@@ -159,8 +159,11 @@ class IOSpec:
         return " ".join(map(str, self.inputs)) + " -> " + " ".join(map(str, self.outputs))
 
 
-def slice_batch(feeds: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
-    return {k: v[start:stop] for k, v in feeds.items()}
+def batches(feeds: Mapping[str, np.ndarray], size: int):
+    """``feeds`` cut along the batch axis into batches of at most ``size`` items."""
+    n = len(next(iter(feeds.values())))
+    for i in range(0, n, size):
+        yield {k: v[i:i + size] for k, v in feeds.items()}
 
 
 def concat_batches(parts: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

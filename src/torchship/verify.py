@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
+import msgspec
 import numpy as np
 
 from .errors import UsageError
@@ -50,9 +51,14 @@ class Budget:
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+    def in_force(self, by_accuracy: bool = False) -> dict[str, float]:
+        """The floors and limits that apply, defaults included (what a report prints)."""
+        cosine, top1 = self.floors(by_accuracy and self.max_accuracy_drop is not None)
+        values = {"cosine": cosine, "top1": top1, "accuracy_drop": self.max_accuracy_drop}
+        return {k: v for k, v in values.items() if v is not None}
 
-@dataclass(frozen=True)
-class Fidelity:
+
+class Fidelity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_abs_error: float
     cosine: float  # mean over items of the per-item cosine similarity (first output)
     cosine_min: float
@@ -61,9 +67,6 @@ class Fidelity:
     reference_accuracy: float | None
     passed: bool
     reason: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -107,3 +110,15 @@ def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
         problems.append(f"accuracy drop {ref_acc - acc:.2%} > {budget.max_accuracy_drop:.2%}")
     return Fidelity(max_abs, float(cos.mean()), float(cos.min()), top1, acc, ref_acc, not problems,
                     "; ".join(problems) or "within budget")
+
+
+def reference_outputs(model, pool: Mapping[str, np.ndarray], chunk: int) -> dict[str, np.ndarray]:
+    """What every variant is compared with: eager fp32 (for an ONNX source, ONNX Runtime with every optimization off)."""
+    if model.module is None:
+        from .runtimes.onnxrt import OrtRunner, session
+        runner = OrtRunner(session(model.onnx_path, optimize=False), model.spec)
+    else:
+        from .runtimes._torch import TorchRunner
+        runner = TorchRunner(model.module.eval(), model.spec)
+    from .spec import batches, concat_batches
+    return concat_batches([runner(b) for b in batches(pool, chunk)])

@@ -4,7 +4,8 @@ from safetensors.torch import load_file
 
 from torchship import SourceError, UsageError
 from torchship.cli import main
-from torchship.inspect import ModelRaised, inspect, watch
+from torchship.errors import ModelError
+from torchship.inspect import inspect, watch
 from tests.models import Overflow, Tiny
 
 
@@ -42,7 +43,7 @@ def test_a_model_that_raises_names_the_module_and_leaves_no_hooks(monkeypatch):
     def boom(self, x):
         raise RuntimeError("kaboom")
     monkeypatch.setattr("tests.models.Square.forward", boom)
-    with pytest.raises((ModelRaised, SourceError), match="in module 'square': RuntimeError: kaboom"):
+    with pytest.raises((ModelError, SourceError), match="in module 'square': RuntimeError: kaboom"):
         inspect("tests.models:Overflow")
     with pytest.raises(RuntimeError):
         with watch(model):

@@ -6,9 +6,16 @@ import time
 import numpy as np
 import pytest
 
-from torchship.serve.batcher import (BatchConfig, Batcher, DeadlineExceeded, LatencyModel, QueueFull, ShuttingDown,
-                                     WouldMissSLO)
+from torchship.errors import DeadlineExceeded, QueueFull, ShuttingDown, WouldMissSLO
+from torchship.profile import Stats
+from torchship.serve.batcher import BatchConfig, Batcher, LatencyModel
 from torchship.spec import IOSpec
+
+
+def profile(p50_ms: dict[int, float]) -> dict[int, Stats]:
+    """A bundle's latency profile with these medians (ms) per batch size."""
+    return {bs: Stats(ms, ms, ms, ms, 10, bs / (ms / 1e3)) for bs, ms in p50_ms.items()}
+
 
 SPEC = IOSpec.parse(["x:float32[batch,4]"])
 SPEC = IOSpec(SPEC.inputs, IOSpec.parse(["y:float32[batch,4]"]).inputs)
@@ -133,8 +140,8 @@ def test_other_shapes_never_mix_but_paddable_dims_are_padded_and_cut_back():
 
 
 def test_slo_mode_sheds_what_cannot_make_it():
-    profile = {"1": {"p50_ms": 20.0}, "8": {"p50_ms": 60.0}}
-    b = Batcher(FakeRunner(delay=0.02), SPEC, BatchConfig(max_batch_size=8, slo_s=0.05), latency=LatencyModel(profile))
+    b = Batcher(FakeRunner(delay=0.02), SPEC, BatchConfig(max_batch_size=8, slo_s=0.05),
+                latency=LatencyModel(profile({1: 20.0, 8: 60.0})))
 
     async def go():
         return await asyncio.gather(*(b.submit(x(1)) for _ in range(12)), return_exceptions=True)
@@ -144,7 +151,7 @@ def test_slo_mode_sheds_what_cannot_make_it():
 
 
 def test_latency_model_interpolates_and_learns():
-    m = LatencyModel({"1": {"p50_ms": 10.0}, "8": {"p50_ms": 24.0}})
+    m = LatencyModel(profile({1: 10.0, 8: 24.0}))
     assert m.predict(1) == pytest.approx(0.010) and m.predict(8) == pytest.approx(0.024)
     assert 0.010 < m.predict(4) < 0.024 and m.predict(16) == pytest.approx(0.048)
     for _ in range(50):
@@ -165,8 +172,7 @@ def test_batches_predicted_fast_run_on_the_loop_thread(p50_ms, on_loop):
         def __call__(self, feeds):
             seen.append(threading.get_ident())
             return super().__call__(feeds)
-    profile = {"4": {"p50_ms": p50_ms}} if p50_ms else None
-    b = Batcher(Where(), SPEC, BatchConfig(max_batch_size=4), latency=LatencyModel(profile))
+    b = Batcher(Where(), SPEC, BatchConfig(max_batch_size=4), latency=LatencyModel(profile({4: p50_ms}) if p50_ms else None))
 
     async def go():
         outs = await asyncio.gather(*(b.submit(x(1, i)) for i in range(8)))
@@ -195,11 +201,12 @@ def test_stop_runs_what_is_queued_and_refuses_new_work():
 def test_a_model_run_on_the_loop_gets_no_spinning_threads(digits_bundle, inline_ms, spin):
     """digits-cnn's batches run on the event loop's thread: ONNX Runtime threads spinning between them would take
     the loop's core; a model whose batches go to a thread keeps them. --threads reaches ONNX Runtime."""
+    from torchship.bundle import read
     from torchship.serve.metrics import Metrics
     from torchship.serve.registry import load_entry
 
     async def main():
-        entry = await load_entry("digits-cnn", "1", digits_bundle, BatchConfig(max_batch_size=8, inline_s=inline_ms / 1e3),
+        entry = await load_entry("digits-cnn", "1", read(digits_bundle), BatchConfig(max_batch_size=8, inline_s=inline_ms / 1e3),
                                  Metrics(), threads=1)
         opts = entry.batcher.run.runner.sess.get_session_options()
         await entry.stop()

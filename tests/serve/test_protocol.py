@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from torchship.serve.protocol import BadRequest, decode_inputs, encode_outputs, metadata, split_body
+from torchship.errors import BadRequest
+from torchship.serve.protocol import decode_inputs, encode_outputs, metadata, split_body
 from torchship.spec import IOSpec
 
 SPEC = IOSpec(IOSpec.parse(["x:float32[batch,3]", "ids:int64[batch,seq]"]).inputs, IOSpec.parse(["y:float32[batch,3]"]).inputs)

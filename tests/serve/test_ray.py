@@ -50,7 +50,7 @@ def _serve(netns, log, *args):
 
 
 def test_ray_replicas_answer_like_the_local_server(netns, digits_bundle, slow_bundle, tmp_path):
-    common = [digits_bundle, slow_bundle, "--max-queue", "4", "--max-batch-size", "2"]
+    common = [digits_bundle, slow_bundle, "--trust-code", "--max-queue", "4", "--max-batch-size", "2"]
     local = _serve(netns, tmp_path / "local.log", *common, "--port", "8000")
     ray = _serve(netns, tmp_path / "ray.log", *common, "--port", "8001", "--ray", "--replicas", "2")
     try:

@@ -94,7 +94,7 @@ def _hammer(s, n_threads, seconds, results, path="/v2/models/slow/infer", timeou
 
 
 def test_full_queue_gets_503_quickly_with_retry_after(server, slow_bundle):
-    s = server(slow_bundle, "--max-queue", "2", "--max-batch-size", "1")
+    s = server(slow_bundle, "--trust-code", "--max-queue", "2", "--max-batch-size", "1")
     body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
     codes, times, headers = [], [], []
 
@@ -144,7 +144,7 @@ def test_past_the_in_flight_limit_503_before_the_body_is_read(server, digits_bun
 
 
 def test_deadline_passed_in_queue_gets_504(server, slow_bundle):
-    s = server(slow_bundle, "--max-batch-size", "1")
+    s = server(slow_bundle, "--trust-code", "--max-batch-size", "1")
     results = []
     for t in _hammer(s, 6, 1.5, results, timeout_us=25_000):
         t.join(30)
@@ -152,7 +152,7 @@ def test_deadline_passed_in_queue_gets_504(server, slow_bundle):
 
 
 def test_sigterm_during_load_loses_no_accepted_request(server, slow_bundle):
-    s = server(slow_bundle, "--drain-timeout", "10")
+    s = server(slow_bundle, "--trust-code", "--drain-timeout", "10")
     results = []
     threads = _hammer(s, 6, 4.0, results)
     time.sleep(1.0)
@@ -208,7 +208,7 @@ def _workers(pid):
 
 
 def test_a_dead_worker_fails_only_its_batch_and_is_restarted(server, slow_bundle):
-    s = server(slow_bundle, "--workers", "2")
+    s = server(slow_bundle, "--trust-code", "--workers", "2")
     workers = _workers(s.proc.pid)
     assert len(workers) == 2
     results = []

@@ -6,7 +6,7 @@ import torch
 
 from torchship import OptimizeOptions, UsageError, optimize
 from torchship.train import TrainConfig, choose_precision, train
-from torchship.train.module import TrainingDiverged
+from torchship.errors import TrainingDiverged
 from torchship.zoo.digits import dataset
 
 FAST = dict(progress=False)
@@ -31,7 +31,7 @@ def test_digits_reaches_97_percent_and_writes_the_run(digits_run):
 def test_the_weights_feed_optimize(digits_run, tmp_path):
     res = optimize("torchship.zoo.digits:DigitsCNN", OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(8,), seconds_per_size=0.05),
                    inputs=["image:float32[batch,1,28,28]"], weights=str(digits_run.out / "model.safetensors"))
-    assert res.chosen["fidelity"]["accuracy"] is None  # a module:attr source has no labels
+    assert res.chosen.fidelity.accuracy is None  # a module:attr source has no labels
     x, y = dataset()["test"]
     from torchship.sources import load_source
     m = load_source("torchship.zoo.digits:DigitsCNN", ["image:float32[batch,1,28,28]"],
@@ -67,7 +67,7 @@ def test_qat_int8_model_stays_within_1_point_and_feeds_optimize(digits_run, tmp_
         assert (m.module(torch.from_numpy(x))[0].argmax(1).numpy() == y).mean() == pytest.approx(
             run.summary["test"]["test_acc_int8"], abs=1e-6)
     res = optimize(str(program), OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(8,), seconds_per_size=0.05, transforms=()))
-    assert res.chosen["name"] == "onnxrt" and res.chosen["fidelity"]["cosine"] > 0.999
+    assert res.chosen.name == "onnxrt" and res.chosen.fidelity.cosine > 0.999
 
 
 def test_fine_tuning_a_pruned_model_keeps_its_zeros_and_recovers(digits_run, tmp_path):

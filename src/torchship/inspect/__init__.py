@@ -1,4 +1,4 @@
-"""See inside a forward pass: forward hooks on every leaf module, removed afterwards without a trace.
+"""See inside a forward pass of any source: ``inspect`` runs one under the hooks of ``torchship.hooks``.
 
     with torchship.inspect.watch(model) as w:
         model(x)
@@ -7,136 +7,12 @@
 """
 from __future__ import annotations
 
-import fnmatch
-import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-
 import torch
-from torch import nn
 
-from ..errors import TorchshipError, UsageError
+from ..errors import ModelError, UsageError, first_line
+from ..hooks import Layer, Watch, watch
 
-
-def stats(t: torch.Tensor) -> dict:
-    if not t.is_floating_point():
-        t = t.float()
-    t = t.detach()
-    finite = torch.isfinite(t)
-    f = t[finite]
-    return {"min": float(f.min()) if f.numel() else None, "max": float(f.max()) if f.numel() else None,
-            "mean": float(f.mean()) if f.numel() else None, "std": float(f.std()) if f.numel() > 1 else 0.0,
-            "zeros": float((t == 0).float().mean()) if t.numel() else 0.0,
-            "nonfinite": int((~finite).sum())}
-
-
-def flops(module: nn.Module, inputs, output: torch.Tensor) -> int:
-    """A multiply-add estimate (x2) for the common layers; element count for the rest."""
-    if isinstance(module, nn.Linear):
-        return 2 * output.numel() * module.in_features
-    if isinstance(module, nn.modules.conv._ConvNd):
-        k = int(torch.tensor(module.kernel_size).prod())
-        return 2 * output.numel() * (module.in_channels // module.groups) * k
-    if isinstance(module, nn.MultiheadAttention):
-        return 4 * output.numel() * module.embed_dim
-    return output.numel()
-
-
-def _tensors(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [t for item in x for t in _tensors(item)]
-    if isinstance(x, dict) or hasattr(x, "values"):
-        return [t for item in x.values() for t in _tensors(item)]
-    return []
-
-
-@dataclass
-class Layer:
-    name: str
-    type: str
-    params: int
-    shapes: list
-    dtypes: list
-    flops: int
-    ms: float
-    stats: dict
-    calls: int = 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Watch:
-    layers: dict[str, Layer] = field(default_factory=dict)
-    first_nonfinite: dict | None = None
-    activations: dict[str, torch.Tensor] = field(default_factory=dict)
-    current: str | None = None  # the module running when the model raised
-
-    def to_dict(self) -> dict:
-        return {"layers": [l.to_dict() for l in self.layers.values()], "first_nonfinite": self.first_nonfinite}
-
-
-@contextmanager
-def watch(model: nn.Module, *, include: str | None = None, keep_activations: bool = False):
-    """Hook every leaf module (or those whose name matches the glob ``include``); always unhooked on exit.
-
-    TorchScript modules take no hooks and are left out."""
-    hookable = [(n, m) for n, m in model.named_modules() if not isinstance(m, torch.jit.ScriptModule)]
-    leaves = [(n, m) for n, m in hookable if n and not any(True for _ in m.children())]
-    if not leaves and hookable:
-        leaves = [(n or type(m).__name__, m) for n, m in hookable[:1]]
-    if include:
-        leaves = [(n, m) for n, m in leaves if fnmatch.fnmatch(n, include)]
-        if not leaves:
-            raise UsageError(f"no module name matches {include!r}; names look like {[n for n, _ in model.named_modules() if n][:5]}")
-    w = Watch()
-    started: dict[str, float] = {}
-    handles = []
-
-    def pre(name):
-        def hook(module, args):
-            w.current = name
-            started[name] = time.perf_counter()
-        return hook
-
-    def post(name):
-        def hook(module, args, output):
-            ms = (time.perf_counter() - started.pop(name, time.perf_counter())) * 1e3
-            outs = _tensors(output)
-            if not outs:
-                return
-            s = stats(outs[0])
-            if name in w.layers:
-                layer = w.layers[name]
-                layer.calls += 1
-                layer.ms += ms
-            else:
-                w.layers[name] = Layer(name, type(module).__name__, sum(p.numel() for p in module.parameters(recurse=False)),
-                                       [list(o.shape) for o in outs], [str(o.dtype).removeprefix("torch.") for o in outs],
-                                       sum(flops(module, args, o) for o in outs), ms, s)
-            if w.first_nonfinite is None and any(not torch.isfinite(o).all() for o in outs if o.is_floating_point()):
-                w.first_nonfinite = {"module": name, "type": type(module).__name__, "output": s,
-                                     "inputs": [stats(t) for t in _tensors(args)]}
-            if keep_activations:
-                w.activations[name] = outs[0].detach().cpu().contiguous()
-            w.current = None
-        return hook
-
-    try:
-        for name, m in leaves:
-            handles.append(m.register_forward_pre_hook(pre(name)))
-            handles.append(m.register_forward_hook(post(name)))
-        yield w
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class ModelRaised(TorchshipError):
-    pass
+__all__ = ["Layer", "Watch", "inspect", "watch"]
 
 
 def inspect(source, inputs: list[str] | None = None, *, weights: str | None = None, dims: dict | None = None,
@@ -144,8 +20,8 @@ def inspect(source, inputs: list[str] | None = None, *, weights: str | None = No
     """Run one forward pass of ``source`` under ``watch``; with ``dump``, save activations as safetensors."""
     from pathlib import Path
 
+    from ..modules import inner, to_torch
     from ..sources import load_source
-    from ..sources._wrap import to_torch
     if dump is not None:
         _check_dir(Path(dump))
     model = load_source(source, inputs, weights=weights, dims=dims)
@@ -153,22 +29,20 @@ def inspect(source, inputs: list[str] | None = None, *, weights: str | None = No
         raise UsageError("inspect needs an eager PyTorch module: ONNX and TorchScript files take no forward hooks")
     feeds = ({k: v[:batch] for k, v in model.eval_data.items()} if model.eval_data is not None
              else model.spec.sample(batch, model.dims))
-    from ..sources._wrap import Normalized
     module = model.module.eval()
-    inner = module.module if isinstance(module, Normalized) else module  # names as the user wrote them
     args = to_torch(feeds, model.spec.input_names)
     try:
         with torch.inference_mode():
             module(*args)  # warm-up, so the timed pass below measures steady state
     except Exception:
         pass  # the hooked pass below names the module that raises
-    with watch(inner, include=include, keep_activations=dump is not None) as w:
+    with watch(inner(module), include=include, keep_activations=dump is not None) as w:
         try:
             with torch.inference_mode():
                 module(*args)
         except Exception as exc:
             where = f" in module {w.current!r}" if w.current else ""
-            raise ModelRaised(f"the model raised{where}: {type(exc).__name__}: {exc}") from exc
+            raise ModelError(f"the model raised{where}: {first_line(exc)}") from exc
     if dump is not None:
         _dump(w.activations, Path(dump))
     return w

@@ -131,7 +131,7 @@ def trace(model) -> Finding:
     import warnings
 
     from ..runtimes.torchscript import check_inputs, disagreement
-    from ..runtimes.base import example_args
+    from ..runtimes._torch import example_args
     module = model.module
     try:
         with warnings.catch_warnings():

@@ -5,14 +5,13 @@ import warnings
 
 import torch
 
-from ..errors import BuildSkipped
-from .base import (Artifact, PRECISIONS, TorchRunner, calibration_batches, cast_args, dynamic_shapes, example_args,
-                   register)
+from ..errors import BuildSkipped, first_line
+from ._torch import PRECISIONS, TorchRunner, cast_args, dynamic_shapes, example_args, needs_module, set_threads
+from .base import Artifact, calibration_batches, register
 
 
 def export(model, device="cpu", precision="fp32"):
-    if model.module is None:
-        raise BuildSkipped("the source is an ONNX file: only ONNX Runtime can run it")
+    needs_module(model)
     module = model.module.to(device)
     if precision != "fp32":
         import copy
@@ -23,7 +22,7 @@ def export(model, device="cpu", precision="fp32"):
             warnings.simplefilter("ignore")
             return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(model.spec))
     except Exception as exc:
-        raise BuildSkipped(f"torch.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:240]}") from exc
+        raise BuildSkipped(f"torch.export failed: {first_line(exc, 240)}") from exc
     finally:
         model.module.to("cpu")
 
@@ -39,7 +38,7 @@ def static_int8(program, model):
             # the converted module takes the inputs flat: one shape spec per input
             return torch.export.export(converted, example_args(model, 2), dynamic_shapes=dynamic_shapes(model.spec)[0])
     except Exception as exc:
-        raise BuildSkipped(f"PT2E static int8 failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:240]}") from exc
+        raise BuildSkipped(f"PT2E static int8 failed: {first_line(exc, 240)}") from exc
 
 
 def build(model, options, workdir):
@@ -52,15 +51,16 @@ def build(model, options, workdir):
             warnings.simplefilter("ignore")
             torch._inductor.aoti_compile_and_package(program, package_path=str(workdir / "model.pt2"))
     except Exception as exc:
-        raise BuildSkipped(f"AOTInductor compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:240]}") from exc
+        raise BuildSkipped(f"AOTInductor compile failed: {first_line(exc, 240)}") from exc
     return Artifact("aoti", ("model.pt2",), dict(options))
 
 
-def load(artifact, root, spec, device="cpu"):
+def load(artifact, root, spec, ctx):
+    set_threads(ctx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         runner = torch._inductor.aoti_load_package(str(root / artifact.files[0]))
-    return TorchRunner(runner, spec, device, artifact.options.get("precision", "fp32"))
+    return TorchRunner(runner, spec, ctx.device, artifact.options.get("precision", "fp32"))
 
 
 register("aoti", build, load)

@@ -1,141 +1,68 @@
-"""The runtime protocol: ``build(model, options, workdir) -> Artifact`` and ``load(artifact, root, spec, device) -> Runner``.
+"""The runtime protocol: ``build(model, options, workdir) -> Artifact`` and ``load(artifact, root, spec, ctx) -> Runner``.
 
-A Runner maps ``{name: array}`` to ``{name: array}`` for a whole batch and nothing else.
-Each runtime module calls ``register(name, build, load)``; ``get(name)`` finds one.
+A Runner maps ``{name: array}`` to ``{name: array}`` for a whole batch and nothing else. Each runtime module calls
+``register(name, build, load)``; ``get(name)`` finds one. Static settings travel in ``Artifact.options`` (written to
+the manifest); run-time settings (device, threads, consent to import code) in a ``LoadContext``. Nothing here imports
+torch: a bundle whose runtime does not need torch loads without it.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Mapping, Protocol
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
 
+import msgspec
 import numpy as np
-import torch
 
+from ..arch import Architecture
 from ..errors import BuildSkipped, UsageError
-from ..spec import BATCH, IOSpec
 
 
 class Runner(Protocol):
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-@dataclass(frozen=True)
-class Artifact:
-    """Files on disk (relative to a root directory) and the options needed to load them."""
+class Artifact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Files on disk (relative to a root directory) and the static options needed to load them."""
 
     runtime: str
     files: tuple[str, ...]
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = {}
+    architecture: Architecture | None = None  # eager/compile: how to rebuild the module the weights belong to
 
-    def to_dict(self) -> dict:
-        return {"runtime": self.runtime, "files": list(self.files), "options": self.options}
 
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Artifact":
-        return cls(d["runtime"], tuple(d["files"]), dict(d.get("options", {})))
+class LoadContext(msgspec.Struct, frozen=True):
+    """Run-time settings of one load, apart from the artifact's static options."""
+
+    device: str = "cpu"
+    threads: int | None = None  # intra-op threads (None: the runtime's default)
+    spin: bool = True  # idle intra-op threads may spin between calls (off for a process with other work between them)
+    trust_code: bool = False  # a python architecture from outside torchship may be imported
 
 
 @dataclass(frozen=True)
 class Runtime:
     name: str
     build: Callable  # (model, options: dict, workdir: Path) -> Artifact
-    load: Callable  # (artifact, root: Path, spec: IOSpec, device: str) -> Runner
-    exact: bool = True  # fp32 numerics: held to the exact budget
+    load: Callable  # (artifact, root: Path, spec: IOSpec, ctx: LoadContext) -> Runner
+    needs_torch: bool = True  # loading imports torch (a serving install without torch cannot run it)
 
 
+MODULES = ("eager", "torchscript", "compile", "aoti", "onnxrt")  # in the order the plan lists them
 _REGISTRY: dict[str, Runtime] = {}
 
 
-def register(name: str, build: Callable, load: Callable, *, exact: bool = True) -> None:
-    _REGISTRY[name] = Runtime(name, build, load, exact)
+def register(name: str, build: Callable, load: Callable, *, needs_torch: bool = True) -> None:
+    _REGISTRY[name] = Runtime(name, build, load, needs_torch)
 
 
 def get(name: str) -> Runtime:
-    from . import _load_all
-    _load_all()
+    """The registered runtime ``name``; only its own module is imported (ONNX Runtime's loads without torch)."""
+    if name not in MODULES:
+        raise UsageError(f"unknown runtime {name!r}; registered runtimes: {', '.join(sorted(MODULES))}")
     if name not in _REGISTRY:
-        raise UsageError(f"unknown runtime {name!r}; registered runtimes: {', '.join(sorted(_REGISTRY))}")
+        importlib.import_module(f"{__package__}.{name}")
     return _REGISTRY[name]
-
-
-def names() -> list[str]:
-    from . import _load_all
-    _load_all()
-    return list(_REGISTRY)
-
-
-# --- helpers shared by the torch-based runtimes ---------------------------------------------------
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def dynamic_shapes(spec: IOSpec, max_batch: int = 4096) -> tuple[tuple[dict, ...]]:
-    """torch.export dynamic shapes for a normalized ``forward(*inputs)``: one Dim per symbol, shared across inputs."""
-    syms = {BATCH: torch.export.Dim(BATCH, min=1, max=max_batch)}
-    for s in spec.symbols:
-        syms[s] = torch.export.Dim(s, min=1, max=512 if s == "seq" else 4096)
-    return (tuple({i: syms[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs),)
-
-
-def example_args(model, batch: int = 2, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
-    feeds = model.spec.sample(batch, model.dims, seed=seed)
-    if model.eval_data is not None and seed == 0:
-        n = len(next(iter(model.eval_data.values())))
-        if n >= batch:
-            feeds = {k: v[:batch] for k, v in model.eval_data.items()}
-    return tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in model.spec.input_names)
-
-
-def cast_args(args, precision: str):
-    dt = PRECISIONS[precision]
-    return tuple(a.to(dt) if a.is_floating_point() else a for a in args)
-
-
-class TorchRunner:
-    """Runs a callable that takes tensors in spec order and returns a tensor sequence."""
-
-    def __init__(self, fn, spec: IOSpec, device: str = "cpu", precision: str = "fp32", grad: bool = False):
-        self.fn, self.spec, self.device, self.precision, self.grad = fn, spec, device, precision, grad
-        self.names_in, self.names_out = spec.input_names, spec.output_names
-
-    def __call__(self, feeds):
-        args = cast_args(tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.names_in),
-                         self.precision)
-        if self.grad:
-            out = self.fn(*args)
-        else:
-            with torch.inference_mode():
-                out = self.fn(*args)
-        if isinstance(out, torch.Tensor):
-            out = (out,)
-        return {n: (t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach()).cpu().numpy()
-                for n, t in zip(self.names_out, out)}
-
-
-def needs_arch(model) -> dict:
-    if model.arch is None:
-        raise BuildSkipped("the model has no importable architecture to rebuild it from; pass it as package.module:attr")
-    if model.module is None:
-        raise BuildSkipped("the source is an ONNX file: only ONNX Runtime can run it")
-    return model.arch
-
-
-def save_weights(model, workdir: Path) -> tuple[str, str]:
-    from safetensors.torch import save_model
-    save_model(model.module, str(workdir / "weights.safetensors"))
-    (workdir / "architecture.json").write_text(json.dumps(model.arch))
-    return "weights.safetensors", "architecture.json"
-
-
-def load_weights_module(root: Path):
-    from safetensors.torch import load_model
-
-    from ..sources import rebuild
-    module = rebuild(json.loads((root / "architecture.json").read_text()), root)
-    load_model(module, str(root / "weights.safetensors"))
-    return module.eval()
 
 
 def calibration_batches(model, items: int = 128, batch: int = 16) -> list[dict[str, np.ndarray]]:

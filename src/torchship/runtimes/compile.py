@@ -3,24 +3,25 @@ from __future__ import annotations
 
 import torch
 
-from .base import TorchRunner, register
+from ._torch import TorchRunner, set_threads
+from .base import register
 from .eager import build as eager_build
 from .eager import prepare, rebuild
 
 
 def build(model, options, workdir):
-    from .base import Artifact
-    art = eager_build(model, options, workdir)
-    return Artifact("compile", art.files, dict(options))
+    from msgspec.structs import replace
+    return replace(eager_build(model, options, workdir), runtime="compile")
 
 
-def load(artifact, root, spec, device="cpu"):
+def load(artifact, root, spec, ctx):
+    set_threads(ctx)
     opts = artifact.options
     # freezing: weights become constants that inductor folds and prepacks (and int8 patterns lower to int8 kernels)
     torch._inductor.config.freezing = opts.get("freezing", True)
-    module = prepare(rebuild(root, opts), opts, device).eval()
+    module = prepare(rebuild(artifact, root, ctx), opts, ctx.device).eval()
     compiled = torch.compile(module, mode=opts.get("mode", "default"), dynamic=opts.get("dynamic"))
-    return TorchRunner(compiled, spec, device, opts.get("precision", "fp32"))
+    return TorchRunner(compiled, spec, ctx.device, opts.get("precision", "fp32"))
 
 
 register("compile", build, load)

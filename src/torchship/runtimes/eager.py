@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import PRECISIONS, TorchRunner, load_weights_module, needs_arch, register, save_weights
+from ._torch import PRECISIONS, TorchRunner, load_weights_module, needs_arch, save_weights, set_threads
+from .base import Artifact, register
 
 
 def build(model, options, workdir):
-    from .base import Artifact
-    needs_arch(model)
-    return Artifact("eager", save_weights(model, workdir), dict(options))
+    arch = needs_arch(model)
+    return Artifact("eager", (save_weights(model, workdir),), dict(options), architecture=arch)
 
 
 def prepare(module, options, device):
@@ -22,22 +22,23 @@ def prepare(module, options, device):
     return module
 
 
-def rebuild(root, opts):
+def rebuild(artifact, root, ctx):
     """The module from the artifact's fp32 weights, with its at-load transforms applied again (they are
     deterministic functions of those weights)."""
     from ..transforms import apply, from_dict
-    module = load_weights_module(root)
-    for t in opts.get("transforms", []):
+    module = load_weights_module(artifact, root, ctx)
+    for t in artifact.options.get("transforms", []):
         module = apply(module, from_dict(t))
     return module
 
 
-def load(artifact, root, spec, device="cpu"):
+def load(artifact, root, spec, ctx):
+    set_threads(ctx)
     opts = artifact.options
-    module = prepare(rebuild(root, opts), opts, device)
+    module = prepare(rebuild(artifact, root, ctx), opts, ctx.device)
     if opts.get("naive"):  # as too often written: training mode, autograd on
-        return TorchRunner(module.train(), spec, device, grad=True)
-    return TorchRunner(module.eval(), spec, device, opts.get("precision", "fp32"))
+        return TorchRunner(module.train(), spec, ctx.device, grad=True)
+    return TorchRunner(module.eval(), spec, ctx.device, opts.get("precision", "fp32"))
 
 
 register("eager", build, load)

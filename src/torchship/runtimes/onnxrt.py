@@ -7,20 +7,19 @@ import warnings
 
 import numpy as np
 
-from ..errors import BuildSkipped, MissingExtra
-from .base import Artifact, calibration_batches, dynamic_shapes, example_args, register
+from ..errors import BuildSkipped, first_line
+from .base import Artifact, calibration_batches, register
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise MissingExtra("onnxruntime", "onnx") from exc
+    import onnxruntime  # a core dependency
     return onnxruntime
 
 
 def export_onnx(model, path):
     import torch
+
+    from ._torch import dynamic_shapes, example_args
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     args = example_args(model, 2)
     errors = []
@@ -92,7 +91,7 @@ def _quantize(workdir, files, kind: str, batches) -> tuple[str, ...]:
                               per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
             prepared.unlink()
     except Exception as exc:
-        raise BuildSkipped(f"ONNX Runtime {kind} quantization failed: {str(exc).splitlines()[0][:200]}") from exc
+        raise BuildSkipped(f"ONNX Runtime {kind} quantization failed: {first_line(exc, 200)}") from exc
     for name in files[1:]:  # external data of the fp32 model, if any
         (workdir / name).unlink(missing_ok=True)
     source.unlink()
@@ -119,7 +118,7 @@ def session(path, device="cpu", threads=None, optimize=True, spin=True):
     try:
         return ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as exc:
-        raise BuildSkipped(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:240]}") from exc
+        raise BuildSkipped(f"ONNX Runtime cannot load the model: {first_line(exc, 240)}") from exc
 
 
 class OrtRunner:
@@ -133,10 +132,9 @@ class OrtRunner:
         return dict(zip(self.output_names, outs))
 
 
-def load(artifact, root, spec, device="cpu"):
-    opts = artifact.options
-    return OrtRunner(session(root / artifact.files[0], device, opts.get("threads"), opts.get("optimize", True),
-                             opts.get("spin", True)), spec)
+def load(artifact, root, spec, ctx):
+    return OrtRunner(session(root / artifact.files[0], ctx.device, ctx.threads, artifact.options.get("optimize", True),
+                             ctx.spin), spec)
 
 
-register("onnxrt", build, load)
+register("onnxrt", build, load, needs_torch=False)

@@ -6,7 +6,8 @@ import warnings
 import torch
 
 from ..errors import BuildSkipped
-from .base import Artifact, TorchRunner, example_args, register
+from ._torch import TorchRunner, example_args, needs_module, set_threads
+from .base import Artifact, register
 
 
 def check_inputs(model) -> list[tuple[torch.Tensor, ...]]:
@@ -48,15 +49,14 @@ def _optimize(frozen):
 
 def _script(module, model):
     """Script the user's module; a trace of the thin normalizing wrapper keeps the scripted control flow."""
-    from ..sources._wrap import Normalized
+    from ..modules import Normalized
     inner = module.module if isinstance(module, Normalized) else module
     wrapper = Normalized(torch.jit.script(inner), module.input_names, module.keys, module.by_keyword).eval()
     return torch.jit.trace(wrapper, example_args(model), check_trace=False, strict=False)
 
 
 def build(model, options, workdir):
-    if model.module is None:
-        raise BuildSkipped("the source is an ONNX file: only ONNX Runtime can run it")
+    needs_module(model)
     module, checks = model.module.eval(), check_inputs(model)
     notes = []
     with warnings.catch_warnings():
@@ -85,11 +85,12 @@ def build(model, options, workdir):
     return Artifact("torchscript", ("model.ts.pt",), {**options, "mode": mode, "notes": notes})
 
 
-def load(artifact, root, spec, device="cpu"):
+def load(artifact, root, spec, ctx):
+    set_threads(ctx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = _optimize(torch.jit.load(str(root / artifact.files[0]), map_location=device))
-    return TorchRunner(module, spec, device)
+        module = _optimize(torch.jit.load(str(root / artifact.files[0]), map_location=ctx.device))
+    return TorchRunner(module, spec, ctx.device)
 
 
 register("torchscript", build, load)

@@ -10,6 +10,8 @@ import asyncio
 import hmac
 import json
 import re
+import shutil
+import tempfile
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -20,10 +22,13 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import SpecError, TorchshipError
-from .batcher import BatchConfig, DeadlineExceeded, QueueFull, ShuttingDown
+from .. import bundle
+from ..bundle import Bundle
+from ..errors import (BadRequest, Busy, Disconnected, NotFound, ServeError, ShuttingDown, SpecError, TooLarge,
+                      TorchshipError)
+from .batcher import BatchConfig
 from .metrics import Metrics
-from .protocol import HEADER, BadRequest, decode_inputs, encode_outputs, metadata, split_body
+from .protocol import HEADER, decode_inputs, encode_outputs, metadata, split_body
 from .registry import Entry, discover, latest, load_entry, nonfinite
 
 VERSION = "0.1.0"
@@ -38,13 +43,34 @@ class ServeConfig:
     workers: int = 1
     repository: Path | None = None
     admin_token: str | None = None
+    trust_code: bool = False  # bundles that import Python code from outside torchship may load
+
+
+Found = tuple[str, str, Bundle]  # (name, version, verified snapshot)
+
+
+def open_bundles(paths: list[Path], into: Path) -> list[Found]:
+    """Every bundle under ``paths`` (bundles or repositories), each verified once into a private snapshot in ``into``:
+    what is served, reloaded or given to a restarted worker later is what was verified now."""
+    found: list[Found] = []
+    try:
+        for path in paths:
+            for name, version, p in discover(Path(path)):
+                found.append((name, version, bundle.snapshot(p, Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=into)) / "b")))
+    except BaseException:
+        for _, _, b in found:
+            bundle.remove(b)
+        raise
+    return found
 
 
 class Server:
     """State shared by the routes: the models, readiness and metrics."""
 
-    def __init__(self, paths: list[Path], config: ServeConfig):
+    def __init__(self, paths: list[Path], config: ServeConfig, opened: list[Found] | None = None):
         self.paths, self.config = [Path(p) for p in paths], config
+        self.opened = opened
+        self.snapshots = Path(tempfile.mkdtemp(prefix="torchship-serve-"))
         self.models: dict[str, dict[str, Entry]] = {}
         self.metrics = Metrics()
         self.ready = False
@@ -59,21 +85,22 @@ class Server:
         self.in_flight = 0
         self._swap = asyncio.Lock()
 
-    def batch_config(self, manifest: dict) -> BatchConfig:
-        size = self.config.max_batch_size or manifest.get("max_batch_size") or self.config.batch.max_batch_size
+    def batch_config(self, manifest) -> BatchConfig:
+        size = self.config.max_batch_size or manifest.max_batch_size or self.config.batch.max_batch_size
         return replace(self.config.batch, max_batch_size=int(size))
 
+    async def open(self, paths: list[Path]) -> list[Found]:
+        return await asyncio.get_running_loop().run_in_executor(None, open_bundles, paths, self.snapshots)
+
     async def start(self) -> None:
-        for path in self.paths:
-            for name, version, p in discover(path):
-                await self.add(name, version, p)
+        opened, self.opened = self.opened if self.opened is not None else await self.open(self.paths), None
+        for name, version, verified in opened:
+            await self.add(name, version, verified)
         self.ready = True
 
-    async def add(self, name: str, version: str, path: Path) -> Entry:
-        from .. import bundle
-        manifest = bundle.read_manifest(path)
-        entry = await load_entry(name, version, path, self.batch_config(manifest), self.metrics, self.config.threads,
-                                 self.config.workers)
+    async def add(self, name: str, version: str, verified: Bundle) -> Entry:
+        entry = await load_entry(name, version, verified, self.batch_config(verified.manifest), self.metrics,
+                                 self.config.threads, self.config.workers, self.config.trust_code)
         old = self.models.setdefault(name, {}).get(version)
         self.models[name][version] = entry  # the swap: new requests go to the new entry from here on
         if old:
@@ -90,6 +117,7 @@ class Server:
         self.ready = False
         for name in list(self.models):
             await self.remove(name)
+        shutil.rmtree(self.snapshots, ignore_errors=True)
 
     def idle(self) -> bool:
         return all(e.batcher.idle for v in self.models.values() for e in v.values())
@@ -104,20 +132,8 @@ class Server:
         return entry
 
 
-class NotFound(Exception):
-    pass
-
-
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class TooLarge(Exception):
-    pass
-
-
-class Disconnected(Exception):
-    pass
 
 
 async def read_body(receive, declared: bytes | None, limit: int) -> bytes:
@@ -127,7 +143,7 @@ async def read_body(receive, declared: bytes | None, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise Disconnected
+            raise Disconnected("client disconnected")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -154,10 +170,10 @@ async def infer(server: Server, name: str, version: str | None, headers: dict[by
     except NotFound as exc:
         return problem(404, str(exc))
     if server.in_flight >= server.max_in_flight:
-        e.metrics.rejected("in_flight")
-        e.metrics.failure("in_flight")
-        return problem(503, f"server busy: {server.in_flight} requests in flight (limit {server.max_in_flight})",
-                       {"Retry-After": "1"})
+        exc = Busy(f"server busy: {server.in_flight} requests in flight (limit {server.max_in_flight})")
+        e.metrics.rejected(exc.reason)
+        e.metrics.failure(exc.reason)
+        return problem(exc.status, str(exc), exc.headers)
     server.in_flight += 1
     try:
         return await _infer(server, e, name, version, headers, receive)
@@ -169,6 +185,11 @@ async def _infer(server: Server, e: Entry, name: str, version: str | None, heade
     def fail(status, reason, message, extra=None):
         e.metrics.failure(reason)
         return problem(status, message, extra)
+
+    def refused(exc: ServeError):
+        if exc.status in (503, 504):
+            e.metrics.rejected(exc.reason)
+        return fail(exc.status, exc.reason, str(exc), exc.headers)
     try:
         body = await read_body(receive, headers.get(b"content-length"), server.config.max_body_bytes)
         header_length = headers.get(HEADER.lower().encode())
@@ -181,12 +202,10 @@ async def _infer(server: Server, e: Entry, name: str, version: str | None, heade
         timeout = (req.get("parameters") or {}).get("timeout")  # microseconds, as Triton's clients send it
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise BadRequest(f"parameter 'timeout' must be a positive number of microseconds, got {timeout!r}")
-    except TooLarge as exc:
-        return fail(413, "too_large", str(exc))
-    except (BadRequest, SpecError) as exc:
+    except ServeError as exc:
+        return refused(exc)
+    except SpecError as exc:
         return fail(400, "bad_request", str(exc))
-    except Disconnected:
-        return fail(400, "disconnect", "client disconnected")
     e.metrics.queue_depth.set(e.batcher.depth)
     try:
         try:
@@ -196,16 +215,10 @@ async def _infer(server: Server, e: Entry, name: str, version: str | None, heade
                 raise
             e = server.find(name, version)
             outputs = await e.batcher.submit(feeds, timeout / 1e6 if timeout else None)
-    except NotFound as exc:
-        return fail(404, "not_found", str(exc))
-    except QueueFull as exc:
-        e.metrics.rejected(exc.reason)
-        return fail(503, exc.reason, str(exc), {"Retry-After": "1"})
     except ShuttingDown as exc:
-        return fail(503, "shutting_down", str(exc), {"Retry-After": "1"})
-    except DeadlineExceeded as exc:
-        e.metrics.rejected("deadline")
-        return fail(504, "deadline", str(exc))
+        return fail(exc.status, exc.reason, str(exc), exc.headers)
+    except ServeError as exc:
+        return refused(exc)
     except Exception as exc:
         return fail(500, "model_error", f"the model failed on this batch: {type(exc).__name__}: {exc}")
     finally:
@@ -218,8 +231,9 @@ async def _infer(server: Server, e: Entry, name: str, version: str | None, heade
     return 200, content, extra
 
 
-def create_app(paths: list[Path], config: ServeConfig | None = None) -> Starlette:
-    server = Server(paths, config or ServeConfig())
+def create_app(paths: list[Path], config: ServeConfig | None = None, opened: list[Found] | None = None) -> Starlette:
+    """The ASGI app serving ``paths``; ``opened`` (from ``open_bundles``) when they were verified beforehand."""
+    server = Server(paths, config or ServeConfig(), opened)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -249,7 +263,7 @@ def create_app(paths: list[Path], config: ServeConfig | None = None) -> Starlett
         except NotFound as exc:
             return error(404, str(exc))
         versions = sorted(server.models[e.name])
-        return JSONResponse(metadata(e.name, versions, f"torchship_{e.manifest['runtime']}", e.spec))
+        return JSONResponse(metadata(e.name, versions, f"torchship_{e.manifest.runtime}", e.spec))
 
     async def model_ready(request):
         try:
@@ -272,12 +286,13 @@ def create_app(paths: list[Path], config: ServeConfig | None = None) -> Starlett
             return error(403, "model repository changes need --repository and a matching --admin-token (Authorization: Bearer TOKEN)")
         name = request.path_params["model"]
         try:
-            found = [(n, v, p) for n, v, p in discover(server.config.repository) if n == name]
-            if not found:
+            paths = [p for n, v, p in discover(server.config.repository) if n == name]
+            if not paths:
                 return error(404, f"no model {name!r} in repository {server.config.repository}")
+            found = await server.open(paths)
             async with server._swap:
-                for n, v, p in found:
-                    await server.add(n, v, p)
+                for n, v, verified in found:
+                    await server.add(n, v, verified)
         except TorchshipError as exc:
             return error(400, f"cannot load {name!r}: {exc}")
         return JSONResponse({"name": name, "versions": [v for _, v, _ in found]})

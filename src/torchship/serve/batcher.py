@@ -17,25 +17,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from ..errors import DeadlineExceeded, ModelError, QueueFull, ShuttingDown, UsageError, WouldMissSLO
+from ..profile import Stats
 from ..spec import IOSpec
-
-
-class QueueFull(Exception):
-    """The queue is at its request or byte limit (HTTP 503 with Retry-After)."""
-    reason = "queue_full"
-
-
-class WouldMissSLO(QueueFull):
-    """SLO mode: the work queued ahead would make this request miss the SLO (HTTP 503 with Retry-After)."""
-    reason = "slo"
-
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed before it ran (HTTP 504)."""
-
-
-class ShuttingDown(Exception):
-    """The batcher was stopped before the request ran (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +35,6 @@ class BatchConfig:
     inline_s: float = 0.001  # a batch predicted to take less runs on the event loop's thread (see Batcher._inline)
 
     def __post_init__(self):
-        from ..errors import UsageError
         if self.max_batch_size < 1 or self.max_queue_requests < 1 or self.max_queue_delay_s < 0 or self.inline_s < 0:
             raise UsageError(f"batching settings must be positive: {self}")
 
@@ -71,8 +54,8 @@ class Item:
 class LatencyModel:
     """Predicted compute time per batch size: the bundle's profile, refined online (EMA of measured times)."""
 
-    def __init__(self, profile: Mapping[str, Mapping] | None = None, alpha: float = 0.2):
-        self.points = {int(k): v["p50_ms"] / 1e3 for k, v in (profile or {}).items() if "p50_ms" in v}
+    def __init__(self, profile: Mapping[int, Stats] | None = None, alpha: float = 0.2):
+        self.points = {int(k): v.p50_ms / 1e3 for k, v in (profile or {}).items()}
         self.alpha = alpha
 
     def predict(self, size: int) -> float:
@@ -267,7 +250,7 @@ class Batcher:
             total = sum(i.size for i in live)
             bad = [k for k, v in outputs.items() if len(v) != total]
             if bad:
-                raise RuntimeError(f"the model returned {[len(outputs[k]) for k in bad]} rows for {total} inputs")
+                raise ModelError(f"the model returned {[len(outputs[k]) for k in bad]} rows for {total} inputs")
             elapsed = time.monotonic() - started
             self.latency.observe(total, elapsed)
             self.on_batch(size=total, requests=len(live), compute_s=elapsed,

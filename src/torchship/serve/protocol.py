@@ -7,16 +7,13 @@ from typing import Mapping
 
 import numpy as np
 
+from ..errors import BadRequest
 from ..spec import IOSpec
 
 TO_NUMPY = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "INT64": "int64", "INT32": "int32",
             "INT16": "int16", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 FROM_NUMPY = {v: k for k, v in TO_NUMPY.items()}
 HEADER = "Inference-Header-Content-Length"
-
-
-class BadRequest(Exception):
-    """A request that does not fit the protocol or the model (HTTP 400); the message says what."""
 
 
 def datatype(dtype: str) -> str:

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from .. import bundle
+from ..bundle import Bundle, Manifest
 from ..errors import BundleError
 from ..machine import cores
 from ..spec import IOSpec
@@ -23,27 +24,32 @@ _VERSION = re.compile(r"^\d+$")
 class Entry:
     name: str
     version: str
-    path: Path
-    manifest: dict
+    bundle: Bundle  # the private snapshot every load of this entry reads (verified once)
     spec: IOSpec
     batcher: Batcher
     metrics: ModelMetrics
     ready: bool = False
     close: Callable[[], None] | None = None  # worker processes to stop with the entry
 
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
     async def stop(self) -> None:
         self.ready = False
         await self.batcher.stop()  # queued requests still run
+        loop = asyncio.get_running_loop()
         if self.close:
-            await asyncio.get_running_loop().run_in_executor(None, self.close)
+            await loop.run_in_executor(None, self.close)
+        await loop.run_in_executor(None, bundle.remove, self.bundle)
 
 
 def discover(path: Path) -> list[tuple[str, str, Path]]:
     """(name, version, bundle dir) for a bundle, or for a repository laid out as REPO/name/version/."""
     path = Path(path)
-    if (path / bundle.MANIFEST).exists():
+    if bundle.exists(path):
         m = bundle.read_manifest(path)
-        return [(m["name"], str(m.get("version", "1")), path)]
+        return [(m.name, m.version, path)]
     found = [(d.parent.name, d.name, d) for d in sorted(path.glob("*/*")) if d.is_dir() and _VERSION.match(d.name)
              and (d / bundle.MANIFEST).exists()]
     if not found:
@@ -57,30 +63,32 @@ def paddable(spec: IOSpec) -> tuple[str, ...]:
     return tuple(d for d in (mask.shape[1:] if mask else ()) if isinstance(d, str))
 
 
-async def load_entry(name: str, version: str, path: Path, config: BatchConfig, metrics: Metrics, threads: int | None,
-                     workers: int = 1) -> Entry:
-    """Load a bundle off the event loop (in this process, or in ``workers`` processes), warm it up,
+async def load_entry(name: str, version: str, verified: Bundle, config: BatchConfig, metrics: Metrics,
+                     threads: int | None, workers: int = 1, trust_code: bool = False) -> Entry:
+    """Load a verified bundle off the event loop (in this process, or in ``workers`` processes), warm it up,
     start its batcher."""
     loop = asyncio.get_running_loop()
     warm_sizes = tuple(sorted({1, config.max_batch_size}))
-    latency = LatencyModel(bundle.read_manifest(path).get("profile"))
+    manifest = verified.manifest
+    latency = LatencyModel(manifest.profile)
+    spec = manifest.spec
     if workers > 1:
         from .workers import ProcessPool
-        manifest = await loop.run_in_executor(None, bundle.verify, path)
-        pool = await loop.run_in_executor(None, lambda: ProcessPool(path, workers, threads, warm_sizes))
-        run, close, spec = pool, pool.close, IOSpec.from_dict(manifest["spec"])
+        pool = await loop.run_in_executor(None, lambda: ProcessPool(verified, workers, threads, warm_sizes, trust_code))
+        run, close = pool, pool.close
     else:
         # A model whose full batch runs on the event loop's thread (under inline_s) gets no spinning pool threads:
         # they would take the cores the loop needs between batches (digits-cnn: ~0.8 of a core, 7-18% throughput).
         fast = bool(latency.points) and latency.predict(config.max_batch_size) < config.inline_s
-        loaded = await loop.run_in_executor(None, lambda: bundle.load(path, threads=threads or cores(), spin=not fast))
-        manifest, spec, run, close = loaded.manifest, loaded.spec, loaded, None
-        await loop.run_in_executor(None, lambda: [loaded(spec.sample(bs, manifest.get("dims") or {})) for bs in warm_sizes])
+        loaded = await loop.run_in_executor(None, lambda: bundle.load(verified, threads=threads or cores(), spin=not fast,
+                                                                      trust_code=trust_code))
+        run, close = loaded, None
+        await loop.run_in_executor(None, lambda: [loaded(spec.sample(bs, manifest.dims)) for bs in warm_sizes])
     series = metrics.model(name, version)
     batcher = Batcher(run, spec, config, paddable=paddable(spec), latency=latency,
                       on_batch=series.on_batch, concurrency=workers)
     batcher.start()
-    return Entry(name, version, path, manifest, spec, batcher, series, ready=True, close=close)
+    return Entry(name, version, verified, spec, batcher, series, ready=True, close=close)
 
 
 def latest(versions: dict[str, Entry]) -> Entry | None:

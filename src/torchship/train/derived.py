@@ -21,7 +21,7 @@ STUDENTS = {"digits-cnn": "torchship.zoo.digits:student"}  # the zoo's own small
 
 def defaults(kind: str, task: str):
     """The fine-tuning recipe per kind (the model starts trained, except a student)."""
-    from ..train import TrainConfig
+    from .fit import TrainConfig
     base = TrainConfig(task=task if task in ("classify", "embed") else "regress", progress=False, patience=None)
     return {"qat": replace(base, epochs=3, lr=1e-4), "channels": replace(base, epochs=8, lr=1e-3),
             "distill": replace(base, epochs=15, lr=3e-3, patience=3)}[kind]
@@ -30,8 +30,9 @@ def defaults(kind: str, task: str):
 def derive(model, kind: str, level: float | None, data, workdir: Path, *, student=None,
            epochs: int | None = None) -> tuple[Path, dict]:
     """Train the derived model of ``kind`` and export it into ``workdir``; returns (program path, what training did)."""
-    from ..train import train
-    from ..train.qat import export_program, inner
+    from ..modules import inner
+    from . import train
+    from .qat import export_program
     if model.module is None:
         raise BuildSkipped("an ONNX source cannot be trained here: only ONNX Runtime can run it")
     if len(model.spec.inputs) != 1:
@@ -40,7 +41,7 @@ def derive(model, kind: str, level: float | None, data, workdir: Path, *, studen
     config = replace(config, epochs=epochs or config.epochs, qat=kind == "qat",
                      prune_channels=level if kind == "channels" else None)
     if kind == "distill":
-        zoo = (model.arch or {}).get("name") if (model.arch or {}).get("kind") == "zoo" else None
+        zoo = model.arch.ref if model.arch is not None and model.arch.kind == "zoo" else None
         student = student or STUDENTS.get(zoo)
         if student is None:
             raise BuildSkipped("distillation needs a smaller architecture: pass --student package.module:attr")
@@ -52,7 +53,7 @@ def derive(model, kind: str, level: float | None, data, workdir: Path, *, studen
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "model.pt2"
     if kind == "qat":
-        from ..train import qat
+        from . import qat
         qat.save(run.model, example, path)
     else:
         torch.export.save(export_program(inner(run.model).eval(), example), str(path))

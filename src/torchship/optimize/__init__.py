@@ -1,0 +1,345 @@
+"""optimize: every applicable way of running a model, verified and timed, the fastest faithful one packaged.
+
+The pipeline, one named step each:
+
+    model    = load(source, ...)          the model and the user's data (sources, optimize.data)
+    variants = plan(model, ...)           runtime x transforms (plan)
+    results  = build_each(variants, ...)  each in its own process: build, load, run the verification inputs, time
+                                          (optimize.workers, optimize.worker); checked against eager fp32 (verify)
+    chosen   = select(results, ...)       the fastest within budget (select)
+    bundle   = package(result, ...)       manifest + artifact + report (bundle, report)
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import msgspec
+import numpy as np
+
+from .. import bundle
+from ..errors import UsageError, first_line
+from ..plan import VariantPlan, plan
+from ..profile import stats
+from ..results import Lineage, VariantResult
+from ..select import closest, select
+from ..verify import Budget, compare, reference_outputs
+from .data import Pool, checked_train_data, verification_pool, with_data
+from .protocol import Job, ModelRef, TimeBatch
+from .workers import ForkServer, InlineWorker, WorkerLost
+
+__all__ = ["OptimizeOptions", "OptimizeResult", "optimize"]
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    device: str = "cpu"
+    budget: Budget = field(default_factory=Budget)
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    target_batch_size: int | None = None  # default: the largest batch size
+    latency_slo_ms: float | None = None
+    runtimes: tuple[str, ...] | None = None
+    threads: int | None = None  # intra-op threads, as serving will use; default: all cores
+    timeout_s: float = 600.0
+    seconds_per_size: float = 1.0
+    isolate: bool = True  # each variant in its own process
+    transforms: tuple[str, ...] = ("int8", "bf16", "qat", "channels", "distill")  # see plan.TRANSFORMS
+    train_epochs: int | None = None  # for the trained variants (qat, channels, distill); default: per kind
+
+    def __post_init__(self):
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise UsageError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
+        if self.target_batch_size is not None and self.target_batch_size not in self.batch_sizes:
+            raise UsageError(f"target batch size {self.target_batch_size} is not among --batch-sizes {list(self.batch_sizes)}")
+        if self.train_epochs is not None and self.train_epochs < 1:
+            raise UsageError(f"--train-epochs must be at least 1, got {self.train_epochs}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise UsageError(f"--device {self.device!r}: use cpu or cuda")
+        if self.device.startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise UsageError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+
+    @property
+    def target(self) -> int:
+        return self.target_batch_size or max(self.batch_sizes)
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    model: str
+    variants: tuple[VariantResult, ...]
+    chosen: VariantResult | None
+    chosen_batch_size: int | None
+    machine: dict[str, Any]
+    message: str
+    options: OptimizeOptions
+    verification: str  # what the variants were verified on
+    spec: Any = None  # the model's IOSpec
+    task: str = "other"
+    dims: dict[str, int] = field(default_factory=dict)
+    labelled: bool = False  # the verification inputs had labels (an accuracy budget can be the measure)
+    bundle: Path | None = None
+    report: Path | None = None
+
+    @property
+    def budget(self) -> dict[str, float]:
+        """The budget in force, defaults included."""
+        return self.options.budget.in_force(self.labelled)
+
+    def variant(self, name: str) -> VariantResult:
+        return next(v for v in self.variants if v.name == name)
+
+    def to_dict(self) -> dict:
+        from ..report import ratios
+        d = msgspec.to_builtins({k: getattr(self, k) for k in ("model", "variants", "chosen", "chosen_batch_size",
+                                                               "machine", "message", "verification", "task", "dims")},
+                                enc_hook=str)
+        d.update(bundle=str(self.bundle) if self.bundle else None, report=str(self.report) if self.report else None,
+                 spec=msgspec.to_builtins(self.spec), budget=self.budget, ratios=ratios(self),
+                 batch_sizes=list(self.options.batch_sizes), target_batch_size=self.options.target,
+                 latency_slo_ms=self.options.latency_slo_ms, device=self.options.device)
+        return d
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str] | None = None,
+             weights: str | None = None, dims: dict | None = None, out: str | Path | None = None,
+             name: str | None = None, progress: Progress | None = None, eval_data=None, calibration_data=None,
+             train_data=None, student=None, warn: Callable[[str], None] | None = None) -> OptimizeResult:
+    """Build every applicable variant of ``source``, verify, profile, select and (with ``out``) bundle it.
+
+    ``eval_data``: held-out inputs (and ``labels`` for a task metric) to verify on, a .npz/.safetensors path or a
+    dict; ``calibration_data``: representative inputs for static int8. Data that does not fit the model is one
+    line through ``warn`` and the run goes on with the source's own data (or generated inputs).
+    ``train_data`` (as ``torchship train`` takes it) adds variants trained from the model: QAT, channel pruning
+    with fine-tuning, and distillation into ``student`` (package.module:attr or an nn.Module; the zoo knows its own)."""
+    opts = options or OptimizeOptions()
+    say = progress or (lambda msg, i, n: None)
+    warn = warn or (lambda line: warnings.warn(line, stacklevel=2))
+    if out is not None:
+        from ..outdir import check_writable
+        check_writable(Path(out), marker=bundle.MANIFEST)
+    say("loading the model", 0, 1)
+    model = load(source, inputs=inputs, weights=weights, dims=dims, name=name, eval_data=eval_data,
+                 calibration_data=calibration_data, warn=warn)
+    train_data = checked_train_data(train_data, warn)
+    variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms,
+                    trainable=train_data is not None)
+    with Workspace(model, opts) as ws:
+        results = build_each(variants, ws, say, train_data, student)
+        say("selecting", len(variants), len(variants))
+        result = choose(model, results, ws.pool, opts)
+        if out is not None and result.chosen is not None:
+            say("writing the bundle and report", len(variants), len(variants))
+            result = package(result, ws.root, Path(out))
+    return result
+
+
+def load(source, *, inputs=None, weights=None, dims=None, name=None, eval_data=None, calibration_data=None,
+         warn: Callable[[str], None]):
+    """The model from its source, named, with the user's held-out and calibration data."""
+    from ..sources import load_source
+    model = load_source(source, inputs, weights=weights, dims=dims)
+    return with_data(replace(model, name=name or model.name), eval_data, calibration_data, warn)
+
+
+class Workspace:
+    """A run's temporary directory: the verification inputs and their reference outputs, the model as a worker
+    reloads it, the fork server that starts the workers, and the trained models derived on the way."""
+
+    def __init__(self, model, opts: OptimizeOptions):
+        self.model, self.opts = model, opts
+        self.root = Path(tempfile.mkdtemp(prefix="torchship-"))
+        self.pool: Pool = verification_pool(model)
+        self.chunk = min(32, max(opts.batch_sizes))
+        np.savez(self.root / "pool.npz", **self.pool.inputs)
+        # static int8 calibrates on the source's own representative inputs, else on the verification pool
+        np.savez(self.root / "calibration.npz", **(model.calibration_data or self.pool.inputs))
+        self.reference = reference_outputs(model, self.pool.inputs, self.chunk)
+        self.ref = self._model_ref(model)
+        self.threads = opts.threads or _cores()
+        self.server: ForkServer | None = None
+        self.derived: dict[tuple, Any] = {}
+
+    def _model_ref(self, model) -> ModelRef | None:
+        """How a worker reloads the model, or None when only this process can run it."""
+        common = dict(name=model.name, spec=model.spec, task=model.task, dims=dict(model.dims))
+        if model.module is None:
+            return ModelRef(kind="onnx", file=str(model.onnx_path), **common)
+        keys = tuple(model.module.keys) if getattr(model.module, "keys", None) else None
+        if model.arch is not None:
+            from safetensors.torch import save_model
+            weights = self.root / "reference.safetensors"
+            save_model(model.module, str(weights))
+            return ModelRef(kind="arch", arch=model.arch, weights=str(weights), **common)
+        if model.file is not None:
+            kind = "program" if model.file.suffix == ".pt2" else "torchscript"
+            return ModelRef(kind=kind, file=str(model.file), keys=keys, by_keyword=model.module.by_keyword, **common)
+        return None
+
+    def job(self, vp: VariantPlan, ref: ModelRef) -> Job:
+        return Job(vp, ref, str(self.root / vp.name), str(self.root / "pool.npz"), str(self.root / "calibration.npz"),
+                   self.chunk, self.threads, tuple(sys.path))
+
+    def start(self, vp: VariantPlan, program: Path | None = None):
+        """A worker for ``vp``: in its own process where the model can be reloaded there, else in this one."""
+        ref = self.ref
+        if program is not None:  # a model trained from this one: the worker loads that program instead
+            ref = ModelRef(kind="program", file=str(program), name=self.model.name, spec=self.model.spec,
+                           task=self.model.task, dims=dict(self.model.dims))
+        if ref is None:  # an nn.Module given from Python with no architecture to rebuild it from
+            return InlineWorker(self.job(vp, self._inline_ref()), self.model)
+        if not self.opts.isolate:
+            return InlineWorker(self.job(vp, ref), None)
+        if self.server is None:
+            self.server = ForkServer(self.root / "forkserver.log")
+        return self.server.start(self.job(vp, ref))
+
+    def _inline_ref(self) -> ModelRef:
+        """The spec and dims of a model that only this process holds (the worker gets the model itself)."""
+        m = self.model
+        return ModelRef(kind="arch", name=m.name, spec=m.spec, task=m.task, dims=dict(m.dims))
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.server is not None:
+            self.server.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _cores() -> int:
+    from ..machine import cores
+    return cores()
+
+
+def _lineage(vp: VariantPlan) -> Lineage:
+    if vp.derived:
+        return Lineage("model", f"{vp.derived[0]} (trained from the model), then {vp.runtime}")
+    if vp.name == vp.runtime or vp.name == "eager-naive":
+        return Lineage("model", vp.runtime)
+    parent = vp.name.split("+")[0].removesuffix("-bf16").removesuffix("-fp16")
+    return Lineage(parent, vp.note or vp.name)
+
+
+def _skipped(vp: VariantPlan, reason: str) -> VariantResult:
+    return VariantResult(name=vp.name, runtime=vp.runtime, status="skipped", reason=reason, note=vp.note,
+                         selectable=vp.selectable, options=vp.options, transforms=vp.transforms, lineage=_lineage(vp))
+
+
+def build_each(variants: list[VariantPlan], ws: Workspace, say: Progress, train_data, student) -> list[VariantResult]:
+    """Build, verify and time each planned variant; a variant that cannot be made is a row with the reason."""
+    results: list[VariantResult] = []
+    failed_level: dict[str, int] = {}
+    for i, vp in enumerate(variants):
+        gentler_failed = vp.family and failed_level.get(vp.family, vp.level + 1) < vp.level
+        reason = vp.skip or (gentler_failed and f"not tried: a gentler {vp.family} variant failed the budget")
+        program, training = None, None
+        if vp.derived and not reason:
+            if vp.derived not in ws.derived:
+                say(f"training {vp.name.partition('+')[2]}", i, len(variants))
+                ws.derived[vp.derived] = _derive(ws, vp.derived, train_data, student)
+            derived = ws.derived[vp.derived]
+            reason = derived if isinstance(derived, str) else None
+            if not reason:
+                program, training = derived
+        if reason:
+            results.append(_skipped(vp, reason))
+            continue
+        say(f"building and timing {vp.name}", i, len(variants))
+        res = run_variant(vp, ws, program)
+        if training is not None:
+            res = msgspec.structs.replace(res, training=training)
+        if res.status == "rejected" and vp.family:
+            failed_level.setdefault(vp.family, vp.level)
+        results.append(res)
+    return results
+
+
+def _derive(ws: Workspace, key: tuple, data, student):
+    """(program, training summary), or the one line saying why this trained variant cannot be made."""
+    from ..errors import TorchshipError
+    from ..train.derived import derive
+    kind, level = key
+    try:
+        return derive(ws.model, kind, level, data, ws.root / "derived" / f"{kind}{level or ''}", student=student,
+                      epochs=ws.opts.train_epochs)
+    except TorchshipError as exc:
+        return str(exc)
+    except Exception as exc:  # a crash in training or export costs this variant only
+        return f"training failed: {first_line(exc)}"
+
+
+def run_variant(vp: VariantPlan, ws: Workspace, program: Path | None = None) -> VariantResult:
+    """One variant in its worker: built, its outputs on the verification inputs compared with the reference, timed."""
+    opts = ws.opts
+    base = dict(name=vp.name, runtime=vp.runtime, note=vp.note, selectable=vp.selectable,
+                options={k: v for k, v in vp.options.items() if v is not None}, transforms=vp.transforms,
+                lineage=_lineage(vp))
+    t0 = time.perf_counter()
+    try:
+        worker = ws.start(vp, program)
+    except WorkerLost as exc:
+        return VariantResult(status="failed", reason=str(exc), **base)
+    try:
+        built = worker.built(opts.timeout_s)
+        if built.status != "ok":
+            return VariantResult(status=built.status, reason=built.reason, wall_s=time.perf_counter() - t0, **base)
+        profile, errors = {}, {}
+        for bs in opts.batch_sizes:
+            samples = worker.time(TimeBatch(bs, runs=10, seconds=opts.seconds_per_size, max_runs=300, warmup=3),
+                                  opts.timeout_s)
+            if samples.error:
+                errors[bs] = samples.error
+            else:
+                profile[bs] = stats(bs, list(samples.seconds))
+    except WorkerLost as exc:
+        return VariantResult(status="failed", reason=str(exc), wall_s=time.perf_counter() - t0, **base)
+    finally:
+        worker.close()
+    with np.load(built.outputs, allow_pickle=False) as z:
+        outputs = {k: z[k] for k in z.files}
+    fidelity = compare(ws.reference, outputs, opts.budget, ws.model.task, ws.pool.labels)
+    return VariantResult(status="ok" if fidelity.passed else "rejected", reason="" if fidelity.passed else fidelity.reason,
+                         artifact=built.artifact, fidelity=fidelity, profile=profile, profile_errors=errors,
+                         build_s=built.build_s, cold_start_s=built.cold_start_s, artifact_bytes=built.artifact_bytes,
+                         peak_memory_mb=built.peak_memory_mb, peak_memory_kind=built.peak_memory_kind,
+                         sparsity=built.sparsity, wall_s=time.perf_counter() - t0, **base)
+
+
+def choose(model, results: list[VariantResult], pool: Pool, opts: OptimizeOptions) -> OptimizeResult:
+    from ..machine import info
+    picked = select(results, opts.target, opts.latency_slo_ms)
+    chosen, chosen_bs = picked if picked else (None, None)
+    if chosen is None:
+        near = closest(results)
+        message = "no variant met the budget" + (f" at p99 <= {opts.latency_slo_ms} ms" if opts.latency_slo_ms else "")
+        if near:
+            message += f"; closest: {near.name} ({near.reason})"
+    else:
+        message = f"chose {chosen.name} at batch size {chosen_bs}"
+    return OptimizeResult(model.name, tuple(results), chosen, chosen_bs, info(opts.threads), message, opts, pool.note,
+                          model.spec, model.task, dict(model.dims), labelled=pool.labels is not None)
+
+
+def package(result: OptimizeResult, root: Path, out: Path) -> OptimizeResult:
+    """Write the bundle: the chosen variant's artifact, its manifest and the report."""
+    from ..report import write_report
+    result = replace(result, bundle=out, report=out / "report" / "report.md")
+    report_dir = root / "report"
+    write_report(result, report_dir)
+    files = [(p, f"report/{p.name}") for p in sorted(report_dir.iterdir())]
+    c = result.chosen
+    files += [(root / c.name / f, f) for f in c.artifact.files]
+    bundle.write(out, bundle.manifest_for(result), files)
+    return result

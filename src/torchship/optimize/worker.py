@@ -1,0 +1,216 @@
+"""One variant's process: rebuild the model from its job, transform, build, load, run the verification inputs, then
+time batches on request until told to stop.
+
+``python -m torchship.optimize.worker`` is the fork server: it imports torch once, then forks one worker per job it
+is sent (a fork costs milliseconds; a fresh interpreter that imports torch costs about two seconds). A worker that
+crashes or hangs costs its own variant only: the parent sees the connection close, or kills it at the timeout.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from ..errors import BuildSkipped, first_line
+from ..spec import batches, concat_batches
+from .protocol import Built, Job, ModelRef, Samples, Stop, TimeBatch, receive, send
+
+PRELOAD = ("torch", "numpy", "safetensors.torch", "onnxruntime", "torchship.modules", "torchship.runtimes._torch",
+           "torchship.transforms", "torchship.profile")
+
+
+# --- the model, rebuilt without running it under hooks again -------------------------------------------------------
+
+def reload(ref: ModelRef, pool: dict, calibration: dict | None):
+    """The job's model as the parent had it: architecture + weights, a program or TorchScript file, or an ONNX file."""
+    from ..sources.model import Model
+    base = dict(task=ref.task, dims=dict(ref.dims), eval_data=pool, calibration_data=calibration)
+    if ref.kind == "onnx":
+        return Model(ref.name, None, ref.spec, onnx_path=Path(ref.file), **base)
+    import torch
+    from safetensors.torch import load_model
+
+    from ..modules import Normalized, load_program, rebuild
+    if ref.kind == "arch":
+        module = rebuild(ref.arch, trust_code=True)  # the user's own source, named by the user
+        load_model(module, ref.weights)
+        return Model(ref.name, module.eval(), ref.spec, arch=ref.arch, **base)
+    inner = load_program(Path(ref.file)) if ref.kind == "program" else torch.jit.load(ref.file, map_location="cpu")
+    module = Normalized(inner, ref.spec.input_names, ref.keys, ref.by_keyword).eval()
+    return Model(ref.name, module, ref.spec, file=Path(ref.file), **base)
+
+
+def _transform(model, transforms, options: dict):
+    """Weight-changing transforms now (the artifact stores their result); at-load ones go into the options."""
+    from dataclasses import replace
+
+    from ..transforms import apply, from_dict, sparsity
+    extra = {}
+    for t in transforms:
+        config = from_dict(t)
+        if config.at_load:
+            apply(model.module, config)  # fails here, with the reason, if it cannot apply
+            options.setdefault("transforms", []).append(t)
+        else:
+            model = replace(model, module=apply(model.module, config))
+            extra["sparsity"] = sparsity(model.module)
+    return model, extra
+
+
+def _arrays(path: str | None) -> dict | None:
+    if not path:
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class Variant:
+    """A built and loaded variant: its runner and what the build measured."""
+
+    def __init__(self, job: Job, model=None):
+        self.job, self.model = job, model  # model: given in-process (inline), else rebuilt from the job
+        self.runner = None
+        self.device = job.variant.options.get("device") or "cpu"
+
+    def build(self) -> Built:
+        import torch
+
+        from ..runtimes import get
+        from ..runtimes.base import LoadContext
+        job = self.job
+        torch.set_num_threads(job.threads)
+        workdir = Path(job.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        pool = _arrays(job.pool)
+        options = {k: v for k, v in job.variant.options.items() if v is not None}
+        options["threads"] = job.threads
+        runtime = get(job.variant.runtime)
+        try:
+            calibration = _arrays(job.calibration)
+            if self.model is None:
+                model = reload(job.model, pool, calibration)
+            else:
+                from dataclasses import replace
+                model = replace(self.model, eval_data=pool, calibration_data=calibration)
+            t0 = time.perf_counter()
+            model, extra = _transform(model, job.variant.transforms, options)
+            artifact = runtime.build(model, options, workdir)
+            build_s = time.perf_counter() - t0
+            if self.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            self.runner = runtime.load(artifact, workdir, job.model.spec, LoadContext(self.device, job.threads, trust_code=True))
+        except BuildSkipped as exc:
+            return Built("skipped", str(exc))
+        self.runner(next(batches(pool, min(8, job.chunk))))
+        cold_start_s = time.perf_counter() - t0
+        np.savez(workdir / "outputs.npz", **concat_batches([self.runner(b) for b in batches(pool, job.chunk)]))
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if self.device.startswith("cuda")
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return Built("ok", artifact=artifact, build_s=build_s, cold_start_s=cold_start_s,
+                     artifact_bytes=sum((workdir / f).stat().st_size for f in artifact.files), peak_memory_mb=peak,
+                     peak_memory_kind="cuda allocated" if self.device.startswith("cuda") else "process RSS",
+                     outputs=str(workdir / "outputs.npz"), sparsity=extra.get("sparsity"))
+
+    def time(self, request: TimeBatch) -> Samples:
+        """``request.runs`` timed calls at one batch size (after ``request.warmup`` untimed ones)."""
+        from ..profile import batch_of
+        spec = self.job.model.spec
+        try:
+            feeds = batch_of(spec, _arrays(self.job.pool), request.batch, self.job.model.dims)
+            sync = _synchronize(self.device)
+            for _ in range(request.warmup):
+                self.runner(feeds)
+            sync()
+            times, deadline = [], time.perf_counter() + request.seconds
+            while len(times) < request.runs or (len(times) < request.max_runs and time.perf_counter() < deadline):
+                t0 = time.perf_counter()
+                self.runner(feeds)
+                sync()
+                times.append(time.perf_counter() - t0)
+        except Exception as exc:  # e.g. batch norm in training mode at batch 1: an error for this batch size
+            return Samples(request.batch, (), first_line(exc, 200))
+        return Samples(request.batch, tuple(times))
+
+
+def _synchronize(device: str):
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def serve_one(conn: socket.socket, job: Job) -> None:
+    """A worker's life: build, report, then time batches until told to stop."""
+    variant = Variant(job)
+    try:
+        built = variant.build()
+    except Exception as exc:
+        import traceback
+        traceback.print_exc()
+        built = Built("failed", first_line(exc))
+    send(conn, built)
+    if built.status != "ok":
+        return
+    while True:
+        request = receive(conn, TimeBatch | Stop)
+        if request is None or isinstance(request, Stop):
+            return
+        send(conn, variant.time(request))
+
+
+# --- the fork server ------------------------------------------------------------------------------------------------
+
+def _child(conn: socket.socket, job: Job) -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the compilers a build runs are waited for
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.setpgid(0, 0)  # its own process group: a timeout kills the compilers it started too
+    log = os.open(os.path.join(job.workdir, "worker.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    faulthandler.enable(sys.stderr)  # a crash in native code leaves its traceback in worker.log
+    warnings.filterwarnings("ignore")
+    sys.path[:] = list(job.sys_path)
+    serve_one(conn, job)
+
+
+def main() -> None:
+    """Fork server: read (job, socket) from the control socket on fd 3; fork a worker for each; answer its pid."""
+    import importlib
+    for name in PRELOAD:
+        importlib.import_module(name)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers are reaped by the kernel
+    control = socket.socket(fileno=int(sys.argv[1]))
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
+        except OSError:
+            return
+        if not data:  # the parent went away: every worker it still has goes with its connection
+            return
+        job = msgspec.msgpack.decode(data, type=Job)
+        os.makedirs(job.workdir, exist_ok=True)
+        pid = os.fork()
+        if pid == 0:
+            control.close()
+            try:
+                _child(socket.socket(fileno=fds[0]), job)
+            finally:
+                os._exit(0)
+        os.close(fds[0])
+        control.sendall(pid.to_bytes(8, "little"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""What became of each planned variant: one typed record from build to report."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from .profile import Stats
+from .runtimes.base import Artifact
+from .verify import Fidelity
+
+Status = Literal["ok", "rejected", "failed", "skipped"]
+
+
+class Lineage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where a variant came from: the variant (or the source model) it was made from, and by which step."""
+
+    parent: str  # a variant name, or "model" for the source itself
+    step: str  # e.g. "onnxrt export", "int8 (ONNX Runtime dynamic)", "qat (trained 3 epochs)"
+
+
+class VariantResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    runtime: str
+    status: Status
+    reason: str = ""  # why it was rejected, failed or skipped
+    note: str = ""  # what the variant is
+    selectable: bool = True  # reference rows (eager-naive) are timed but never chosen
+    options: dict[str, Any] = {}
+    transforms: tuple[dict[str, Any], ...] = ()
+    lineage: Lineage | None = None
+    artifact: Artifact | None = None
+    fidelity: Fidelity | None = None
+    profile: dict[int, Stats] = {}
+    profile_errors: dict[int, str] = {}  # batch sizes the variant cannot run, with the error
+    build_s: float | None = None
+    cold_start_s: float | None = None
+    artifact_bytes: int | None = None
+    peak_memory_mb: float | None = None
+    peak_memory_kind: str | None = None
+    sparsity: float | None = None
+    training: dict[str, Any] | None = None  # for a variant trained from the model: what training did
+    wall_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def compressed(self) -> bool:
+        """Quantized, pruned, lower precision or trained from the model: compared with its runtime uncompressed."""
+        return bool(self.transforms or self.training is not None or "quantize" in self.options
+                    or self.options.get("precision", "fp32") != "fp32")
+
+    def throughput(self, batch: int) -> float | None:
+        s = self.profile.get(batch)
+        return s.throughput if s else None

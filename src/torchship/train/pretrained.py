@@ -1,0 +1,33 @@
+"""The zoo's trained weights: digits-cnn is trained here on first use with torchship's own recipe, then cached."""
+from __future__ import annotations
+
+import logging
+import time
+
+from torch import nn
+
+log = logging.getLogger("torchship")
+
+
+def digits_cnn() -> nn.Module:
+    """The trained digits-cnn, normalized (``image`` in, ``(logits,)`` out), in eval mode."""
+    from safetensors.torch import load_file, save_file
+
+    from ..arch import Architecture
+    from ..modules import rebuild
+    from ..zoo import cache_dir
+    from ..zoo.digits import SPEC, WEIGHTS, dataset
+    path = cache_dir() / WEIGHTS
+    model = rebuild(Architecture("zoo", tuple(SPEC.input_names), "digits-cnn"))
+    if path.exists():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    from .fit import TrainConfig, fit
+    started = time.perf_counter()
+    result = fit(model, dataset(), TrainConfig(progress=False))
+    acc = result.summary["test"]["test_acc"]
+    tmp = path.with_suffix(".tmp")
+    save_file(result.model.state_dict(), str(tmp), metadata={"test_accuracy": f"{acc:.4f}"})
+    tmp.replace(path)
+    log.info("trained digits-cnn in %.1fs: test accuracy %.1f%% (cached at %s)", time.perf_counter() - started, 100 * acc, path)
+    return result.model.eval()
