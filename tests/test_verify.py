@@ -2,10 +2,7 @@ import numpy as np
 import pytest
 
 from torchship import Budget, UsageError
-from torchship.profile import Stats
-from torchship.results import VariantResult
-from torchship.select import closest, select
-from torchship.verify import Fidelity, compare
+from torchship.verify import compare
 
 
 def test_budget_parse():
@@ -45,32 +42,3 @@ def test_accuracy_budget():
     # ... unless a floor is also set; and without labels the default fidelity floors apply
     assert "cosine" in compare(ref, {"logits": out}, Budget(min_cosine=0.999, max_accuracy_drop=0.05), "classify", labels).reason
     assert "cosine" in compare(ref, {"logits": out}, Budget(max_accuracy_drop=0.05), "classify").reason
-
-
-def _row(name, status, tput, selectable=True, p99=1.0, cos=1.0):
-    def stats(bs, rate, p99_ms):
-        p50 = bs / rate * 1e3 if rate else 1.0
-        return Stats(p50, p50, p99_ms, p50, 10, rate)
-    fidelity = Fidelity(0.0, cos, cos, None, None, None, status == "ok", "")
-    return VariantResult(name=name, runtime="eager", status=status, selectable=selectable, fidelity=fidelity,
-                         profile={8: stats(8, tput, p99), 1: stats(1, tput / 4, p99 / 4)})
-
-
-def test_select_never_picks_rejected_or_reference():
-    rows = [_row("fast-but-wrong", "rejected", 1000, cos=0.9), _row("naive", "ok", 900, selectable=False),
-            _row("slow", "ok", 100), _row("medium", "ok", 300), _row("crashed", "failed", 0)]
-    chosen, bs = select(rows, 8)
-    assert chosen.name == "medium" and bs == 8
-    assert select([rows[0], rows[1]], 8) is None
-    assert closest(rows).name == "fast-but-wrong"
-
-
-def test_select_under_latency_slo():
-    rows = [_row("big", "ok", 1000, p99=10.0), _row("small", "ok", 200, p99=2.0)]
-    chosen, bs = select(rows, 8, latency_slo_ms=20.0)
-    assert (chosen.name, bs) == ("big", 8)
-    chosen, bs = select(rows, 8, latency_slo_ms=3.0)  # big at batch 1 (250/s, p99 2.5) beats small at 8 (200/s)
-    assert (chosen.name, bs) == ("big", 1)
-    chosen, bs = select(rows, 8, latency_slo_ms=1.0)
-    assert (chosen.name, bs) == ("small", 1)
-    assert select(rows, 8, latency_slo_ms=0.1) is None

@@ -79,7 +79,8 @@ def render(result, target: int) -> None:
     from .report import rows
     table = Table(title=f"torchship optimize: {result.model} (batch size {target})", show_lines=False)
     data = rows(result, target)
-    cols = ["variant", "status", f"items/s @{target}", f"p99 ms @{target}", "vs eager", "cosine", "top-1", "size MB", "cold start s"]
+    cols = ["variant", "status", f"items/s @{target}", "interval", f"p99 ms @{target}", "vs eager", "cosine", "top-1", "size MB",
+            "cold start s"]
     for c in cols:
         table.add_column(c, no_wrap=True, justify="right" if c not in ("variant", "status") else "left")
     colors = {"ok": "green", "rejected": "red", "failed": "red", "skipped": "yellow", "reference": "cyan"}
@@ -92,6 +93,13 @@ def render(result, target: int) -> None:
     console.print(table)
     for note in notes:
         console.print("  " + note, highlight=False)
+    console.print("  * chosen, = tied with the fastest within the noise; interval: 90% confidence interval of the median",
+                  highlight=False)
+    if result.decision is not None:
+        console.print(escape(result.decision.why), highlight=False)
+    if result.noise is not None:
+        line = result.noise.describe(result.machine["cores"])
+        console.print(f"[yellow]{escape(line)}[/]" if result.noise.noisy else escape(line), highlight=False)
 
 
 @app.command()
@@ -116,7 +124,13 @@ def optimize(
                                                         "adds variants trained from the model"),
     student: Optional[str] = typer.Option(None, help="the smaller architecture to distil into (package.module:attr)"),
     train_epochs: Optional[int] = typer.Option(None, help="epochs for each trained variant (default: 3 for QAT, 8 after pruning, 15 for a student)"),
-    timeout: float = typer.Option(600.0, help="seconds allowed to build and time one variant"),
+    timeout: float = typer.Option(600.0, help="seconds allowed to build one variant (and for each timing request)"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="seconds for the whole search: builds stop at "
+                                                "3/4 of it (the rest are rows that say so), timing rounds at all of it"),
+    exhaustive: bool = typer.Option(False, help="also build compressed variants whose runtime runs too far behind the "
+                                    "leader for the transform to close the gap"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="reuse builds of the same model, weights, data and options "
+                               "($TORCHSHIP_CACHE/builds, default ~/.cache/torchship)"),
     out: Path = typer.Option(Path("torchship-bundle"), "--out", "-o", help="bundle directory to write"),
     name: Optional[str] = typer.Option(None, help="model name in the bundle and when served (default: from the source)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table"),
@@ -129,7 +143,8 @@ def optimize(
     opts = OptimizeOptions(device=device, budget=Budget.parse(budget), batch_sizes=_ints(batch_sizes, "--batch-sizes"),
                            target_batch_size=target_batch_size, latency_slo_ms=latency_slo,
                            runtimes=tuple(r.strip() for r in runtimes.split(",")) if runtimes else None,
-                           threads=threads, timeout_s=timeout, train_epochs=train_epochs,
+                           threads=threads, timeout_s=timeout, train_epochs=train_epochs, time_budget_s=time_budget,
+                           exhaustive=exhaustive, cache=cache,
                            transforms=() if transforms.strip() == "none" else tuple(t.strip() for t in transforms.split(",") if t.strip()))
     with progress_bar() as update:
         result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update,

@@ -11,6 +11,14 @@ from typing import Iterator
 from .errors import OutputError
 
 
+def cache_dir(kind: str) -> Path:
+    """``$TORCHSHIP_CACHE/KIND`` (default ``~/.cache/torchship/KIND``), created on first use."""
+    root = os.environ.get("TORCHSHIP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torchship"
+    path = Path(root) / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def check_writable(out: Path, *, marker: str | None = None, option: str = "--out") -> None:
     """Fail early when ``out`` cannot be written. An existing non-empty directory may be replaced only when it
     holds ``marker`` (a previous bundle's manifest); without a marker it must be empty."""

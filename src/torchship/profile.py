@@ -12,7 +12,8 @@ from .spec import IOSpec
 
 
 class Stats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One batch size's timing: latency percentiles of single calls, throughput at the median."""
+    """One batch size's timing: latency percentiles of single calls, throughput at the median, and the interval of
+    the median over the rounds it was timed in (see ``torchship.measure``)."""
 
     p50_ms: float
     p90_ms: float
@@ -20,6 +21,22 @@ class Stats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mean_ms: float
     runs: int
     throughput: float  # items per second at the median latency
+    lo_ms: float | None = None  # the interval of the median latency ...
+    hi_ms: float | None = None
+    rounds: int = 1  # ... over this many rounds
+
+    @property
+    def throughput_interval(self) -> tuple[float, float]:
+        """(slow end, fast end) of the throughput, from the latency interval."""
+        if self.lo_ms is None or self.hi_ms is None:
+            return self.throughput, self.throughput
+        return self.throughput * self.p50_ms / self.hi_ms, self.throughput * self.p50_ms / self.lo_ms
+
+    @property
+    def estimate(self):
+        from .measure import Estimate
+        return Estimate(self.p50_ms / 1e3, (self.lo_ms or self.p50_ms) / 1e3, (self.hi_ms or self.p50_ms) / 1e3,
+                        self.rounds, self.runs)
 
 
 def batch_of(spec: IOSpec, pool: Mapping[str, np.ndarray] | None, batch: int, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
@@ -31,10 +48,15 @@ def batch_of(spec: IOSpec, pool: Mapping[str, np.ndarray] | None, batch: int, di
     return spec.sample(batch, dims, seed=batch)
 
 
-def stats(batch: int, seconds: list[float]) -> Stats:
-    ms = np.array(seconds) * 1e3
-    p50 = float(np.percentile(ms, 50))
-    return Stats(p50, float(np.percentile(ms, 90)), float(np.percentile(ms, 99)), float(ms.mean()), len(ms), batch / (p50 / 1e3))
+def stats(batch: int, rounds: list[list[float]] | list[float]) -> Stats:
+    """Stats from the seconds of every call, per round (or one flat list: a single round)."""
+    from .measure import estimate
+    rounds = [list(r) for r in rounds] if rounds and isinstance(rounds[0], (list, tuple)) else [list(rounds)]
+    ms = np.concatenate([np.asarray(r, dtype=float) for r in rounds if len(r)]) * 1e3
+    e = estimate(rounds)
+    p50 = e.median * 1e3
+    return Stats(p50, float(np.percentile(ms, 90)), float(np.percentile(ms, 99)), float(ms.mean()), len(ms),
+                 batch / e.median, e.lo * 1e3, e.hi * 1e3, e.rounds)
 
 
 def measure(runner, feeds, *, min_runs: int = 10, max_runs: int = 300, seconds: float = 1.0, warmup: int = 3,

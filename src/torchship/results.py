@@ -40,6 +40,8 @@ class VariantResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     peak_memory_kind: str | None = None
     sparsity: float | None = None
     training: dict[str, Any] | None = None  # for a variant trained from the model: what training did
+    cached: bool = False  # the artifact came from the build cache (same model, weights, data and options)
+    samples: dict[int, tuple[tuple[float, ...], ...]] = {}  # seconds of every timed call, per batch size, per round
     wall_s: float | None = None
 
     @property

