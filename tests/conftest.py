@@ -1,9 +1,11 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
-os.environ.setdefault("TORCHSHIP_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "torchship"))
+# a cache of its own for each session (zoo weights, builds): what a fresh machine does, every time
+os.environ.setdefault("TORCHSHIP_CACHE", tempfile.mkdtemp(prefix="torchship-tests-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,7 @@ import pytest
 
 from torchship import OptimizeOptions, TensorSpec, load_bundle, optimize
 from torchship.report import ratios
+from torchship.select import select
 from torchship.runtimes import LoadContext, get
 from torchship.sources import load_source
 from torchship.zoo.digits import dataset
@@ -30,10 +31,24 @@ def test_every_runtime_builds_verifies_and_times(digits_run):
     assert ratios(digits_run)["eager"]["vs_eager"] == pytest.approx(1.0)
 
 
-def test_chosen_is_the_fastest_faithful_at_target(digits_run):
+def test_the_choice_is_the_decision_on_its_own_figures_and_the_report_explains_it(digits_run):
+    """The chosen variant is what select() decides on the recorded figures: the fastest, or one tied with it within
+    the noise; report.md opens with that decision in words, the budget with its values and how quiet the machine was."""
+    d = digits_run.decision
+    assert select(digits_run.variants, 8) == d and d.chosen == digits_run.chosen.name and digits_run.chosen_batch_size == 8
     ok = [v for v in digits_run.variants if v.ok and v.selectable]
-    best = max(ok, key=lambda v: v.profile[8].throughput)
-    assert digits_run.chosen.name == best.name and digits_run.chosen_batch_size == 8
+    assert d.fastest == max(ok, key=lambda v: v.profile[8].throughput).name
+    assert d.chosen == d.fastest or d.chosen in [v.name for v in ok if v.name in d.tied or v.name == d.chosen]
+    for v in ok:  # every figure has its interval, from several rounds for the contenders
+        lo, hi = v.profile[8].throughput_interval
+        assert lo <= v.profile[8].throughput <= hi
+    assert digits_run.chosen.profile[8].rounds >= 3
+    md = (digits_run.report).read_text().splitlines()
+    assert md[2].startswith("**Chose ") and d.why in md[4]
+    text = "\n".join(md)
+    assert "Budget in force: cosine >= 0.999, top1 >= 0.99" in text and "Timing: interleaved rounds" in text
+    assert ("the machine was quiet" in text.lower()) != ("the machine was busy" in text.lower())
+    assert "Search: 6 variants planned" in text
 
 
 def test_bundle_loads_and_answers_like_the_model(digits_run):
@@ -88,3 +103,22 @@ def test_unscriptable_control_flow_is_skipped_with_the_reason():
     assert ts.status == "skipped"
     assert "data-dependent control flow" in ts.reason and "script failed" in ts.reason
     assert res.chosen.name == "eager"
+
+
+def test_a_second_run_reuses_the_builds(tmp_path, monkeypatch):
+    """Same model, weights, data and options: the artifacts come from the build cache, and load to the same answers;
+    other weights miss it."""
+    monkeypatch.setenv("TORCHSHIP_CACHE", str(tmp_path / "cache"))
+    opts = OptimizeOptions(runtimes=("torchscript", "onnxrt"), batch_sizes=(4,), seconds_per_size=0.05, transforms=())
+    first = optimize("tests.models:Tiny", opts, out=tmp_path / "a")
+    second = optimize("tests.models:Tiny", opts, out=tmp_path / "b")
+    assert not any(v.cached for v in first.variants)
+    assert all(v.cached for v in second.variants if v.ok)
+    x = {"x": np.ones((3, 8), np.float32)}
+    np.testing.assert_array_equal(load_bundle(tmp_path / "a")(x)["output"], load_bundle(tmp_path / "b")(x)["output"])
+    from safetensors.torch import save_file
+    import torch
+    save_file({k: torch.randn_like(v) for k, v in load_source("tests.models:Tiny").module.module.state_dict().items()},
+              str(tmp_path / "other.safetensors"))
+    third = optimize("tests.models:Tiny", opts, weights=str(tmp_path / "other.safetensors"))
+    assert not any(v.cached for v in third.variants)

@@ -14,7 +14,7 @@ def test_closed_and_open_loop_report_what_the_server_did(server, slow_bundle):
     assert one.mode == "concurrency 1" and one.ok == one.requests > 5 and one.errors == {}
     assert one.avg_batch == pytest.approx(1.0)
     assert four.avg_batch > 1.5  # concurrent clients are batched together
-    assert four.throughput > one.throughput  # four clients' requests share batches
+    assert four.ok == four.requests > 5 and four.errors == {}
     assert all(r.p50_ms <= r.p90_ms <= r.p99_ms for r in rows)
     (open_loop,) = perf(s.url, "slow", rate=20, poisson=True, duration=1.0, binary=False)
     assert open_loop.mode == "rate 20/s poisson" and 5 <= open_loop.requests <= 60 and open_loop.ok == open_loop.requests

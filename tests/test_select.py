@@ -134,3 +134,15 @@ def test_a_noisy_machine_is_named_with_what_it_means():
     for busy in (Noise(1.0, 0.0, 0.02, 10), Noise(0.0, 0.2, 0.02, 10), Noise(0.0, 0.0, 0.3, 10)):
         assert busy.noisy and "declared ties" in busy.describe(2)
     assert "other processes used 1.0 of 2 cores" in Noise(1.0, 0.0, 0.02, 10).describe(2)
+
+
+def test_no_round_is_timed_alone_so_the_decision_agrees_with_the_search():
+    """Once the leader has beaten everyone beyond the noise, timing stops: a figure timed alone would be compared
+    with nothing, and could widen until the final decision called a tie with a variant the search had dropped."""
+    from torchship.optimize.search import MIN_ROUNDS
+    search = _search([("leader", 0.0010, True), ("beaten", 0.0030, True)])
+    search.rounds(lambda: [])
+    by = {e.plan.name: e for e in search.entries}
+    assert len(by["leader"].samples[8]) == len(by["beaten"].samples[8]) == MIN_ROUNDS
+    d = select(search.results(), 8)
+    assert d.chosen == "leader" and d.beyond_noise and d.tied == ()

@@ -19,6 +19,7 @@ class VariantPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     level: int = 0  # ... and a level is not tried once a gentler one failed the budget
     derived: tuple[str, float | None] | None = None  # (kind, level): trained from the model first (train.derived)
     parent: str | None = None  # the variant (or "model") this one is made from, for the lineage
+    sibling: str | None = None  # the same transform on eager: when it fails the budget this one is not tried
 
     @property
     def skip(self) -> str | None:
@@ -76,8 +77,10 @@ def compression(model, wanted, base, device, transforms) -> list[VariantPlan]:
                                    note="torchao int8 Linear layers (dynamic int8 activations)"))
         if "compile" in wanted and model.module is not None:
             for mode, label in (("dynamic", "ao-int8"), ("weight_only", "ao-int8wo")):
+                sibling = f"eager+{label}" if "eager" in wanted and label == "ao-int8" else None  # numerics carry over
                 out.append(VariantPlan(f"compile+{label}", "compile", dict(base), transforms=(to_dict(TorchaoInt8(mode)),),
-                                       note=f"torchao int8 Linear layers ({mode.replace('_', '-')}) under torch.compile"))
+                                       note=f"torchao int8 Linear layers ({mode.replace('_', '-')}) under torch.compile",
+                                       sibling=sibling))
         if "onnxrt" in wanted:
             out.append(VariantPlan("onnxrt+int8", "onnxrt", {**base, "quantize": "dynamic_int8"},
                                    note="ONNX Runtime dynamic int8 (per-channel QInt8 weights)"))

@@ -96,13 +96,11 @@ def _hammer(s, n_threads, seconds, results, path="/v2/models/slow/infer", timeou
 def test_full_queue_gets_503_quickly_with_retry_after(server, slow_bundle):
     s = server(slow_bundle, "--trust-code", "--max-queue", "2", "--max-batch-size", "1")
     body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
-    codes, times, headers = [], [], []
+    codes, headers = [], []  # in the order the answers came back
 
     def one():
-        t0 = time.monotonic()
         r = httpx.post(f"http://{s.url}/v2/models/slow/infer", json=body, timeout=20)
         codes.append(r.status_code)
-        times.append((r.status_code, time.monotonic() - t0))
         headers.append(r.headers.get("retry-after"))
     threads = [threading.Thread(target=one) for _ in range(16)]
     for t in threads:
@@ -111,7 +109,8 @@ def test_full_queue_gets_503_quickly_with_retry_after(server, slow_bundle):
         t.join(30)
     assert codes.count(503) >= 4 and set(codes) <= {200, 503}
     assert all(h == "1" for c, h in zip(codes, headers) if c == 503)
-    assert min(dt for c, dt in times if c == 503) < 0.5
+    # refused at once: the first refusal came back before the queue had drained (before the last accepted answer)
+    assert codes.index(503) < len(codes) - 1 - codes[::-1].index(200)
     assert s.metric("torchship_rejected_total") == codes.count(503)
 
 

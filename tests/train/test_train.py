@@ -166,5 +166,5 @@ def test_config_errors_and_precision_choice():
     with pytest.raises(UsageError, match="epochs"):
         TrainConfig(epochs=0)
     precision, why = choose_precision("auto", "cpu")
-    assert precision in ("bf16-mixed", "32-true") and why
+    assert precision == "32-true" and "bf16-mixed" in why  # the default that reaches the README's accuracy anywhere
     assert choose_precision("32-true", "cpu") == ("32-true", "as requested")

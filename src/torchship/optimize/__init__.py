@@ -188,6 +188,7 @@ class Workspace:
             self.derived: dict[tuple, Any] = {}
             self.noise = None
             self._digests: dict[Path, bytes] = {}
+            self._linear_share: float | None = None
         except BaseException:  # nothing is left running or on disk
             self.__exit__()
             raise
@@ -251,6 +252,29 @@ class Workspace:
         if self.server is None:
             self.server = ForkServer(self.root / "forkserver.log")
         return self.server.start(self.job(vp, ref))
+
+    def linear_share(self) -> float:
+        """The share of an eager forward pass (at the target batch size) spent in nn.Linear layers, measured once
+        under forward hooks; 1.0 where that cannot be measured (no module, no Linear leaves to hook)."""
+        if self._linear_share is None:
+            self._linear_share = 1.0
+            if self.model.module is not None:
+                import torch
+
+                from ..hooks import watch
+                from ..modules import to_torch
+                from ..profile import batch_of
+                args = to_torch(batch_of(self.model.spec, self.pool.inputs, self.opts.target, self.model.dims),
+                                self.model.spec.input_names)
+                with torch.inference_mode():
+                    for _ in range(3):  # the last pass, warm
+                        with watch(self.model.module) as w:
+                            self.model.module(*args)
+                total = sum(layer.ms for layer in w.layers.values())
+                linear = sum(layer.ms for layer in w.layers.values() if layer.type == "Linear")
+                if total > 0 and any(layer.type == "Linear" for layer in w.layers.values()):
+                    self._linear_share = linear / total
+        return self._linear_share
 
     @staticmethod
     def lineage(vp: VariantPlan) -> Lineage:
@@ -324,10 +348,15 @@ def build_each(variants: list[VariantPlan], ws: Workspace, say: Progress, train_
 
     try:
         for i, vp in enumerate(variants):
-            if any(ws.lineage(vp).parent == s.name or (vp.family and s.family == vp.family) for s, _, _ in stage) or vp.derived:
+            if vp.derived or any(ws.lineage(vp).parent == s.name or vp.sibling == s.name
+                                 or (vp.family and s.family == vp.family) for s, _, _ in stage):
                 flush()
             gentler_failed = vp.family and failed_level.get(vp.family, vp.level + 1) < vp.level
             reason = vp.skip or (gentler_failed and f"not tried: a gentler {vp.family} variant failed the budget")
+            sibling = next((e.result for e in search.entries if vp.sibling and e.plan.name == vp.sibling), None)
+            if not reason and sibling is not None and sibling.status == "rejected":
+                reason = (f"not tried: {sibling.name}, the same transform on eager, failed the budget ({sibling.reason}); "
+                          f"its numerics carry over to {vp.runtime}")
             if not reason and search.over_budget(0.75):
                 reason = (f"not tried: the time budget of {ws.opts.time_budget_s:g} s was spent on the variants before it "
                           "(raise --time-budget)")

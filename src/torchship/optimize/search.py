@@ -25,7 +25,7 @@ from .protocol import Built, TimeBatch
 from .workers import WorkerLost
 
 MIN_ROUNDS = 3  # interleaved rounds every contender gets (after its probe), before any is dropped
-MAX_ROUNDS = 8  # the survivors go on to this many, for a tighter interval
+MAX_ROUNDS = 8  # survivors within the noise of each other go on to this many, for tighter intervals
 PAUSE_S = 0.005  # before each block: other workers' spinning threads (ONNX Runtime, OpenMP) go idle
 
 
@@ -42,13 +42,16 @@ def transform_kind(vp: VariantPlan) -> str | None:
     return precision if precision != "fp32" else None
 
 
-def max_gain(kind: str, flags: frozenset) -> float:
-    """The most a transform plausibly speeds its runtime up on this CPU (generous: a bound, not an estimate)."""
+def max_gain(kind: str, flags: frozenset, share: float = 1.0) -> float:
+    """The most a transform plausibly speeds its runtime up on this CPU (generous: a bound, not an estimate), where it
+    changes layers that take ``share`` of the time (Amdahl: the rest runs as before)."""
     if kind == "int8":
-        return 8.0 if "amx_int8" in flags else 4.0
-    if kind in ("bf16", "fp16"):
-        return 4.0 if "amx_bf16" in flags else 2.0
-    return 1.25  # unstructured pruning: dense kernels do the same work
+        layer = 8.0 if "amx_int8" in flags else 4.0
+    elif kind in ("bf16", "fp16"):
+        layer = 4.0 if "amx_bf16" in flags else 2.0
+    else:
+        layer = 1.25  # unstructured pruning: dense kernels do the same work
+    return 1.0 / ((1.0 - share) + share / layer)
 
 
 @dataclass
@@ -109,14 +112,19 @@ class Search:
         if parent is None or leader is None or leader is parent:
             return None
         from ..machine import cpu
-        gain = max_gain(kind, cpu()[1])
+        from ..transforms import covers
+        linear = any(covers(t) == "linear" for t in vp.transforms)
+        share = self.ws.linear_share() if linear else 1.0
+        gain = max_gain(kind, cpu()[1], share)
         target = self.opts.target
         p_fast = self.estimate(parent, target).lo  # the parent at its fastest ...
         l_slow = self.estimate(leader, target).hi  # ... the leader at its slowest
         if p_fast / gain <= l_slow:
             return None
+        where = (f" on the Linear layers it quantizes, {share:.0%} of eager's time on this model" if linear
+                 else " over its runtime")
         return (f"not tried: {parent.plan.name} runs at {l_slow / p_fast:.2f}x the speed of {leader.plan.name} at batch size "
-                f"{target}, and {kind} gains at most {gain:g}x over its runtime on this CPU (--exhaustive tries it anyway)")
+                f"{target}, and {kind} gains at most {gain:.2g}x{where} on this CPU (--exhaustive tries it anyway)")
 
     def build_all(self, items: list[tuple[VariantPlan, object, dict | None]]) -> None:
         """Build a stage of variants that depend on none of each other, ``slots`` at a time (a build mostly keeps one
@@ -191,8 +199,12 @@ class Search:
         for bs in sizes:
             if bs in entry.errors or entry.worker is None:
                 continue
-            request = TimeBatch(bs, runs=2, seconds=self.block_s, max_runs=2000, warmup=3 if probe else 1,
-                                warmup_s=self.block_s / 2 if probe else self.block_s / 10, pause_s=PAUSE_S)
+            known = entry.rounds(bs)
+            long_calls = bool(known) and float(np.median(np.concatenate(known))) > self.block_s / 4
+            # warm-up: one call and a while for the probe; none in the rounds for calls long enough to warm themselves
+            request = TimeBatch(bs, runs=2, seconds=self.block_s, max_runs=2000, warmup=1 if probe or not long_calls else 0,
+                                warmup_s=self.block_s / 2 if probe else 0.0 if long_calls else self.block_s / 10,
+                                pause_s=PAUSE_S)
             try:
                 s = entry.worker.time(request, self.opts.timeout_s)
             except WorkerLost as exc:
@@ -247,7 +259,8 @@ class Search:
         rng = random.Random(0)
         for r in range(1, MAX_ROUNDS + 1):
             alive = self.timing()
-            if not alive or self.over_budget():
+            # a variant timed alone is compared with nothing: every figure that decides comes from shared rounds
+            if not alive or self.over_budget() or r > MIN_ROUNDS and len(self.contenders()) < 2:
                 break
             self.say(f"timing round {r} of at most {MAX_ROUNDS}: {len(alive)} variant(s){self.left()}", r, MAX_ROUNDS)
             rng.shuffle(alive)

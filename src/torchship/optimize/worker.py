@@ -194,7 +194,7 @@ class Variant:
             if request.pause_s:
                 time.sleep(request.pause_s)
             warm, n = time.perf_counter() + request.warmup_s, 0
-            while n < request.warmup or time.perf_counter() < warm:
+            while n < request.warmup or (request.warmup_s and time.perf_counter() < warm):
                 self.runner(feeds)
                 n += 1
             sync()

@@ -62,6 +62,13 @@ def latency(result, path: Path) -> None:
     plt.close(fig)
 
 
+def _x_scale(ax, values) -> None:
+    """Log where the values span more than a decade, linear (bars that start at zero) otherwise."""
+    values = [v for v in values if v]
+    if values and max(values) > 10 * min(values):
+        ax.set_xscale("log")
+
+
 def _fidelity(r, labelled: bool):
     f = r.fidelity
     if f is None:
@@ -92,7 +99,7 @@ def pareto(result, target: int, path: Path) -> None:
         ax.barh([r.name for r in order], [r.throughput(target) for r in order],
                 color=["tab:orange" if r.name == chosen else colour_of.get(r.status if r.selectable else "", "tab:gray")
                        for r in order])
-        ax.set_xscale("log")
+        _x_scale(ax, [r.throughput(target) for r in order])
         ax.set_xlabel(f"items / s at batch size {target}")
         metric = "accuracy" if labelled else "cosine to fp32 eager"
         ax.set_title(f"{result.model}: every variant has the same fidelity ({metric} {same:.6f}); throughput alone "
@@ -105,7 +112,7 @@ def pareto(result, target: int, path: Path) -> None:
             ax.scatter(r.throughput(target), _fidelity(r, labelled), color=colour, marker="*" if bold else marker,
                        s=220 if bold else 45, edgecolors=edge, linewidths=1.2,
                        label=r.name + (" (chosen)" if bold else "" if r.ok else f" ({r.status if r.selectable else 'reference'})"))
-        ax.set_xscale("log")
+        _x_scale(ax, [r.throughput(target) for r in points])
         ax.set_xlabel(f"items / s at batch size {target}")
         ax.set_ylabel("test accuracy" if labelled else "cosine similarity to fp32 eager")
         ax.set_title(f"{result.model}: fidelity against throughput (batch size {target})", fontsize=10)

@@ -20,6 +20,8 @@ def train(source: Any, data: Any, config: TrainConfig | None = None, *, out: str
     """Train ``source`` (an nn.Module, ``package.module:attr`` or zoo:digits-cnn) on ``data``; see the module docstring.
     ``teacher``: distil from it (an nn.Module, ``package.module:attr`` or zoo:digits-cnn, the trained one)."""
     config = config or TrainConfig()
+    import lightning as L
+    L.seed_everything(config.seed, workers=True, verbose=False)  # before the module is built: its initial weights too
     model = _module(source, weights=weights)
     if (config.qat or config.prune_channels) and source == "zoo:digits-cnn" and not weights:  # fine-tune the trained model
         from .pretrained import digits_cnn

@@ -25,7 +25,7 @@ SCHEDULES = ("cosine", "step", "poly", "none")
 @dataclass(frozen=True)
 class TrainConfig:
     task: str = "classify"
-    epochs: int = 10
+    epochs: int = 30  # at most; early stopping ends sooner and keeps the best epoch
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -33,7 +33,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     grad_clip: float | None = 1.0
     precision: str = "auto"  # auto | 32-true | bf16-mixed | 16-mixed
-    patience: int | None = 3  # early stopping on the validation metric; None: off
+    patience: int | None = 5  # early stopping on the validation metric; None: off
     augment: bool = False
     seed: int = 0
     devices: int = 1
@@ -71,17 +71,15 @@ class TrainResult:
 
 
 def choose_precision(requested: str, accelerator: str) -> tuple[str, str]:
-    """(Lightning precision, why): mixed precision where the device runs it natively."""
+    """(Lightning precision, why): mixed precision on a GPU; fp32 on the CPU, where bf16 autocast saved little time
+    and cost accuracy (digits-cnn, 30 epochs: 97.8% in bf16-mixed against 98.9% in fp32, benchmarks/train.py)."""
     if requested != "auto":
         return requested, "as requested"
     if accelerator == "gpu":
         if torch.cuda.is_bf16_supported():
             return "bf16-mixed", "CUDA device supports bf16"
         return "16-mixed", "CUDA device without bf16: fp16 autocast with loss scaling"
-    from ..machine import NO_BF16, native_bf16
-    if native_bf16():
-        return "bf16-mixed", "the CPU runs bf16 natively (avx512_bf16/amx_bf16)"
-    return "32-true", f"fp32: {NO_BF16}"
+    return "32-true", "fp32 on the CPU: bf16 autocast costs accuracy and saves little time there (--precision bf16-mixed to use it)"
 
 
 def _epochs_run(csv: Path) -> int:

@@ -31,6 +31,7 @@ class DynamicInt8:
 
     kind: str = "dynamic_int8"
     at_load: bool = True
+    covers = "linear"  # the layers it changes (the search bounds its gain by their share of the time)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class TorchaoInt8:
     mode: str = "dynamic"
     kind: str = "torchao_int8"
     at_load: bool = True
+    covers = "linear"
 
     def __post_init__(self):
         if self.mode not in ("dynamic", "weight_only"):
@@ -72,6 +74,12 @@ class ChannelPrune(_Pruning):
 
     kind: str = "channel_prune"
     at_load: bool = False
+
+
+def covers(config_dict: dict) -> str:
+    """"linear" for a transform that changes nn.Linear layers only, else "all"."""
+    cls = KINDS.get(config_dict.get("kind"))
+    return getattr(cls, "covers", "all")
 
 
 KINDS = {"dynamic_int8": DynamicInt8, "magnitude_prune": MagnitudePrune, "torchao_int8": TorchaoInt8,
