@@ -9,7 +9,7 @@ from torchship.zoo.digits import dataset
 @pytest.mark.slow
 def test_cuda_plan_verifies_lower_precision_and_bundle_runs_on_gpu(tmp_path):
     res = optimize("zoo:digits-cnn", OptimizeOptions(device="cuda", runtimes=("eager", "aoti", "onnxrt"),
-                   batch_sizes=(1, 64), seconds_per_size=0.2), out=tmp_path / "b")
+                   batch_sizes=(1, 64), seconds_per_size=0.2, exhaustive=True), out=tmp_path / "b")
     by = {v.name: v for v in res.variants}
     assert {"eager-fp16", "eager-bf16", "aoti-fp16", "aoti-bf16"} <= set(by)
     for name in ("eager", "aoti", "eager-fp16", "aoti-fp16"):

@@ -146,3 +146,28 @@ def test_no_round_is_timed_alone_so_the_decision_agrees_with_the_search():
     assert len(by["leader"].samples[8]) == len(by["beaten"].samples[8]) == MIN_ROUNDS
     d = select(search.results(), 8)
     assert d.chosen == "leader" and d.beyond_noise and d.tied == ()
+
+
+def test_a_compressed_child_of_a_runtime_far_behind_is_not_built_unless_exhaustive():
+    from torchship.optimize import OptimizeOptions
+    from torchship.plan import VariantPlan
+    search = _search([("onnxrt", 0.0010, True), ("eager", 0.0100, True)])
+    search.ws.lineage = lambda vp: SimpleNamespace(parent=vp.name.split("+")[0].removesuffix("-bf16"))
+    search.ws.linear_share = lambda: 0.5
+    int8 = VariantPlan("eager+int8", "eager", {}, transforms=({"kind": "dynamic_int8", "at_load": True},))
+    reason = search.not_worth_building(int8)
+    # torch.ao int8 changes the Linear layers only: half the time here, so at most 1/(0.5 + 0.5/4) = 1.6x
+    assert "eager runs at 0.10x the speed of onnxrt" in reason and "at most 1.6x on the Linear layers" in reason
+    close = VariantPlan("onnxrt+int8", "onnxrt", {"quantize": "dynamic_int8"})
+    assert search.not_worth_building(close) is None  # the leader itself is its parent
+    bf16 = VariantPlan("eager-bf16", "eager", {"precision": "bf16"})
+    assert "bf16 gains at most 2x over its runtime" in search.not_worth_building(bf16)
+    search.opts = OptimizeOptions(batch_sizes=(1, 8), target_batch_size=8, exhaustive=True)
+    assert search.not_worth_building(int8) is None
+
+
+def test_compile_with_a_transform_that_failed_on_eager_is_not_tried():
+    from torchship.plan import plan
+    model = SimpleNamespace(module=object(), spec=SimpleNamespace(symbols=[]))
+    by = {v.name: v for v in plan(model, "cpu", None, None, ("int8",))}
+    assert by["compile+ao-int8"].sibling == "eager+ao-int8" and by["compile+ao-int8wo"].sibling is None

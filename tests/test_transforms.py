@@ -43,7 +43,7 @@ def test_transforms_return_new_modules_within_tolerance():
 @pytest.mark.slow
 def test_gentle_to_aggressive_and_never_selecting_a_failing_variant():
     res = optimize("zoo:digits-cnn", OptimizeOptions(runtimes=("eager", "onnxrt"), transforms=("int8", "prune"),
-                   batch_sizes=(16,), seconds_per_size=0.05, budget=Budget(min_cosine=0.9995)))
+                   batch_sizes=(16,), seconds_per_size=0.05, budget=Budget(min_cosine=0.9995), exhaustive=True))
     by = {v.name: v for v in res.variants}
     assert by["onnxrt+int8"].status in ("ok", "rejected") and by["eager+int8"].status in ("ok", "rejected")
     prune = [by[f"eager+prune{n}"] for n in (30, 50, 70)]
@@ -89,7 +89,8 @@ def test_static_int8_variants_calibrate_and_stay_faithful_on_digits(tmp_path):
     x, y = dataset()["test"]
     np.savez(tmp_path / "eval.npz", image=x[:200], labels=y[:200])
     res = optimize("zoo:digits-cnn", OptimizeOptions(runtimes=("aoti", "onnxrt"), transforms=("int8",), batch_sizes=(16,),
-                                                     seconds_per_size=0.05, budget=Budget.parse("accuracy_drop=0.01")),
+                                                     seconds_per_size=0.05, budget=Budget.parse("accuracy_drop=0.01"),
+                                                     exhaustive=True),  # built whatever the timings say
                    eval_data=tmp_path / "eval.npz")
     by = {v.name: v for v in res.variants}
     for name in ("onnxrt+static-int8", "aoti+static-int8"):
@@ -115,7 +116,7 @@ def test_eval_data_that_does_not_fit_is_one_line_and_the_run_goes_on(tmp_path):
 
 def test_bf16_on_cpu_only_where_native_otherwise_skipped_with_the_reason(monkeypatch):
     import torchship.machine
-    opts = OptimizeOptions(runtimes=("eager",), transforms=("bf16",), batch_sizes=(4,), seconds_per_size=0.02)
+    opts = OptimizeOptions(runtimes=("eager",), transforms=("bf16",), batch_sizes=(4,), seconds_per_size=0.02, exhaustive=True)
     monkeypatch.setattr(torchship.machine, "native_bf16", lambda: False)
     row = optimize("tests.models:Tiny", opts).variant("eager-bf16")
     assert row.status == "skipped" and "no native bf16" in row.reason
@@ -125,3 +126,14 @@ def test_bf16_on_cpu_only_where_native_otherwise_skipped_with_the_reason(monkeyp
     assert row.status in ("ok", "rejected") and row.fidelity.cosine > 0.99  # bf16 keeps ~3 digits
     from torchship.report import ratios
     assert ratios(res)["eager-bf16"]["vs_best_fp32"] is not None and res.chosen.name in ("eager", "eager-bf16")
+
+
+@pytest.mark.slow
+def test_compile_is_not_tried_with_a_transform_that_already_failed_on_eager():
+    res = optimize("tests.models:Tiny", OptimizeOptions(runtimes=("eager", "compile"), transforms=("int8",), batch_sizes=(4,),
+                                                        seconds_per_size=0.05, budget=Budget(min_cosine=0.9999999),
+                                                        exhaustive=True))
+    assert res.variant("eager+ao-int8").status == "rejected"
+    row = res.variant("compile+ao-int8")
+    assert row.status == "skipped" and "eager+ao-int8, the same transform on eager, failed the budget" in row.reason
+    assert res.variant("compile+ao-int8wo").status in ("ok", "rejected")  # no eager sibling: tried

@@ -211,7 +211,8 @@ class Workspace:
 
     def job(self, vp: VariantPlan, ref: ModelRef) -> Job:
         exported = self.root / "onnxrt" / "model.onnx"  # the plain variant's export: its int8 variants start from it
-        onnx_base = str(exported) if vp.runtime == "onnxrt" and vp.name != "onnxrt" and ref.kind != "onnx" and exported.exists() else None
+        own = ref is self.ref and ref.kind != "onnx"  # the workspace's model, not one trained from it
+        onnx_base = str(exported) if own and vp.runtime == "onnxrt" and vp.name != "onnxrt" and exported.exists() else None
         return Job(vp, ref, str(self.root / vp.name), str(self.root / "pool.npz"), str(self.root / "calibration.npz"),
                    self.chunk, self.threads, tuple(sys.path), self.cache_for(vp, ref), onnx_base)
 
