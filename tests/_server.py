@@ -22,6 +22,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_models_importable() -> dict:
+    """serve never imports from its working directory: the bundles of tests.models find it on PYTHONPATH."""
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 class Running:
     def __init__(self, args, log):
         self.port = free_port()
@@ -29,7 +34,7 @@ class Running:
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "torchship.cli", "serve", *map(str, args), "--port", str(self.port)],
                                      cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **test_models_importable()})
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -54,6 +54,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cold_start_s: float | None = None
     artifact_bytes: int | None = None
     machine: dict[str, Any] = {}
+    executes: str | None = None  # what loading runs beyond reading data (Python or native code), or None
     files: dict[str, Sha256] = {}
 
 
@@ -69,8 +70,37 @@ def _problem(path: Path, message: str) -> BundleError:
     return BundleError(f"{path / MANIFEST}: {message}")
 
 
+MAX_DIM = 1 << 20  # the largest dimension a manifest may give
+MAX_WARMUP_BYTES = 8 << 30  # inputs of one batch at max_batch_size: what warm-up allocates
+
+
+def executes(artifact: Artifact) -> str | None:
+    """What loading this artifact runs beyond reading data, in words; None when it runs nothing of the bundle's."""
+    arch = artifact.architecture
+    if arch is not None and arch.imports:
+        return f"imports Python code from the module {arch.imports} ({arch.ref}) to rebuild the model"
+    if artifact.runtime == "aoti":
+        return "runs native code: the shared library AOTInductor compiled into " + ", ".join(artifact.files)
+    return None
+
+
+def _sizes(path: Path, m: Manifest) -> None:
+    for t in (*m.spec.inputs, *m.spec.outputs):
+        big = [d for d in t.shape if isinstance(d, int) and d > MAX_DIM]
+        if big:
+            raise _problem(path, f"field spec: {t.name} has dimension {big[0]}, over the limit of {MAX_DIM}")
+    import numpy as np
+    item = sum(int(np.prod([d if isinstance(d, int) else m.dims.get(d, 1) for d in t.shape if d != "batch"]))
+               * np.dtype(t.dtype).itemsize for t in m.spec.inputs)
+    if item * m.max_batch_size > MAX_WARMUP_BYTES:
+        raise _problem(path, f"field max_batch_size: {m.max_batch_size} items of {item:,} bytes each would take "
+                             f"{item * m.max_batch_size / 2**30:.0f} GiB of inputs per batch (limit "
+                             f"{MAX_WARMUP_BYTES >> 30} GiB); set a smaller max_batch_size")
+
+
 def _check(path: Path, m: Manifest) -> Manifest:
-    """What the types alone do not say: a known runtime, and every path relative and inside the bundle."""
+    """What the types alone do not say: a known runtime and transforms, every path relative and inside the bundle,
+    sizes that fit a machine, and an honest ``executes``."""
     if m.runtime not in MODULES or m.artifact.runtime != m.runtime:
         raise _problem(path, f"runtime {m.runtime!r} (artifact: {m.artifact.runtime!r}) is not one torchship knows "
                              f"({', '.join(MODULES)}); the manifest is damaged: build the bundle again")
@@ -82,6 +112,14 @@ def _check(path: Path, m: Manifest) -> Manifest:
     if unlisted:
         raise _problem(path, f"the artifact's files {unlisted} have no sha256 in 'files'; the runtime would read them "
                              "unchecked: build the bundle again")
+    from .transforms import KINDS
+    for t in m.artifact.options.get("transforms", []) + list(m.transforms):
+        if not isinstance(t, dict) or t.get("kind") not in KINDS:
+            raise _problem(path, f"field transforms: {t!r} is not a transform torchship knows ({', '.join(sorted(KINDS))})")
+    _sizes(path, m)
+    if m.executes != executes(m.artifact):
+        raise _problem(path, f"field executes: {m.executes!r}, but loading this artifact "
+                             f"{executes(m.artifact) or 'runs no code of the bundle'}: the manifest is damaged")
     return m
 
 
@@ -104,17 +142,25 @@ def _invalid(path: Path, obj, exc: msgspec.ValidationError) -> BundleError:
     if found:
         field = found.group(1).lstrip(".") or "the manifest"
         value = _value_at(obj, found.group(1))
-        shown = "" if value is None else f", got {msgspec.json.encode(value).decode()[:80]}"
+        shown = "" if value is None or "got" in text else f", got {msgspec.json.encode(value).decode()[:80]}"
         text = f"field {field}: {text[:found.start()]}{shown}"
     return _problem(path, f"{text} (the manifest is damaged or not torchship's: build the bundle again)")
 
 
 def read_manifest(path: Path) -> Manifest:
     """The manifest, validated (format, types, ranges, paths); files are not hashed here (``read`` does)."""
-    path = Path(path)
-    if not (path / MANIFEST).is_file():
+    return parse(Path(path), _raw(Path(path)))
+
+
+def _raw(path: Path) -> bytes:
+    f = path / MANIFEST
+    if not f.is_file() or f.is_symlink():
         raise BundleError(f"{path} is not a bundle: no {MANIFEST} (make one with `torchship optimize`)")
-    raw = (path / MANIFEST).read_bytes()
+    return f.read_bytes()
+
+
+def parse(path: Path, raw: bytes) -> Manifest:
+    """The manifest from its bytes, validated."""
     try:
         obj = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
@@ -141,37 +187,83 @@ class Bundle:
     path: Path
     manifest: Manifest
     origin: Path  # where it was read from
+    signer: str | None = None  # the key id of a signature checked against the key given
+    unlisted: tuple[str, ...] = ()  # files in the directory the manifest does not list: never read
 
 
-def read(path: Path) -> Bundle:
-    """Read and validate the manifest, and verify every file against it, once."""
+def _listed(path: Path, name: str) -> Path:
+    """The listed file, refused if missing or reached through a symbolic link (``..`` is refused by ``_check``)."""
+    f = path
+    for part in PurePosixPath(name).parts:
+        f = f / part
+        if f.is_symlink():
+            raise BundleError(f"{path}: {name} is reached through a symbolic link ({f.name}); a bundle holds its own "
+                              "files: refusing it")
+    if not f.is_file():
+        raise BundleError(f"{path}: file {name} is missing")
+    return f
+
+
+def _unlisted(path: Path, m: Manifest) -> tuple[str, ...]:
+    """Every entry that is not a directory and not in the manifest (links are listed, never followed)."""
+    import os
+    from .signing import SIGNATURE
+    known = set(m.files) | {MANIFEST, SIGNATURE}
+    found = []
+    for folder, dirs, names in os.walk(path, followlinks=False):
+        for name in names + [d for d in dirs if (Path(folder) / d).is_symlink()]:
+            rel = str((Path(folder) / name).relative_to(path))
+            if rel not in known:
+                found.append(rel)
+    return tuple(sorted(found))
+
+
+def _content(path: Path, m: Manifest, listed: set[str]) -> None:
+    """What a runtime reads inside its files, checked before it reads them."""
+    from .safety import check_onnx, check_pt2
+    for name in m.artifact.files:
+        if name.endswith(".pt2"):
+            check_pt2(path / name)
+        elif name.endswith(".onnx"):
+            check_onnx(path / name, listed)
+
+
+def _signed(path: Path, raw: bytes, key: Path | None) -> str | None:
+    if key is None:
+        return None
+    from .signing import check
+    return check(path, raw, key)
+
+
+def read(path: Path, key: Path | None = None) -> Bundle:
+    """Read and validate the manifest (and, with ``key``, its signature), and verify every file against it, once."""
     path = Path(path)
-    manifest = read_manifest(path)
+    raw = _raw(path)
+    signer = _signed(path, raw, key)
+    manifest = parse(path, raw)
     for name, digest in manifest.files.items():
-        f = path / name
-        if not f.is_file():
-            raise BundleError(f"{path}: file {name} is missing")
-        if sha256(f) != digest:
+        if sha256(_listed(path, name)) != digest:
             raise BundleError(f"{path}: file {name} fails its checksum (changed or truncated since it was written)")
-    return Bundle(path, manifest, path)
+    _content(path, manifest, set(manifest.files))
+    return Bundle(path, manifest, path, signer, _unlisted(path, manifest))
 
 
-def verify(path: Path) -> Manifest:
-    """Check every file against its sha256; return the manifest."""
-    return read(path).manifest
+def verify(path: Path, key: Path | None = None) -> Manifest:
+    """Check every file against its sha256 (and, with ``key``, the signature); return the manifest."""
+    return read(path, key).manifest
 
 
-def snapshot(path: Path, into: Path) -> Bundle:
+def snapshot(path: Path, into: Path, key: Path | None = None) -> Bundle:
     """Copy the bundle's listed files into ``into`` (a new private directory), hashing each as it is copied: one read
-    of every file, and the copy is exactly what was verified."""
+    of every file, and the copy is exactly what was verified (unlisted files are never copied, nor read)."""
     path, into = Path(path), Path(into)
-    manifest = read_manifest(path)
+    raw = _raw(path)
+    signer = _signed(path, raw, key)
+    manifest = parse(path, raw)
     into.mkdir(mode=0o700, parents=True)
     try:
         for name, digest in manifest.files.items():
-            src, dst = path / name, into / name
-            if not src.is_file():
-                raise BundleError(f"{path}: file {name} is missing")
+            src, dst = _listed(path, name), into / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             h = hashlib.sha256()
             with src.open("rb") as fin, dst.open("wb") as fout:
@@ -180,10 +272,11 @@ def snapshot(path: Path, into: Path) -> Bundle:
                     fout.write(block)
             if h.hexdigest() != digest:
                 raise BundleError(f"{path}: file {name} fails its checksum (changed or truncated since it was written)")
+        _content(into, manifest, set(manifest.files))
     except BaseException:
         shutil.rmtree(into, ignore_errors=True)
         raise
-    return Bundle(into, manifest, path)
+    return Bundle(into, manifest, path, signer)
 
 
 def write(out: Path, manifest: Manifest, files: Iterable[tuple[Path, str]]) -> Path:
@@ -214,7 +307,7 @@ def manifest_for(result) -> Manifest:
                     device=result.options.device, threads=result.machine["threads"], artifact=c.artifact,
                     max_batch_size=result.chosen_batch_size, budget=result.budget,
                     fidelity=c.fidelity, profile=c.profile, cold_start_s=c.cold_start_s,
-                    artifact_bytes=c.artifact_bytes, machine=result.machine)
+                    artifact_bytes=c.artifact_bytes, machine=result.machine, executes=executes(c.artifact))
 
 
 def info(manifest: Manifest) -> bytes:
@@ -233,20 +326,39 @@ class Loaded:
 
 
 def load(source: Path | Bundle, device: str | None = None, threads: int | None = None, spin: bool = True,
-         trust_code: bool = False) -> Loaded:
+         trust_code: bool = False, verify_key: Path | None = None) -> Loaded:
     """Verify (unless given a verified ``Bundle``) and load; the result maps {name: array} to {name: array} for a
     whole batch.
 
     ``threads``: intra-op threads (default: what the bundle was optimized with, at most this machine's cores).
     ``spin=False`` keeps ONNX Runtime's idle threads from spinning between calls, for a process that has other work
-    between them (a server's event loop). ``trust_code``: a bundle that rebuilds its model by importing Python code
-    from outside torchship loads only with it."""
+    between them (a server's event loop). A bundle whose loading runs code (it imports Python code from outside
+    torchship, or an AOTInductor package's native code) loads only with consent: ``trust_code=True``, or a signature
+    that ``verify_key`` (a public key's PEM file) verifies."""
     from .runtimes import get
-    b = source if isinstance(source, Bundle) else read(Path(source))
+    b = source if isinstance(source, Bundle) else read(Path(source), verify_key)
     m = b.manifest
+    consent(b, trust_code)
     threads = int(threads or min(m.threads or cores(), cores()))
-    ctx = LoadContext(device or m.device, threads, spin, trust_code)
+    ctx = LoadContext(device or m.device, threads, spin, trust_code or b.signer is not None)
     return Loaded(m, m.spec, get(m.runtime).load(m.artifact, b.path, m.spec, ctx))
+
+
+def sign(path: Path, private_key: Path):
+    """Verify the bundle, then sign its manifest (``signature.json``); returns the Signature."""
+    from .signing import sign as sign_manifest
+    read(Path(path))
+    return sign_manifest(Path(path) / MANIFEST, private_key)
+
+
+def consent(b: Bundle, trust_code: bool) -> None:
+    """Refuse a bundle whose loading runs code, unless trusted or signed by the key given."""
+    what = executes(b.manifest.artifact)
+    if what and not trust_code and b.signer is None:
+        from .errors import UntrustedCode
+        raise UntrustedCode(f"{b.origin}: this bundle {what}; load it only if you trust where it came from: "
+                            "--trust-code (serve), trust_code=True (Python), or sign it in your pipeline "
+                            "(torchship bundle sign) and give the public key (--verify-key)")
 
 
 def remove(b: Bundle) -> None:

@@ -44,6 +44,14 @@ def _user_code_importable() -> None:
         sys.path.insert(0, cwd)
 
 
+def _no_code_from_the_current_directory() -> None:
+    """A bundle's code (with --trust-code) imports from the installed packages and PYTHONPATH only: never from the
+    directory `serve` was started in, which `python -m` would otherwise put first on sys.path."""
+    import os
+    if sys.path and sys.path[0] in ("", ".", os.getcwd()):  # the implicit entry; PYTHONPATH's own come after it
+        del sys.path[0]
+
+
 def _log_to_stderr() -> None:
     """torchship's own notices (a zoo model trained on first use, ...) as lines on stderr, never on stdout."""
     import logging
@@ -203,8 +211,12 @@ def serve(
     drain_timeout: float = typer.Option(30, help="seconds to finish queued requests after SIGTERM"),
     repository: Optional[Path] = typer.Option(None, help="model repository for the load/unload API"),
     admin_token: Optional[str] = typer.Option(None, envvar="TORCHSHIP_ADMIN_TOKEN", help="token for the load/unload API"),
-    trust_code: bool = typer.Option(False, "--trust-code", help="allow bundles that rebuild their model by importing "
-                                    "Python code from outside torchship (eager and compile bundles of a package.module:attr source)"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="allow bundles whose loading runs code: Python imported "
+                                    "from outside torchship (eager and compile bundles of a package.module:attr source) "
+                                    "or native code (AOTInductor)"),
+    verify_key: Optional[Path] = typer.Option(None, "--verify-key", help="serve only bundles signed by this public key "
+                                              "(PEM, from `torchship bundle keygen`); a verified signature also counts as "
+                                              "consent to run the bundle's code"),
     ray: bool = typer.Option(False, "--ray", help="deploy on Ray Serve (pip install 'torchship[ray]'): replicas, autoscaling"),
     replicas: int = typer.Option(1, help="--ray: replicas (the least, with --max-replicas)"),
     max_replicas: Optional[int] = typer.Option(None, help="--ray: autoscale from --replicas up to this many"),
@@ -214,13 +226,15 @@ def serve(
     from .serve.app import ServeConfig
     from .serve.batcher import BatchConfig
     from .serve.server import serve as run
+    _no_code_from_the_current_directory()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     batch = BatchConfig(max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
                         slo_s=slo_ms / 1e3 if slo_ms else None, inline_s=inline_under_ms / 1e3,
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
     config = ServeConfig(batch=batch, max_batch_size=max_batch_size, max_body_bytes=int(max_body_mb * 2**20), threads=threads,
-                         workers=workers, repository=repository, admin_token=admin_token, trust_code=trust_code)
+                         workers=workers, repository=repository, admin_token=admin_token, trust_code=trust_code,
+                         verify_key=verify_key)
     if ray:
         from .bundle import verify
         from .serve.ray import RayConfig, application, serve_ray
@@ -396,18 +410,45 @@ def check_cmd(
 
 
 @bundle_app.command("verify")
-def bundle_verify(path: Path = typer.Argument(..., help="bundle directory")):
-    """Check every file of a bundle against the sha256 in its manifest."""
-    from .bundle import verify
-    m = verify(path)
-    console.print(f"[green]ok[/]: {escape(str(path))} ({escape(m.name)} v{m.version}, {m.runtime}, {len(m.files)} files verified)")
+def bundle_verify(path: Path = typer.Argument(..., help="bundle directory"),
+                  key: Optional[Path] = typer.Option(None, "--key", help="also require a valid signature by this public key (PEM)")):
+    """Check every file of a bundle against the sha256 in its manifest (and its signature, with --key)."""
+    from .bundle import read
+    b = read(path, key)
+    m = b.manifest
+    signed = f"; signed by key {b.signer}" if b.signer else ""
+    console.print(f"[green]ok[/]: {escape(str(path))} ({escape(m.name)} v{m.version}, {m.runtime}, {len(m.files)} files "
+                  f"verified{signed})", highlight=False)
+    if m.executes:
+        console.print(f"[yellow]note[/]: loading it {escape(m.executes)}: serve it with --trust-code, or sign it and serve "
+                      "with --verify-key", highlight=False)
+    for name in b.unlisted:
+        console.print(f"[yellow]unlisted[/]: {escape(name)} is in the directory but not in the manifest: never read, not "
+                      "verified", highlight=False)
 
 
 @bundle_app.command("info")
 def bundle_info(path: Path = typer.Argument(..., help="bundle directory")):
-    """Print a bundle's manifest (spec, runtime, fidelity, profile)."""
+    """Print a bundle's manifest (spec, runtime, what loading executes, fidelity, profile)."""
     from .bundle import info, read_manifest
     console.print_json(info(read_manifest(path)).decode())
+
+
+@bundle_app.command("sign")
+def bundle_sign(path: Path = typer.Argument(..., help="bundle directory"),
+                key: Path = typer.Option(..., "--key", help="private key (PEM, from `torchship bundle keygen`)")):
+    """Sign a bundle (after verifying it): BUNDLE/signature.json, an Ed25519 signature of its manifest."""
+    from .bundle import sign
+    sig = sign(path, key)
+    console.print(f"signed {escape(str(path))} with key {sig.key}: {escape(str(path / 'signature.json'))}", highlight=False)
+
+
+@bundle_app.command("keygen")
+def bundle_keygen(out: Path = typer.Option(..., "--out", "-o", help="private key file to write (the public key goes to OUT.pub)")):
+    """Make an Ed25519 key pair for signing bundles."""
+    from .signing import keygen
+    private, public = keygen(out)
+    console.print(f"private key: {escape(str(private))} (keep it secret)  public key: {escape(str(public))}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,8 @@ TorchshipError                 base (CLI exit code 1)
  ├── ModelError                the model itself raised, with the module that was running
  ├── TrainingDiverged          the loss became NaN or infinite
  ├── BundleError               a bundle that is missing, malformed, unsigned or fails its checksum (exit code 2)
- │    └── UntrustedCode        a bundle that imports Python code, loaded without consent
+ │    └── UntrustedCode        a bundle that would run code (Python or native), loaded without consent
+ ├── UnsafeFile                a model file that reading would unpickle, or that points outside itself (exit code 2)
  ├── OutputError               an output directory that cannot be written
  └── ServeError                a request the server refuses; ``status`` is its HTTP status, ``reason`` its metric label
       ├── BadRequest           400: the request does not fit the protocol or the model
@@ -82,6 +83,10 @@ class BundleError(TorchshipError):
 
 class UntrustedCode(BundleError):
     pass
+
+
+class UnsafeFile(TorchshipError):
+    exit_code = 2
 
 
 class OutputError(TorchshipError):

@@ -72,7 +72,13 @@ class Exported(nn.Module):
 
 
 def read_program(path: Path):
-    """A torch.export program (``.pt2``) as an ExportedProgram."""
+    """A torch.export program (``.pt2``) as an ExportedProgram, after ``safety.check_pt2`` found nothing in it that
+    torch's reader would unpickle; an AOTInductor package (compiled native code) is refused here."""
+    from .errors import UnsafeFile
+    from .safety import check_pt2
+    if check_pt2(path).native:
+        raise UnsafeFile(f"{path} is an AOTInductor package (compiled native code), not a torch.export program; "
+                         "give the program it was compiled from")
     importlib.import_module("torch.ao.quantization.fx._decomposed")  # the int8 ops a QAT/PT2E program uses
     return torch.export.load(str(path))
 

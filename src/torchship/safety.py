@@ -76,9 +76,13 @@ def _check_config(path: Path, name: str, raw: bytes) -> None:
 
 def _check_weights_only(path: Path, name: str, raw: bytes) -> None:
     """torch retries a failed weights_only load without it: what fails here is refused before torch sees it."""
+    import warnings
+
     import torch
     try:
-        torch.load(io.BytesIO(raw), weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the load is all that matters here
+            torch.load(io.BytesIO(raw), weights_only=True)
     except Exception as exc:
         raise _refuse(path, name, f"loads only by unpickling ({str(exc).splitlines()[0][:120]})") from None
 

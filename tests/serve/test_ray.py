@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._server import test_models_importable
+
 from torchship import MissingExtra, ServeConfig, UsageError
 
 pytestmark = pytest.mark.slow
@@ -46,7 +48,8 @@ def _kill_namespace(name):
 def _serve(netns, log, *args):
     return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "torchship.cli", "serve", *map(str, args)],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                                 **test_models_importable()})
 
 
 def test_ray_replicas_answer_like_the_local_server(netns, digits_bundle, slow_bundle, tmp_path):

@@ -135,6 +135,7 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
     line through ``warn`` and the run goes on with the source's own data (or generated inputs).
     ``train_data`` (as ``torchship train`` takes it) adds variants trained from the model: QAT, channel pruning
     with fine-tuning, and distillation into ``student`` (package.module:attr or an nn.Module; the zoo knows its own)."""
+    started = time.monotonic()
     opts = options or OptimizeOptions()
     say = progress or (lambda msg, i, n: None)
     warn = warn or (lambda line: warnings.warn(line, stacklevel=2))
@@ -147,7 +148,6 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
     train_data = checked_train_data(train_data, warn)
     variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms,
                     trainable=train_data is not None)
-    started = time.monotonic()
     with Workspace(model, opts) as ws:
         results = build_each(variants, ws, say, train_data, student)
         say("selecting", len(variants), len(variants))

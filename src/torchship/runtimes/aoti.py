@@ -56,6 +56,10 @@ def build(model, options, workdir):
 
 
 def load(artifact, root, spec, ctx):
+    """Refused where the package holds anything torch would unpickle; the native code it carries runs only with
+    consent, which ``bundle.load`` asks for."""
+    from ..safety import check_pt2
+    check_pt2(root / artifact.files[0])
     set_threads(ctx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

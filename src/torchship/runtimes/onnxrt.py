@@ -133,6 +133,8 @@ class OrtRunner:
 
 
 def load(artifact, root, spec, ctx):
+    from ..safety import check_onnx
+    check_onnx(root / artifact.files[0], set(artifact.files))  # external data only from the artifact's own files
     return OrtRunner(session(root / artifact.files[0], ctx.device, ctx.threads, artifact.options.get("optimize", True),
                              ctx.spin), spec)
 

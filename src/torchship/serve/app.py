@@ -43,20 +43,25 @@ class ServeConfig:
     workers: int = 1
     repository: Path | None = None
     admin_token: str | None = None
-    trust_code: bool = False  # bundles that import Python code from outside torchship may load
+    trust_code: bool = False  # bundles whose loading runs code (Python from outside torchship, native) may load
+    verify_key: Path | None = None  # a public key (PEM): every bundle must carry a valid signature by it
 
 
 Found = tuple[str, str, Bundle]  # (name, version, verified snapshot)
 
 
-def open_bundles(paths: list[Path], into: Path) -> list[Found]:
-    """Every bundle under ``paths`` (bundles or repositories), each verified once into a private snapshot in ``into``:
-    what is served, reloaded or given to a restarted worker later is what was verified now."""
+def open_bundles(paths: list[Path], into: Path, config: "ServeConfig") -> list[Found]:
+    """Every bundle under ``paths`` (bundles or repositories), each verified once (its signature too, with a key) into
+    a private snapshot in ``into``: what is served, reloaded or given to a restarted worker later is what was verified
+    now. A bundle whose loading runs code is refused here without consent."""
     found: list[Found] = []
     try:
         for path in paths:
             for name, version, p in discover(Path(path)):
-                found.append((name, version, bundle.snapshot(p, Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=into)) / "b")))
+                verified = bundle.snapshot(p, Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=into)) / "b",
+                                           config.verify_key)
+                found.append((name, version, verified))
+                bundle.consent(verified, config.trust_code)
     except BaseException:
         for _, _, b in found:
             bundle.remove(b)
@@ -90,7 +95,7 @@ class Server:
         return replace(self.config.batch, max_batch_size=int(size))
 
     async def open(self, paths: list[Path]) -> list[Found]:
-        return await asyncio.get_running_loop().run_in_executor(None, open_bundles, paths, self.snapshots)
+        return await asyncio.get_running_loop().run_in_executor(None, open_bundles, paths, self.snapshots, self.config)
 
     async def start(self) -> None:
         opened, self.opened = self.opened if self.opened is not None else await self.open(self.paths), None
@@ -236,12 +241,15 @@ def create_app(paths: list[Path], config: ServeConfig | None = None, opened: lis
     server = Server(paths, config or ServeConfig(), opened)
 
     @asynccontextmanager
-    async def lifespan(app):
-        await server.start()
+    async def lifespan(app):  # under an ASGI server that did not start it already (tests, Ray replicas)
+        started_here = not server.ready
+        if started_here:
+            await server.start()
         try:
             yield
         finally:
-            await server.stop()
+            if started_here:
+                await server.stop()
 
     async def root(request):
         return JSONResponse({"name": "torchship", "version": VERSION, "extensions": ["binary_tensor_data"]

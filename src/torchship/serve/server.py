@@ -18,6 +18,16 @@ class _Uvicorn(uvicorn.Server):
         self.drain_timeout = drain_timeout
         self._draining = False
 
+    async def serve(self, sockets=None) -> None:
+        """Every model loaded and warmed up before the port opens: a model that cannot load is one line (the error
+        propagates to the CLI), not a lifespan traceback."""
+        models = self.config.app.state.server
+        try:
+            await models.start()
+            await super().serve(sockets)
+        finally:
+            await models.stop()
+
     def handle_exit(self, sig, frame):
         if self._draining:  # a second signal: stop now
             return super().handle_exit(sig, frame)
@@ -47,7 +57,7 @@ def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "
     config = config or ServeConfig()
     into = Path(tempfile.mkdtemp(prefix="torchship-serve-"))
     try:
-        opened = open_bundles(paths, into)
+        opened = open_bundles(paths, into, config)
     except BaseException:
         shutil.rmtree(into, ignore_errors=True)
         raise

@@ -20,9 +20,12 @@ def load_file(path: Path, inputs, dims, outputs):
         return _load_onnx(path, inputs, dims)
     from .model import finish
     if path.suffix == ".pt2":
+        from ..errors import UnsafeFile
         from ..modules import Exported, read_program
         try:
             ep = read_program(path)
+        except UnsafeFile:
+            raise
         except Exception as exc:
             raise SourceError(f"{path} is not a torch.export program ({str(exc).splitlines()[0]})") from exc
         spec = IOSpec.parse(inputs) if inputs else _spec_from_program(ep)

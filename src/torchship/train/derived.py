@@ -32,7 +32,7 @@ def derive(model, kind: str, level: float | None, data, workdir: Path, *, studen
     """Train the derived model of ``kind`` and export it into ``workdir``; returns (program path, what training did)."""
     from ..modules import inner
     from . import train
-    from .qat import export_program
+    from .qat import export_program, save_program
     if model.module is None:
         raise BuildSkipped("an ONNX source cannot be trained here: only ONNX Runtime can run it")
     if len(model.spec.inputs) != 1:
@@ -56,7 +56,7 @@ def derive(model, kind: str, level: float | None, data, workdir: Path, *, studen
         from . import qat
         qat.save(run.model, example, path)
     else:
-        torch.export.save(export_program(inner(run.model).eval(), example), str(path))
+        save_program(export_program(inner(run.model).eval(), example), path)
     s = run.summary
     return path, {"epochs": s["epochs_run"], "seconds": s["seconds"], "val": s["val"], "test": s.get("test", {}),
                   **{k: s[k] for k in ("parameters_before", "parameters_after") if k in s}}

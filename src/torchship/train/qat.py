@@ -68,4 +68,16 @@ def convert(model: QATModel) -> QATModel:
 
 def save(model: QATModel, example: torch.Tensor, path: Path) -> None:
     """The converted model as a torch.export program (``.pt2``, nothing pickled), batch dimension dynamic."""
-    torch.export.save(export_program(model.graph, example), str(path))
+    save_program(export_program(model.graph, example), path)
+
+
+def save_program(program, path: Path) -> None:
+    """``torch.export.save``, then the same check every reader makes: a program torchship writes never needs
+    unpickling to be read (a tensor torch would pickle is refused here, with the reason)."""
+    from ..safety import check_pt2
+    torch.export.save(program, str(path))
+    try:
+        check_pt2(path)
+    except Exception:
+        Path(path).unlink(missing_ok=True)
+        raise
