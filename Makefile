@@ -14,7 +14,8 @@ system-deps:
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends cmake g++ make iproute2; }
 
 cpp: $(STAMP) system-deps
-	cmake -S cpp -B build/cpp -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake -S cpp -B build/cpp -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DOpenVINO_DIR="$$($(BIN)/python -c 'import openvino, os; print(os.path.join(os.path.dirname(openvino.__file__), "cmake"))')"
 	cmake --build build/cpp -j2
 
 $(STAMP): pyproject.toml
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch found locally; an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[nlp,compress,ray,dev]'
+	$(BIN)/python -m pip install -q -e '.[nlp,compress,ray,openvino,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -30,7 +30,8 @@ def minilm(n_sentences: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="torchship-compress-"))
     np.savez(work / "eval.npz", **tokenize(model.tokenizer, held_out, 128))
     res = optimize("zoo:minilm", OptimizeOptions(runtimes=("eager", "compile", "aoti", "onnxrt"), transforms=("int8",),
-                                                 batch_sizes=(32,), seconds_per_size=3.0, budget=Budget(min_cosine=0.99)),
+                                                 batch_sizes=(32,), seconds_per_size=3.0, budget=Budget(min_cosine=0.99),
+                                                 exhaustive=True),  # every variant, whatever the search would skip
                    eval_data=work / "eval.npz")
     rows = {v.name: v for v in res.variants}
     base = rows["eager"].throughput(32)
@@ -98,6 +99,7 @@ def searched() -> None:
     from torchship import Budget, OptimizeOptions, optimize
     from torchship.report import bought
     res = optimize("zoo:digits-cnn", OptimizeOptions(runtimes=("aoti", "onnxrt"), batch_sizes=(32,), seconds_per_size=1.0,
+                                                     exhaustive=True,
                                                      transforms=("qat", "channels", "distill"),
                                                      budget=Budget(max_accuracy_drop=0.01)), train_data="zoo:digits")
     print(f"digits-cnn, optimize --train-data zoo:digits --budget accuracy_drop=0.01 (batch 32): {res.message}")

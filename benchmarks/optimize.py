@@ -70,7 +70,7 @@ def main() -> None:
     for name in args.models.split(","):
         dims = {"seq": 128} if name == "minilm" else {}
         flops = flops_per_item(f"zoo:{name}", dims)
-        res = optimize(f"zoo:{name}", OptimizeOptions(batch_sizes=sizes, seconds_per_size=args.seconds), dims=dims)
+        res = optimize(f"zoo:{name}", OptimizeOptions(batch_sizes=sizes, seconds_per_size=args.seconds, exhaustive=True), dims=dims)
         print(f"\n{name}{' (seq 128)' if dims else ''}: {flops / 1e6:.2f} MFLOP per item; {res.message}")
         print(f"{'variant':<13}{'status':<10}" + "".join(f"{'bs ' + str(b) + ' x eager':>16}{'% of peak':>11}" for b in sizes))
         eager = res.variant("eager")

@@ -43,7 +43,7 @@ def in_namespace(argv: list[str]) -> int | None:
 
 
 def serve_ray(bundle: Path, replicas: int, port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "torchship.cli", "serve", str(bundle), "--ray", "--replicas", str(replicas),
+    proc = subprocess.Popen([sys.executable, "-m", "torchship.cli", "serve", str(bundle), "--trust-code", "--ray", "--replicas", str(replicas),
                              "--port", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     deadline = time.monotonic() + 240

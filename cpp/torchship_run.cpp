@@ -3,13 +3,17 @@
 //   torchship-run BUNDLE_DIR INPUTS.safetensors OUTPUTS.safetensors [--repeat N]
 //
 // Reads the bundle's manifest.json, loads its AOTInductor package (runtime "aoti", through LibTorch's
-// AOTIModelPackageLoader) or its TorchScript file (runtime "torchscript"), feeds it the tensors named by the
+// AOTIModelPackageLoader), its TorchScript file (runtime "torchscript") or its OpenVINO IR (runtime "openvino",
+// where it was built with OpenVINO), feeds it the tensors named by the
 // manifest's inputs from INPUTS.safetensors, and writes the outputs, named as in the manifest, to
 // OUTPUTS.safetensors. Nothing is unpickled: the inputs and outputs are safetensors, the model a .pt2 package
 // (or a TorchScript archive).
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
 #include <torch/torch.h>
+#ifdef TORCHSHIP_WITH_OPENVINO
+#include <openvino/openvino.hpp>
+#endif
 
 #include <chrono>
 #include <cstdint>
@@ -226,6 +230,66 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
 // ---- the model ----
 using Model = std::function<std::vector<torch::Tensor>(const std::vector<torch::Tensor>&)>;
 
+#ifdef TORCHSHIP_WITH_OPENVINO
+ov::element::Type ov_type(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32: return ov::element::f32;
+    case torch::kFloat16: return ov::element::f16;
+    case torch::kFloat64: return ov::element::f64;
+    case torch::kInt64: return ov::element::i64;
+    case torch::kInt32: return ov::element::i32;
+    case torch::kInt8: return ov::element::i8;
+    case torch::kUInt8: return ov::element::u8;
+    case torch::kBool: return ov::element::boolean;
+    default: throw std::runtime_error("an input dtype OpenVINO is not given here");
+  }
+}
+
+torch::ScalarType torch_type(const ov::element::Type& t) {
+  if (t == ov::element::f32) return torch::kFloat32;
+  if (t == ov::element::f16) return torch::kFloat16;
+  if (t == ov::element::bf16) return torch::kBFloat16;
+  if (t == ov::element::f64) return torch::kFloat64;
+  if (t == ov::element::i64) return torch::kInt64;
+  if (t == ov::element::i32) return torch::kInt32;
+  if (t == ov::element::i8) return torch::kInt8;
+  if (t == ov::element::u8) return torch::kUInt8;
+  if (t == ov::element::boolean) return torch::kBool;
+  throw std::runtime_error("an output type torchship-run does not write: " + t.get_type_name());
+}
+
+// model.xml compiled for the CPU with the manifest's threads and inference precision, as the Python Runner does
+Model load_openvino(const std::string& xml, const Json& manifest) {
+  auto core = std::make_shared<ov::Core>();
+  std::string precision = "f32";
+  if (const Json* p = manifest.at("artifact").at("options").find("precision"); p && p->kind == Json::String)
+    precision = p->text == "bf16" ? "bf16" : p->text == "fp16" ? "f16" : "f32";
+  ov::AnyMap config{{ov::hint::inference_precision.name(), ov::element::Type(precision)},
+                    {ov::hint::performance_mode.name(), ov::hint::PerformanceMode::LATENCY},
+                    {ov::num_streams.name(), ov::streams::Num(1)}};
+  if (const Json* threads = manifest.find("threads"); threads && threads->kind == Json::Number)
+    config[ov::inference_num_threads.name()] = static_cast<int>(threads->number);
+  auto compiled = std::make_shared<ov::CompiledModel>(core->compile_model(xml, "CPU", config));
+  auto request = std::make_shared<ov::InferRequest>(compiled->create_infer_request());
+  return [core, compiled, request](const std::vector<torch::Tensor>& in) {
+    for (size_t k = 0; k < in.size(); ++k) {
+      torch::Tensor t = in[k].contiguous();
+      ov::Shape shape(t.sizes().begin(), t.sizes().end());
+      request->set_input_tensor(k, ov::Tensor(ov_type(t.scalar_type()), shape, t.data_ptr()));
+    }
+    request->infer();
+    std::vector<torch::Tensor> out;
+    for (size_t k = 0; k < compiled->outputs().size(); ++k) {
+      ov::Tensor r = request->get_output_tensor(k);
+      const ov::Shape shape = r.get_shape();  // one vector: begin() and end() of the same object
+      std::vector<int64_t> sizes(shape.begin(), shape.end());
+      out.push_back(torch::from_blob(r.data(), sizes, torch::TensorOptions().dtype(torch_type(r.get_element_type()))).clone());
+    }
+    return out;
+  };
+}
+#endif
+
 Model load_model(const std::string& root, const Json& manifest) {
   const std::string runtime = manifest.at("runtime").text;
   const std::string file = root + "/" + manifest.at("artifact").at("files").items.at(0).text;
@@ -249,9 +313,14 @@ Model load_model(const std::string& root, const Json& manifest) {
       return out;
     };
   }
-  throw std::runtime_error("this bundle runs on \"" + runtime +
-                           "\"; torchship-run loads aoti and torchscript bundles: build one with "
-                           "`torchship optimize SOURCE --runtimes aoti`");
+#ifdef TORCHSHIP_WITH_OPENVINO
+  if (runtime == "openvino") return load_openvino(file, manifest);
+  const std::string loads = "aoti, torchscript and openvino";
+#else
+  const std::string loads = "aoti and torchscript (built without OpenVINO)";
+#endif
+  throw std::runtime_error("this bundle runs on \"" + runtime + "\"; torchship-run loads " + loads +
+                           " bundles: build one with `torchship optimize SOURCE --runtimes aoti`");
 }
 
 int run(int argc, char** argv) {

@@ -171,3 +171,52 @@ class Noisy(nn.Module):
 
     def forward(self, x):
         return self.lin(x) + torch.randn(x.shape[0], 4)
+
+
+class ValueLoop(nn.Module):
+    """A loop on a tensor's value: repeats y = 1.5 y + 0.1 while mean |y| < 4. An exporter that traces it unrolls the
+    loop as many times as the example input needed; other inputs need another count."""
+
+    example_inputs = ["x:float32[batch,8]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.lin(x)
+        while y.abs().mean() < 4:
+            y = y * 1.5 + 0.1
+        return y
+
+
+class SmallVocab(nn.Module):
+    """An embedding of 50 rows: ids must lie in [0, 50)."""
+
+    example_inputs = ["ids:int64[batch,seq]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+class Lstm(nn.Module):
+    """A one-layer LSTM over a sequence, the last hidden state out: a dynamic sequence length through export."""
+
+    example_inputs = ["x:float32[batch,seq,8]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])

@@ -21,8 +21,10 @@ def binary(tmp_path_factory):
     if missing:
         pytest.skip(f"needs {' and '.join(missing)} (CI installs them: apt-get install cmake g++)")
     build = tmp_path_factory.mktemp("cpp")
-    subprocess.run(["cmake", "-S", str(CPP), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
-                   check=True, capture_output=True, timeout=300)
+    import openvino
+    openvino_dir = Path(openvino.__file__).parent / "cmake"  # the wheel's own CMake config
+    subprocess.run(["cmake", "-S", str(CPP), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                    f"-DOpenVINO_DIR={openvino_dir}"], check=True, capture_output=True, timeout=300)
     subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True, timeout=600)
     return build / "torchship-run"
 
@@ -34,7 +36,7 @@ def inputs(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("runtime", ["aoti", "torchscript"])
+@pytest.mark.parametrize("runtime", ["aoti", "torchscript", "openvino"])
 def test_runs_a_bundle_without_python_and_matches_the_runner(binary, inputs, runtime, tmp_path):
     bundle = tmp_path / "bundle"
     optimize("zoo:digits-cnn", OptimizeOptions(runtimes=(runtime,), batch_sizes=(8,), seconds_per_size=0.05, transforms=()),

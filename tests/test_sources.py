@@ -81,3 +81,43 @@ def test_onnx_source_runs_only_onnx_runtime(tmp_path):
     assert {v.runtime for v in res.variants} == {"onnxrt"}  # onnxrt, and its int8 variant
     assert res.chosen.fidelity.cosine > 0.9999
     assert res.variants[0].profile[4].throughput > 0
+
+
+def test_integer_inputs_are_drawn_within_the_embedding_they_feed():
+    m = load_source("tests.models:SmallVocab")
+    assert m.spec.inputs[0].range == (0, 50)  # found under hooks: the ids go into a 50-row nn.Embedding
+    res = optimize("tests.models:SmallVocab", OptimizeOptions(runtimes=("eager", "onnxrt"), batch_sizes=(2,),
+                                                              seconds_per_size=0.02, transforms=()))
+    assert res.chosen is not None and all(v.status == "ok" for v in res.variants if v.selectable)
+
+
+def test_a_module_of_your_own_named_zoo(tmp_path, monkeypatch):
+    (tmp_path / "zoo.py").write_text("from tests.models import Tiny as Net\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SourceError, match="module:zoo:Net"):
+        load_source("zoo:Net")
+    assert load_source("module:zoo:Net").spec.input_names == ["x"]
+    with pytest.raises(SourceError, match="no such file"):
+        load_source("file:" + str(tmp_path / "missing.pt2"))
+
+
+def test_a_model_handed_over_in_training_mode_is_said_so(tmp_path):
+    res = optimize("tests.models:WithDropout", OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(2,), seconds_per_size=0.02,
+                                                               transforms=()), out=tmp_path / "b")
+    assert res.notes and "training mode" in res.notes[0] and "eval mode" in res.notes[0]
+    from torchship.bundle import read_manifest
+    assert read_manifest(tmp_path / "b").notes == res.notes
+    assert "training mode" in (res.report).read_text()
+
+
+@pytest.mark.slow
+def test_a_graph_that_specialized_on_its_example_is_rejected_with_the_reason():
+    """A loop on a tensor's value: the ONNX export unrolls it as often as the example needed. Its cosine on the
+    verification inputs was 0.99995; on other inputs it is wrong, and optimize says so and chooses a faithful one."""
+    res = optimize("tests.models:ValueLoop", OptimizeOptions(runtimes=("eager", "torchscript", "onnxrt"), transforms=(),
+                                                             batch_sizes=(4,), seconds_per_size=0.02))
+    onnx = res.variant("onnxrt")
+    assert onnx.status == "rejected" and ("off in scale" in onnx.reason or "did not cover" in onnx.reason)
+    assert res.chosen.name in ("eager", "torchscript")
+    assert {"batch 1", "values x2", "values negated"} <= set(res.chosen.fidelity.checked)
+    assert "inputs beyond them (batch 1" in __import__("torchship.report", fromlist=["markdown"]).markdown(res)

@@ -49,3 +49,17 @@ def test_sample_fits_spec_and_masks_are_ones():
     assert (feeds["attention_mask"] == 1).all()
     with pytest.raises(SpecError, match="--dim seq=N"):
         spec.sample(3, {})
+
+
+def test_integer_ranges_parse_sample_and_check():
+    import numpy as np
+    t = TensorSpec.parse("ids:int64[batch,seq]{0:50}")
+    assert t.range == (0, 50) and str(t) == "ids:int64[batch,seq]{0:50}"
+    spec = IOSpec((t,))
+    feeds = spec.sample(64, {"seq": 32})
+    assert feeds["ids"].min() >= 0 and feeds["ids"].max() < 50
+    spec.check(feeds)
+    with pytest.raises(SpecError, match=r"values must lie in \[0, 50\), got 0 to 50"):
+        spec.check({"ids": np.array([[0, 50]], np.int64)})
+    with pytest.raises(SpecError, match="low < high"):
+        TensorSpec.parse("x:float32[batch]{0:5}")

@@ -42,3 +42,45 @@ def test_accuracy_budget():
     # ... unless a floor is also set; and without labels the default fidelity floors apply
     assert "cosine" in compare(ref, {"logits": out}, Budget(min_cosine=0.999, max_accuracy_drop=0.05), "classify", labels).reason
     assert "cosine" in compare(ref, {"logits": out}, Budget(max_accuracy_drop=0.05), "classify").reason
+
+
+def test_a_scaled_answer_fails_though_its_cosine_is_one():
+    rng = np.random.default_rng(0)
+    ref = {"y": rng.standard_normal((20, 8)).astype(np.float32)}
+    scaled = compare(ref, {"y": ref["y"] * 1.5}, Budget())
+    assert scaled.cosine == pytest.approx(1.0) and not scaled.passed and "off in scale" in scaled.reason
+    assert compare(ref, {"y": ref["y"] * (1 + 1e-4)}, Budget()).passed
+
+
+def test_a_flip_between_near_tied_logits_is_not_a_flip():
+    ref = np.array([[1.0, 0.9999, 0.0], [3.0, 0.0, 0.0]] * 50, np.float32)
+    out = ref + np.float32(2e-4) * np.random.default_rng(0).standard_normal(ref.shape).astype(np.float32)  # its noise
+    out[0] = [0.9999, 1.0, 0.0]  # the reference's top two were within the variant's error of each other
+    fid = compare({"logits": ref}, {"logits": out}, Budget(), "classify")
+    assert fid.top1 == 1.0 and fid.near_ties >= 1 and fid.passed  # every flip was between near-tied logits
+    out[1] = [0.0, 3.0, 0.0]  # a clear winner changed: that is a flip
+    assert compare({"logits": ref}, {"logits": out}, Budget(), "classify").top1 < 1.0
+
+
+def test_inputs_beyond_the_example_catch_what_the_example_hides():
+    from torchship.verify import beyond_the_example
+    ref = {"y": np.ones((4, 3), np.float32)}
+    cases = [("batch 1", {}, ref), ("values x2", {}, ref)]
+    checked, worst, reason = beyond_the_example(1e-6, cases, [ref, {"y": ref["y"] * 2.25}], {})
+    assert checked == ("batch 1", "values x2") and worst == pytest.approx(1.25) and "values x2" in reason
+    assert beyond_the_example(1e-6, cases, [ref, ref], {})[2] is None
+    _, _, reason = beyond_the_example(0.0, cases, [None, ref], {0: "RuntimeError: expected batch 2"})
+    assert "fails on inputs the example did not cover (batch 1): RuntimeError" in reason
+    # a compressed variant keeps its own numeric slack: 3x its error on the verification inputs
+    assert beyond_the_example(0.05, cases, [ref, {"y": ref["y"] * 1.1}], {})[2] is None
+
+
+def test_a_calibrated_quantization_is_not_judged_on_values_beyond_its_calibration():
+    from torchship.verify import beyond_the_example
+    ref = {"y": np.ones((4, 3), np.float32)}
+    cases = [("batch 1", {}, ref), ("values x2", {}, ref)]
+    saturated = [ref, {"y": ref["y"] * 0.6}]
+    assert "values x2" in beyond_the_example(0.01, cases, saturated, {})[2]
+    checked, worst, reason = beyond_the_example(0.01, cases, saturated, {}, calibrated=True)
+    assert reason is None and worst == 0.0 and "reported, not judged" in checked[1]
+    assert "batch 1" in beyond_the_example(0.01, cases, [{"y": ref["y"] * 3}, ref], {}, calibrated=True)[2]

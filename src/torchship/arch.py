@@ -19,6 +19,7 @@ class Architecture(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     by_keyword: bool = False  # inputs are passed by name
     config: dict[str, Any] | None = None  # hf: the model's config
     pooling: str | None = None  # hf: "mean" for sentence embeddings
+    kwargs: dict[str, Any] | None = None  # fixed keyword arguments of every call (hf: use_cache=False)
 
     @property
     def imports(self) -> str | None:

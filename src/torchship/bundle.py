@@ -55,6 +55,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     artifact_bytes: int | None = None
     machine: dict[str, Any] = {}
     executes: str | None = None  # what loading runs beyond reading data (Python or native code), or None
+    notes: tuple[str, ...] = ()  # what optimize noticed about the model as given (training mode, ...)
     files: dict[str, Sha256] = {}
 
 
@@ -307,7 +308,8 @@ def manifest_for(result) -> Manifest:
                     device=result.options.device, threads=result.machine["threads"], artifact=c.artifact,
                     max_batch_size=result.chosen_batch_size, budget=result.budget,
                     fidelity=c.fidelity, profile=c.profile, cold_start_s=c.cold_start_s,
-                    artifact_bytes=c.artifact_bytes, machine=result.machine, executes=executes(c.artifact))
+                    artifact_bytes=c.artifact_bytes, machine=result.machine, executes=executes(c.artifact),
+                    notes=result.notes)
 
 
 def info(manifest: Manifest) -> bytes:

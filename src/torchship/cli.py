@@ -105,6 +105,8 @@ def render(result, target: int) -> None:
                   highlight=False)
     if result.decision is not None:
         console.print(escape(result.decision.why), highlight=False)
+    for note in result.notes:
+        console.print(f"[yellow]note[/]: {escape(note)}", highlight=False)
     if result.noise is not None:
         line = result.noise.describe(result.machine["cores"])
         console.print(f"[yellow]{escape(line)}[/]" if result.noise.noisy else escape(line), highlight=False)
@@ -184,7 +186,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="where t
     console.print(escape(result.message))
     if result.bundle is None:
         raise TorchshipError(result.message)
-    loaded = load_bundle(result.bundle)
+    loaded = load_bundle(result.bundle, trust_code=True)  # built by this run, seconds ago
     x, y = dataset()["test"]
     pred = loaded({"image": x[:16]})["logits"].argmax(1)
     console.print(f"bundle {escape(str(result.bundle))} ({loaded.manifest.runtime}) predicts {pred.tolist()}")

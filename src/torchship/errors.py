@@ -31,7 +31,7 @@ Errors from torch, ONNX, OpenVINO or the filesystem are translated at the bounda
 from __future__ import annotations
 
 # the extras of pyproject.toml that an install hint may name (a test holds this to pyproject)
-EXTRAS = ("compress", "nlp", "ray")
+EXTRAS = ("compress", "nlp", "openvino", "ray")
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

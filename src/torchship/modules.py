@@ -37,18 +37,19 @@ class Normalized(nn.Module):
     """``forward(*inputs in spec order) -> tuple[Tensor, ...]`` around a user's module."""
 
     def __init__(self, module: nn.Module, input_names: Sequence[str], keys: Sequence[str] | None = None,
-                 by_keyword: bool = False):
+                 by_keyword: bool = False, kwargs: Mapping | None = None):
         super().__init__()
         self.module = module
         self.input_names = list(input_names)
         self.keys = list(keys) if keys else None
         self.by_keyword = by_keyword
+        self.kwargs = dict(kwargs or {})  # fixed keyword arguments of every call (use_cache=False, ...)
 
     def forward(self, *args):
         if self.by_keyword:
-            out = self.module(**dict(zip(self.input_names, args)))
+            out = self.module(**dict(zip(self.input_names, args)), **self.kwargs)
         else:
-            out = self.module(*args)
+            out = self.module(*args, **self.kwargs)
         return flatten_outputs(out, self.keys)
 
 
@@ -152,7 +153,7 @@ def rebuild(arch: Architecture, *, trust_code: bool = True) -> Normalized:
         module = architecture(arch.ref)
     else:
         module = hf_module(arch)
-    return Normalized(module, arch.inputs, arch.keys, arch.by_keyword).eval()
+    return Normalized(module, arch.inputs, arch.keys, arch.by_keyword, arch.kwargs).eval()
 
 
 class MeanPooled(nn.Module):

@@ -26,7 +26,13 @@ class VariantPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.options.get("skip")
 
 
-RUNTIME_ORDER = ("eager", "torchscript", "compile", "aoti", "onnxrt")
+RUNTIME_ORDER = ("eager", "torchscript", "compile", "aoti", "onnxrt", "openvino")
+NO_OPENVINO = "openvino is not installed: pip install 'torchship[openvino]'"
+
+
+def _has_openvino() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("openvino") is not None
 TRANSFORMS = ("int8", "prune", "bf16", "qat", "channels", "distill")  # the last three need training data
 PRUNE_LEVELS = (0.3, 0.5, 0.7)
 
@@ -44,7 +50,9 @@ def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads:
     if model.module is not None:
         out.append(VariantPlan("eager-naive", "eager", {**base, "naive": True}, selectable=False,
                                note="reference: the model as too often run (no eval(), autograd on); never selected"))
-    out += [VariantPlan(r, r, dict(base)) for r in wanted if model.module is not None or r == "onnxrt"]
+    takes_onnx = ("onnxrt", "openvino")  # the runtimes that run an ONNX source
+    out += [VariantPlan(r, r, {**base, **({"skip": NO_OPENVINO} if r == "openvino" and not _has_openvino() else {})})
+            for r in wanted if model.module is not None or r in takes_onnx]
     unknown = [t for t in transforms if t not in TRANSFORMS]
     if unknown:
         raise UsageError(f"unknown transform(s) {unknown}; choose from {', '.join(TRANSFORMS)} (or none)")
@@ -57,6 +65,15 @@ def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads:
             if r in wanted:  # where the CPU lacks bf16, the build skips with the reason
                 out.append(VariantPlan(f"{r}-bf16", r, {**base, "precision": "bf16", **({} if native_bf16() else {"skip": NO_BF16})},
                                        note="bf16 weights and activations (native on this CPU)"))
+    if "bf16" in transforms and device == "cpu" and "openvino" in wanted and _has_openvino():
+        from .runtimes.openvino import capabilities
+        caps = capabilities()
+        for prec, cap in (("bf16", "BF16"), ("fp16", "FP16")):
+            why = None if cap in caps else (f"OpenVINO's CPU plugin reports no native {cap} on this CPU "
+                                             f"(capabilities: {', '.join(caps) or 'none'})")
+            out.append(VariantPlan(f"openvino-{'f16' if prec == 'fp16' else prec}", "openvino",
+                                   {**base, "precision": prec, **({"skip": why} if why else {})},
+                                   note=f"OpenVINO with {cap} inference precision (native on this CPU)"))
     if device.startswith("cuda") and model.module is not None:
         for prec in ("fp16", "bf16"):
             for r in ("eager", "aoti"):
@@ -89,12 +106,25 @@ def compression(model, wanted, base, device, transforms) -> list[VariantPlan]:
         if "aoti" in wanted and model.module is not None:
             out.append(VariantPlan("aoti+static-int8", "aoti", {**base, "quantize": "static_int8"},
                                    note="PT2E static int8 (torchao, x86 inductor quantizer, calibrated) on AOTInductor"))
+        if "openvino" in wanted and _has_openvino():
+            out.append(VariantPlan("openvino+int8", "openvino", {**base, "quantize": "int8"},
+                                   note="OpenVINO int8 (NNCF post-training quantization, calibrated)"))
+            if _transformer(model):
+                out.append(VariantPlan("openvino+int8-transformer", "openvino", {**base, "quantize": "int8_transformer"},
+                                       note="OpenVINO int8 with NNCF's transformer preset (attention kept accurate)"))
     if "prune" in transforms and "eager" in wanted and model.module is not None:
         for i, amount in enumerate(PRUNE_LEVELS):
             out.append(VariantPlan(f"eager+prune{int(amount * 100)}", "eager", dict(base),
                                    transforms=(to_dict(MagnitudePrune(amount)),), family="prune", level=i,
                                    note=f"{amount:.0%} of Linear/Conv weights zeroed (dense kernels: no speed-up expected)"))
     return out
+
+
+def _transformer(model) -> bool:
+    """Attention inside: NNCF's transformer preset applies."""
+    if model.arch is not None and model.arch.kind == "hf":
+        return True
+    return model.module is not None and any("attention" in type(m).__name__.lower() for m in model.module.modules())
 
 
 def trained(wanted, base, transforms) -> list[VariantPlan]:

@@ -1,7 +1,8 @@
 """IOSpec: a model's inputs and outputs (name, dtype, shape with symbolic dims).
 
-Written on the command line as ``NAME:DTYPE[DIM,...]``, e.g. ``x:float32[batch,1,28,28]``.
-A dimension is an int or a symbol; the first dimension named ``batch`` is the batch axis.
+Written on the command line as ``NAME:DTYPE[DIM,...]``, e.g. ``x:float32[batch,1,28,28]``, and for integer inputs
+optionally with the range of their values, ``ids:int64[batch,seq]{0:50}`` (0 <= id < 50). A dimension is an int
+or a symbol; the first dimension named ``batch`` is the batch axis.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 from .errors import SpecError
 
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
-_SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*:\s*(\w+)\s*\[([^\]]*)\]\s*$")
+_SPEC_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*:\s*(\w+)\s*\[([^\]]*)\]\s*(?:\{\s*(-?\d+)\s*:\s*(-?\d+)\s*\})?\s*$")
 _SYMBOL_RE = re.compile(r"^[A-Za-z_]\w*$")
 BATCH = "batch"
 
@@ -24,10 +25,15 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple  # of int | str
+    range: tuple[int, int] | None = None  # integer inputs: values lie in [low, high)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise SpecError(f"{self.name}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.range is not None:
+            if not self.dtype.startswith(("int", "uint")) or len(self.range) != 2 or self.range[0] >= self.range[1]:
+                raise SpecError(f"{self.name}: range {self.range} must be low < high, for an integer input")
+            object.__setattr__(self, "range", (int(self.range[0]), int(self.range[1])))
         for d in self.shape:
             if isinstance(d, bool) or not (isinstance(d, str) and _SYMBOL_RE.match(d) or isinstance(d, int) and d > 0):
                 raise SpecError(f"{self.name}: dimension {d!r} must be a positive int or a name such as 'batch'")
@@ -37,15 +43,16 @@ class TensorSpec:
         m = _SPEC_RE.match(text)
         if not m:
             raise SpecError(f"cannot parse {text!r}: write NAME:DTYPE[DIM,...], e.g. x:float32[batch,3,28,28]")
-        name, dtype, dims = m.groups()
+        name, dtype, dims, low, high = m.groups()
         parts = [p.strip() for p in dims.split(",")] if dims.strip() else []
         if any(not p for p in parts):
             raise SpecError(f"cannot parse {text!r}: empty dimension between commas")
         shape = tuple(int(p) if p.isdigit() else p for p in parts)
-        return cls(name, dtype, shape)
+        return cls(name, dtype, shape, (int(low), int(high)) if low is not None else None)
 
     def __str__(self) -> str:
-        return f"{self.name}:{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+        values = f"{{{self.range[0]}:{self.range[1]}}}" if self.range else ""
+        return f"{self.name}:{self.dtype}[{','.join(str(d) for d in self.shape)}]{values}"
 
     @property
     def batch_axis(self) -> int | None:
@@ -75,13 +82,18 @@ class TensorSpec:
                 raise SpecError(f"input {self.name!r}: dimension {i} must be {want}, got {got} (shape {list(array.shape)})")
             if got == 0:
                 raise SpecError(f"input {self.name!r}: dimension {i} is empty")
+        if self.range is not None and array.size:
+            low, high = int(array.min()), int(array.max())
+            if low < self.range[0] or high >= self.range[1]:
+                raise SpecError(f"input {self.name!r}: values must lie in [{self.range[0]}, {self.range[1]}), got "
+                                f"{low} to {high}")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "range": self.range}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "TensorSpec":
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+        return cls(d["name"], d["dtype"], tuple(d["shape"]), tuple(d["range"]) if d.get("range") else None)
 
 
 @dataclass(frozen=True)
@@ -134,8 +146,10 @@ class IOSpec:
                     raise SpecError(f"dimension {d!r} is {sizes[d]} in one input and {got} in {t.name!r}")
         return sizes.get(BATCH, 1)
 
-    def sample(self, batch: int, dims: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-        """Generate inputs that fit the spec: normal floats, ints in [0, 100), ones for masks and bools."""
+    def sample(self, batch: int, dims: Mapping[str, int] | None = None, seed: int = 0,
+               int_high: int = 100) -> dict[str, np.ndarray]:
+        """Generate inputs that fit the spec: normal floats, ints within each input's range (else [0, int_high)),
+        ones for masks and bools."""
         rng = np.random.default_rng(seed)
         feeds = {}
         for t in self.inputs:
@@ -145,7 +159,8 @@ class IOSpec:
             elif t.dtype == "bool" or t.name.endswith("mask"):
                 feeds[t.name] = np.ones(shape, dtype=t.dtype)
             else:
-                feeds[t.name] = rng.integers(0, 100, size=shape).astype(t.dtype)
+                low, high = t.range or (0, int_high)
+                feeds[t.name] = rng.integers(low, high, size=shape).astype(t.dtype)
         return feeds
 
     def to_dict(self) -> dict:

@@ -97,6 +97,7 @@ class OptimizeResult:
     labelled: bool = False  # the verification inputs had labels (an accuracy budget can be the measure)
     decision: Decision | None = None  # why the chosen variant won, in figures and words
     noise: Noise | None = None  # how quiet the machine was while timing
+    notes: tuple[str, ...] = ()  # what the user should know about the model as given (training mode, ...)
     wall_s: float | None = None  # how long the search took
     bundle: Path | None = None
     report: Path | None = None
@@ -113,7 +114,7 @@ class OptimizeResult:
         from ..report import ratios
         d = msgspec.to_builtins({k: getattr(self, k) for k in ("model", "variants", "chosen", "chosen_batch_size",
                                                                "machine", "message", "verification", "task", "dims",
-                                                               "decision", "noise", "wall_s")}, enc_hook=str)
+                                                               "decision", "noise", "wall_s", "notes")}, enc_hook=str)
         d.update(bundle=str(self.bundle) if self.bundle else None, report=str(self.report) if self.report else None,
                  spec=msgspec.to_builtins(self.spec), budget=self.budget, ratios=ratios(self),
                  batch_sizes=list(self.options.batch_sizes), target_batch_size=self.options.target,
@@ -152,6 +153,7 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
         results = build_each(variants, ws, say, train_data, student)
         say("selecting", len(variants), len(variants))
         result = choose(model, results, ws.pool, opts, ws.noise, time.monotonic() - started)
+        result = replace(result, notes=notes(model))
         if out is not None and result.chosen is not None:
             say("writing the bundle and report", len(variants), len(variants))
             result = package(result, ws.root, Path(out))
@@ -160,9 +162,11 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
 
 def load(source, *, inputs=None, weights=None, dims=None, name=None, eval_data=None, calibration_data=None,
          warn: Callable[[str], None]):
-    """The model from its source, named, with the user's held-out and calibration data."""
+    """The model from its source, named, with the user's held-out and calibration data (the held-out data is also
+    what the model is first run on, where it fits)."""
     from ..sources import load_source
-    model = load_source(source, inputs, weights=weights, dims=dims)
+    from .data import raw_arrays
+    model = load_source(source, inputs, weights=weights, dims=dims, example=raw_arrays(eval_data))
     return with_data(replace(model, name=name or model.name), eval_data, calibration_data, warn)
 
 
@@ -184,6 +188,7 @@ class Workspace:
             # static int8 calibrates on the source's own representative inputs, else on the verification pool
             np.savez(self.root / "calibration.npz", **(model.calibration_data or self.pool.inputs))
             self.reference = reference_outputs(model, self.pool.inputs, self.chunk)
+            self.extra = self._extra_cases(model)
             self.threads = opts.threads or _cores()
             self.derived: dict[tuple, Any] = {}
             self.noise = None
@@ -192,6 +197,19 @@ class Workspace:
         except BaseException:  # nothing is left running or on disk
             self.__exit__()
             raise
+
+    def _extra_cases(self, model) -> list[tuple[str, dict, dict]]:
+        """The inputs beyond the example with the reference's outputs on them (a case the reference itself cannot run
+        is left out), written for the workers."""
+        from ..verify import extra_cases
+        out = []
+        for label, feeds in extra_cases(model, self.pool.inputs if model.eval_data is not None else None):
+            try:
+                out.append((label, feeds, reference_outputs(model, feeds, len(next(iter(feeds.values()))))))  # whole
+            except Exception:
+                continue
+        np.savez(self.root / "extra.npz", **{f"{i}|{k}": v for i, (_, feeds, _) in enumerate(out) for k, v in feeds.items()})
+        return out
 
     def _model_ref(self, model) -> ModelRef | None:
         """How a worker reloads the model, or None when only this process can run it."""
@@ -214,7 +232,8 @@ class Workspace:
         own = ref is self.ref and ref.kind != "onnx"  # the workspace's model, not one trained from it
         onnx_base = str(exported) if own and vp.runtime == "onnxrt" and vp.name != "onnxrt" and exported.exists() else None
         return Job(vp, ref, str(self.root / vp.name), str(self.root / "pool.npz"), str(self.root / "calibration.npz"),
-                   self.chunk, self.threads, tuple(sys.path), self.cache_for(vp, ref), onnx_base)
+                   self.chunk, self.threads, tuple(sys.path), self.cache_for(vp, ref), onnx_base,
+                   str(self.root / "extra.npz") if self.extra else None)
 
     def cache_for(self, vp: VariantPlan, ref: ModelRef) -> str | None:
         """The build cache's directory for what this build depends on: the model (architecture and weights, or its
@@ -283,7 +302,7 @@ class Workspace:
             return Lineage("model", f"{vp.derived[0]} (trained from the model), then {vp.runtime}")
         if vp.name == vp.runtime or vp.name == "eager-naive":
             return Lineage("model", vp.runtime)
-        parent = vp.name.split("+")[0].removesuffix("-bf16").removesuffix("-fp16")
+        parent = vp.name.split("+")[0].removesuffix("-bf16").removesuffix("-fp16").removesuffix("-f16")
         return Lineage(parent, vp.note or vp.name)
 
     def pids(self) -> list[int]:
@@ -383,6 +402,14 @@ def build_each(variants: list[VariantPlan], ws: Workspace, say: Progress, train_
         return search.results()
     finally:
         search.close()
+
+
+def notes(model) -> tuple[str, ...]:
+    out = []
+    if model.was_training:
+        out.append("the model was handed over in training mode (dropout and batch norm behave as in training); "
+                   "torchship verifies, times and packages it in eval mode, as it should be served")
+    return tuple(out)
 
 
 def _derive(ws: Workspace, key: tuple, data, student):

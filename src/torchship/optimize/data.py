@@ -37,6 +37,23 @@ def read_arrays(data, spec, what: str) -> tuple[dict[str, np.ndarray], np.ndarra
     return arrays, labels
 
 
+def raw_arrays(data) -> dict[str, np.ndarray] | None:
+    """The arrays of a .npz/.safetensors file or dict, unchecked (None where they cannot be read: ``with_data``
+    says why later)."""
+    if data is None:
+        return None
+    try:
+        if isinstance(data, (str, Path)):
+            if Path(data).suffix == ".safetensors":
+                from safetensors.numpy import load_file
+                return load_file(str(data))
+            with np.load(data, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        return {k: np.asarray(v) for k, v in dict(data).items()}
+    except Exception:
+        return None
+
+
 def with_data(model, eval_data, calibration_data, warn: Callable[[str], None]):
     """The model with the user's held-out (``eval_data``) and calibration inputs; data that does not fit is one
     line through ``warn`` and the run goes on without it."""

@@ -40,6 +40,7 @@ class Job(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sys_path: tuple[str, ...]  # as the parent had it: a user's module imports the same way in the worker
     cache: str | None = None  # the build cache's directory for this job's content hash (None: no cache)
     onnx_base: str | None = None  # an ONNX export of the same model to start from (instead of exporting again)
+    extra: str | None = None  # .npz of the inputs beyond the example ("CASE|NAME" keys) to run after the build
 
 
 class Built(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -54,6 +55,8 @@ class Built(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outputs: str | None = None  # .npz of the outputs on the verification inputs
     sparsity: float | None = None
     cached: bool = False
+    extra_outputs: str | None = None  # .npz of the outputs on those inputs ("CASE|NAME")
+    extra_errors: dict[int, str] = {}  # the cases it raised on
 
 
 class TimeBatch(msgspec.Struct, frozen=True, tag=True):

@@ -185,6 +185,7 @@ class Search:
         with np.load(built.outputs, allow_pickle=False) as z:
             outputs = {k: z[k] for k in z.files}
         fidelity = compare(ws.reference, outputs, self.opts.budget, ws.model.task, ws.pool.labels)
+        fidelity = self._beyond_the_example(fidelity, built, vp)
         result = VariantResult(status="ok" if fidelity.passed else "rejected", reason="" if fidelity.passed else fidelity.reason,
                                artifact=built.artifact, fidelity=fidelity, build_s=built.build_s,
                                cold_start_s=built.cold_start_s, artifact_bytes=built.artifact_bytes,
@@ -193,6 +194,25 @@ class Search:
         entry = Entry(vp, result, worker)
         self.entries.append(entry)
         return entry
+
+    def _beyond_the_example(self, fidelity, built: Built, vp: VariantPlan):
+        """The verdict on the other inputs, folded into the fidelity: a variant that diverges there is rejected with
+        the reason, whatever runtime made it (reference rows are only reported)."""
+        from ..optimize.worker import cases
+        from ..verify import beyond_the_example
+        if not self.ws.extra or not built.extra_outputs:
+            return fidelity
+        with np.load(built.extra_outputs, allow_pickle=False) as z:
+            got = cases({k: z[k] for k in z.files})
+        outputs = [None if i in built.extra_errors else got.get(i, {}) for i in range(len(self.ws.extra))]
+        calibrated = vp.options.get("quantize") in ("static_int8", "int8", "int8_transformer") or (vp.derived or ("",))[0] == "qat"
+        checked, worst, reason = beyond_the_example(fidelity.relative_error or 0.0, self.ws.extra, outputs,
+                                                    built.extra_errors, calibrated)
+        diverged = reason is not None and vp.selectable
+        return msgspec.structs.replace(fidelity, checked=checked, extra_error=worst,
+                                       passed=fidelity.passed and not diverged,
+                                       reason=(reason if fidelity.passed else f"{fidelity.reason}; {reason}") if diverged
+                                       else fidelity.reason)
 
     def time(self, entry: Entry, sizes, probe: bool = False) -> None:
         """One block per batch size (the probe: warmed up longer, and kept apart from the rounds)."""

@@ -121,6 +121,15 @@ def _prune(builds: Path, limit: int) -> None:
         total -= sizes[p]
 
 
+def cases(arrays: dict) -> dict[int, dict]:
+    """``{"0|x": a, "1|x": b}`` -> ``{0: {"x": a}, 1: {"x": b}}``."""
+    out: dict[int, dict] = {}
+    for key, value in arrays.items():
+        i, _, name = key.partition("|")
+        out.setdefault(int(i), {})[name] = value
+    return out
+
+
 def _arrays(path: str | None) -> dict | None:
     if not path:
         return None
@@ -177,12 +186,27 @@ class Variant:
         self.runner(next(batches(pool, min(8, job.chunk))))
         cold_start_s = time.perf_counter() - t0
         np.savez(workdir / "outputs.npz", **concat_batches([self.runner(b) for b in batches(pool, job.chunk)]))
+        extra_outputs, extra_errors = self._beyond_the_example(workdir)
         peak = (torch.cuda.max_memory_allocated() / 2**20 if self.device.startswith("cuda")
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return Built("ok", artifact=artifact, build_s=build_s, cold_start_s=cold_start_s,
                      artifact_bytes=sum((workdir / f).stat().st_size for f in artifact.files), peak_memory_mb=peak,
                      peak_memory_kind="cuda allocated" if self.device.startswith("cuda") else "process RSS",
-                     outputs=str(workdir / "outputs.npz"), sparsity=extra.get("sparsity"), cached=cached is not None)
+                     outputs=str(workdir / "outputs.npz"), sparsity=extra.get("sparsity"), cached=cached is not None,
+                     extra_outputs=extra_outputs, extra_errors=extra_errors)
+
+    def _beyond_the_example(self, workdir: Path):
+        """The outputs on the job's other inputs (batch 1, other shapes, scaled values), and the cases that raised."""
+        if not self.job.extra:
+            return None, {}
+        outs, errors = {}, {}
+        for i, feeds in sorted(cases(_arrays(self.job.extra)).items()):
+            try:
+                outs.update({f"{i}|{k}": v for k, v in self.runner(feeds).items()})
+            except Exception as exc:  # a graph fixed to the example's shape: a reason, not a crash
+                errors[i] = first_line(exc, 200)
+        np.savez(workdir / "extra_out.npz", **outs)
+        return str(workdir / "extra_out.npz"), errors
 
     def time(self, request: TimeBatch) -> Samples:
         """``request.runs`` timed calls at one batch size (after ``request.warmup`` untimed ones)."""

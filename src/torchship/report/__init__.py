@@ -91,8 +91,12 @@ def markdown(result) -> str:
                       f"{d.runner_up_interval[1]:,.0f}]; margin {d.margin:.2f}x, "
                       + ("beyond the noise." if d.beyond_noise else "inside the noise: a tie."), ""]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    lines += [f"- **Note**: {n}." for n in result.notes]
+    checked = next((r.fidelity.checked for r in result.variants if r.fidelity and r.fidelity.checked), ())
     lines += [
-        f"- Budget in force: {_budget(result)}. Verified on {result.verification} against eager fp32.",
+        f"- Budget in force: {_budget(result)}. Verified on {result.verification} against eager fp32"
+        + (f", and on inputs beyond them ({', '.join(checked)}), where a variant may be off by at most 3x its own error "
+           "or 2%" if checked else "") + ".",
         "- Timing: interleaved rounds (every contender timed in turn, round after round, so a burst of load hits all "
         "alike); each figure is the median of every timed call, `[lo-hi]` a 90% confidence interval of that median over "
         "its rounds. A variant is faster than another only when their intervals do not overlap.",

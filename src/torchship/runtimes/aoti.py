@@ -6,28 +6,25 @@ import warnings
 import torch
 
 from ..errors import BuildSkipped, first_line
-from ._torch import PRECISIONS, TorchRunner, cast_args, dynamic_shapes, example_args, needs_module, set_threads
+from ._torch import (PRECISIONS, TorchRunner, cast_args, dynamic_shapes, example_args, export_dynamic, needs_module,
+                     set_threads)
 from .base import Artifact, calibration_batches, register
 
 
 def export(model, device="cpu", precision="fp32"):
+    """(program, dimension ranges): ``export_dynamic`` on the model at its device and precision."""
     needs_module(model)
     module = model.module.to(device)
     if precision != "fp32":
         import copy
         module = copy.deepcopy(module).to(PRECISIONS[precision])
-    args = cast_args(example_args(model, 2, device), precision)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(model.spec))
-    except Exception as exc:
-        raise BuildSkipped(f"torch.export failed: {first_line(exc, 240)}") from exc
+        return export_dynamic(module, cast_args(example_args(model, 2, device), precision), model.spec)
     finally:
         model.module.to("cpu")
 
 
-def static_int8(program, model):
+def static_int8(program, model, ranges):
     """PT2E post-training static int8 (torchao, x86 inductor quantizer), calibrated, exported again."""
     from ..transforms.pt2e import quantize_static
     batches = [tuple(torch.from_numpy(b[n]) for n in model.spec.input_names) for b in calibration_batches(model)]
@@ -36,23 +33,23 @@ def static_int8(program, model):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # the converted module takes the inputs flat: one shape spec per input
-            return torch.export.export(converted, example_args(model, 2), dynamic_shapes=dynamic_shapes(model.spec)[0])
+            return torch.export.export(converted, example_args(model, 2), dynamic_shapes=dynamic_shapes(model.spec, ranges)[0])
     except Exception as exc:
         raise BuildSkipped(f"PT2E static int8 failed: {first_line(exc, 240)}") from exc
 
 
 def build(model, options, workdir):
     device, precision = options.get("device", "cpu"), options.get("precision", "fp32")
-    program = export(model, device, precision)
+    program, ranges = export(model, device, precision)
     if options.get("quantize") == "static_int8":
-        program = static_int8(program, model)
+        program = static_int8(program, model, ranges)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch._inductor.aoti_compile_and_package(program, package_path=str(workdir / "model.pt2"))
     except Exception as exc:
         raise BuildSkipped(f"AOTInductor compile failed: {first_line(exc, 240)}") from exc
-    return Artifact("aoti", ("model.pt2",), dict(options))
+    return Artifact("aoti", ("model.pt2",), {**options, **({"dim_ranges": ranges} if ranges else {})})
 
 
 def load(artifact, root, spec, ctx):

@@ -48,7 +48,7 @@ class Runtime:
     needs_torch: bool = True  # loading imports torch (a serving install without torch cannot run it)
 
 
-MODULES = ("eager", "torchscript", "compile", "aoti", "onnxrt")  # in the order the plan lists them
+MODULES = ("eager", "torchscript", "compile", "aoti", "onnxrt", "openvino")  # in the order the plan lists them
 _REGISTRY: dict[str, Runtime] = {}
 
 

@@ -16,26 +16,28 @@ def _ort():
     return onnxruntime
 
 
-def export_onnx(model, path):
+def export_onnx(model, path) -> dict:
+    """The model as ONNX at ``path``; returns the dimension ranges. The dynamo exporter starts from the same
+    torch.export program the other runtimes use (``export_dynamic``); the TorchScript exporter is the fallback."""
     import torch
 
-    from ._torch import dynamic_shapes, example_args
+    from ._torch import example_args, export_dynamic
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     args = example_args(model, 2)
     errors = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model.module, args, str(path), dynamo=True, verbose=False,
-                              dynamic_shapes=dynamic_shapes(model.spec), input_names=model.spec.input_names)
-            return
+            program, ranges = export_dynamic(model.module, args, model.spec)
+            torch.onnx.export(program, args, str(path), dynamo=True, verbose=False, input_names=model.spec.input_names)
+            return ranges
         except Exception as exc:
             errors.append(f"dynamo exporter: {str(exc).strip().splitlines()[0][:200]}")
         axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in model.spec.inputs}
         try:
             torch.onnx.export(model.module, args, str(path), dynamo=False, input_names=model.spec.input_names,
                               output_names=model.spec.output_names, dynamic_axes=axes, opset_version=17)
-            return
+            return {}
         except Exception as exc:
             errors.append(f"TorchScript exporter: {str(exc).strip().splitlines()[0][:200]}")
     raise BuildSkipped("ONNX export failed: " + "; ".join(errors))
@@ -58,9 +60,11 @@ def build(model, options, workdir):
     else:
         raw = workdir / "export" / "model.onnx"
         raw.parent.mkdir()
-        export_onnx(model, raw)
+        ranges = export_onnx(model, raw)
         files = save_onnx(raw, target)
         shutil.rmtree(raw.parent)
+        if ranges:
+            options = {**options, "dim_ranges": ranges}
     if options.get("quantize") == "dynamic_int8":
         files = _quantize(workdir, files, "dynamic", None)
     elif options.get("quantize") == "static_int8":

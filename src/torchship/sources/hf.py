@@ -1,6 +1,14 @@
-"""Hugging Face transformers model directories (extra ``nlp``)."""
+"""Hugging Face transformers model directories (extra ``nlp``), by task.
+
+The class is the one the directory was saved with (``config.architectures``); the inputs follow from what
+transformers itself knows of it (``main_input_name``, the forward's parameters, the tokenizer's input names): token
+ids and masks for text, ``pixel_values`` for vision, ``input_values`` for audio; every tensor the model returns is an
+output under its own name. Nothing in the directory is run as code (no ``trust_remote_code``).
+"""
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
@@ -8,11 +16,39 @@ from typing import Mapping
 import numpy as np
 
 from ..arch import Architecture
-from ..modules import MeanPooled, transformers
 from ..errors import SourceError
-from ..spec import IOSpec
+from ..modules import MeanPooled, hf_class, transformers
+from ..spec import IOSpec, TensorSpec
 
-SPEC = IOSpec.parse(["input_ids:int64[batch,seq]", "attention_mask:int64[batch,seq]"])
+SPEC = IOSpec.parse(["input_ids:int64[batch,seq]", "attention_mask:int64[batch,seq]"])  # mean-pooled sentence encoders
+log = logging.getLogger("torchship")
+MODULE_ATTR_HINT = ("pass the model as package.module:attr (a factory that loads it and returns an nn.Module) with "
+                    "--input NAME:DTYPE[DIMS] for what it takes")
+
+
+def _inputs(model, config, tokenizer) -> tuple[list[TensorSpec], dict[str, int]]:
+    """The model's inputs as specs, with the sizes of their dynamic dimensions for timing."""
+    main = getattr(model, "main_input_name", "input_ids")
+    accepts = set(inspect.signature(model.forward).parameters)
+    if main == "input_ids":
+        vocab = getattr(config, "vocab_size", None)
+        specs = [TensorSpec("input_ids", "int64", ("batch", "seq"), (0, vocab) if vocab else None)]
+        names = set(getattr(tokenizer, "model_input_names", None) or ("input_ids", "attention_mask"))
+        if "attention_mask" in accepts and "attention_mask" in names:
+            specs.append(TensorSpec("attention_mask", "int64", ("batch", "seq"), (0, 2)))
+        types = getattr(config, "type_vocab_size", None)
+        if "token_type_ids" in accepts and "token_type_ids" in names and types:
+            specs.append(TensorSpec("token_type_ids", "int64", ("batch", "seq"), (0, types)))
+        longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 128
+        return specs, {"seq": min(128, int(longest))}
+    if main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        return [TensorSpec("pixel_values", "float32", ("batch", int(getattr(config, "num_channels", 3)), int(h), int(w)))], {}
+    if main == "input_values":
+        return [TensorSpec("input_values", "float32", ("batch", "samples"))], {"samples": 16000}
+    raise SourceError(f"{type(model).__name__} takes {main!r}: a task torchship does not handle from a directory; "
+                      + MODULE_ATTR_HINT)
 
 
 def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = None, name: str | None = None,
@@ -22,21 +58,42 @@ def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = No
     if not (path / "config.json").exists():
         raise SourceError(f"{path} is a directory without config.json: not a Hugging Face model directory")
     try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
-        encoder = tf.AutoModel.from_pretrained(str(path)).eval()
+        config = tf.AutoConfig.from_pretrained(str(path))
     except Exception as exc:
-        raise SourceError(f"cannot load the transformers model in {path}: {str(exc).splitlines()[0]}") from exc
-    dims = {"seq": int(dims.get("seq", 128))}
+        raise SourceError(f"cannot read the config in {path}: {str(exc).splitlines()[0]}") from exc
+    saved = (config.architectures or [None])[0]
+    cls = hf_class(saved) if saved else None
+    if cls is None:  # no architecture recorded: the base model of its type
+        cls = type(tf.AutoModel.from_config(config))
+    if config.is_encoder_decoder and not cls.__name__.endswith("EncoderModel"):
+        raise SourceError(f"{cls.__name__} in {path} is an encoder-decoder; torchship optimizes one forward pass: save its "
+                          f"encoder alone (for T5, T5EncoderModel), or {MODULE_ATTR_HINT}")
+    try:
+        model = cls.from_pretrained(str(path)).eval()
+    except Exception as exc:
+        raise SourceError(f"cannot load {cls.__name__} from {path}: {str(exc).splitlines()[0]}") from exc
+    tokenizer = None
+    if getattr(model, "main_input_name", "input_ids") == "input_ids":
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
+        except Exception:  # a model saved without its tokenizer: the ids are the user's to give
+            tokenizer = None
     if pooling == "mean":
-        module, keys, outputs, task = MeanPooled(encoder), None, ["embedding"], "embed"
+        module, inputs, sizes, kwargs = MeanPooled(model), list(SPEC.inputs), {"seq": 128}, None
+        task, outputs, by_keyword = "embed", ["embedding"], False
     else:
-        module, keys, outputs, task = encoder, ["last_hidden_state"], ["last_hidden_state"], "other"
-    model = finish(name or path.name, module, SPEC, dims, task=task, outputs=outputs, by_keyword=pooling != "mean")
-    if keys:
-        model.module.keys = keys
-    arch = Architecture("hf", tuple(SPEC.input_names), type(encoder).__name__, keys=tuple(keys) if keys else None,
-                        by_keyword=pooling != "mean", config=encoder.config.to_dict(), pooling=pooling)
-    return replace(model, arch=arch, tokenizer=tokenizer,
+        specs, sizes = _inputs(model, config, tokenizer)
+        inputs, module, task, outputs, by_keyword = specs, model, None, None, True
+        params = inspect.signature(model.forward).parameters
+        kwargs = {"return_dict": True, **({"use_cache": False} if "use_cache" in params else {})}
+    dims = {k: int(dims.get(k, v)) for k, v in sizes.items()}
+    m = finish(name or path.name, module, IOSpec(tuple(inputs)), dims, task=task, outputs=outputs, by_keyword=by_keyword,
+               kwargs=kwargs)
+    keys = tuple(m.module.keys) if m.module.keys else None
+    arch = Architecture("hf", tuple(m.spec.input_names), type(model).__name__, keys=keys, by_keyword=by_keyword,
+                        config=model.config.to_dict(), pooling=pooling, kwargs=kwargs)
+    log.info("loaded %s (%s) from %s: %s", type(model).__name__, m.task, path, m.spec)
+    return replace(m, arch=arch, tokenizer=tokenizer,
                    eval_data=tokenize(tokenizer, sentences, dims["seq"]) if sentences else None)
 
 

@@ -1,7 +1,7 @@
 """The record every source becomes: a normalized module, its IOSpec, and what verification can use."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..arch import Architecture
-from ..errors import SourceError
+from ..errors import SourceError, SpecError
 from ..modules import Normalized, load_weights, output_keys, to_torch
 from ..spec import BATCH, IOSpec, TensorSpec
 
@@ -43,9 +43,23 @@ def keys_of(module: Normalized) -> tuple[str, ...] | None:
     return tuple(module.keys) if module.keys else None
 
 
+def _example(spec: IOSpec, dims: Mapping[str, int], example, int_high: int) -> dict[str, np.ndarray]:
+    """Two items to run the model on: the user's data where it fits the spec, else generated within the ranges."""
+    if example:
+        try:
+            feeds = {n: np.ascontiguousarray(np.asarray(example[n])[:2]) for n in spec.input_names}
+            spec.check(feeds)
+            return feeds
+        except (KeyError, IndexError, ValueError, SpecError):  # data that does not fit: generated inputs instead
+            pass
+    return spec.sample(2, dims, int_high=int_high)
+
+
 def finish(name: str, module: nn.Module, spec: IOSpec, dims: Mapping[str, int], *, task: str | None = None,
-           outputs: list[str] | None = None, weights: str | None = None, by_keyword: bool = False, **kw) -> Model:
-    """Normalize ``module``, check it runs on the spec, infer its outputs and task."""
+           outputs: list[str] | None = None, weights: str | None = None, by_keyword: bool = False,
+           kwargs: Mapping | None = None, example: Mapping[str, np.ndarray] | None = None, **kw) -> Model:
+    """Normalize ``module``, check it runs on the spec, infer its outputs, integer ranges and task. ``kwargs``: fixed
+    keyword arguments of every call (``use_cache=False``); ``example``: the user's data for the example run."""
     if weights:
         try:
             module.load_state_dict(load_weights(weights))
@@ -55,16 +69,30 @@ def finish(name: str, module: nn.Module, spec: IOSpec, dims: Mapping[str, int], 
     module = module.eval()
     dims = {s: int(dims.get(s, 16)) for s in spec.symbols}
     from ..hooks import watch
-    args = to_torch(spec.sample(2, dims), spec.input_names)
-    with watch(module) as w:
-        try:
-            with torch.inference_mode():
-                raw = module(**dict(zip(spec.input_names, args))) if by_keyword else module(*args)
-        except Exception as exc:
-            where = f"in module {w.current!r}: " if w.current else ""
-            raise SourceError(f"{name} fails on an example input {' '.join(map(str, spec.inputs))}: {where}"
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    norm = Normalized(module, spec.input_names, output_keys(raw), by_keyword).eval()
+    rows = [m.num_embeddings for m in module.modules() if isinstance(m, nn.Embedding)]
+    args = to_torch(_example(spec, dims, example, min(rows + [100])), spec.input_names)  # ids valid for every table
+    looked_up: dict[int, int] = {}  # id of the tensor an embedding was given -> its rows
+
+    def lookup(m, inputs):
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            looked_up[id(inputs[0])] = min(looked_up.get(id(inputs[0]), m.num_embeddings), m.num_embeddings)
+    hooks = [m.register_forward_pre_hook(lookup) for m in module.modules() if isinstance(m, nn.Embedding)]
+    try:
+        with watch(module) as w:
+            try:
+                with torch.inference_mode():
+                    extra = dict(kwargs or {})
+                    raw = module(**dict(zip(spec.input_names, args)), **extra) if by_keyword else module(*args, **extra)
+            except Exception as exc:
+                where = f"in module {w.current!r}: " if w.current else ""
+                raise SourceError(f"{name} fails on an example input {' '.join(map(str, spec.inputs))}: {where}"
+                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    spec = IOSpec(tuple(replace(t, range=(0, looked_up[id(a)])) if t.range is None and id(a) in looked_up else t
+                        for t, a in zip(spec.inputs, args)), spec.outputs)
+    norm = Normalized(module, spec.input_names, output_keys(raw), by_keyword, kwargs).eval()
     out_specs = infer_outputs(norm, spec, dims, outputs or norm.keys)
     spec = IOSpec(spec.inputs, out_specs)
     if task is None:
@@ -81,8 +109,12 @@ def guess_task(outputs) -> str:
 
 def infer_outputs(module: nn.Module, spec: IOSpec, dims: Mapping[str, int],
                   names: Sequence[str] | None = None) -> tuple[TensorSpec, ...]:
-    """Run the module at two sizes and name each output axis (batch, a symbol, or an int)."""
-    sizes = [(2, {s: dims.get(s, 8) for s in spec.symbols}), (3, {s: dims.get(s, 8) + 1 for s in spec.symbols})]
+    """Run the module at two sizes and name each output axis (batch, a symbol, an int, or a symbol of its own where its
+    length follows an input's some other way: audio frames from samples; outputs whose axes follow alike share it).
+    The sizes lie far enough apart that a strided length changes too."""
+    def other(d: int) -> int:  # below the size given (the model may allow no more), far enough for a strided length
+        return d - max(1, d // 3) if d > 3 else d + 1
+    sizes = [(2, {s: dims.get(s, 8) for s in spec.symbols}), (3, {s: other(dims.get(s, 8)) for s in spec.symbols})]
     shapes = []
     with torch.inference_mode():
         for batch, d in sizes:
@@ -92,7 +124,7 @@ def infer_outputs(module: nn.Module, spec: IOSpec, dims: Mapping[str, int],
     names = list(names) if names else (["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))])
     if len(names) != len(outs):
         raise SourceError(f"model returns {len(outs)} outputs, but {len(names)} output names were given")
-    specs = []
+    specs, derived = [], {}  # (length at the two sizes) -> the symbol of an axis that follows an input's some other way
     for name, dt, s0, s1 in zip(names, dtypes, *shapes):
         axes = []
         for i, (a, b) in enumerate(zip(s0, s1)):
@@ -102,7 +134,7 @@ def infer_outputs(module: nn.Module, spec: IOSpec, dims: Mapping[str, int],
                 axes.append(BATCH)
             else:
                 match = [s for s in spec.symbols if (sizes[0][1][s], sizes[1][1][s]) == (a, b)]
-                axes.append(match[0] if match else f"{name}_dim{i}")
+                axes.append(match[0] if match else derived.setdefault((a, b), f"{name}_dim{i}"))
         specs.append(TensorSpec(name, dt if dt in ("float32", "float16", "float64", "int64", "int32", "bool") else "float32",
                                 tuple(axes)))
     return tuple(specs)

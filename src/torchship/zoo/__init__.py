@@ -18,7 +18,8 @@ def cache_dir() -> Path:
 
 
 def unknown(name: str) -> SourceError:
-    return SourceError(f"zoo:{name} is not a built-in model; choose one of: {', '.join('zoo:' + n for n in NAMES)}")
+    return SourceError(f"zoo:{name} is not a built-in model; choose one of: {', '.join('zoo:' + n for n in NAMES)} "
+                       f"(a module of your own named zoo: module:zoo:{name})")
 
 
 def architecture(name: str) -> nn.Module:
