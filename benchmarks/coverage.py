@@ -8,7 +8,7 @@ runtime: verified (and its relative error on the fresh inputs), rejected or skip
 when all runtimes compete. Goals: every verified variant within 2% of eager on the fresh inputs; every listed
 Hugging Face task optimizes from its directory.
 
-    python benchmarks/coverage.py [--runtimes eager,torchscript,aoti,onnxrt]
+    python benchmarks/coverage.py [--runtimes eager,torchscript,aoti,onnxrt,openvino]
 """
 from __future__ import annotations
 
@@ -70,12 +70,12 @@ def fresh_error(source: str, bundle: Path) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runtimes", default="eager,torchscript,aoti,onnxrt")
+    p.add_argument("--runtimes", default="eager,torchscript,aoti,onnxrt,openvino")
     args = p.parse_args()
     runtimes = args.runtimes.split(",")
     work = Path(tempfile.mkdtemp(prefix="torchship-coverage-"))
     sources = {**hf_dirs(work / "hf"), **MODULES}
-    bad, hf_fails = 0, []
+    bad, hf_fails = 0, 0
     print(f"{'model':<13}" + "".join(f"{r:<26}" for r in runtimes) + "chosen")
     for name, source in sources.items():
         (work / name).mkdir()

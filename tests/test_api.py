@@ -16,5 +16,5 @@ def test_unknown_runtime_names_the_registered_ones():
     import pytest
 
     from torchship.runtimes import get
-    with pytest.raises(torchship.UsageError, match="aoti, compile, eager, onnxrt, torchscript"):
+    with pytest.raises(torchship.UsageError, match="aoti, compile, eager, onnxrt, openvino, torchscript"):
         get("tensorrt")

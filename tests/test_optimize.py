@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_every_runtime_builds_verifies_and_times(digits_run):
     by_name = {v.name: v for v in digits_run.variants}
-    assert set(by_name) == {"eager-naive", "eager", "torchscript", "compile", "aoti", "onnxrt"}
+    assert set(by_name) == {"eager-naive", "eager", "torchscript", "compile", "aoti", "onnxrt", "openvino"}
     for name in ("eager", "torchscript", "compile", "aoti", "onnxrt"):
         v = by_name[name]
         assert v.status == "ok", (name, v.reason)
@@ -48,7 +48,7 @@ def test_the_choice_is_the_decision_on_its_own_figures_and_the_report_explains_i
     text = "\n".join(md)
     assert "Budget in force: cosine >= 0.999, top1 >= 0.99" in text and "Timing: interleaved rounds" in text
     assert ("the machine was quiet" in text.lower()) != ("the machine was busy" in text.lower())
-    assert "Search: 6 variants planned" in text
+    assert "Search: 7 variants planned" in text
 
 
 def test_bundle_loads_and_answers_like_the_model(digits_run):

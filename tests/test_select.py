@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from torchship.measure import Estimate, Noise, estimate, order_statistics, verdict
 from torchship.profile import Stats, stats
@@ -168,6 +169,6 @@ def test_a_compressed_child_of_a_runtime_far_behind_is_not_built_unless_exhausti
 
 def test_compile_with_a_transform_that_failed_on_eager_is_not_tried():
     from torchship.plan import plan
-    model = SimpleNamespace(module=object(), spec=SimpleNamespace(symbols=[]))
+    model = SimpleNamespace(module=torch.nn.Linear(2, 2), spec=SimpleNamespace(symbols=[]), arch=None)
     by = {v.name: v for v in plan(model, "cpu", None, None, ("int8",))}
     assert by["compile+ao-int8"].sibling == "eager+ao-int8" and by["compile+ao-int8wo"].sibling is None

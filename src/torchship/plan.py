@@ -61,7 +61,7 @@ def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads:
         out += trained(wanted, base, transforms)
     if "bf16" in transforms and device == "cpu" and model.module is not None:
         from .machine import NO_BF16, native_bf16
-        for r in ("eager", "aoti"):
+        for r in ("eager", "compile", "aoti"):
             if r in wanted:  # where the CPU lacks bf16, the build skips with the reason
                 out.append(VariantPlan(f"{r}-bf16", r, {**base, "precision": "bf16", **({} if native_bf16() else {"skip": NO_BF16})},
                                        note="bf16 weights and activations (native on this CPU)"))

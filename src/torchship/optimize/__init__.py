@@ -440,7 +440,11 @@ def choose(model, results: list[VariantResult], pool: Pool, opts: OptimizeOption
         message = f"chose {chosen.name} at batch size {decision.batch}"
         if decision.tied:
             message += f" (tied within the noise with {', '.join(decision.tied)}; the simpler one)"
-    return OptimizeResult(model.name, tuple(results), chosen, decision.batch if decision else None, info(opts.threads),
+    machine = info(opts.threads)
+    if any(r.runtime == "openvino" and r.status != "skipped" for r in results):
+        from ..runtimes.openvino import capabilities
+        machine["openvino_capabilities"] = list(capabilities())  # what its CPU plugin runs natively here
+    return OptimizeResult(model.name, tuple(results), chosen, decision.batch if decision else None, machine,
                           message, opts, pool.note, model.spec, model.task, dict(model.dims),
                           labelled=pool.labels is not None, decision=decision, noise=noise, wall_s=wall_s)
 

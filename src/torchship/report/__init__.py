@@ -109,7 +109,9 @@ def markdown(result) -> str:
         f"- Inputs and outputs: `{result.spec}`; batch sizes {list(opts.batch_sizes)}, the choice at {target}"
         + (f" with p99 under {opts.latency_slo_ms:g} ms" if opts.latency_slo_ms else "") + ".",
         f"- Device {opts.device}; CPU {m['cpu']} ({m['cores']} cores, ISA: {', '.join(m['isa']) or 'none detected'}); "
-        f"intra-op threads {m['threads']}; {versions}.", "",
+        f"intra-op threads {m['threads']}; {versions}"
+        + (f"; OpenVINO's CPU plugin runs natively: {', '.join(m['openvino_capabilities'])}" if m.get("openvino_capabilities") else "")
+        + ".", "",
         f"## Variants at batch size {target}", "",
     ]
     table = rows(result, target)

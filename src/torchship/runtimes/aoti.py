@@ -46,7 +46,10 @@ def build(model, options, workdir):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch._inductor.aoti_compile_and_package(program, package_path=str(workdir / "model.pt2"))
+            # freezing: weights become constants inductor folds and prepacks for the CPU's matrix units (digits-cnn bf16:
+            # 1.12 against 1.56 ms a batch of 32, and a faster compile)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(workdir / "model.pt2"),
+                                                     inductor_configs={"freezing": True})
     except Exception as exc:
         raise BuildSkipped(f"AOTInductor compile failed: {first_line(exc, 240)}") from exc
     return Artifact("aoti", ("model.pt2",), {**options, **({"dim_ranges": ranges} if ranges else {})})
