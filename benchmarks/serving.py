@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -108,6 +108,7 @@ class Run:
     ok_ms: np.ndarray  # latency of each 200, from its arrival
     not_sent: int
     avg_batch: float | None
+    refused_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))  # latency of each answer that is not a 200
 
     @property
     def throughput(self) -> float:
@@ -181,7 +182,7 @@ class Load:
         statuses.update({0: int(tail["failed"])} if int(tail["failed"]) else {})
         batch = (after[0] - before[0]) / (after[1] - before[1]) if before and after and after[1] > before[1] else None
         return Run(seconds, statuses, np.array([int(us) / 1e3 for status, us in rows if status == "200"]),
-                   int(tail["not_sent"]), batch)
+                   int(tail["not_sent"]), batch, np.array([int(us) / 1e3 for status, us in rows if status != "200"]))
 
 
 def main() -> None:

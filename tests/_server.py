@@ -22,19 +22,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_models_importable() -> dict:
+def models_importable() -> dict:
     """serve never imports from its working directory: the bundles of tests.models find it on PYTHONPATH."""
     return {"PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 class Running:
-    def __init__(self, args, log):
+    def __init__(self, args, log, env: dict | None = None):
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "torchship.cli", "serve", *map(str, args), "--port", str(self.port)],
                                      cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **test_models_importable()})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **models_importable(), **(env or {})})
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -73,8 +73,8 @@ class Running:
 def server(tmp_path):
     started = []
 
-    def start(*args):
-        s = Running(args, tmp_path / f"server{len(started)}.log")
+    def start(*args, env=None):
+        s = Running(args, tmp_path / f"server{len(started)}.log", env)
         started.append(s)
         return s
     yield start

@@ -220,3 +220,15 @@ class Lstm(nn.Module):
     def forward(self, x):
         out, _ = self.lstm(x)
         return self.head(out[:, -1])
+
+
+class Hang(Slow):
+    """Slow, and never answers (sleeps ``hang`` seconds) when the first value is 12345: a model that hangs."""
+
+    hang = 120.0
+
+    def forward(self, x):
+        import time
+        if float(x.reshape(-1)[0]) == 12345.0:
+            time.sleep(self.hang)
+        return super().forward(x)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -194,6 +195,20 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="where t
     console.print(f"report: [bold]{escape(str(result.report))}[/] (and latency.png beside it); demo took {time.perf_counter() - started:.0f}s")
 
 
+def _admin_token(path: Optional[Path]) -> Optional[str]:
+    """The admin API's token: from a file, else from TORCHSHIP_ADMIN_TOKEN; at least 16 characters."""
+    if path is not None:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --admin-token-file {path}: {exc.strerror}") from None
+    else:
+        token = os.environ.get("TORCHSHIP_ADMIN_TOKEN", "").strip()
+    if token and len(token) < 16:
+        raise UsageError("the admin token must be at least 16 characters (e.g. `openssl rand -hex 16`)")
+    return token or None
+
+
 @app.command()
 def serve(
     bundles: List[Path] = typer.Argument(..., help="bundle directories, or model repositories laid out as REPO/NAME/VERSION/"),
@@ -210,9 +225,13 @@ def serve(
     inline_under_ms: float = typer.Option(1.0, help="run batches predicted to take less on the event loop's thread "
                                           "(no hand-off to a thread); 0: always on a thread"),
     max_body_mb: float = typer.Option(64, help="largest request body (413 beyond)"),
+    max_json_mb: float = typer.Option(16, help="largest JSON in a request: a JSON body, or the JSON header before "
+                                      "binary tensors (413 beyond; binary tensors parse far faster)"),
     drain_timeout: float = typer.Option(30, help="seconds to finish queued requests after SIGTERM"),
     repository: Optional[Path] = typer.Option(None, help="model repository for the load/unload API"),
-    admin_token: Optional[str] = typer.Option(None, envvar="TORCHSHIP_ADMIN_TOKEN", help="token for the load/unload API"),
+    admin_token_file: Optional[Path] = typer.Option(None, "--admin-token-file", help="file holding the token of the "
+                                                    "load/unload API (or set TORCHSHIP_ADMIN_TOKEN; never on the command "
+                                                    "line, where ps shows it)"),
     trust_code: bool = typer.Option(False, "--trust-code", help="allow bundles whose loading runs code: Python imported "
                                     "from outside torchship (eager and compile bundles of a package.module:attr source) "
                                     "or native code (AOTInductor)"),
@@ -234,8 +253,11 @@ def serve(
     batch = BatchConfig(max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
                         slo_s=slo_ms / 1e3 if slo_ms else None, inline_s=inline_under_ms / 1e3,
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
-    config = ServeConfig(batch=batch, max_batch_size=max_batch_size, max_body_bytes=int(max_body_mb * 2**20), threads=threads,
-                         workers=workers, repository=repository, admin_token=admin_token, trust_code=trust_code,
+    if max_body_mb <= 0 or max_json_mb <= 0:
+        raise UsageError("--max-body-mb and --max-json-mb must be positive")
+    config = ServeConfig(batch=batch, max_batch_size=max_batch_size, max_body_bytes=int(max_body_mb * 2**20),
+                         max_json_bytes=int(min(max_json_mb, max_body_mb) * 2**20), threads=threads, workers=workers,
+                         repository=repository, admin_token=_admin_token(admin_token_file), trust_code=trust_code,
                          verify_key=verify_key)
     if ray:
         from .bundle import verify

@@ -14,7 +14,8 @@ TorchshipError                 base (CLI exit code 1)
  ├── OutputError               an output directory that cannot be written
  └── ServeError                a request the server refuses; ``status`` is its HTTP status, ``reason`` its metric label
       ├── BadRequest           400: the request does not fit the protocol or the model
-      │    └── Disconnected    the client went away before its request was read
+      │    ├── Disconnected    the client went away before its request was read
+      │    └── LengthRequired  411: an infer request without Content-Length
       ├── NotFound             404: no such model or version
       ├── TooLarge             413: the body is over the limit
       ├── Unavailable          503 with Retry-After: come back later
@@ -22,8 +23,9 @@ TorchshipError                 base (CLI exit code 1)
       │    │    └── WouldMissSLO  SLO mode: the work ahead would make this request miss the SLO
       │    ├── Busy            the server holds its limit of requests in flight
       │    └── ShuttingDown    the server is draining, or the model was unloaded
-      ├── DeadlineExceeded     504: the deadline passed before the request ran
-      └── WorkerDied           500: the worker process running the batch died
+      ├── DeadlineExceeded     504: the deadline passed before the request ran, or the model never answered
+      └── ModelFailed          500: the model itself failed on the batch
+           └── WorkerDied      the worker process running the batch died
 
 Errors from torch, ONNX, OpenVINO or the filesystem are translated at the boundary with ``raise ... from exc``;
 ``first_line`` gives the one line of a foreign exception.
@@ -111,6 +113,10 @@ class NotFound(ServeError):
     status, reason = 404, "not_found"
 
 
+class LengthRequired(BadRequest):
+    status, reason = 411, "length_required"
+
+
 class TooLarge(ServeError):
     status, reason = 413, "too_large"
 
@@ -140,5 +146,9 @@ class DeadlineExceeded(ServeError):
     status, reason = 504, "deadline"
 
 
-class WorkerDied(ServeError):
-    status, reason = 500, "worker_died"
+class ModelFailed(ServeError):
+    status, reason = 500, "model_error"
+
+
+class WorkerDied(ModelFailed):
+    reason = "worker_died"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._server import test_models_importable
+from tests._server import models_importable
 
 from torchship import MissingExtra, ServeConfig, UsageError
 
@@ -49,7 +49,7 @@ def _serve(netns, log, *args):
     return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "torchship.cli", "serve", *map(str, args)],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                                 **test_models_importable()})
+                                 **models_importable()})
 
 
 def test_ray_replicas_answer_like_the_local_server(netns, digits_bundle, slow_bundle, tmp_path):
@@ -69,8 +69,8 @@ def test_ray_replicas_answer_like_the_local_server(netns, digits_bundle, slow_bu
         for side in (a, b):  # both bounded: some served, the rest 503 with the same message and Retry-After
             codes = [r[0] for r in side["flood"]]
             assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, side["flood"]
-        full = {(r[1], r[2]) for r in a["flood"] + b["flood"] if r[0] == 503}
-        assert len(full) == 1 and next(iter(full))[1] is not None
+        full = {(r[1].split(":")[0], r[2]) for r in a["flood"] + b["flood"] if r[0] == 503}  # the counts vary
+        assert full == {("queue full", "1")}, full
         ray.send_signal(signal.SIGTERM)  # drains and stops Ray Serve and the cluster it started
         assert ray.wait(120) == 0, (tmp_path / "ray.log").read_text()[-3000:]
     finally:

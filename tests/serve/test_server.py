@@ -58,7 +58,7 @@ def _body(**inp):
     ("/v2/models/digits-cnn/infer", _body(datatype="INT64", data=[0] * 784), 400, "datatype INT64"),
     ("/v2/models/digits-cnn/infer", _body(shape=[1, 1, 28, 27], data=[0.0] * 756), 400, "dimension 3 must be 28"),
     ("/v2/models/digits-cnn/infer", _body(data=[0.0] * 10), 400, "10 values do not fill"),
-    ("/v2/models/digits-cnn/infer", _body(data=[float("nan")] * 784), 400, "NaN or infinite"),
+    ("/v2/models/digits-cnn/infer", _body(data=[float("nan")] * 784), 400, "NaN and Infinity are not JSON"),
     ("/v2/models/digits-cnn/infer", "{broken", 400, "not valid JSON"),
     ("/v2/models/digits-cnn/infer", "x" * 300_000, 413, "over the"),
 ])
@@ -114,32 +114,34 @@ def test_full_queue_gets_503_quickly_with_retry_after(server, slow_bundle):
     assert s.metric("torchship_rejected_total") == codes.count(503)
 
 
-def test_past_the_in_flight_limit_503_before_the_body_is_read(server, digits_bundle):
-    s = server(digits_bundle, "--max-queue", "1")  # in-flight limit: the queue + 64 = 65 requests
+def test_past_the_queue_503_before_the_body_is_read(server, digits_bundle):
+    """Requests admitted to the queue hold their place while their bodies are read: one past --max-queue is refused
+    on its headers alone, and every admitted one is answered."""
+    s = server(digits_bundle, "--max-queue", "4")
     host, port = s.url.split(":")
     body = _body().encode()
     head = b"POST /v2/models/digits-cnn/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-    held = [socket.create_connection((host, int(port)), timeout=20) for _ in range(65)]
+    held = [socket.create_connection((host, int(port)), timeout=20) for _ in range(4)]
     try:
-        for sock in held:  # headers only: each request is in flight while its body is awaited
+        for sock in held:  # headers only: each request is admitted while its body is awaited
             sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body))
         for _ in range(50):
             r = s.http("POST", "/v2/models/digits-cnn/infer", content=body)
             if r.status_code == 503:
                 break
             time.sleep(0.1)
-        assert r.status_code == 503 and "65 requests in flight (limit 65)" in r.json()["error"]
+        assert r.status_code == 503 and "queue full: 0 queued and 4 being read (--max-queue 4)" in r.json()["error"]
         assert r.headers["retry-after"] == "1"
         statuses = []
-        for sock in held:  # the held requests are answered: their result, or a queue-full 503 (the queue holds one)
+        for sock in held:
             sock.sendall(body)
             statuses.append(int(sock.recv(65536).split()[1]))
-        assert set(statuses) <= {200, 503} and statuses.count(200) >= 60, statuses
+        assert statuses == [200] * 4
     finally:
         for sock in held:
             sock.close()
     assert s.http("POST", "/v2/models/digits-cnn/infer", content=body).status_code == 200
-    assert s.metric('torchship_rejected_total{model="digits-cnn",reason="in_flight",version="1"}') >= 1
+    assert s.metric('torchship_rejected_total{model="digits-cnn",reason="queue_full",version="1"}') >= 1
 
 
 def test_deadline_passed_in_queue_gets_504(server, slow_bundle):
@@ -156,9 +158,6 @@ def test_sigterm_during_load_loses_no_accepted_request(server, slow_bundle):
     threads = _hammer(s, 6, 4.0, results)
     time.sleep(1.0)
     s.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    ready = s.http("GET", "/v2/health/ready")  # still serving while the load lasts, but no longer ready
-    assert ready.status_code == 503 and ready.headers["connection"] == "close"
     for t in threads:
         t.join(30)
     assert s.proc.wait(30) == 0
@@ -167,9 +166,11 @@ def test_sigterm_during_load_loses_no_accepted_request(server, slow_bundle):
 
 
 def test_reload_during_load_fails_nothing(server, repository):
-    s = server(repository, "--repository", repository, "--admin-token", "s3cret")
-    assert s.http("POST", "/v2/repository/models/digits-cnn/load").status_code == 403
-    assert s.http("POST", "/v2/repository/models/digits-cnn/load", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    token = "s3cret-token-of-sixteen"
+    s = server(repository, "--repository", repository, env={"TORCHSHIP_ADMIN_TOKEN": token})
+    for given in (None, "Bearer wrong", token, f"Basic {token}"):  # only 'Bearer TOKEN' is the token
+        r = s.http("POST", "/v2/repository/models/digits-cnn/load", headers={"Authorization": given} if given else {})
+        assert r.status_code == 403 and "Authorization: Bearer TOKEN" in r.json()["error"]
     results = []
     body = {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
     stop = time.monotonic() + 3.0
@@ -185,12 +186,12 @@ def test_reload_during_load_fails_nothing(server, repository):
         t.start()
     for _ in range(2):
         time.sleep(0.5)
-        r = s.http("POST", "/v2/repository/models/digits-cnn/load", headers={"Authorization": "Bearer s3cret"})
+        r = s.http("POST", "/v2/repository/models/digits-cnn/load", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200, r.text
     for t in threads:
         t.join(30)
     assert len(results) > 50 and set(results) == {200}
-    r = s.http("POST", "/v2/repository/models/digits-cnn/unload", headers={"Authorization": "Bearer s3cret"})
+    r = s.http("POST", "/v2/repository/models/digits-cnn/unload", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200 and s.http("POST", "/v2/models/digits-cnn/infer", content=json.dumps(body)).status_code == 404
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import re
 import shutil
 import tempfile
@@ -17,6 +16,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import orjson
+
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
@@ -24,12 +25,12 @@ from starlette.routing import Route
 
 from .. import bundle
 from ..bundle import Bundle
-from ..errors import (BadRequest, Busy, Disconnected, NotFound, ServeError, ShuttingDown, SpecError, TooLarge,
-                      TorchshipError)
+from ..errors import (Busy, Disconnected, LengthRequired, ModelFailed, NotFound, QueueFull, ServeError, ShuttingDown,
+                      TooLarge, TorchshipError, Unavailable)
 from .batcher import BatchConfig
 from .metrics import Metrics
-from .protocol import HEADER, decode_inputs, encode_outputs, metadata, split_body
-from .registry import Entry, discover, latest, load_entry, nonfinite
+from .protocol import HEADER, decode_request, encode_outputs, metadata, timeout_s
+from .registry import Entry, discover, latest, load_entry
 
 VERSION = "0.1.0"
 
@@ -39,6 +40,7 @@ class ServeConfig:
     batch: BatchConfig = BatchConfig()
     max_batch_size: int | None = None  # default: the bundle's chosen batch size
     max_body_bytes: int = 64 * 2**20
+    max_json_bytes: int = 16 * 2**20  # JSON (the whole body, or the JSON header before binary tensors)
     threads: int | None = None  # intra-op threads per worker (default: cores / workers)
     workers: int = 1
     repository: Path | None = None
@@ -78,6 +80,7 @@ class Server:
         self.snapshots = Path(tempfile.mkdtemp(prefix="torchship-serve-"))
         self.models: dict[str, dict[str, Entry]] = {}
         self.metrics = Metrics()
+        self.unknown = self.metrics.model("", "")  # refusals of requests for no model served
         self.ready = False
         self.draining = False
         self.last_request = 0.0  # time.monotonic() of the latest infer request
@@ -87,7 +90,6 @@ class Server:
         self.max_in_flight = b.max_queue_requests + 64
         if b.slo_s is not None:  # SLO mode: a few batches' worth
             self.max_in_flight = min(self.max_in_flight, 4 * (config.max_batch_size or b.max_batch_size) + 64)
-        self.in_flight = 0
         self._swap = asyncio.Lock()
 
     def batch_config(self, manifest) -> BatchConfig:
@@ -112,8 +114,14 @@ class Server:
             await old.stop()
         return entry
 
-    async def remove(self, name: str) -> None:
-        versions = self.models.pop(name, {})
+    async def remove(self, name: str, version: str | None = None) -> None:
+        """Unload a model (every version, or one): new requests stop finding it at once; queued ones still run."""
+        if version is None:
+            versions = self.models.pop(name, {})
+        else:
+            versions = {version: self.models.get(name, {}).pop(version)}
+            if not self.models.get(name):
+                self.models.pop(name, None)
         for e in versions.values():
             e.ready = False
         await asyncio.gather(*(e.stop() for e in versions.values()))
@@ -126,6 +134,32 @@ class Server:
 
     def idle(self) -> bool:
         return all(e.batcher.idle for v in self.models.values() for e in v.values())
+
+    def unanswered(self) -> int:
+        """Infer requests admitted and not yet answered by a model: being read, queued or running (one whose outputs
+        are ready no longer counts, though the event loop has yet to send them)."""
+        return sum(e.admitted + e.batcher.depth + e.batcher.in_flight for v in self.models.values() for e in v.values())
+
+    def admit(self, e: Entry) -> None:
+        """Shed before the body is read: a full queue (queued, or admitted and being read) or a model that cannot run
+        is a 503 in a few microseconds, whatever the number of connections."""
+        why = e.why
+        if why is not None:
+            raise Unavailable(f"model {e.name!r} version {e.version} cannot serve now: {why}")
+        n = self.unanswered()
+        if n >= self.max_in_flight:
+            raise Busy(f"server busy: {n} requests in flight (limit {self.max_in_flight})")
+        limit = e.batcher.config.max_queue_requests
+        if e.batcher.depth + e.admitted >= limit:
+            raise QueueFull(f"queue full: {e.batcher.depth} queued and {e.admitted} being read (--max-queue {limit})")
+
+    def refused(self, e: Entry | None, exc: ServeError) -> Answer:
+        """The answer to a refused or failed request, counted by reason (unknown models under model="")."""
+        series = e.metrics if e is not None else self.unknown
+        series.failure(exc.reason)
+        if exc.status in (503, 504):
+            series.rejected(exc.reason)
+        return problem(exc.status, str(exc), exc.headers)
 
     def find(self, name: str, version: str | None) -> Entry:
         versions = self.models.get(name)
@@ -141,99 +175,114 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_body(receive, declared: bytes | None, limit: int) -> bytes:
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"body of {int(declared)} bytes is over the {limit}-byte limit")
-    chunks, size = [], 0
+async def read_body(receive, size: int) -> bytes:
+    """The body, once its declared size was checked against the limits (a body longer than declared is cut there)."""
+    chunks, got = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise Disconnected("client disconnected")
         chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"body is over the {limit}-byte limit")
+        got += len(chunk)
+        if got > size:
+            raise TooLarge(f"body is longer than its Content-Length of {size} bytes")
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
 
 
+def body_size(headers: dict[bytes, bytes], config: "ServeConfig") -> tuple[int, str | None]:
+    """The body's length and its JSON header's length, checked against the limits before a byte of it is read:
+    JSON has its own, smaller limit (parsing it costs far more than copying binary tensors)."""
+    declared, head = headers.get(b"content-length"), headers.get(HEADER.lower().encode())
+    if declared is None or not declared.isdigit():
+        raise LengthRequired("an infer request needs a Content-Length header")
+    size = int(declared)
+    if size > config.max_body_bytes:
+        raise TooLarge(f"body of {size} bytes is over the {config.max_body_bytes / 2**20:g} MB limit (--max-body-mb)")
+    json_size = size if head is None else int(head) if head.isdigit() else 0
+    if json_size > config.max_json_bytes:
+        raise TooLarge(f"JSON of {json_size} bytes is over the {config.max_json_bytes / 2**20:g} MB limit for JSON "
+                       "(--max-json-mb): send tensors as binary data (the binary tensor data extension: "
+                       f"{HEADER}), up to the {config.max_body_bytes / 2**20:g} MB body limit")
+    return size, head.decode("latin-1") if head is not None else None
+
+
 Answer = tuple[int, bytes, dict]
+OFF_LOOP_BYTES = 256 * 1024  # JSON bigger than this is decoded on a thread, so that other requests keep flowing
 
 
 def problem(status: int, message: str, headers: dict | None = None) -> Answer:
-    return status, json.dumps({"error": message}).encode(), {"content-type": "application/json", **(headers or {})}
+    return status, orjson.dumps({"error": message}), {"content-type": "application/json", **(headers or {})}
 
 
 async def infer(server: Server, name: str, version: str | None, headers: dict[bytes, bytes], receive) -> Answer:
-    """POST .../infer: decode and check the request, queue it, encode the outputs. Plain ASGI rather than a
-    Starlette route, because this path is the server's throughput: routing, middleware and Request objects
-    cost several times what an HTTP request itself costs when the model runs in microseconds."""
+    """POST .../infer: admit (or shed before reading the body), decode and check, queue, encode the outputs. Plain
+    ASGI rather than a Starlette route, because this path is the server's throughput: routing, middleware and Request
+    objects cost several times what an HTTP request itself costs when the model runs in microseconds."""
     server.last_request = time.monotonic()
     try:
         e = server.find(name, version)
     except NotFound as exc:
-        return problem(404, str(exc))
-    if server.in_flight >= server.max_in_flight:
-        exc = Busy(f"server busy: {server.in_flight} requests in flight (limit {server.max_in_flight})")
-        e.metrics.rejected(exc.reason)
-        e.metrics.failure(exc.reason)
-        return problem(exc.status, str(exc), exc.headers)
-    server.in_flight += 1
+        return server.refused(None, exc)
     try:
-        return await _infer(server, e, name, version, headers, receive)
-    finally:
-        server.in_flight -= 1
-
-
-async def _infer(server: Server, e: Entry, name: str, version: str | None, headers: dict[bytes, bytes], receive) -> Answer:
-    def fail(status, reason, message, extra=None):
-        e.metrics.failure(reason)
-        return problem(status, message, extra)
-
-    def refused(exc: ServeError):
-        if exc.status in (503, 504):
-            e.metrics.rejected(exc.reason)
-        return fail(exc.status, exc.reason, str(exc), exc.headers)
-    try:
-        body = await read_body(receive, headers.get(b"content-length"), server.config.max_body_bytes)
-        header_length = headers.get(HEADER.lower().encode())
-        req, binary = split_body(body, header_length.decode("latin-1") if header_length is not None else None)
-        feeds = decode_inputs(req, binary, e.spec)
-        e.spec.check(feeds)
-        bad = nonfinite(feeds)
-        if bad:
-            raise BadRequest(f"input(s) {bad} hold NaN or infinite values, which the model cannot take")
-        timeout = (req.get("parameters") or {}).get("timeout")  # microseconds, as Triton's clients send it
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise BadRequest(f"parameter 'timeout' must be a positive number of microseconds, got {timeout!r}")
+        server.admit(e)
     except ServeError as exc:
-        return refused(exc)
-    except SpecError as exc:
-        return fail(400, "bad_request", str(exc))
-    e.metrics.queue_depth.set(e.batcher.depth)
+        return server.refused(e, exc)
+    e.admitted += 1  # holds a place in the queue from here, while its body is read and decoded
+    queued = False
     try:
+        size, head = body_size(headers, server.config)
+        body = await read_body(receive, size)
+        if (len(body) if head is None else int(head)) > OFF_LOOP_BYTES:
+            req, feeds = await asyncio.get_running_loop().run_in_executor(None, decode_request, body, head, e.spec)
+        else:
+            req, feeds = decode_request(body, head, e.spec)
+        del body
+        deadline = timeout_s(req)
+        e.admitted -= 1
+        queued = True  # the batcher's queue holds it from here (submit queues it before its first await)
+        e.metrics.queue_depth.set(e.batcher.depth + 1)
         try:
-            outputs = await e.batcher.submit(feeds, timeout / 1e6 if timeout else None)
+            outputs = await e.batcher.submit(feeds, deadline)
         except ShuttingDown:  # swapped out by a reload between lookup and submit: the new version takes it
             if server.draining:
                 raise
             e = server.find(name, version)
-            outputs = await e.batcher.submit(feeds, timeout / 1e6 if timeout else None)
-    except ShuttingDown as exc:
-        return fail(exc.status, exc.reason, str(exc), exc.headers)
+            outputs = await e.batcher.submit(feeds, deadline)
     except ServeError as exc:
-        return refused(exc)
+        return server.refused(e, exc)
     except Exception as exc:
-        return fail(500, "model_error", f"the model failed on this batch: {type(exc).__name__}: {exc}")
+        return server.refused(e, ModelFailed(f"the model failed on this batch: {type(exc).__name__}: {exc}"))
     finally:
+        if not queued:
+            e.admitted -= 1
         e.metrics.queue_depth.set(e.batcher.depth)
-    try:
-        content, extra = encode_outputs(req, outputs, e.name, e.version)
-    except BadRequest as exc:
-        return fail(400, "bad_request", str(exc))
+    content, extra = encode_outputs(req, outputs, e.name, e.version)
     e.metrics.success.inc()
+    if size > TRIM_BYTES:
+        del req, feeds, outputs
+        asyncio.get_running_loop().run_in_executor(None, give_back_memory)
     return 200, content, extra
+
+
+TRIM_BYTES = 4 * 2**20  # after a request this big, freed memory goes back to the system
+
+
+def give_back_memory() -> None:
+    """glibc keeps freed memory for reuse (after one big free, its mmap threshold rises and later big arrays come
+    from the heap); ``malloc_trim`` hands the free pages back, so RSS returns near its level before the request."""
+    global _trim
+    if _trim is None:
+        import ctypes
+        try:
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _trim = lambda pad: 0  # noqa: E731
+    _trim(0)
+
+
+_trim = None
 
 
 def create_app(paths: list[Path], config: ServeConfig | None = None, opened: list[Found] | None = None) -> Starlette:
@@ -258,8 +307,9 @@ def create_app(paths: list[Path], config: ServeConfig | None = None, opened: lis
     async def live(request):
         return JSONResponse({"live": True})
 
-    async def ready(request):
-        ok = server.ready and not server.draining
+    async def ready(request):  # every model can serve (a model whose workers cannot come back turns it false)
+        ok = server.ready and not server.draining and all(e.why is None for v in server.models.values()
+                                                           for e in v.values())
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     def entry_of(request) -> Entry:
@@ -278,36 +328,47 @@ def create_app(paths: list[Path], config: ServeConfig | None = None, opened: lis
             e = entry_of(request)
         except NotFound as exc:
             return error(404, str(exc))
-        ok = e.ready and not server.draining
+        ok = e.why is None and not server.draining
         return JSONResponse({"name": e.name, "ready": ok}, status_code=200 if ok else 503)
 
     async def metrics(request):
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def authorized(request) -> bool:
-        token = server.config.admin_token
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return bool(token) and server.config.repository is not None and hmac.compare_digest(given, token)
+        """Only ``Authorization: Bearer TOKEN``, compared in constant time."""
+        token, scheme, given = server.config.admin_token, "bearer ", request.headers.get("authorization", "")
+        if not token or server.config.repository is None or given[:len(scheme)].lower() != scheme:
+            return False
+        return hmac.compare_digest(given[len(scheme):].strip().encode(), token.encode())
+
+    forbidden = ("model repository changes need --repository and the admin token (TORCHSHIP_ADMIN_TOKEN or "
+                 "--admin-token-file), sent as 'Authorization: Bearer TOKEN'")
 
     async def repo_load(request):
+        """Load every version of the model that is in the repository now (new or changed ones verified, then swapped
+        in) and unload the versions that are no longer there."""
         if not authorized(request):
-            return error(403, "model repository changes need --repository and a matching --admin-token (Authorization: Bearer TOKEN)")
+            return error(403, forbidden)
         name = request.path_params["model"]
         try:
-            paths = [p for n, v, p in discover(server.config.repository) if n == name]
-            if not paths:
-                return error(404, f"no model {name!r} in repository {server.config.repository}")
-            found = await server.open(paths)
-            async with server._swap:
-                for n, v, verified in found:
-                    await server.add(n, v, verified)
+            paths = [(v, p) for n, v, p in discover(server.config.repository, empty_ok=True) if n == name]
+            found = await server.open([p for _, p in paths]) if paths else []
         except TorchshipError as exc:
             return error(400, f"cannot load {name!r}: {exc}")
-        return JSONResponse({"name": name, "versions": [v for _, v, _ in found]})
+        async with server._swap:
+            gone = [v for v in server.models.get(name, {}) if v not in {v for v, _ in paths}]
+            for v in gone:
+                await server.remove(name, v)
+            for n, v, verified in found:
+                await server.add(n, v, verified)
+        if not found:
+            return error(404, f"no model {name!r} in repository {server.config.repository}"
+                         + (f"; unloaded its versions {gone}" if gone else ""))
+        return JSONResponse({"name": name, "versions": [v for _, v, _ in found], "unloaded": gone})
 
     async def repo_unload(request):
         if not authorized(request):
-            return error(403, "model repository changes need --repository and a matching --admin-token (Authorization: Bearer TOKEN)")
+            return error(403, forbidden)
         name = request.path_params["model"]
         if name not in server.models:
             return error(404, f"unknown model {name!r}")
@@ -351,6 +412,7 @@ class _Front:
                 await send(message)
             return await self.app(scope, receive, wrapped)
         if scope["method"] != "POST":
+            self.server.unknown.failure("method")
             status, body, headers = problem(405, f"infer takes POST, not {scope['method']}", {"Allow": "POST"})
         else:
             status, body, headers = await infer(self.server, found[1], found[2], dict(scope["headers"]), receive)

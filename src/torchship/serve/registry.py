@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from .. import bundle
 from ..bundle import Bundle, Manifest
 from ..errors import BundleError
@@ -28,8 +26,15 @@ class Entry:
     spec: IOSpec
     batcher: Batcher
     metrics: ModelMetrics
-    ready: bool = False
+    ready: bool = False  # loaded and in service (False once it is being unloaded)
     close: Callable[[], None] | None = None  # worker processes to stop with the entry
+    broken: Callable[[], str | None] = lambda: None  # why its workers cannot run batches now, if they cannot
+    admitted: int = 0  # requests admitted to its queue whose bodies are still being read and decoded
+
+    @property
+    def why(self) -> str | None:
+        """None when it can serve; else why not (a 503 says it, and readiness turns false)."""
+        return "it is being unloaded" if not self.ready else self.broken()
 
     @property
     def manifest(self) -> Manifest:
@@ -44,15 +49,16 @@ class Entry:
         await loop.run_in_executor(None, bundle.remove, self.bundle)
 
 
-def discover(path: Path) -> list[tuple[str, str, Path]]:
-    """(name, version, bundle dir) for a bundle, or for a repository laid out as REPO/name/version/."""
+def discover(path: Path, empty_ok: bool = False) -> list[tuple[str, str, Path]]:
+    """(name, version, bundle dir) for a bundle, or for a repository laid out as REPO/name/version/ (an empty
+    repository is an error unless ``empty_ok``: serving one is a mistake, reloading from one is not)."""
     path = Path(path)
     if bundle.exists(path):
         m = bundle.read_manifest(path)
         return [(m.name, m.version, path)]
     found = [(d.parent.name, d.name, d) for d in sorted(path.glob("*/*")) if d.is_dir() and _VERSION.match(d.name)
              and (d / bundle.MANIFEST).exists()]
-    if not found:
+    if not found and not (empty_ok and path.is_dir()):
         raise BundleError(f"{path} is neither a bundle nor a model repository (REPO/NAME/VERSION/manifest.json)")
     return found
 
@@ -74,27 +80,26 @@ async def load_entry(name: str, version: str, verified: Bundle, config: BatchCon
     spec = manifest.spec
     if workers > 1:
         from .workers import ProcessPool
-        pool = await loop.run_in_executor(None, lambda: ProcessPool(verified, workers, threads, warm_sizes, trust_code))
-        run, close = pool, pool.close
+        # a batch running past the request deadline has no one left to answer: its worker is killed and restarted
+        pool = await loop.run_in_executor(None, lambda: ProcessPool(verified, workers, threads, warm_sizes, trust_code,
+                                                                    run_timeout_s=config.timeout_s + 1.0))
+        run, close, broken = pool, pool.close, (lambda: pool.broken)
     else:
         # A model whose full batch runs on the event loop's thread (under inline_s) gets no spinning pool threads:
         # they would take the cores the loop needs between batches (digits-cnn: ~0.8 of a core, 7-18% throughput).
         fast = bool(latency.points) and latency.predict(config.max_batch_size) < config.inline_s
         loaded = await loop.run_in_executor(None, lambda: bundle.load(verified, threads=threads or cores(), spin=not fast,
                                                                       trust_code=trust_code))
-        run, close = loaded, None
+        run, close, broken = loaded, None, (lambda: None)
         await loop.run_in_executor(None, lambda: [loaded(spec.sample(bs, manifest.dims)) for bs in warm_sizes])
     series = metrics.model(name, version)
     batcher = Batcher(run, spec, config, paddable=paddable(spec), latency=latency,
                       on_batch=series.on_batch, concurrency=workers)
     batcher.start()
-    return Entry(name, version, verified, spec, batcher, series, ready=True, close=close)
+    return Entry(name, version, verified, spec, batcher, series, ready=True, close=close, broken=broken)
 
 
 def latest(versions: dict[str, Entry]) -> Entry | None:
-    ready = [e for e in versions.values() if e.ready]
-    return max(ready, key=lambda e: int(e.version) if e.version.isdigit() else -1, default=None)
-
-
-def nonfinite(feeds: dict[str, np.ndarray]) -> list[str]:
-    return [k for k, v in feeds.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    """The newest version that can serve; when none can, the newest (its requests get the 503 that says why)."""
+    serving = [e for e in versions.values() if e.why is None]
+    return max(serving or versions.values(), key=lambda e: int(e.version) if e.version.isdigit() else -1, default=None)

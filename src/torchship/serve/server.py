@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -11,12 +14,15 @@ from .app import ServeConfig, create_app, open_bundles
 
 
 class _Uvicorn(uvicorn.Server):
-    """On the first SIGTERM/SIGINT: not ready, wait for the queues to empty (up to the drain timeout), exit."""
+    """On the first SIGTERM/SIGINT: stop accepting connections, turn not-ready, finish what was accepted (every
+    response now closes its connection), exit. The process exits within the drain timeout whatever happens: a
+    watchdog ends it there if a batch or a worker hangs. A second signal exits at once."""
 
     def __init__(self, config: uvicorn.Config, drain_timeout: float):
         super().__init__(config)
         self.drain_timeout = drain_timeout
         self._draining = False
+        self.watchdog: threading.Timer | None = None
 
     async def serve(self, sockets=None) -> None:
         """Every model loaded and warmed up before the port opens: a model that cannot load is one line (the error
@@ -29,23 +35,39 @@ class _Uvicorn(uvicorn.Server):
             await models.stop()
 
     def handle_exit(self, sig, frame):
-        if self._draining:  # a second signal: stop now
-            return super().handle_exit(sig, frame)
+        if self._draining:
+            _exit_now(f"signal {sig} again during the drain: exiting now")
         self._draining = True
+        self.watchdog = threading.Timer(self.drain_timeout, _exit_now, (
+            f"the drain did not finish within --drain-timeout {self.drain_timeout:g} s: exiting with requests "
+            "unanswered",))
+        self.watchdog.daemon = True
+        self.watchdog.start()
         app_server = self.config.app.state.server
         app_server.draining = True
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain(app_server)))
 
     async def _drain(self, app_server, quiet: float = 0.25) -> None:
-        """Serve on (not ready, closing connections after each response) until the queues are empty and no
-        request came for ``quiet`` seconds, or the drain timeout passes; then uvicorn finishes what is in flight."""
-        deadline = time.monotonic() + self.drain_timeout
-        while time.monotonic() < deadline:
+        """Close the listening sockets (new connections are refused from now on), then serve on, each response
+        closing its connection, until the queues are empty and no request came for ``quiet`` seconds, or most of the
+        drain timeout has passed; then uvicorn finishes what is in flight in the time left."""
+        start = time.monotonic()
+        for listening in getattr(self, "servers", []):
+            listening.close()
+        reserve = min(2.0, 0.25 * self.drain_timeout)  # for uvicorn's own shutdown and stopping the models
+        while time.monotonic() < start + self.drain_timeout - reserve:
             if app_server.idle() and time.monotonic() - app_server.last_request > quiet:
                 break
             await asyncio.sleep(0.02)
+        self.config.timeout_graceful_shutdown = max(0.1, start + self.drain_timeout - time.monotonic() - 0.5 * reserve)
         self.should_exit = True
+
+
+def _exit_now(why: str) -> None:
+    sys.stderr.write(f"torchship serve: {why}\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000,
@@ -70,6 +92,8 @@ def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "
     try:
         server.run()
     finally:
+        if server.watchdog is not None:
+            server.watchdog.cancel()
         shutil.rmtree(into, ignore_errors=True)
 
 

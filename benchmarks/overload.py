@@ -1,0 +1,165 @@
+"""Serving under abuse, measured in one run on digits-cnn (single-image binary requests, benchmarks/loadgen.c):
+
+1. Flood: the same server (--max-queue 16) under 64 and under 512 closed-loop connections, in interleaved rounds.
+   Goals: accepted throughput at 512 >= 0.8 of it at 64; accepted p99 at 512 <= 2x the p99 at 64; the refusals'
+   p99 <= 20 ms; no connection reset.
+2. Drain: SIGTERM under a continuous load of 64 connections with --drain-timeout 3: answers, resets (connections that
+   broke with a request written and unanswered), the time to exit.
+3. Big JSON: the server's RSS before, at its peak and after a 50 MB JSON request, and the latency of small requests
+   sent while a 20 MB JSON request is parsed.
+
+    python benchmarks/overload.py [--duration 5] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from serving import Load, Server, cpu_seconds  # noqa: F401  (benchmarks/ is the working directory's sibling)
+from torchship import OptimizeOptions, optimize
+from torchship.measure import estimate
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def spread(values: list[float], fmt: str = "{:,.1f}") -> str:
+    """Median [low-high] of one figure's rounds."""
+    return f"{fmt.format(float(np.median(values)))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+
+def flood(load: Load, bundle: Path, duration: float, rounds: int) -> None:
+    runs: dict[int, list] = {64: [], 512: []}
+    opened = []
+    with Server(bundle, "--max-queue", "16") as s:
+        load(s.url, "digits-cnn", "closed", 64, 1.0)  # warm-up
+        for _ in range(rounds):
+            for conns in (64, 512):
+                runs[conns].append(load(s.url, "digits-cnn", "closed", conns, duration))
+            opened.append(load(s.url, "digits-cnn", "poisson", 2 * runs[64][-1].throughput, duration))
+    for conns, rs in runs.items():
+        refused = np.concatenate([r.refused_ms for r in rs])
+        print(f"{conns:>3} connections, --max-queue 16: accepted {spread([r.throughput for r in rs])} req/s, "
+              f"p99 {spread([r.pct(99) for r in rs])} ms; refusals {len(refused):,} "
+              f"(p50 {np.percentile(refused, 50) if len(refused) else float('nan'):.1f} ms, p99 "
+              f"{np.percentile(refused, 99) if len(refused) else float('nan'):.1f} ms); resets "
+              f"{sum(r.statuses.get(0, 0) for r in rs)}")
+    thr = [b.throughput / a.throughput for a, b in zip(runs[64], runs[512])]
+    p99 = [b.pct(99) / a.pct(99) for a, b in zip(runs[64], runs[512])]
+    refused = np.concatenate([r.refused_ms for r in runs[512]])
+    resets = sum(r.statuses.get(0, 0) for r in runs[512])
+    print(f"  accepted throughput 512 / 64: {spread(thr, '{:.2f}')}  (goal >= 0.8: "
+          f"{'met' if min(thr) >= 0.8 else 'not met' if max(thr) < 0.8 else 'met in some rounds'})")
+    print(f"  accepted p99 512 / 64:        {spread(p99, '{:.2f}')}  (goal <= 2: "
+          f"{'met' if max(p99) <= 2 else 'not met' if min(p99) > 2 else 'met in some rounds'})")
+    r99 = float(np.percentile(refused, 99)) if len(refused) else float("nan")
+    print(f"  refusals' p99 at 512:         {r99:.1f} ms  (goal <= 20: {'met' if r99 <= 20 else 'not met'}); "
+          f"resets {resets} (goal 0)")
+    little = [512 / r.throughput * 1e3 for r in runs[512]]
+    print(f"  Little's law at 512 closed-loop connections (no think time): {spread(little)} ms a request at the "
+          f"served rate, whatever the server; measured p50 {spread([r.pct(50) for r in runs[512]])} ms")
+    served = [o.throughput / r.throughput for o, r in zip(opened, runs[64])]
+    refused = np.concatenate([o.refused_ms for o in opened])
+    print(f"open loop, Poisson at 2x the capacity at 64 connections (up to 512 connections): "
+          f"accepted {spread(served, '{:.2f}')} of capacity, p99 {spread([o.pct(99) for o in opened])} ms; refusals "
+          f"{len(refused):,}, p99 {np.percentile(refused, 99) if len(refused) else float('nan'):.1f} ms; "
+          f"{', '.join(o.refused() for o in opened)}")
+
+
+def drain(load: Load, bundle: Path) -> None:
+    with Server(bundle, "--drain-timeout", "3") as s:
+        pid, result = s.proc.pid, {}
+
+        def run():
+            result["run"] = load(s.url, "digits-cnn", "closed", 64, 6.0)
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(2.0)
+        start = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        code = s.proc.wait(30)
+        exited = time.monotonic() - start
+        t.join(60)
+    r = result["run"]
+    print(f"SIGTERM under 64 connections, --drain-timeout 3: exited {code} after {exited:.2f} s; "
+          f"{r.statuses.get(200, 0):,} answered, other statuses {({k: v for k, v in r.statuses.items() if k not in (0, 200)})}, "
+          f"resets {r.statuses.get(0, 0)} (goal 0)")
+
+
+def big_json(bundle: Path) -> None:
+    x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+    small = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                    "data": x.reshape(-1).tolist()}]})
+
+    def body(mb: float) -> str:
+        n = int(mb * 2**20 / (784 * 20)) + 1
+        data = np.random.default_rng(1).random(n * 784).astype(np.float32).tolist()
+        return json.dumps({"inputs": [{"name": "image", "shape": [n, 1, 28, 28], "datatype": "FP32", "data": data}]})
+    with Server(bundle, "--max-json-mb", "64", "--max-body-mb", "128") as s:
+        url, pid = f"http://{s.url}/v2/models/digits-cnn/infer", s.proc.pid
+        with httpx.Client(timeout=120) as c:
+            for _ in range(20):
+                c.post(url, content=small)
+            big = body(50)
+            before = rss_mb(pid)
+            start = time.perf_counter()
+            status = c.post(url, content=big).status_code
+            took = time.perf_counter() - start
+            del big
+            time.sleep(1.0)
+            for _ in range(20):
+                c.post(url, content=small)
+            print(f"50 MB JSON request ({status}) in {took:.2f} s: server RSS {before:,.0f} MB before, peak "
+                  f"{rss_mb(pid, 'VmHWM'):,.0f} MB, {rss_mb(pid):,.0f} MB after")
+            medium, lat, done = body(20), [], threading.Event()
+
+            def send_big():
+                with httpx.Client(timeout=120) as b:
+                    b.post(url, content=medium)
+                done.set()
+            t = threading.Thread(target=send_big)
+            t.start()
+            while not done.is_set():
+                start = time.perf_counter()
+                c.post(url, content=small)
+                lat.append((time.perf_counter() - start) * 1e3)
+                time.sleep(0.01)
+            t.join()
+            quiet = [(lambda t0: (c.post(url, content=small), (time.perf_counter() - t0) * 1e3)[1])(time.perf_counter())
+                     for _ in range(50)]
+    q = estimate([quiet])  # one round: the interquartile range
+    print(f"small requests while a 20 MB JSON request was parsed and run: {len(lat)} sent, p50 "
+          f"{np.percentile(lat, 50):.1f} ms, max {max(lat):.1f} ms (alone: p50 {q.median:.1f} ms [{q.lo:.1f}-{q.hi:.1f}])")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="torchship-overload-"))
+    load = Load(work)
+    res = optimize("zoo:digits-cnn", OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(1, 8, 64), seconds_per_size=0.3),
+                   out=work / "bundle")
+    print(f"digits-cnn bundle: {res.chosen.name}, max batch {res.chosen_batch_size}; {os.cpu_count()} cores shared "
+          "by the server and the load generator")
+    flood(load, res.bundle, args.duration, args.rounds)
+    drain(load, res.bundle)
+    big_json(res.bundle)
+
+
+if __name__ == "__main__":
+    main()
