@@ -108,3 +108,17 @@ def test_training_data_adds_trained_variants_from_the_cli(capsys, tmp_path):
     import json
     rows = {v["name"]: v for v in json.loads(stdout)["variants"]}
     assert rows["onnxrt+channels30"]["training"]["epochs"] == 2 and rows["onnxrt+channels30"]["status"] == "ok"
+
+
+def test_help_imports_no_torch(tmp_path):
+    """`--help` of every command answers without importing torch (a slim install has none; it costs 2 s)."""
+    import subprocess
+    import sys
+    script = ("import sys\nfrom torchship.cli import main\n"
+              "for cmd in ([], ['optimize'], ['serve'], ['train'], ['inspect'], ['check'], ['perf'], ['demo'],\n"
+              "            ['bundle'], ['bundle', 'verify'], ['bundle', 'info'], ['bundle', 'sign'], ['bundle', 'keygen']):\n"
+              "    assert main([*cmd, '--help']) == 0, cmd\n"
+              "    assert 'torch' not in sys.modules, cmd\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]

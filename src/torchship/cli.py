@@ -499,6 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
+        if isinstance(exc, ModuleNotFoundError):  # an optional package this command needs (a slim install: no torch)
+            from .errors import missing_extra
+            found = missing_extra(exc, f"torchship {argv[0]}" if argv else "torchship")
+            if isinstance(found, TorchshipError):
+                err.print(f"[red]error[/]: {escape(str(found))}", highlight=False, soft_wrap=True)
+                return found.exit_code
         err.print(f"[red]error[/]: {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
         return 1
 

@@ -33,7 +33,7 @@ Errors from torch, ONNX, OpenVINO or the filesystem are translated at the bounda
 from __future__ import annotations
 
 # the extras of pyproject.toml that an install hint may name (a test holds this to pyproject)
-EXTRAS = ("compress", "nlp", "openvino", "ray")
+EXTRAS = ("all", "compress", "nlp", "openvino", "optimize", "ray", "torch", "train")
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -65,6 +65,20 @@ class MissingExtra(TorchshipError):
             raise ValueError(f"MissingExtra names extra {extra!r}, which pyproject.toml does not define ({EXTRAS})")
         super().__init__(f"{package} is not installed; install it with: pip install 'torchship[{extra}]'")
         self.package, self.extra = package, extra
+
+
+# the extra that installs each optional package torchship imports (the top-level module's name)
+PACKAGE_EXTRAS = {"torch": "torch", "lightning": "torch", "onnxscript": "torch", "matplotlib": "torch",
+                  "sklearn": "torch", "transformers": "nlp", "torchao": "compress", "torch_pruning": "compress",
+                  "nncf": "compress", "openvino": "openvino", "ray": "ray"}
+
+
+def missing_extra(exc: ModuleNotFoundError, needed_for: str) -> Exception:
+    """An optional package not installed, as the one line naming the extra; anything else unchanged."""
+    top = (exc.name or "").split(".")[0]
+    if top not in PACKAGE_EXTRAS:
+        return exc
+    return MissingExtra(f"{top} (for {needed_for})", PACKAGE_EXTRAS[top])
 
 
 class BuildSkipped(TorchshipError):

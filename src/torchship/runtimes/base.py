@@ -15,7 +15,7 @@ import msgspec
 import numpy as np
 
 from ..arch import Architecture
-from ..errors import BuildSkipped, UsageError
+from ..errors import BuildSkipped, UsageError, missing_extra
 
 
 class Runner(Protocol):
@@ -61,7 +61,10 @@ def get(name: str) -> Runtime:
     if name not in MODULES:
         raise UsageError(f"unknown runtime {name!r}; registered runtimes: {', '.join(sorted(MODULES))}")
     if name not in _REGISTRY:
-        importlib.import_module(f"{__package__}.{name}")
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            raise missing_extra(exc, f"the {name} runtime") from exc
     return _REGISTRY[name]
 
 

@@ -67,7 +67,7 @@ def _quantize(ov_model, model, options):
     try:
         import nncf
     except ImportError as exc:
-        raise MissingExtra("nncf (for OpenVINO int8)", "openvino") from exc
+        raise MissingExtra("nncf (for OpenVINO int8)", "compress") from exc
     names = model.spec.input_names
     batches = calibration_batches(model)
     preset = nncf.ModelType.TRANSFORMER if options.get("quantize") == "int8_transformer" else None

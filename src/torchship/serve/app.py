@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .. import bundle
+from .. import bundle, runtimes
 from ..bundle import Bundle
 from ..errors import (Busy, Disconnected, LengthRequired, ModelFailed, NotFound, QueueFull, ServeError, ShuttingDown,
                       TooLarge, TorchshipError, Unavailable)
@@ -64,6 +64,7 @@ def open_bundles(paths: list[Path], into: Path, config: "ServeConfig") -> list[F
                                            config.verify_key)
                 found.append((name, version, verified))
                 bundle.consent(verified, config.trust_code)
+                runtimes.get(verified.manifest.runtime)  # its packages installed (a slim install has no torch)
     except BaseException:
         for _, _, b in found:
             bundle.remove(b)

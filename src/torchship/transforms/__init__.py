@@ -3,15 +3,18 @@
 A transform never mutates its input: it returns a new module. ``at_load`` transforms (dynamic quantization)
 are deterministic functions of the fp32 weights, so a bundle stores those weights and applies the transform
 again when it loads; the others (pruning) change the weights, which the bundle then stores.
+
+The configs import no torch (a bundle's manifest is checked against ``KINDS`` where torch is not installed); the
+handlers import it when they run.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 from ..errors import BuildSkipped, UsageError
 
@@ -112,6 +115,8 @@ def apply(module: nn.Module, config, example: tuple | None = None) -> nn.Module:
 
 @register(DynamicInt8)
 def _dynamic_int8(module: nn.Module, config: DynamicInt8) -> nn.Module:
+    import torch
+    from torch import nn
     if not any(isinstance(m, nn.Linear) for m in module.modules()):
         raise BuildSkipped("dynamic int8 quantizes nn.Linear layers, and this model has none")
     import warnings
@@ -124,6 +129,7 @@ def _dynamic_int8(module: nn.Module, config: DynamicInt8) -> nn.Module:
 
 @register(TorchaoInt8)
 def _torchao_int8(module: nn.Module, config: TorchaoInt8) -> nn.Module:
+    from torch import nn
     if not any(isinstance(m, nn.Linear) for m in module.modules()):
         raise BuildSkipped("torchao int8 quantizes nn.Linear layers, and this model has none")
     from .pt2e import torchao
@@ -136,11 +142,21 @@ def _torchao_int8(module: nn.Module, config: TorchaoInt8) -> nn.Module:
     return module
 
 
-PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+def _prunable() -> tuple[type, ...]:
+    from torch import nn
+    return (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def __getattr__(name: str):
+    if name == "PRUNABLE":  # the layer types pruning applies to (torch imported only when asked for)
+        return _prunable()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _output_layers(module: nn.Module, example: tuple) -> list[nn.Module]:
     """Layers whose output is a model output: their channels are the model's interface, never pruned."""
+    import torch
+    PRUNABLE = _prunable()
     produced, hooks = {}, []
     for m in module.modules():
         if isinstance(m, PRUNABLE):
@@ -163,6 +179,7 @@ def _channel_prune(module: nn.Module, config: ChannelPrune, example: tuple) -> n
     except ImportError as exc:
         from ..errors import MissingExtra
         raise MissingExtra("torch-pruning (for structured channel pruning)", "compress") from exc
+    PRUNABLE = _prunable()
     if not any(isinstance(m, PRUNABLE) for m in module.modules()):
         raise BuildSkipped("channel pruning applies to Linear and Conv layers, and this model has none")
     training = module.training
@@ -176,6 +193,7 @@ def _channel_prune(module: nn.Module, config: ChannelPrune, example: tuple) -> n
 @register(MagnitudePrune)
 def _magnitude_prune(module: nn.Module, config: MagnitudePrune) -> nn.Module:
     from torch.nn.utils import prune
+    PRUNABLE = _prunable()
     targets = [(m, "weight") for m in module.modules() if isinstance(m, PRUNABLE)]
     if not targets:
         raise BuildSkipped("magnitude pruning applies to Linear and Conv layers, and this model has none")
@@ -186,6 +204,7 @@ def _magnitude_prune(module: nn.Module, config: MagnitudePrune) -> nn.Module:
 
 
 def sparsity(module: nn.Module) -> float:
+    PRUNABLE = _prunable()
     weights = [m.weight for m in module.modules() if isinstance(m, PRUNABLE)]
     total = sum(w.numel() for w in weights)
     return float(sum((w == 0).sum().item() for w in weights) / total) if total else 0.0
