@@ -107,6 +107,13 @@ def main() -> None:
     print(f"start to ready, the same ONNX Runtime bundle: slim {spread(ready['slim'])}, full {spread(ready['full'])}; "
           f"full / slim {np.median(ratio):.2f}x [{min(ratio):.2f}-{max(ratio):.2f}] (goal >= 3x)")
     print(f"torchship --help: slim {spread(helps['slim'])}, full {spread(helps['full'])} (goal < 0.5 s)")
+    torch_s = []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        subprocess.run([str(full / "bin" / "python"), "-c", "import torch"], cwd=work, env=env(), check=True)
+        torch_s.append(time.perf_counter() - start)
+    print(f"neither imports torch to serve this bundle; `import torch` alone (what every start paid when serve "
+          f"imported it): {spread(torch_s)}")
 
 
 if __name__ == "__main__":

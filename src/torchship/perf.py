@@ -10,12 +10,15 @@ import json
 import random
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import httpx
 import numpy as np
 
 from .errors import TorchshipError, UsageError
 from .serve.protocol import HEADER, TO_NUMPY
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass
@@ -66,6 +69,7 @@ def make_request(meta: dict, batch: int, dims: dict[str, int], binary: bool, see
 
 
 def _counters(client: httpx.Client, base: str, model: str) -> tuple[float, float] | None:
+    import httpx
     try:
         text = client.get(f"{base}/metrics", timeout=5).text
     except httpx.HTTPError:
@@ -126,6 +130,7 @@ class _Connection:
 
 async def _run(url: str, body: bytes, headers: dict, *, concurrency: int | None, rate: float | None, poisson: bool,
                duration: float, max_requests: int) -> tuple[list[float], dict, int]:
+    import httpx
     parsed = httpx.URL(url)
     latencies, errors, sent = [], {}, 0
     stop = time.monotonic() + duration
@@ -195,6 +200,7 @@ def perf(url: str, model: str, *, concurrency: list[int] | None = None, rate: fl
     if duration <= 0 or duration > 3600:
         raise UsageError(f"--duration must be between 0 and 3600 seconds, got {duration}")
     base = _base(url)
+    import httpx
     with httpx.Client() as c:
         try:
             r = c.get(f"{base}/v2/models/{model}", timeout=10)
