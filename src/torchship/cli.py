@@ -214,6 +214,8 @@ def serve(
     bundles: List[Path] = typer.Argument(..., help="bundle directories, or model repositories laid out as REPO/NAME/VERSION/"),
     host: str = typer.Option("127.0.0.1", help="address to bind (default: loopback only)"),
     port: int = typer.Option(8000, help="port to bind"),
+    grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="also serve the protocol over gRPC on this port "
+                                            "(pip install 'torchship[grpc]'): tritonclient.grpc, same limits and metrics"),
     workers: int = typer.Option(1, help="model worker processes, each with its own copy and cores/N threads"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads per worker (default: cores / workers)"),
     max_batch_size: Optional[int] = typer.Option(None, help="largest batch (default: the bundle's chosen batch size)"),
@@ -273,9 +275,13 @@ def serve(
         return
 
     def announce(found):
-        err.print(f"serving {escape(', '.join(f'{n} v{v}' for n, v, _ in found))} on http://{host}:{port}/v2 "
+        over = f" and grpc://{host}:{grpc_port}" if grpc_port is not None else ""
+        err.print(f"serving {escape(', '.join(f'{n} v{v}' for n, v, _ in found))} on http://{host}:{port}/v2{over} "
                   f"({workers} worker{'s' if workers > 1 else ''}); ready once warmed up at /v2/health/ready", highlight=False)
-    run(bundles, config, host=host, port=port, drain_timeout=drain_timeout, on_verified=announce)
+    if grpc_port is not None:
+        import importlib
+        importlib.import_module("torchship.serve.grpc")  # the extra installed, before any model loads
+    run(bundles, config, host=host, port=port, drain_timeout=drain_timeout, on_verified=announce, grpc_port=grpc_port)
 
 
 @app.command()

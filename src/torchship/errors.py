@@ -33,7 +33,7 @@ Errors from torch, ONNX, OpenVINO or the filesystem are translated at the bounda
 from __future__ import annotations
 
 # the extras of pyproject.toml that an install hint may name (a test holds this to pyproject)
-EXTRAS = ("all", "compress", "nlp", "openvino", "optimize", "ray", "torch", "train")
+EXTRAS = ("all", "compress", "grpc", "nlp", "openvino", "optimize", "ray", "torch", "train")
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -70,7 +70,7 @@ class MissingExtra(TorchshipError):
 # the extra that installs each optional package torchship imports (the top-level module's name)
 PACKAGE_EXTRAS = {"torch": "torch", "lightning": "torch", "onnxscript": "torch", "matplotlib": "torch",
                   "sklearn": "torch", "transformers": "nlp", "torchao": "compress", "torch_pruning": "compress",
-                  "nncf": "compress", "openvino": "openvino", "ray": "ray"}
+                  "nncf": "compress", "openvino": "openvino", "ray": "ray", "grpc": "grpc", "tritonclient": "grpc"}
 
 
 def missing_extra(exc: ModuleNotFoundError, needed_for: str) -> Exception:

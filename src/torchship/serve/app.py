@@ -25,8 +25,8 @@ from starlette.routing import Route
 
 from .. import bundle, runtimes
 from ..bundle import Bundle
-from ..errors import (Busy, Disconnected, LengthRequired, ModelFailed, NotFound, QueueFull, ServeError, ShuttingDown,
-                      TooLarge, TorchshipError, Unavailable)
+from ..errors import (BadRequest, Busy, Disconnected, LengthRequired, ModelFailed, NotFound, QueueFull, ServeError,
+                      ShuttingDown, TooLarge, TorchshipError, Unavailable)
 from .batcher import BatchConfig
 from .metrics import Metrics
 from .protocol import HEADER, decode_request, encode_outputs, metadata, timeout_s
@@ -154,13 +154,65 @@ class Server:
         if e.batcher.depth + e.admitted >= limit:
             raise QueueFull(f"queue full: {e.batcher.depth} queued and {e.admitted} being read (--max-queue {limit})")
 
-    def refused(self, e: Entry | None, exc: ServeError) -> Answer:
-        """The answer to a refused or failed request, counted by reason (unknown models under model="")."""
+    def count(self, e: Entry | None, exc: ServeError) -> None:
+        """A refused or failed request, counted by reason (unknown models under model="")."""
         series = e.metrics if e is not None else self.unknown
         series.failure(exc.reason)
         if exc.status in (503, 504):
             series.rejected(exc.reason)
+
+    def refused(self, e: Entry | None, exc: ServeError) -> Answer:
+        """The HTTP answer to a refused or failed request, counted."""
+        self.count(e, exc)
         return problem(exc.status, str(exc), exc.headers)
+
+    async def run(self, e: Entry, name: str, version: str | None, feeds, deadline: float | None):
+        """Queue decoded inputs on the model's batcher; (the entry that ran them, their outputs)."""
+        try:
+            return e, await e.batcher.submit(feeds, deadline)
+        except ShuttingDown:  # swapped out by a reload between lookup and submit: the new version takes it
+            if self.draining:
+                raise
+            e = self.find(name, version)
+            return e, await e.batcher.submit(feeds, deadline)
+
+    def authorized(self, given: str) -> bool:
+        """Only ``Bearer TOKEN`` (the value of an Authorization header), compared in constant time."""
+        token, scheme = self.config.admin_token, "bearer "
+        if not token or self.config.repository is None or given[:len(scheme)].lower() != scheme:
+            return False
+        return hmac.compare_digest(given[len(scheme):].strip().encode(), token.encode())
+
+    async def reload(self, name: str) -> tuple[list[str], list[str]]:
+        """Load every version of ``name`` now in the repository (new or changed ones verified, then swapped in) and
+        unload the versions no longer there: (versions loaded, versions unloaded). ``NotFound`` when none is left."""
+        try:
+            paths = [(v, p) for n, v, p in discover(self.config.repository, empty_ok=True) if n == name]
+            found = await self.open([p for _, p in paths]) if paths else []
+        except ServeError:
+            raise
+        except TorchshipError as exc:
+            raise BadRequest(f"cannot load {name!r}: {exc}") from None
+        async with self._swap:
+            gone = [v for v in self.models.get(name, {}) if v not in {v for v, _ in paths}]
+            for v in gone:
+                await self.remove(name, v)
+            for n, v, verified in found:
+                await self.add(n, v, verified)
+        if not found:
+            raise NotFound(f"no model {name!r} in repository {self.config.repository}"
+                           + (f"; unloaded its versions {gone}" if gone else ""))
+        return [v for _, v, _ in found], gone
+
+    async def unload(self, name: str) -> None:
+        if name not in self.models:
+            raise NotFound(f"unknown model {name!r}")
+        async with self._swap:
+            await self.remove(name)
+
+    def is_ready(self) -> bool:
+        """Every model can serve (a model whose workers cannot come back turns it false), and not draining."""
+        return self.ready and not self.draining and all(e.why is None for v in self.models.values() for e in v.values())
 
     def find(self, name: str, version: str | None) -> Entry:
         versions = self.models.get(name)
@@ -244,13 +296,7 @@ async def infer(server: Server, name: str, version: str | None, headers: dict[by
         e.admitted -= 1
         queued = True  # the batcher's queue holds it from here (submit queues it before its first await)
         e.metrics.queue_depth.set(e.batcher.depth + 1)
-        try:
-            outputs = await e.batcher.submit(feeds, deadline)
-        except ShuttingDown:  # swapped out by a reload between lookup and submit: the new version takes it
-            if server.draining:
-                raise
-            e = server.find(name, version)
-            outputs = await e.batcher.submit(feeds, deadline)
+        e, outputs = await server.run(e, name, version, feeds, deadline)
     except ServeError as exc:
         return server.refused(e, exc)
     except Exception as exc:
@@ -308,9 +354,8 @@ def create_app(paths: list[Path], config: ServeConfig | None = None, opened: lis
     async def live(request):
         return JSONResponse({"live": True})
 
-    async def ready(request):  # every model can serve (a model whose workers cannot come back turns it false)
-        ok = server.ready and not server.draining and all(e.why is None for v in server.models.values()
-                                                           for e in v.values())
+    async def ready(request):
+        ok = server.is_ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     def entry_of(request) -> Entry:
@@ -335,46 +380,27 @@ def create_app(paths: list[Path], config: ServeConfig | None = None, opened: lis
     async def metrics(request):
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def authorized(request) -> bool:
-        """Only ``Authorization: Bearer TOKEN``, compared in constant time."""
-        token, scheme, given = server.config.admin_token, "bearer ", request.headers.get("authorization", "")
-        if not token or server.config.repository is None or given[:len(scheme)].lower() != scheme:
-            return False
-        return hmac.compare_digest(given[len(scheme):].strip().encode(), token.encode())
-
     forbidden = ("model repository changes need --repository and the admin token (TORCHSHIP_ADMIN_TOKEN or "
                  "--admin-token-file), sent as 'Authorization: Bearer TOKEN'")
 
     async def repo_load(request):
-        """Load every version of the model that is in the repository now (new or changed ones verified, then swapped
-        in) and unload the versions that are no longer there."""
-        if not authorized(request):
+        if not server.authorized(request.headers.get("authorization", "")):
             return error(403, forbidden)
         name = request.path_params["model"]
         try:
-            paths = [(v, p) for n, v, p in discover(server.config.repository, empty_ok=True) if n == name]
-            found = await server.open([p for _, p in paths]) if paths else []
-        except TorchshipError as exc:
-            return error(400, f"cannot load {name!r}: {exc}")
-        async with server._swap:
-            gone = [v for v in server.models.get(name, {}) if v not in {v for v, _ in paths}]
-            for v in gone:
-                await server.remove(name, v)
-            for n, v, verified in found:
-                await server.add(n, v, verified)
-        if not found:
-            return error(404, f"no model {name!r} in repository {server.config.repository}"
-                         + (f"; unloaded its versions {gone}" if gone else ""))
-        return JSONResponse({"name": name, "versions": [v for _, v, _ in found], "unloaded": gone})
+            versions, gone = await server.reload(name)
+        except ServeError as exc:
+            return error(exc.status, str(exc))
+        return JSONResponse({"name": name, "versions": versions, "unloaded": gone})
 
     async def repo_unload(request):
-        if not authorized(request):
+        if not server.authorized(request.headers.get("authorization", "")):
             return error(403, forbidden)
         name = request.path_params["model"]
-        if name not in server.models:
-            return error(404, f"unknown model {name!r}")
-        async with server._swap:
-            await server.remove(name)
+        try:
+            await server.unload(name)
+        except ServeError as exc:
+            return error(exc.status, str(exc))
         return JSONResponse({"name": name, "unloaded": True})
 
     routes = [

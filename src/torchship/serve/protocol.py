@@ -194,8 +194,9 @@ def decode_inputs(request: InferRequest, binary: bytes, spec: IOSpec) -> dict[st
     return feeds
 
 
-def check_outputs(request: InferRequest, names: list[str]) -> None:
-    """Requested outputs the model gives: refused before the model runs, not after."""
+def check_outputs(request, names: list[str]) -> None:
+    """Requested outputs the model gives: refused before the model runs, not after (``request.outputs``: items
+    with a ``name``, as HTTP and gRPC requests both have)."""
     unknown = [o.name for o in request.outputs or () if o.name not in names]
     if unknown:
         raise BadRequest(f"unknown output(s) {unknown}; the model gives {names}")
@@ -234,6 +235,13 @@ def decode_request(body: bytes, header_length: str | None, spec: IOSpec) -> tupl
     (names, datatypes, shapes, values), requested outputs. Everything wrong in it is a ``BadRequest``."""
     request, binary = split_body(body, header_length)
     feeds = decode_inputs(request, binary, spec)
+    check_feeds(feeds, spec)
+    check_outputs(request, spec.output_names)
+    return request, feeds
+
+
+def check_feeds(feeds: dict[str, np.ndarray], spec: IOSpec) -> None:
+    """Decoded inputs the model can take: the spec's shapes, and no NaN or infinity."""
     try:
         spec.check(feeds)
     except SpecError as exc:
@@ -241,8 +249,6 @@ def decode_request(body: bytes, header_length: str | None, spec: IOSpec) -> tupl
     bad = [k for k, v in feeds.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
     if bad:
         raise BadRequest(f"input(s) {bad} hold NaN or infinite values, which the model cannot take")
-    check_outputs(request, spec.output_names)
-    return request, feeds
 
 
 def timeout_s(request: InferRequest) -> float | None:

@@ -18,11 +18,12 @@ class _Uvicorn(uvicorn.Server):
     response now closes its connection), exit. The process exits within the drain timeout whatever happens: a
     watchdog ends it there if a batch or a worker hangs. A second signal exits at once."""
 
-    def __init__(self, config: uvicorn.Config, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, drain_timeout: float, grpc_port: int | None = None):
         super().__init__(config)
         self.drain_timeout = drain_timeout
         self._draining = False
         self.watchdog: threading.Timer | None = None
+        self.grpc_port, self.grpc = grpc_port, None
 
     async def serve(self, sockets=None) -> None:
         """Every model loaded and warmed up before the port opens: a model that cannot load is one line (the error
@@ -30,8 +31,13 @@ class _Uvicorn(uvicorn.Server):
         models = self.config.app.state.server
         try:
             await models.start()
+            if self.grpc_port is not None:
+                from . import grpc
+                self.grpc = await grpc.start(models, self.config.host, self.grpc_port)
             await super().serve(sockets)
         finally:
+            if self.grpc is not None:
+                await self.grpc.stop(0)
             await models.stop()
 
     def handle_exit(self, sig, frame):
@@ -56,6 +62,9 @@ class _Uvicorn(uvicorn.Server):
         for listening in getattr(self, "servers", []):
             listening.close()
         reserve = min(2.0, 0.25 * self.drain_timeout)  # for uvicorn's own shutdown and stopping the models
+        if self.grpc is not None:  # refuses new calls at once, lets those in flight finish
+            stopping = asyncio.get_running_loop().create_task(self.grpc.stop(self.drain_timeout - reserve))
+            self._grpc_stopping = stopping
         while time.monotonic() < start + self.drain_timeout - reserve:
             if app_server.idle() and time.monotonic() - app_server.last_request > quiet:
                 break
@@ -71,9 +80,10 @@ def _exit_now(why: str) -> None:
 
 
 def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          drain_timeout: float = 30.0, log_level: str = "warning", on_verified=None) -> None:
-    """Verify every bundle (a bad one is one line, before anything binds), then serve until SIGTERM.
-    ``on_verified(found)`` is called with the (name, version, bundle) list once they are verified."""
+          drain_timeout: float = 30.0, log_level: str = "warning", on_verified=None, grpc_port: int | None = None) -> None:
+    """Verify every bundle (a bad one is one line, before anything binds), then serve until SIGTERM, over HTTP on
+    ``port`` and, with ``grpc_port``, over gRPC too. ``on_verified(found)`` is called with the (name, version,
+    bundle) list once they are verified."""
     import shutil
     import tempfile
     config = config or ServeConfig()
@@ -88,7 +98,7 @@ def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "
     app = create_app(paths, config, opened)
     ucfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout) or 1,
                           lifespan="on", access_log=False)
-    server = _Uvicorn(ucfg, drain_timeout)
+    server = _Uvicorn(ucfg, drain_timeout, grpc_port)
     try:
         server.run()
     finally:
