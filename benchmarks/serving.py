@@ -139,9 +139,9 @@ def measured(pid: int, load: "Load", url: str, model: str, *args, **kwargs) -> t
     return run, (cpu_seconds(pid) - used) / max(1, sum(run.statuses.values()))
 
 
-def single_request(url: str, model: str, dims: dict | None) -> tuple[bytes, dict]:
-    """Body and headers of a single-item binary infer request, from the model's metadata."""
-    return make_request(httpx.get(f"http://{url}/v2/models/{model}").json(), 1, dims or {}, True)
+def single_request(url: str, model: str, dims: dict | None, binary: bool = True) -> tuple[bytes, dict]:
+    """Body and headers of a single-item infer request (binary tensors, or JSON), from the model's metadata."""
+    return make_request(httpx.get(f"http://{url}/v2/models/{model}").json(), 1, dims or {}, binary)
 
 
 class Load:
@@ -157,9 +157,10 @@ class Load:
         subprocess.run([cc, "-O2", "-o", str(self.exe), str(here / "loadgen.c"), "-lm"], check=True)
         subprocess.run([cc, "-O2", "-o", str(self.ceiling_exe), str(here / "ceiling.c"), "-lpthread"], check=True)
 
-    def request(self, url: str, model: str, dims: dict | None = None, path: str | None = None) -> bytes:
+    def request(self, url: str, model: str, dims: dict | None = None, path: str | None = None,
+                binary: bool = True) -> bytes:
         """One single-item infer request for ``model``, as bytes on the wire (sent to ``path`` if given)."""
-        body, headers = single_request(url, model, dims)
+        body, headers = single_request(url, model, dims, binary)
         head = "".join(f"{k}: {v}\r\n" for k, v in {**headers, "Content-Length": len(body)}.items())
         return f"POST {path or f'/v2/models/{model}/infer'} HTTP/1.1\r\nHost: {url}\r\n{head}\r\n".encode() + body
 
@@ -214,6 +215,8 @@ def figures(load: Load, bundle: Path, model: str, offline: float, single: float,
             rows[label], cost[label] = measured(s.proc.pid, load, s.url, model, "closed", 64, duration, dims)
             if label == "on":
                 rows["c1"] = load(s.url, model, "closed", 1, duration, dims)
+                as_json = load.request(s.url, model, dims, binary=False)
+                rows["json"] = load(s.url, model, "closed", 64, duration, dims, request=as_json)
                 request, answer = load.request(s.url, model, dims), s.answer(model, dims)
                 missing = load.request(s.url, model, dims, path="/v2/models/no-such-model/infer")
                 _, cost["refusal"] = measured(s.proc.pid, load, s.url, model, "closed", 64, duration, request=missing)
@@ -225,6 +228,9 @@ def figures(load: Load, bundle: Path, model: str, offline: float, single: float,
     print(f"  batching on / off:                   {on.throughput / off.throughput:.2f}x  (goal >= 3; offline, batch "
           f"{batch} / batch 1: {offline / single:.1f}x)")
     print(f"concurrency 1: p50 {c1.pct(50):.2f} ms, {c1.throughput:,.1f} req/s")
+    js, kb = rows["json"], len(as_json.split(b"\r\n\r\n", 1)[1]) / 1024
+    print(f"concurrency 64, JSON requests ({kb:.0f} KB body, JSON "
+          f"answers): {js.throughput:,.1f} req/s, p99 {js.pct(99):.1f} ms, refused {js.refused()}")
     capacity = on.throughput
     with Server(bundle, "--max-batch-size", str(batch), "--slo-ms", f"{slo_ms:g}") as s:
         over = load(s.url, model, "poisson", 2 * capacity, duration, dims)

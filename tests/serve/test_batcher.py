@@ -212,3 +212,28 @@ def test_a_model_run_on_the_loop_gets_no_spinning_threads(digits_bundle, inline_
         await entry.stop()
         return opts.intra_op_num_threads, opts.get_session_config_entry("session.intra_op.allow_spinning")
     assert asyncio.run(main()) == (1, spin)
+
+
+def test_a_full_batch_of_an_inline_model_goes_from_the_request_that_filled_it_unless_the_loop_lags():
+    """Decided on the loop lag the batcher holds (set here), not on a clock."""
+    async def scenario(lag):
+        runner = FakeRunner()
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4, max_queue_requests=64), latency=LatencyModel(profile({1: 0.01, 4: 0.02})))
+        # not started: only the request that fills the batch can run it (the batcher's own loop never turns)
+        b.loop_lag.lag = lag
+        tasks = [asyncio.ensure_future(b.submit(x(1))) for _ in range(4)]
+        await asyncio.sleep(0)  # each submit runs up to its first await
+        ran = [len(bt["x"]) for bt in runner.batches]
+        for t in tasks:
+            t.cancel()
+        return ran
+    assert run(scenario(0.0)) == [4]
+    assert run(scenario(0.05)) == []  # the loop lags: the queue fills and sheds instead
+
+
+def test_a_request_whose_model_never_answers_gets_a_504():
+    async def scenario():
+        b = Batcher(FakeRunner(delay=0.6), SPEC, BatchConfig(timeout_s=0.1))  # a batch far past every deadline
+        return await _with(b, lambda: b.submit(x(1)))
+    with pytest.raises(DeadlineExceeded, match="gave no answer within 0.2 s"):
+        run(scenario())
