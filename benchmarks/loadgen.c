@@ -2,8 +2,9 @@
  * runs on (a Python generator takes about one core at 10,000 requests/s). One request, sent over keep-alive
  * connections, in one of two modes:
  *
- *   loadgen HOST PORT REQUEST_FILE closed CONNECTIONS SECONDS
- *       closed loop: each connection sends the next request as soon as the last answer arrives;
+ *   loadgen HOST PORT REQUEST_FILE closed CONNECTIONS SECONDS [BACKOFF_MS]
+ *       closed loop: each connection sends the next request as soon as the last answer arrives (after an
+ *       answer other than 200, BACKOFF_MS later if given: a client that honours Retry-After);
  *   loadgen HOST PORT REQUEST_FILE poisson RATE SECONDS MAX_CONNECTIONS SEED
  *       open loop: Poisson arrivals at RATE/s, each sent at its arrival time on an idle connection (a new one if
  *       none is idle, up to MAX_CONNECTIONS; past that the arrival is counted as not sent). Latency is measured
@@ -34,7 +35,7 @@
 typedef struct {
     int fd, busy, connected;
     size_t sent, got;
-    double arrival;
+    double arrival, retry_at;  /* retry_at > 0: waiting out a backoff before its next request */
     char buf[BUF];
 } Conn;
 
@@ -98,8 +99,9 @@ static int parse(Conn *c, int *status, int *close_after) {
     return c->got >= need;
 }
 
-static Conn **idle;
-static int n_idle, n_open;
+static Conn **idle, **waiting;
+static int n_idle, n_open, n_waiting, last_status;
+static double backoff;
 
 static void drop(Conn *c) {
     close(c->fd);
@@ -133,6 +135,7 @@ static int on_event(Conn *c, unsigned events) {
     if (!done) return 0;
     printf("%d %.0f\n", status, (now() - c->arrival) * 1e6);
     c->busy = 0;
+    last_status = status;
     if (close_after) {
         drop(c);
         return 0;
@@ -166,8 +169,10 @@ int main(int argc, char **argv) {
     double rate = atof(argv[5]), seconds = atof(argv[6]);
     int max_conns = open_loop ? atoi(argv[7]) : atoi(argv[5]);
     srand48(open_loop ? atol(argv[8]) : 0);
+    backoff = !open_loop && argc > 7 ? atof(argv[7]) / 1e3 : 0;
     ep = epoll_create1(0);
     idle = calloc(max_conns, sizeof(Conn *));
+    waiting = calloc(max_conns, sizeof(Conn *));
     int timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
     struct epoll_event tev = {.events = EPOLLIN, .data.ptr = NULL};
     epoll_ctl(ep, EPOLL_CTL_ADD, timer, &tev);
@@ -176,7 +181,7 @@ int main(int argc, char **argv) {
     if (!open_loop)
         for (int i = 0; i < max_conns; i++, n_open++) start(open_conn(), now());
     struct epoll_event events[256];
-    while (now() < stop + 5 && (now() < stop || n_open > n_idle)) {
+    while (now() < stop + 5 && (now() < stop || n_open > n_idle + n_waiting)) {
         if (open_loop && next < stop) {
             double t = now();
             for (; next <= t && next < stop; next += -log(1 - drand48()) / rate) {
@@ -191,7 +196,22 @@ int main(int argc, char **argv) {
             struct itimerspec at = {.it_value = {.tv_sec = (time_t)next, .tv_nsec = (long)((next - (time_t)next) * 1e9)}};
             timerfd_settime(timer, TFD_TIMER_ABSTIME, &at, NULL);
         }
-        int n = epoll_wait(ep, events, 256, 100);
+        for (int i = 0; i < n_waiting;) {  /* backoffs that are over: send again */
+            Conn *c = waiting[i];
+            if (c->retry_at > now()) {
+                i++;
+                continue;
+            }
+            waiting[i] = waiting[--n_waiting];
+            c->retry_at = 0;
+            if (now() < stop) {
+                start(c, now());
+                pump_write(c);
+            } else {
+                idle[n_idle++] = c;
+            }
+        }
+        int n = epoll_wait(ep, events, 256, n_waiting ? 1 : 100);
         for (int i = 0; i < n; i++) {
             Conn *c = events[i].data.ptr;
             if (!c) {
@@ -200,7 +220,10 @@ int main(int argc, char **argv) {
                 continue;
             }
             if (!on_event(c, events[i].events)) continue;
-            if (!open_loop && now() < stop) {
+            if (!open_loop && backoff > 0 && last_status != 200 && now() < stop) {
+                c->retry_at = now() + backoff;
+                waiting[n_waiting++] = c;
+            } else if (!open_loop && now() < stop) {
                 start(c, now());
                 pump_write(c);
             } else {

@@ -3,6 +3,7 @@
 1. Flood: the same server (--max-queue 16) under 64 and under 512 closed-loop connections, in interleaved rounds.
    Goals: accepted throughput at 512 >= 0.8 of it at 64; accepted p99 at 512 <= 2x the p99 at 64; the refusals'
    p99 <= 20 ms; no connection reset.
+   And 512 connections that, refused, wait the Retry-After (1 s) before sending again, as polite clients do.
 2. Drain: SIGTERM under a continuous load of 64 connections with --drain-timeout 3: answers, resets (connections that
    broke with a request written and unanswered), the time to exit.
 3. Big JSON: the server's RSS before, at its peak and after a 50 MB JSON request, and the latency of small requests
@@ -24,7 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from serving import Load, Server, cpu_seconds  # noqa: F401  (benchmarks/ is the working directory's sibling)
+from serving import Load, Server
 from torchship import OptimizeOptions, optimize
 from torchship.measure import estimate
 
@@ -43,13 +44,14 @@ def spread(values: list[float], fmt: str = "{:,.1f}") -> str:
 
 def flood(load: Load, bundle: Path, duration: float, rounds: int) -> None:
     runs: dict[int, list] = {64: [], 512: []}
-    opened = []
+    opened, polite = [], []
     with Server(bundle, "--max-queue", "16") as s:
         load(s.url, "digits-cnn", "closed", 64, 1.0)  # warm-up
         for _ in range(rounds):
             for conns in (64, 512):
                 runs[conns].append(load(s.url, "digits-cnn", "closed", conns, duration))
             opened.append(load(s.url, "digits-cnn", "poisson", 2 * runs[64][-1].throughput, duration))
+            polite.append(load(s.url, "digits-cnn", "closed", 512, duration, backoff_ms=1000))
     for conns, rs in runs.items():
         refused = np.concatenate([r.refused_ms for r in rs])
         print(f"{conns:>3} connections, --max-queue 16: accepted {spread([r.throughput for r in rs])} req/s, "
@@ -71,6 +73,10 @@ def flood(load: Load, bundle: Path, duration: float, rounds: int) -> None:
     little = [512 / r.throughput * 1e3 for r in runs[512]]
     print(f"  Little's law at 512 closed-loop connections (no think time): {spread(little)} ms a request at the "
           f"served rate, whatever the server; measured p50 {spread([r.pct(50) for r in runs[512]])} ms")
+    kept = [p.throughput / r.throughput for p, r in zip(polite, runs[64])]
+    p99s = [p.pct(99) / r.pct(99) for p, r in zip(polite, runs[64])]
+    print(f"512 connections that wait Retry-After (1 s) after a refusal: accepted {spread(kept, '{:.2f}')} of the "
+          f"64-connection throughput, p99 {spread(p99s, '{:.2f}')}x its p99; {', '.join(p.refused() for p in polite)}")
     served = [o.throughput / r.throughput for o, r in zip(opened, runs[64])]
     refused = np.concatenate([o.refused_ms for o in opened])
     print(f"open loop, Poisson at 2x the capacity at 64 connections (up to 512 connections): "

@@ -165,13 +165,14 @@ class Load:
         return f"POST {path or f'/v2/models/{model}/infer'} HTTP/1.1\r\nHost: {url}\r\n{head}\r\n".encode() + body
 
     def __call__(self, url: str, model: str, mode: str, value: float, seconds: float, dims: dict | None = None,
-                 request: bytes | None = None) -> Run:
+                 request: bytes | None = None, backoff_ms: float = 0) -> Run:
+        """``backoff_ms`` (closed loop): after an answer other than 200, a connection waits this long."""
         host, port = url.split(":")
         request_file = self.work / "request.bin"
         request_file.write_bytes(request or self.request(url, model, dims))
         with httpx.Client() as c:
             before = _counters(c, f"http://{url}", model)
-            extra = [str(MAX_OPEN), "0"] if mode == "poisson" else []
+            extra = [str(MAX_OPEN), "0"] if mode == "poisson" else [f"{backoff_ms:g}"] if backoff_ms else []
             out = subprocess.run([str(self.exe), host, port, str(request_file), mode, f"{value:g}", str(seconds), *extra],
                                  capture_output=True, text=True, timeout=seconds + 60, check=True).stdout.split("\n")
             after = _counters(c, f"http://{url}", model)

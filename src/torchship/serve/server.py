@@ -62,9 +62,9 @@ class _Uvicorn(uvicorn.Server):
         for listening in getattr(self, "servers", []):
             listening.close()
         reserve = min(2.0, 0.25 * self.drain_timeout)  # for uvicorn's own shutdown and stopping the models
-        if self.grpc is not None:  # refuses new calls at once, lets those in flight finish
-            stopping = asyncio.get_running_loop().create_task(self.grpc.stop(self.drain_timeout - reserve))
-            self._grpc_stopping = stopping
+        if self.grpc is not None:  # refuses new calls at once, lets those in flight finish (the task held: a task
+            # nobody references may be collected before it runs)
+            self._grpc_stopping = asyncio.get_running_loop().create_task(self.grpc.stop(self.drain_timeout - reserve))
         while time.monotonic() < start + self.drain_timeout - reserve:
             if app_server.idle() and time.monotonic() - app_server.last_request > quiet:
                 break
