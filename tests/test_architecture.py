@@ -152,6 +152,21 @@ def test_install_hints_name_extras_that_exist():
         MissingExtra("onnxruntime", "onnx")
 
 
+def test_a_missing_package_is_the_line_naming_its_extra_and_every_extra_it_names_installs_it():
+    from torchship.errors import PACKAGE_EXTRAS, MissingExtra, missing_extra
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    found = missing_extra(ModuleNotFoundError("No module named 'torch.nn'", name="torch.nn"), "the eager runtime")
+    assert isinstance(found, MissingExtra) and str(found) == (
+        "torch (for the eager runtime) is not installed; install it with: pip install 'torchship[torch]'")
+    other = ModuleNotFoundError("No module named 'mypkg'", name="mypkg")
+    assert missing_extra(other, "x") is other  # the user's own module missing: not an extra's
+    pip_names = {"sklearn": "scikit-learn", "torch_pruning": "torch-pruning", "ray": "ray[serve]",
+                 "tritonclient": "tritonclient[grpc]", "grpc": "grpcio"}
+    for module, extra in PACKAGE_EXTRAS.items():
+        wanted = pip_names.get(module, module)
+        assert any(req.split(">")[0].split(";")[0] == wanted for req in extras[extra]), (module, extra)
+
+
 def test_library_code_never_prints():
     """Library code reports through its return values, errors, progress callbacks and the 'torchship' logger:
     a print would corrupt `optimize --json` on stdout."""
