@@ -85,8 +85,8 @@ class Server:
         self.ready = False
         self.draining = False
         self.last_request = 0.0  # time.monotonic() of the latest infer request
-        # past this many infer requests in the server (read, queued or running), answer 503 before reading the body:
-        # under overload the event loop itself is a queue, and the batcher's limits cannot shed what it has not seen
+        # past this many infer requests not yet answered by a model, across models (being read, queued or running),
+        # answer 503 before reading the body
         b = config.batch
         self.max_in_flight = b.max_queue_requests + 64
         if b.slo_s is not None:  # SLO mode: a few batches' worth
