@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
-from serving import Load, free_port
+from serving import Load, Server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,29 +32,6 @@ def build(src: Path, out: Path) -> None:
             f"runtimes=('onnxrt',), batch_sizes=(1, 8, 64), seconds_per_size=0.3), out={str(out)!r})")
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(src)}, check=True,
                    capture_output=True)
-
-
-class Serving:
-    def __init__(self, src: Path, bundle: Path, cwd: Path, *args: str):
-        port = free_port()
-        self.url = f"127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "torchship.cli", "serve", str(bundle), "--port", str(port),
-                                      *args], env={**os.environ, "PYTHONPATH": str(src)}, cwd=cwd,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError(f"the server of {src} did not become ready")
-
-    def __enter__(self):
-        return self.url
-
-    def __exit__(self, *exc):
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
 
 
 def spread(values, fmt="{:,.2f}") -> str:
@@ -82,13 +56,15 @@ def main() -> None:
         figures = {k: {"binary": [], "json": [], "c1": [], "slo": []} for k in trees}
         for _ in range(args.rounds):
             for k, src in trees.items():
-                with Serving(src, bundles[k], work) as url:
+                with Server(bundles[k], src=src, cwd=work) as served:
+                    url = served.url
                     f = figures[k]
                     f["binary"].append(load(url, "digits-cnn", "closed", 64, args.duration).throughput)
                     as_json = load.request(url, "digits-cnn", binary=False)
                     f["json"].append(load(url, "digits-cnn", "closed", 64, args.duration, request=as_json).throughput)
                     f["c1"].append(load(url, "digits-cnn", "closed", 1, args.duration / 2).pct(50))
-                with Serving(src, bundles[k], work, "--max-batch-size", "64", "--slo-ms", "50") as url:
+                with Server(bundles[k], "--max-batch-size", "64", "--slo-ms", "50", src=src, cwd=work) as served:
+                    url = served.url
                     capacity = figures[k]["binary"][-1]
                     run = load(url, "digits-cnn", "poisson", 2 * capacity, args.duration)
                     f["slo"].append(run.goodput(50) / capacity)

@@ -50,11 +50,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, bundle: Path, *args: str):
+    def __init__(self, bundle: Path, *args: str, src: Path | None = None, cwd: Path | None = None):
+        """``src``: serve with torchship from that source tree (benchmarks/front_ab.py's old and new)."""
         self.port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(src)} if src is not None else None
         self.proc = subprocess.Popen([sys.executable, "-m", "torchship.cli", "serve", str(bundle), "--port", str(self.port),
                                       "--trust-code", *args],  # this script's own bundles, whatever runtime won
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
         for _ in range(300):
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1).status_code == 200:

@@ -159,8 +159,6 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         except ServeError as exc:
             return await self._fail(context, e, exc)
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
             return await self._fail(context, e, ModelFailed(f"the model failed on this batch: {type(exc).__name__}: {exc}"))
         finally:
             if not queued:
@@ -168,28 +166,22 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         e.metrics.success.inc()
         return encode(request, outputs, e.name, e.version)
 
-    def _authorized(self, context) -> bool:
-        given = dict(context.invocation_metadata()).get("authorization", "")
-        return self.server.authorized(given)
-
-    async def RepositoryModelLoad(self, request, context):
-        if not self._authorized(context):
+    async def _admin(self, context, change) -> None:
+        """A repository change (``change()``, awaited) behind the admin token, sent as 'authorization' metadata."""
+        if not self.server.authorized(dict(context.invocation_metadata()).get("authorization", "")):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "model repository changes need --repository and the "
                                 "admin token, sent as metadata 'authorization: Bearer TOKEN'")
         try:
-            await self.server.reload(request.model_name)
+            await change()
         except ServeError as exc:
             await context.abort(CODES.get(exc.status, grpc.StatusCode.UNKNOWN), str(exc))
+
+    async def RepositoryModelLoad(self, request, context):
+        await self._admin(context, lambda: self.server.reload(request.model_name))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
-        if not self._authorized(context):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "model repository changes need --repository and the "
-                                "admin token, sent as metadata 'authorization: Bearer TOKEN'")
-        try:
-            await self.server.unload(request.model_name)
-        except ServeError as exc:
-            await context.abort(CODES.get(exc.status, grpc.StatusCode.UNKNOWN), str(exc))
+        await self._admin(context, lambda: self.server.unload(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
 
