@@ -7,11 +7,12 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup demo test test-fast bench clean system-deps cpp
 
 # from Debian: a compiler and CMake (AOTInductor, torch.compile, and the C++ loader in cpp/ against the LibTorch
-# inside the torch wheel) and iproute2 (the Ray tests run the cluster in a network namespace of their own)
+# inside the torch wheel), iproute2 (the Ray tests run the cluster in a network namespace of their own) and
+# nghttp2-client (h2load: benchmarks/serving.py's gRPC load)
 system-deps:
-	@command -v cmake >/dev/null && command -v c++ >/dev/null && command -v ip >/dev/null || { \
+	@command -v cmake >/dev/null && command -v c++ >/dev/null && command -v ip >/dev/null && command -v h2load >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends cmake g++ make iproute2; }
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends cmake g++ make iproute2 nghttp2-client; }
 
 cpp: $(STAMP) system-deps
 	cmake -S cpp -B build/cpp -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \

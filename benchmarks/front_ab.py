@@ -7,9 +7,10 @@ round by round, under benchmarks/loadgen.c:
 - concurrency 1: p50;
 - open loop, Poisson at twice each tree's own c64 capacity, --slo-ms 50: goodput as a fraction of that capacity.
 
-Prints each figure per tree as median [low-high] over the rounds, and the ratio new / old per round.
+Prints each figure per tree as median [low-high] over the rounds, and the ratio new / old per round. With
+``--procs N``, this tree serves from N server processes on the port (``serve --procs N``).
 
-    python benchmarks/front_ab.py --old cbf2f30 [--rounds 3] [--duration 4]
+    python benchmarks/front_ab.py --old cbf2f30 [--procs 2] [--rounds 3] [--duration 4]
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ def main() -> None:
     p.add_argument("--old", required=True, help="the commit to compare with (checked out in a temporary worktree)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=4.0)
+    p.add_argument("--procs", type=int, default=1, help="server processes for this tree (serve --procs)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="torchship-ab-"))
     old = work / "old"
@@ -54,23 +57,26 @@ def main() -> None:
             build(src, bundles[k])
         load = Load(work)
         figures = {k: {"binary": [], "json": [], "c1": [], "slo": []} for k in trees}
+        procs = {"old": [], "new": ["--procs", str(args.procs)] if args.procs > 1 else []}
         for _ in range(args.rounds):
             for k, src in trees.items():
-                with Server(bundles[k], src=src, cwd=work) as served:
+                with Server(bundles[k], *procs[k], src=src, cwd=work) as served:
+                    time.sleep(1.0)  # every server process listening
                     url = served.url
                     f = figures[k]
                     f["binary"].append(load(url, "digits-cnn", "closed", 64, args.duration).throughput)
                     as_json = load.request(url, "digits-cnn", binary=False)
                     f["json"].append(load(url, "digits-cnn", "closed", 64, args.duration, request=as_json).throughput)
                     f["c1"].append(load(url, "digits-cnn", "closed", 1, args.duration / 2).pct(50))
-                with Server(bundles[k], "--max-batch-size", "64", "--slo-ms", "50", src=src, cwd=work) as served:
+                with Server(bundles[k], "--max-batch-size", "64", "--slo-ms", "50", *procs[k], src=src, cwd=work) as served:
+                    time.sleep(1.0)
                     url = served.url
                     capacity = figures[k]["binary"][-1]
                     run = load(url, "digits-cnn", "poisson", 2 * capacity, args.duration)
                     f["slo"].append(run.goodput(50) / capacity)
         rows = [("c64 binary, req/s", "binary", "{:,.0f}"), ("c64 JSON (16 KB), req/s", "json", "{:,.0f}"),
                 ("c1 p50, ms", "c1", "{:.3f}"), ("Poisson 2x, --slo-ms 50: goodput / capacity", "slo", "{:.2f}")]
-        print(f"old = {args.old}, new = this tree; {args.rounds} interleaved rounds, {os.cpu_count()} cores shared "
+        print(f"old = {args.old}, new = this tree{f' with --procs {args.procs}' if args.procs > 1 else ''}; {args.rounds} interleaved rounds, {os.cpu_count()} cores shared "
               "with the load generator")
         for label, key, fmt in rows:
             a, b = figures["old"][key], figures["new"][key]

@@ -14,11 +14,17 @@ What any server could reach here: benchmarks/ceiling.c, a C server that reads ea
 answer, is measured with the same generator, and each goal is set against it (its rate bounds served / offline;
 its CPU a request bounds batching on / off; what refusing costs against serving bounds goodput under overload).
 
+The fronts, on digits-cnn at concurrency 64 in interleaved rounds: one server process (`--procs 1`) against two
+on the port (`--procs 2`), each over HTTP with binary and with JSON tensors and over gRPC, beside what grpcio
+reaches in one Python process (benchmarks/grpc_ceiling.py, a servicer that returns a fixed answer). The gRPC load
+comes from h2load (nghttp2's HTTP/2 generator, in C; `make system-deps` installs it), one call in flight on each of
+64 connections, like loadgen.c's closed loop; the calls torchship served are counted from its metrics.
+
 digits-cnn costs about 2 us an item offline, so on it an HTTP request is the whole cost. `--minilm` adds the same
 figures on MiniLM (single sentences of 64 tokens, ONNX Runtime), a model whose compute dominates, to show what
 the batcher itself gives up against offline batching and how SLO mode sheds overload.
 
-    python benchmarks/serving.py [--duration 5] [--slo-ms 50] [--minilm] [--minilm-slo-ms 500]
+    python benchmarks/serving.py [--duration 5] [--slo-ms 50] [--rounds 2] [--minilm] [--minilm-slo-ms 500]
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -36,10 +43,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 
 from torchship import OptimizeOptions, load_bundle, optimize
 from torchship.perf import MAX_OPEN, _counters, make_request
 from torchship.profile import median_s
+from torchship.serve.protocol import HEADER
 from torchship.zoo.digits import dataset
 
 
@@ -189,10 +198,60 @@ class Load:
                    int(tail["not_sent"]), batch, np.array([int(us) / 1e3 for status, us in rows if status != "200"]))
 
 
+def grpc_request(url: str, model: str, dims: dict | None) -> bytes:
+    """One single-item ModelInfer call as h2load sends it: the gRPC frame (flag, length, message) of the request
+    whose tensors travel in raw_input_contents, the same tensors as the binary HTTP request's."""
+    from tritonclient.grpc import service_pb2 as pb
+    body, headers = single_request(url, model, dims)
+    n = int(headers[HEADER])
+    head, raw, at = orjson.loads(body[:n]), body[n:], 0
+    request = pb.ModelInferRequest(model_name=model)
+    for i in head["inputs"]:
+        request.inputs.add(name=i["name"], datatype=i["datatype"], shape=i["shape"])
+        size = i["parameters"]["binary_data_size"]
+        request.raw_input_contents.append(raw[at:at + size])
+        at += size
+    message = request.SerializeToString()
+    return b"\0" + struct.pack(">I", len(message)) + message
+
+
+def served(url: str, model: str) -> float:
+    """torchship_request_success_total of ``model``, all versions (every server process's, summed)."""
+    rows = httpx.get(f"http://{url}/metrics").text.splitlines()
+    return sum(float(r.rsplit(" ", 1)[1]) for r in rows
+               if r.startswith("torchship_request_success_total{") and f'model="{model}"' in r)
+
+
+class GrpcLoad:
+    """h2load, a closed loop of ``conns`` connections with one call in flight each, sending the same gRPC call."""
+
+    def __init__(self, work: Path):
+        self.exe, self.work = shutil.which("h2load"), work
+
+    def __call__(self, grpc_url: str, call: bytes, conns: int, seconds: float, http_url: str | None = None,
+                 model: str = "") -> Run:
+        """With ``http_url`` (torchship's), the calls it served come from its metrics (gRPC errors travel in an HTTP
+        200); without (the ceiling), every HTTP 200 counts."""
+        body, log = self.work / "grpc-call.bin", self.work / "h2load.log"
+        body.write_bytes(call)
+        before = served(http_url, model) if http_url else 0.0
+        subprocess.run([self.exe, "-D", f"{seconds:g}", "-c", str(conns), "-m", "1", "-t", "1", "-d", str(body),
+                        "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log),
+                        f"http://{grpc_url}/inference.GRPCInferenceService/ModelInfer"],
+                       capture_output=True, text=True, timeout=seconds + 60, check=True)
+        rows = [line.split("\t") for line in log.read_text().splitlines() if line]
+        ok = np.array([int(us) / 1e3 for _, status, us in rows if status == "200"])
+        answered = int(served(http_url, model) - before) if http_url else len(ok)
+        statuses = {200: answered, **({0: len(rows) - answered} if len(rows) > answered else {})}
+        # a failed call's latency cannot be told from a served one's: with failures, the first ``answered`` stand in
+        return Run(seconds, statuses, ok[:answered], 0, None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--slo-ms", type=float, default=50.0)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the fronts' comparison")
     p.add_argument("--minilm", action="store_true", help="also serve MiniLM (needs the nlp extra)")
     p.add_argument("--minilm-slo-ms", type=float, default=500.0)
     args = p.parse_args()
@@ -206,6 +265,7 @@ def main() -> None:
     print(f"digits-cnn bundle: {res.chosen.name}; offline batched throughput at batch 64: {offline:,.0f} items/s, "
           f"at batch 1: {single:,.0f} ({os.cpu_count()} cores, server and load generator share them)")
     figures(load, res.bundle, "digits-cnn", offline, single, args.duration, args.slo_ms, batch=64)
+    fronts(load, GrpcLoad(work), res.bundle, "digits-cnn", args.duration, args.rounds)
     if args.minilm:
         minilm(load, work, args.duration, args.minilm_slo_ms)
 
@@ -242,6 +302,56 @@ def figures(load: Load, bundle: Path, model: str, offline: float, single: float,
           f"of accepted {over.pct(99):.1f} ms (SLO {slo_ms:g} ms); avg batch {over.avg_batch or 0:.1f}; "
           f"refused {over.refused()}")
     bounds(load, model, request, answer, offline, single, batch, duration, cost, on)
+
+
+def fronts(load: Load, grpc: GrpcLoad, bundle: Path, model: str, duration: float, rounds: int) -> None:
+    """--procs 1 against --procs 2 (HTTP binary, HTTP JSON, gRPC at concurrency 64; concurrency 1 p50) and grpcio's
+    own ceiling, in interleaved rounds; each ratio is taken within a round."""
+    if grpc.exe is None:
+        print("fronts: skipped, h2load is not installed (`make system-deps`, or apt-get install nghttp2-client)")
+        return
+    rows = {(procs, kind): [] for procs in (1, 2) for kind in ("binary", "json", "grpc", "c1")}
+    ceiling = []
+    for _ in range(rounds):
+        for procs in (1, 2):
+            gport = free_port()
+            with Server(bundle, "--procs", str(procs), "--grpc-port", str(gport)) as s:
+                time.sleep(1.0)  # every server process listening (the first ready one answered the health check)
+                rows[procs, "binary"].append(load(s.url, model, "closed", 64, duration).throughput)
+                as_json = load.request(s.url, model, binary=False)
+                rows[procs, "json"].append(load(s.url, model, "closed", 64, duration, request=as_json).throughput)
+                call = grpc_request(s.url, model, None)
+                rows[procs, "grpc"].append(grpc(f"127.0.0.1:{gport}", call, 64, duration, s.url, model).throughput)
+                rows[procs, "c1"].append(load(s.url, model, "closed", 1, duration / 2).pct(50))
+        port = free_port()
+        top = subprocess.Popen([sys.executable, str(Path(__file__).with_name("grpc_ceiling.py")), str(port)],
+                               stdout=subprocess.PIPE, text=True)
+        try:
+            if top.stdout.readline().strip() != "ready":
+                raise RuntimeError("benchmarks/grpc_ceiling.py did not start")
+            ceiling.append(grpc(f"127.0.0.1:{port}", call, 64, duration).throughput)
+        finally:
+            top.kill()
+            top.wait(10)
+
+    def spread(values, fmt="{:,.0f}") -> str:
+        return f"{fmt.format(float(np.median(values)))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+    def ratio(a, b) -> str:
+        return spread([x / y for x, y in zip(a, b)], "{:.2f}")
+    print(f"fronts, {model} at concurrency 64, {rounds} interleaved rounds (median [low-high]); {os.cpu_count()} cores "
+          "shared with the load generators:")
+    for procs in (1, 2):
+        print(f"  --procs {procs}: HTTP binary {spread(rows[procs, 'binary'])} req/s, HTTP JSON (16 KB) "
+              f"{spread(rows[procs, 'json'])}, gRPC {spread(rows[procs, 'grpc'])}; concurrency 1 p50 "
+              f"{spread(rows[procs, 'c1'], '{:.2f}')} ms")
+    print(f"  grpcio's own ceiling (a servicer answering a fixed ModelInferResponse, one process): {spread(ceiling)} req/s")
+    print(f"  --procs 2 / --procs 1: HTTP binary {ratio(rows[2, 'binary'], rows[1, 'binary'])}, JSON "
+          f"{ratio(rows[2, 'json'], rows[1, 'json'])}, gRPC {ratio(rows[2, 'grpc'], rows[1, 'grpc'])}, concurrency 1 "
+          f"p50 {ratio(rows[2, 'c1'], rows[1, 'c1'])}")
+    print(f"  gRPC / HTTP binary: --procs 1 {ratio(rows[1, 'grpc'], rows[1, 'binary'])}, --procs 2 "
+          f"{ratio(rows[2, 'grpc'], rows[2, 'binary'])}; torchship's gRPC (--procs 1) / grpcio's ceiling "
+          f"{ratio(rows[1, 'grpc'], ceiling)}; the ceiling / torchship's HTTP binary {ratio(ceiling, rows[1, 'binary'])}")
 
 
 def bounds(load: Load, model: str, request: bytes, answer: bytes, offline: float, single: float, batch: int,

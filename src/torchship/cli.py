@@ -216,8 +216,10 @@ def serve(
     port: int = typer.Option(8000, help="port to bind"),
     grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="also serve the protocol over gRPC on this port "
                                             "(pip install 'torchship[grpc]'): tritonclient.grpc, same limits and metrics"),
+    procs: int = typer.Option(1, help="server processes sharing the ports (SO_REUSEPORT), each a whole server with its own "
+                              "copy of every model: for models that take less time than handling their requests"),
     workers: int = typer.Option(1, help="model worker processes, each with its own copy and cores/N threads"),
-    threads: Optional[int] = typer.Option(None, help="intra-op threads per worker (default: cores / workers)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads per worker (default: cores / (procs x workers))"),
     max_batch_size: Optional[int] = typer.Option(None, help="largest batch (default: the bundle's chosen batch size)"),
     max_queue_delay_us: int = typer.Option(0, help="longest wait for a batch to fill, in microseconds (0: batch what is queued when a worker is free)"),
     preferred_batch_sizes: Optional[str] = typer.Option(None, help="dispatch as soon as one of these sizes is reached, e.g. 8,16"),
@@ -250,8 +252,8 @@ def serve(
     from .serve.batcher import BatchConfig
     from .serve.server import serve as run
     _no_code_from_the_current_directory()
-    if workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if workers < 1 or procs < 1:
+        raise UsageError(f"--workers and --procs must be at least 1, got {workers} and {procs}")
     batch = BatchConfig(max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
                         slo_s=slo_ms / 1e3 if slo_ms else None, inline_s=inline_under_ms / 1e3,
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
@@ -262,6 +264,8 @@ def serve(
                          repository=repository, admin_token=_admin_token(admin_token_file), trust_code=trust_code,
                          verify_key=verify_key)
     if ray:
+        if procs > 1:
+            raise UsageError("--procs is for one machine; on Ray Serve, scale with --replicas")
         from .bundle import verify
         from .serve.ray import RayConfig, application, serve_ray
         from .serve.registry import discover
@@ -277,11 +281,13 @@ def serve(
     def announce(found):
         over = f" and grpc://{host}:{grpc_port}" if grpc_port is not None else ""
         err.print(f"serving {escape(', '.join(f'{n} v{v}' for n, v, _ in found))} on http://{host}:{port}/v2{over} "
-                  f"({workers} worker{'s' if workers > 1 else ''}); ready once warmed up at /v2/health/ready", highlight=False)
+                  f"({f'{procs} server processes, ' if procs > 1 else ''}{workers} worker{'s' if workers > 1 else ''}"
+                  f"{' each' if procs > 1 else ''}); ready once warmed up at /v2/health/ready", highlight=False)
     if grpc_port is not None:
         import importlib
         importlib.import_module("torchship.serve.grpc")  # the extra installed, before any model loads
-    run(bundles, config, host=host, port=port, drain_timeout=drain_timeout, on_verified=announce, grpc_port=grpc_port)
+    run(bundles, config, host=host, port=port, drain_timeout=drain_timeout, on_verified=announce, grpc_port=grpc_port,
+        procs=procs)
 
 
 @app.command()

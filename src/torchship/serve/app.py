@@ -15,10 +15,11 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import orjson
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -92,6 +93,8 @@ class Server:
         if b.slo_s is not None:  # SLO mode: a few batches' worth
             self.max_in_flight = min(self.max_in_flight, 4 * (config.max_batch_size or b.max_batch_size) + 64)
         self._swap = asyncio.Lock()
+        # with several server processes on the port (serve --procs): sends a repository change to every one of them
+        self.broadcast: Callable[[str, str], Awaitable[dict]] | None = None
 
     def batch_config(self, manifest) -> BatchConfig:
         size = self.config.max_batch_size or manifest.max_batch_size or self.config.batch.max_batch_size
@@ -184,11 +187,25 @@ class Server:
         return hmac.compare_digest(given[len(scheme):].strip().encode(), token.encode())
 
     async def reload(self, name: str) -> tuple[list[str], list[str]]:
+        """``reload_here`` in this process, or in every server process on the port."""
+        if self.broadcast is None:
+            return await self.reload_here(name)
+        done = await self.broadcast("load", name)
+        return done["versions"], done["unloaded"]
+
+    async def unload(self, name: str) -> None:
+        if self.broadcast is None:
+            return await self.unload_here(name)
+        await self.broadcast("unload", name)
+
+    async def reload_here(self, name: str) -> tuple[list[str], list[str]]:
         """Load every version of ``name`` now in the repository (new or changed ones verified, then swapped in) and
         unload the versions no longer there: (versions loaded, versions unloaded). ``NotFound`` when none is left."""
         try:
             paths = [(v, p) for n, v, p in discover(self.config.repository, empty_ok=True) if n == name]
-            found = await self.open([p for _, p in paths]) if paths else []
+            opened = await self.open([p for _, p in paths]) if paths else []
+            # named by the repository's layout (REPO/NAME/VERSION), as at start, not by the manifest inside
+            found = [(name, v, verified) for (v, _), (_, _, verified) in zip(paths, opened)]
         except ServeError:
             raise
         except TorchshipError as exc:
@@ -204,7 +221,7 @@ class Server:
                            + (f"; unloaded its versions {gone}" if gone else ""))
         return [v for _, v, _ in found], gone
 
-    async def unload(self, name: str) -> None:
+    async def unload_here(self, name: str) -> None:
         if name not in self.models:
             raise NotFound(f"unknown model {name!r}")
         async with self._swap:
@@ -378,7 +395,7 @@ def create_app(paths: list[Path], config: ServeConfig | None = None, opened: lis
         return JSONResponse({"name": e.name, "ready": ok}, status_code=200 if ok else 503)
 
     async def metrics(request):
-        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     forbidden = ("model repository changes need --repository and the admin token (TORCHSHIP_ADMIN_TOKEN or "
                  "--admin-token-file), sent as 'Authorization: Bearer TOKEN'")

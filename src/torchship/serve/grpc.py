@@ -185,11 +185,12 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-async def start(server, host: str, port: int):
-    """A grpc.aio server on the running event loop, serving ``server``'s models; returns it (``await g.stop(grace)``)."""
+async def start(server, host: str, port: int, reuse_port: bool = False):
+    """A grpc.aio server on the running event loop, serving ``server``'s models; returns it (``await g.stop(grace)``).
+    ``reuse_port``: one of several server processes sharing the port (else a port in use is an error)."""
     limit = server.config.max_body_bytes
     g = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1),
-                                 ("grpc.so_reuseport", 0)])
+                                 ("grpc.so_reuseport", int(reuse_port))])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(server), g)
     if g.add_insecure_port(f"{host}:{port}") == 0:
         raise UsageError(f"cannot bind the gRPC port {host}:{port} (in use?): choose another --grpc-port")

@@ -1,7 +1,13 @@
-"""Prometheus metrics for the server (one registry per app, so tests and reloads never collide)."""
+"""Prometheus metrics for the server (one registry per app, so tests and reloads never collide).
+
+With several server processes on one port (``serve --procs N``), each process writes its series to files in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, chosen when it is imported) and /metrics, from
+whichever process answers, sums them all."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -20,9 +26,20 @@ class Metrics:
                                     buckets=_BUCKETS, registry=r)
         self.compute_time = Histogram("torchship_compute_duration_seconds", "Time to run one batch", labels,
                                       buckets=_BUCKETS, registry=r)
-        self.queue_depth = Gauge("torchship_queue_depth", "Requests waiting in the queue", labels, registry=r)
+        self.queue_depth = Gauge("torchship_queue_depth", "Requests waiting in the queue", labels, registry=r,
+                                 multiprocess_mode="livesum")
         self.rejected = Counter("torchship_rejected", "Requests turned away before running, by reason",
                                 labels + ["reason"], registry=r)
+
+    def exposition(self) -> bytes:
+        """The text /metrics answers: this registry's, or every server process's summed."""
+        where = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not where:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+        summed = CollectorRegistry()
+        multiprocess.MultiProcessCollector(summed, path=where)
+        return generate_latest(summed)
 
     def model(self, model: str, version: str) -> "ModelMetrics":
         return ModelMetrics(self, model, version)

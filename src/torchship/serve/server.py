@@ -1,16 +1,21 @@
-"""Run the server: uvicorn on one port; SIGTERM stops readiness, drains, then exits."""
+"""Run the server: uvicorn on one port (or ``procs`` processes sharing it, see ``procs.py``); SIGTERM stops
+readiness, drains, then exits."""
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import uvicorn
 
-from .app import ServeConfig, create_app, open_bundles
+from ..errors import TorchshipError, UsageError
+from .app import Found, ServeConfig, create_app, open_bundles
+from .procs import Link, own_snapshots, shared_socket, supervise
 
 
 class _Uvicorn(uvicorn.Server):
@@ -18,12 +23,13 @@ class _Uvicorn(uvicorn.Server):
     response now closes its connection), exit. The process exits within the drain timeout whatever happens: a
     watchdog ends it there if a batch or a worker hangs. A second signal exits at once."""
 
-    def __init__(self, config: uvicorn.Config, drain_timeout: float, grpc_port: int | None = None):
+    def __init__(self, config: uvicorn.Config, drain_timeout: float, grpc_port: int | None = None, link=None):
         super().__init__(config)
         self.drain_timeout = drain_timeout
         self._draining = False
         self.watchdog: threading.Timer | None = None
         self.grpc_port, self.grpc = grpc_port, None
+        self.link = link  # to the supervisor, in one of several server processes (procs.Link)
 
     async def serve(self, sockets=None) -> None:
         """Every model loaded and warmed up before the port opens: a model that cannot load is one line (the error
@@ -31,14 +37,21 @@ class _Uvicorn(uvicorn.Server):
         models = self.config.app.state.server
         try:
             await models.start()
+            if self.link is not None:
+                await self.link.joined(models)  # the repository changes made since the supervisor started
             if self.grpc_port is not None:
                 from . import grpc
-                self.grpc = await grpc.start(models, self.config.host, self.grpc_port)
+                self.grpc = await grpc.start(models, self.config.host, self.grpc_port, reuse_port=self.link is not None)
             await super().serve(sockets)
         finally:
             if self.grpc is not None:
                 await self.grpc.stop(0)
             await models.stop()
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.link is not None and not self.should_exit:
+            self.link.ready()
 
     def handle_exit(self, sig, frame):
         if self._draining:
@@ -80,30 +93,53 @@ def _exit_now(why: str) -> None:
 
 
 def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          drain_timeout: float = 30.0, log_level: str = "warning", on_verified=None, grpc_port: int | None = None) -> None:
+          drain_timeout: float = 30.0, log_level: str = "warning", on_verified=None, grpc_port: int | None = None,
+          procs: int = 1) -> None:
     """Verify every bundle (a bad one is one line, before anything binds), then serve until SIGTERM, over HTTP on
-    ``port`` and, with ``grpc_port``, over gRPC too. ``on_verified(found)`` is called with the (name, version,
-    bundle) list once they are verified."""
-    import shutil
-    import tempfile
+    ``port`` and, with ``grpc_port``, over gRPC too; with ``procs`` > 1, from that many server processes sharing
+    the ports (each with its own copy of every model and its own batcher). ``on_verified(found)`` is called with
+    the (name, version, bundle) list once they are verified."""
+    if procs < 1:
+        raise UsageError(f"--procs must be at least 1, got {procs}")
     config = config or ServeConfig()
     into = Path(tempfile.mkdtemp(prefix="torchship-serve-"))
     try:
         opened = open_bundles(paths, into, config)
-    except BaseException:
+        if on_verified is not None:
+            on_verified(opened)
+        if procs > 1:
+            supervise(server_process, paths, config, opened, procs, host=host, port=port, grpc_port=grpc_port,
+                      drain_timeout=drain_timeout, log_level=log_level)
+        else:
+            run(paths, config, opened, host=host, port=port, drain_timeout=drain_timeout, log_level=log_level,
+                grpc_port=grpc_port)
+    finally:
         shutil.rmtree(into, ignore_errors=True)
-        raise
-    if on_verified is not None:
-        on_verified(opened)
+
+
+def run(paths: list[Path], config: ServeConfig, opened: list[Found], *, host: str, port: int, drain_timeout: float,
+        log_level: str, grpc_port: int | None, link=None) -> None:
+    """One server process over verified bundles; with ``link``, one of several on the same ports."""
     app = create_app(paths, config, opened)
     ucfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout) or 1,
                           lifespan="on", access_log=False)
-    server = _Uvicorn(ucfg, drain_timeout, grpc_port)
+    server = _Uvicorn(ucfg, drain_timeout, grpc_port, link)
     try:
-        server.run()
+        server.run(sockets=[shared_socket(host, port)] if link is not None else None)
     finally:
         if server.watchdog is not None:
             server.watchdog.cancel()
+
+
+def server_process(index: int, paths, config: ServeConfig, opened: list[Found], options: dict, asks, orders,
+                   replay: list) -> None:
+    """One of several server processes (``supervise`` starts it in a fresh interpreter)."""
+    os.setpgrp()  # Ctrl-C reaches the supervisor alone, which passes it on once
+    into = Path(tempfile.mkdtemp(prefix=f"torchship-serve-{index}-"))
+    try:
+        run(paths, config, own_snapshots(opened, into), link=Link(index, asks, orders, replay), **options)
+    except TorchshipError as exc:
+        sys.stderr.write(f"torchship serve: server process {index}: {exc}\n")
+        sys.exit(1)
+    finally:
         shutil.rmtree(into, ignore_errors=True)
-
-
