@@ -14,8 +14,9 @@ What any server could reach here: benchmarks/ceiling.c, a C server that reads ea
 answer, is measured with the same generator, and each goal is set against it (its rate bounds served / offline;
 its CPU a request bounds batching on / off; what refusing costs against serving bounds goodput under overload).
 
-The fronts, on digits-cnn at concurrency 64 in interleaved rounds: one server process (`--procs 1`) against two
-on the port (`--procs 2`), each over HTTP with binary and with JSON tensors and over gRPC, beside what grpcio
+The fronts, on digits-cnn at concurrency 64 in interleaved rounds: one server process (`--procs 1`), two on the
+port (`--procs 2`), and one that waits up to 1 ms for a batch to fill (`--max-queue-delay-us 1000`: gRPC calls
+reach the batcher one at a time), each over HTTP with binary and with JSON tensors and over gRPC, beside what grpcio
 reaches in one Python process (benchmarks/grpc_ceiling.py, a servicer that returns a fixed answer). The gRPC load
 comes from h2load (nghttp2's HTTP/2 generator, in C; `make system-deps` installs it), one call in flight on each of
 64 connections, like loadgen.c's closed loop; the calls torchship served are counted from its metrics.
@@ -234,6 +235,7 @@ class GrpcLoad:
         200); without (the ceiling), every HTTP 200 counts."""
         body, log = self.work / "grpc-call.bin", self.work / "h2load.log"
         body.write_bytes(call)
+        log.unlink(missing_ok=True)  # h2load appends to its log
         before = served(http_url, model) if http_url else 0.0
         subprocess.run([self.exe, "-D", f"{seconds:g}", "-c", str(conns), "-m", "1", "-t", "1", "-d", str(body),
                         "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log),
@@ -304,25 +306,29 @@ def figures(load: Load, bundle: Path, model: str, offline: float, single: float,
     bounds(load, model, request, answer, offline, single, batch, duration, cost, on)
 
 
+FRONTS = {"--procs 1": [], "--procs 2": ["--procs", "2"], "--max-queue-delay-us 1000": ["--max-queue-delay-us", "1000"]}
+
+
 def fronts(load: Load, grpc: GrpcLoad, bundle: Path, model: str, duration: float, rounds: int) -> None:
-    """--procs 1 against --procs 2 (HTTP binary, HTTP JSON, gRPC at concurrency 64; concurrency 1 p50) and grpcio's
-    own ceiling, in interleaved rounds; each ratio is taken within a round."""
+    """One server process, two on the port, and one that waits up to 1 ms for a batch to fill (HTTP binary, HTTP
+    JSON, gRPC at concurrency 64; concurrency 1 p50), and grpcio's own ceiling, in interleaved rounds; each ratio is
+    taken within a round."""
     if grpc.exe is None:
         print("fronts: skipped, h2load is not installed (`make system-deps`, or apt-get install nghttp2-client)")
         return
-    rows = {(procs, kind): [] for procs in (1, 2) for kind in ("binary", "json", "grpc", "c1")}
+    rows = {(front, kind): [] for front in FRONTS for kind in ("binary", "json", "grpc", "c1")}
     ceiling = []
     for _ in range(rounds):
-        for procs in (1, 2):
+        for front, args in FRONTS.items():
             gport = free_port()
-            with Server(bundle, "--procs", str(procs), "--grpc-port", str(gport)) as s:
+            with Server(bundle, *args, "--grpc-port", str(gport)) as s:
                 time.sleep(1.0)  # every server process listening (the first ready one answered the health check)
-                rows[procs, "binary"].append(load(s.url, model, "closed", 64, duration).throughput)
+                rows[front, "binary"].append(load(s.url, model, "closed", 64, duration).throughput)
                 as_json = load.request(s.url, model, binary=False)
-                rows[procs, "json"].append(load(s.url, model, "closed", 64, duration, request=as_json).throughput)
+                rows[front, "json"].append(load(s.url, model, "closed", 64, duration, request=as_json).throughput)
                 call = grpc_request(s.url, model, None)
-                rows[procs, "grpc"].append(grpc(f"127.0.0.1:{gport}", call, 64, duration, s.url, model).throughput)
-                rows[procs, "c1"].append(load(s.url, model, "closed", 1, duration / 2).pct(50))
+                rows[front, "grpc"].append(grpc(f"127.0.0.1:{gport}", call, 64, duration, s.url, model).throughput)
+                rows[front, "c1"].append(load(s.url, model, "closed", 1, duration / 2).pct(50))
         port = free_port()
         top = subprocess.Popen([sys.executable, str(Path(__file__).with_name("grpc_ceiling.py")), str(port)],
                                stdout=subprocess.PIPE, text=True)
@@ -341,17 +347,22 @@ def fronts(load: Load, grpc: GrpcLoad, bundle: Path, model: str, duration: float
         return spread([x / y for x, y in zip(a, b)], "{:.2f}")
     print(f"fronts, {model} at concurrency 64, {rounds} interleaved rounds (median [low-high]); {os.cpu_count()} cores "
           "shared with the load generators:")
-    for procs in (1, 2):
-        print(f"  --procs {procs}: HTTP binary {spread(rows[procs, 'binary'])} req/s, HTTP JSON (16 KB) "
-              f"{spread(rows[procs, 'json'])}, gRPC {spread(rows[procs, 'grpc'])}; concurrency 1 p50 "
-              f"{spread(rows[procs, 'c1'], '{:.2f}')} ms")
+    for front in FRONTS:
+        print(f"  {front:<26}: HTTP binary {spread(rows[front, 'binary'])} req/s, HTTP JSON (16 KB) "
+              f"{spread(rows[front, 'json'])}, gRPC {spread(rows[front, 'grpc'])}; concurrency 1 p50 "
+              f"{spread(rows[front, 'c1'], '{:.2f}')} ms")
     print(f"  grpcio's own ceiling (a servicer answering a fixed ModelInferResponse, one process): {spread(ceiling)} req/s")
-    print(f"  --procs 2 / --procs 1: HTTP binary {ratio(rows[2, 'binary'], rows[1, 'binary'])}, JSON "
-          f"{ratio(rows[2, 'json'], rows[1, 'json'])}, gRPC {ratio(rows[2, 'grpc'], rows[1, 'grpc'])}, concurrency 1 "
-          f"p50 {ratio(rows[2, 'c1'], rows[1, 'c1'])}")
-    print(f"  gRPC / HTTP binary: --procs 1 {ratio(rows[1, 'grpc'], rows[1, 'binary'])}, --procs 2 "
-          f"{ratio(rows[2, 'grpc'], rows[2, 'binary'])}; torchship's gRPC (--procs 1) / grpcio's ceiling "
-          f"{ratio(rows[1, 'grpc'], ceiling)}; the ceiling / torchship's HTTP binary {ratio(ceiling, rows[1, 'binary'])}")
+    print("  --procs 2 / --procs 1: " + ", ".join(
+        f"{label} {ratio(rows['--procs 2', k], rows['--procs 1', k])}"
+        for label, k in (("HTTP binary", "binary"), ("JSON", "json"), ("gRPC", "grpc"), ("concurrency 1 p50", "c1"))))
+    print("  --max-queue-delay-us 1000 / none: " + ", ".join(
+        f"{label} {ratio(rows['--max-queue-delay-us 1000', k], rows['--procs 1', k])}"
+        for label, k in (("HTTP binary", "binary"), ("gRPC", "grpc"), ("concurrency 1 p50", "c1"))))
+    print(f"  gRPC / HTTP binary: --procs 1 {ratio(rows['--procs 1', 'grpc'], rows['--procs 1', 'binary'])}, --procs 2 "
+          f"{ratio(rows['--procs 2', 'grpc'], rows['--procs 2', 'binary'])}; torchship's gRPC / grpcio's ceiling "
+          f"{ratio(rows['--procs 1', 'grpc'], ceiling)} (with --max-queue-delay-us 1000: "
+          f"{ratio(rows['--max-queue-delay-us 1000', 'grpc'], ceiling)}); the ceiling / torchship's HTTP binary "
+          f"{ratio(ceiling, rows['--procs 1', 'binary'])}")
 
 
 def bounds(load: Load, model: str, request: bytes, answer: bytes, offline: float, single: float, batch: int,
