@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from front_ab import ROOT, build, spread
-from serving import Load, Server, free_port
+from serving import Load, Server, free_port, wait_ready
 
 APP = '''
 import os, tempfile
@@ -44,15 +42,7 @@ class Granian:
         self.proc = subprocess.Popen([sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop", "--no-ws",
                                       "--port", str(self.port), "--workers", str(workers), "torchship_bench_app:app"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work, env=env)
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("granian did not become ready")
+        wait_ready(self.port, "granian")
         self.url = f"127.0.0.1:{self.port}"
 
     def __enter__(self):

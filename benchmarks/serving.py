@@ -59,6 +59,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(port: int, what: str = "server") -> None:
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not become ready")
+
+
 class Server:
     def __init__(self, bundle: Path, *args: str, src: Path | None = None, cwd: Path | None = None):
         """``src``: serve with torchship from that source tree (benchmarks/front_ab.py's old and new)."""
@@ -67,13 +78,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "torchship.cli", "serve", str(bundle), "--port", str(self.port),
                                       "--trust-code", *args],  # this script's own bundles, whatever runtime won
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
+        wait_ready(self.port)
 
     def __enter__(self):
         return self

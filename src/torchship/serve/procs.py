@@ -53,6 +53,8 @@ async def change(server, op: str, name: str) -> dict:
         return {"done": {}}
     except ServeError as exc:
         return {"error": [type(exc).__name__, str(exc)]}
+    except Exception as exc:  # a 500 that says what happened, never a supervisor left waiting
+        return {"error": ["ServeError", f"the change failed: {type(exc).__name__}: {exc}"]}
 
 
 def _error(kind_message: list) -> ServeError:
@@ -195,7 +197,10 @@ class _Supervisor:
             if failed and len(failed) < len(answers):
                 answer["error"][1] += (f" (in {len(failed)} of {len(answers)} server processes; the others made "
                                        "the change)")
-        p.asks.send_bytes(orjson.dumps(answer))
+        try:
+            p.asks.send_bytes(orjson.dumps(answer))
+        except OSError:  # it died waiting: its sentinel says so next
+            pass
 
     def exited(self, p: _Process, draining: bool) -> str | None:
         """A server process ended: restart it, or say why the server must end."""
