@@ -5,7 +5,8 @@ round by round, under benchmarks/loadgen.c:
 - concurrency 64, single-image binary requests: req/s;
 - concurrency 64, single-image JSON requests (16 KB bodies): req/s;
 - concurrency 1: p50;
-- open loop, Poisson at twice each tree's own c64 capacity, --slo-ms 50: goodput as a fraction of that capacity.
+- open loop, Poisson at twice each tree's own c64 capacity, --slo-ms 50: goodput as a fraction of that capacity;
+- the server's CPU to refuse a request (an unknown model, 64 connections), and as a fraction of serving one.
 
 Prints each figure per tree as median [low-high] over the rounds, and the ratio new / old per round. With
 ``--procs N``, this tree serves from N server processes on the port (``serve --procs N``).
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving import Load, Server
+from serving import Load, Server, measured
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def main() -> None:
         for k, src in trees.items():
             build(src, bundles[k])
         load = Load(work)
-        figures = {k: {"binary": [], "json": [], "c1": [], "slo": []} for k in trees}
+        figures = {k: {"binary": [], "json": [], "c1": [], "slo": [], "refusal": [], "r": []} for k in trees}
         procs = {"old": [], "new": ["--procs", str(args.procs)] if args.procs > 1 else []}
         for _ in range(args.rounds):
             for k, src in trees.items():
@@ -64,10 +65,16 @@ def main() -> None:
                     time.sleep(1.0)  # every server process listening
                     url = served.url
                     f = figures[k]
-                    f["binary"].append(load(url, "digits-cnn", "closed", 64, args.duration).throughput)
+                    run, served_us = measured(served.proc.pid, load, url, "digits-cnn", "closed", 64, args.duration)
+                    f["binary"].append(run.throughput)
                     as_json = load.request(url, "digits-cnn", binary=False)
                     f["json"].append(load(url, "digits-cnn", "closed", 64, args.duration, request=as_json).throughput)
                     f["c1"].append(load(url, "digits-cnn", "closed", 1, args.duration / 2).pct(50))
+                    missing = load.request(url, "digits-cnn", path="/v2/models/no-such-model/infer")
+                    _, refused_us = measured(served.proc.pid, load, url, "digits-cnn", "closed", 64, args.duration / 2,
+                                             request=missing)
+                    f["refusal"].append(refused_us * 1e6)
+                    f["r"].append(refused_us / served_us)
                 with Server(bundles[k], "--max-batch-size", "64", "--slo-ms", "50", *procs[k], src=src, cwd=work) as served:
                     time.sleep(1.0)
                     url = served.url
@@ -75,7 +82,8 @@ def main() -> None:
                     run = load(url, "digits-cnn", "poisson", 2 * capacity, args.duration)
                     f["slo"].append(run.goodput(50) / capacity)
         rows = [("c64 binary, req/s", "binary", "{:,.0f}"), ("c64 JSON (16 KB), req/s", "json", "{:,.0f}"),
-                ("c1 p50, ms", "c1", "{:.3f}"), ("Poisson 2x, --slo-ms 50: goodput / capacity", "slo", "{:.2f}")]
+                ("c1 p50, ms", "c1", "{:.3f}"), ("Poisson 2x, --slo-ms 50: goodput / capacity", "slo", "{:.2f}"),
+                ("server CPU to refuse (404, c64), us", "refusal", "{:.1f}"), ("  as a fraction of serving one", "r", "{:.2f}")]
         print(f"old = {args.old}, new = this tree{f' with --procs {args.procs}' if args.procs > 1 else ''}; {args.rounds} interleaved rounds, {os.cpu_count()} cores shared "
               "with the load generator")
         for label, key, fmt in rows:

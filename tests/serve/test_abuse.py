@@ -105,6 +105,42 @@ def test_metrics_count_requests_for_unknown_models_and_wrong_methods(digits_serv
     assert labelled(s, "torchship_request_failure_total", model="") - before == 2
 
 
+def _response(sock) -> tuple[bytes, bytes]:
+    """One whole HTTP response from ``sock``: (head, body), read by its Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    size = int(re.search(rb"content-length: (\d+)", head, re.I)[1])
+    while len(body) < size:
+        body += sock.recv(65536)
+    assert len(body) == size  # nothing else came
+    return head, body
+
+
+def test_refused_from_its_headers_the_connection_serves_on(digits_server):
+    """A refusal decided from the path (here an unknown model) is answered as the headers arrive, its body read and
+    dropped; the same keep-alive connection then serves, and `Connection: close` is honoured."""
+    s = digits_server
+    host, port = s.url.split(":")
+    body = _body().encode()
+    post = b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    before = labelled(s, "torchship_request_failure_total", model="", reason="not_found")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(post % (b"nope", len(body)) + b"\r\n" + body[:100])  # the rest of the body comes after the answer
+        head, answer = _response(sock)
+        assert head.split()[1] == b"404" and b"unknown model 'nope'" in answer and b"connection: close" not in head.lower()
+        sock.sendall(body[100:])
+        sock.sendall(post % (b"digits-cnn", len(body)) + b"\r\n" + body)
+        head, answer = _response(sock)
+        assert head.split()[1] == b"200" and json.loads(answer)["outputs"][0]["shape"] == [1, 10]
+        sock.sendall(post % (b"nope", len(body)) + b"Connection: close\r\n\r\n" + body)
+        head, answer = _response(sock)
+        assert head.split()[1] == b"404" and b"connection: close" in head.lower()
+        assert sock.recv(10) == b""  # closed by the server
+    assert labelled(s, "torchship_request_failure_total", model="", reason="not_found") - before == 2
+
+
 @pytest.fixture(scope="module")
 def hang_bundle(tmp_path_factory):
     from torchship import OptimizeOptions, optimize

@@ -157,6 +157,20 @@ class Server:
         if e.batcher.depth + e.admitted >= limit:
             raise QueueFull(f"queue full: {e.batcher.depth} queued and {e.admitted} being read (--max-queue {limit})")
 
+    def shed(self, name: str, version: str | None) -> "Answer | None":
+        """The refusal of an infer request that its path decides alone (an unknown model, a model that cannot serve,
+        a full queue, no room in flight), or None: what the HTTP front answers from the headers, without an ASGI
+        request (``infer`` checks the same again)."""
+        try:
+            e = self.find(name, version)
+        except NotFound as exc:
+            return self.refused(None, exc)
+        try:
+            self.admit(e)
+        except ServeError as exc:
+            return self.refused(e, exc)
+        return None
+
     def count(self, e: Entry | None, exc: ServeError) -> None:
         """A refused or failed request, counted by reason (unknown models under model="")."""
         series = e.metrics if e is not None else self.unknown

@@ -86,6 +86,59 @@ class _Uvicorn(uvicorn.Server):
         self.should_exit = True
 
 
+class _Answered:
+    """The cycle of a request answered from its headers: uvicorn drops the rest of its body (and sets the event when
+    the connection goes; nothing waits on it)."""
+    response_complete = True
+
+    def __init__(self):
+        self.message_event = asyncio.Event()
+
+
+def shedding_protocol(server):
+    """uvicorn's httptools protocol, answering the infer requests that ``server.shed`` refuses as soon as their
+    headers are read: no ASGI request, task or body is made for them (under a flood, every refused request costs
+    the event loop time whether it is served or not; this way costs less). Any other request, or one behind a
+    pipelined request still in progress, takes uvicorn's own path."""
+    import http
+    import urllib.parse
+
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from .app import _INFER
+
+    answered = _Answered()
+
+    class Shedding(HttpToolsProtocol):
+        def on_headers_complete(self) -> None:
+            if ((self.cycle is None or self.cycle.response_complete) and not self.parser.should_upgrade()
+                    and self.parser.get_method() == b"POST"):
+                path = httptools.parse_url(self.url).path.decode("latin-1")
+                found = _INFER.fullmatch(urllib.parse.unquote(path) if "%" in path else path)
+                refused = server.shed(found[1], found[2]) if found else None
+                if refused is not None:
+                    return self._answer(*refused)
+            super().on_headers_complete()
+
+        def _answer(self, status: int, body: bytes, headers: dict) -> None:
+            keep = (self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+                    and not server.draining)
+            lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
+            lines += [name + b": " + value for name, value in self.server_state.default_headers]
+            lines += [f"{k}: {v}".encode() for k, v in headers.items()]
+            lines += [b"content-length: %d" % len(body)] + ([] if keep else [b"connection: close"])
+            self.cycle = answered
+            self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+            if keep:
+                self.on_response_complete()
+            else:
+                self.server_state.total_requests += 1
+                self.transport.close()
+
+    return Shedding
+
+
 def _exit_now(why: str) -> None:
     sys.stderr.write(f"torchship serve: {why}\n")
     sys.stderr.flush()
@@ -122,7 +175,7 @@ def run(paths: list[Path], config: ServeConfig, opened: list[Found], *, host: st
     """One server process over verified bundles; with ``link``, one of several on the same ports."""
     app = create_app(paths, config, opened)
     ucfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout) or 1,
-                          lifespan="on", access_log=False)
+                          lifespan="on", access_log=False, http=shedding_protocol(app.state.server))
     server = _Uvicorn(ucfg, drain_timeout, grpc_port, link)
     try:
         server.run(sockets=[shared_socket(host, port)] if link is not None else None)
