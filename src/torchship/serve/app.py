@@ -157,19 +157,22 @@ class Server:
         if e.batcher.depth + e.admitted >= limit:
             raise QueueFull(f"queue full: {e.batcher.depth} queued and {e.admitted} being read (--max-queue {limit})")
 
-    def shed(self, name: str, version: str | None) -> "Answer | None":
-        """The refusal of an infer request that its path decides alone (an unknown model, a model that cannot serve,
-        a full queue, no room in flight), or None: what the HTTP front answers from the headers, without an ASGI
-        request (``infer`` checks the same again)."""
+    def admitted(self, name: str, version: str | None) -> "tuple[Entry | None, Answer | None]":
+        """(the entry, None), or the refusal of an infer request that its path decides alone: an unknown model, a
+        model that cannot serve, a full queue, no room in flight."""
         try:
             e = self.find(name, version)
         except NotFound as exc:
-            return self.refused(None, exc)
+            return None, self.refused(None, exc)
         try:
             self.admit(e)
         except ServeError as exc:
-            return self.refused(e, exc)
-        return None
+            return e, self.refused(e, exc)
+        return e, None
+
+    def shed(self, name: str, version: str | None) -> "Answer | None":
+        """What the HTTP front answers from the headers alone, without an ASGI request (``infer`` checks again)."""
+        return self.admitted(name, version)[1]
 
     def count(self, e: Entry | None, exc: ServeError) -> None:
         """A refused or failed request, counted by reason (unknown models under model="")."""
@@ -305,14 +308,9 @@ async def infer(server: Server, name: str, version: str | None, headers: dict[by
     ASGI rather than a Starlette route, because this path is the server's throughput: routing, middleware and Request
     objects cost several times what an HTTP request itself costs when the model runs in microseconds."""
     server.last_request = time.monotonic()
-    try:
-        e = server.find(name, version)
-    except NotFound as exc:
-        return server.refused(None, exc)
-    try:
-        server.admit(e)
-    except ServeError as exc:
-        return server.refused(e, exc)
+    e, refused = server.admitted(name, version)
+    if refused is not None:
+        return refused
     e.admitted += 1  # holds a place in the queue from here, while its body is read and decoded
     queued = False
     try:
