@@ -23,9 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from serving import Load, Server, measured
+from serving import Load, Server, measured, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +33,6 @@ def build(src: Path, out: Path) -> None:
             f"runtimes=('onnxrt',), batch_sizes=(1, 8, 64), seconds_per_size=0.3), out={str(out)!r})")
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(src)}, check=True,
                    capture_output=True)
-
-
-def spread(values, fmt="{:,.2f}") -> str:
-    return f"{fmt.format(float(np.median(values)))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
 
 
 def main() -> None:

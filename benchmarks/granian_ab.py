@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from front_ab import ROOT, build, spread
-from serving import Load, Server, free_port, wait_ready
+from front_ab import ROOT, build
+from serving import Load, Server, free_port, spread, wait_ready
 
 APP = '''
 import os, tempfile

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+import serving
 from serving import Load, Server
 from torchship import OptimizeOptions, optimize
 from torchship.measure import estimate
@@ -38,8 +39,7 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 def spread(values: list[float], fmt: str = "{:,.1f}") -> str:
-    """Median [low-high] of one figure's rounds."""
-    return f"{fmt.format(float(np.median(values)))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+    return serving.spread(values, fmt)
 
 
 def flood(load: Load, bundle: Path, duration: float, rounds: int) -> None:

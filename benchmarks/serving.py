@@ -59,6 +59,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spread(values, fmt: str = "{:,.2f}") -> str:
+    """Median [low-high] of one figure's rounds."""
+    return f"{fmt.format(float(np.median(values)))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+
 def wait_ready(port: int, what: str = "server") -> None:
     for _ in range(300):
         try:
@@ -144,9 +149,21 @@ class Run:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system, all threads) a process and its descendants (the server processes of --procs, model
+    workers) have used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):  # gone meanwhile
+        return 0.0
+    total = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # its own, and its children's that ended
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += sum(cpu_seconds(int(child)) for child in children)
+    return total
 
 
 def measured(pid: int, load: "Load", url: str, model: str, *args, **kwargs) -> tuple[Run, float]:
@@ -345,18 +362,18 @@ def fronts(load: Load, grpc: GrpcLoad, bundle: Path, model: str, duration: float
             top.kill()
             top.wait(10)
 
-    def spread(values, fmt="{:,.0f}") -> str:
-        return f"{fmt.format(float(np.median(values)))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+    def counts(values) -> str:
+        return spread(values, "{:,.0f}")
 
     def ratio(a, b) -> str:
-        return spread([x / y for x, y in zip(a, b)], "{:.2f}")
+        return spread([x / y for x, y in zip(a, b)])
     print(f"fronts, {model} at concurrency 64, {rounds} interleaved rounds (median [low-high]); {os.cpu_count()} cores "
           "shared with the load generators:")
     for front in FRONTS:
-        print(f"  {front:<26}: HTTP binary {spread(rows[front, 'binary'])} req/s, HTTP JSON (16 KB) "
-              f"{spread(rows[front, 'json'])}, gRPC {spread(rows[front, 'grpc'])}; concurrency 1 p50 "
+        print(f"  {front:<26}: HTTP binary {counts(rows[front, 'binary'])} req/s, HTTP JSON (16 KB) "
+              f"{counts(rows[front, 'json'])}, gRPC {counts(rows[front, 'grpc'])}; concurrency 1 p50 "
               f"{spread(rows[front, 'c1'], '{:.2f}')} ms")
-    print(f"  grpcio's own ceiling (a servicer answering a fixed ModelInferResponse, one process): {spread(ceiling)} req/s")
+    print(f"  grpcio's own ceiling (a servicer answering a fixed ModelInferResponse, one process): {counts(ceiling)} req/s")
     print("  --procs 2 / --procs 1: " + ", ".join(
         f"{label} {ratio(rows['--procs 2', k], rows['--procs 1', k])}"
         for label, k in (("HTTP binary", "binary"), ("JSON", "json"), ("gRPC", "grpc"), ("concurrency 1 p50", "c1"))))
