@@ -219,9 +219,11 @@ def serve(
     procs: int = typer.Option(1, help="server processes sharing the ports (SO_REUSEPORT), each a whole server with its own "
                               "copy of every model: for models that take less time than handling their requests"),
     workers: int = typer.Option(1, help="model worker processes, each with its own copy and cores/N threads"),
-    threads: Optional[int] = typer.Option(None, help="intra-op threads per worker (default: cores / (procs x workers))"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads per worker (default: cores / (procs x workers); 1 for a model whose batches run on the event loop)"),
     max_batch_size: Optional[int] = typer.Option(None, help="largest batch (default: the bundle's chosen batch size)"),
     max_queue_delay_us: int = typer.Option(0, help="longest wait for a batch to fill, in microseconds (0: batch what is queued when a worker is free)"),
+    busy_delay_us: int = typer.Option(2000, help="with --max-queue-delay-us 0: how long a batch waits to fill while the "
+                                      "event loop is saturated (gRPC calls arrive one a turn); 0: never"),
     preferred_batch_sizes: Optional[str] = typer.Option(None, help="dispatch as soon as one of these sizes is reached, e.g. 8,16"),
     max_queue: int = typer.Option(1024, help="queued requests per model before 503"),
     timeout_ms: float = typer.Option(30000, help="default request deadline; a request's 'timeout' parameter may only lower it"),
@@ -255,7 +257,7 @@ def serve(
     if workers < 1 or procs < 1:
         raise UsageError(f"--workers and --procs must be at least 1, got {workers} and {procs}")
     batch = BatchConfig(max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
-                        slo_s=slo_ms / 1e3 if slo_ms else None, inline_s=inline_under_ms / 1e3,
+                        slo_s=slo_ms / 1e3 if slo_ms else None, inline_s=inline_under_ms / 1e3, busy_delay_s=busy_delay_us / 1e6,
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
     if max_body_mb <= 0 or max_json_mb <= 0:
         raise UsageError("--max-body-mb and --max-json-mb must be positive")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping
 
 import numpy as np
@@ -71,9 +72,13 @@ class TensorSpec:
                 raise SpecError(f"{self.name}: no size given for dimension {d!r}; pass --dim {d}=N")
         return tuple(out)
 
+    @cached_property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
     def check(self, array: np.ndarray) -> None:
         """Raise SpecError naming what is wrong when ``array`` does not fit this spec."""
-        if array.dtype != np.dtype(self.dtype):
+        if array.dtype != self.np_dtype:
             raise SpecError(f"input {self.name!r}: expected dtype {self.dtype}, got {array.dtype}")
         if array.ndim != len(self.shape):
             raise SpecError(f"input {self.name!r}: expected {len(self.shape)} dimensions {list(self.shape)}, got shape {list(array.shape)}")
@@ -111,13 +116,19 @@ class IOSpec:
             raise SpecError("at least one input is needed, e.g. --input x:float32[batch,3,28,28]")
         return spec
 
-    @property
+    # computed once (the spec is frozen): requests look them up on every call
+    @cached_property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 
-    @property
+    @cached_property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    @cached_property
+    def by_name(self) -> dict[str, TensorSpec]:
+        """The inputs by name."""
+        return {t.name: t for t in self.inputs}
 
     @property
     def symbols(self) -> list[str]:

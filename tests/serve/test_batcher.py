@@ -197,21 +197,25 @@ def test_stop_runs_what_is_queued_and_refuses_new_work():
     assert len(run(go())) == 6
 
 
-@pytest.mark.parametrize("inline_ms, spin", [(1.0, "0"), (0.0, "1")])
-def test_a_model_run_on_the_loop_gets_no_spinning_threads(digits_bundle, inline_ms, spin):
+@pytest.mark.parametrize("inline_ms, threads, spin", [(1.0, 1, "0"), (0.0, 1, "1"), (1.0, None, "0"), (1.0, 2, "0"),
+                                                     (0.0, None, "1")])
+def test_a_model_run_on_the_loop_gets_one_thread_that_does_not_spin(digits_bundle, inline_ms, threads, spin):
     """digits-cnn's batches run on the event loop's thread: ONNX Runtime threads spinning between them would take
-    the loop's core; a model whose batches go to a thread keeps them. --threads reaches ONNX Runtime."""
+    the loop's core, and by default it gets one thread; a model whose batches go to a thread keeps spinning threads,
+    one a core. --threads reaches ONNX Runtime."""
     from torchship.bundle import read
+    from torchship.machine import cores
     from torchship.serve.metrics import Metrics
     from torchship.serve.registry import load_entry
 
     async def main():
         entry = await load_entry("digits-cnn", "1", read(digits_bundle), BatchConfig(max_batch_size=8, inline_s=inline_ms / 1e3),
-                                 Metrics(), threads=1)
+                                 Metrics(), threads=threads)
         opts = entry.batcher.run.runner.sess.get_session_options()
         await entry.stop()
         return opts.intra_op_num_threads, opts.get_session_config_entry("session.intra_op.allow_spinning")
-    assert asyncio.run(main()) == (1, spin)
+    default = 1 if inline_ms else cores()
+    assert asyncio.run(main()) == (threads or default, spin)
 
 
 def test_a_full_batch_of_an_inline_model_goes_from_the_request_that_filled_it_unless_the_loop_lags():
@@ -237,3 +241,60 @@ def test_a_request_whose_model_never_answers_gets_a_504():
         return await _with(b, lambda: b.submit(x(1)))
     with pytest.raises(DeadlineExceeded, match="gave no answer within 0.2 s"):
         run(scenario())
+
+
+def _quiet(b: Batcher, busy: float) -> None:
+    """The batcher's view of its event loop, set by the test (the probe stopped)."""
+    b.loop_lag.stop()
+    b.loop_lag.busy, b.loop_lag.lag = busy, 0.0
+
+
+@pytest.mark.parametrize("busy", [0.2, 1.0])
+def test_while_the_loop_is_saturated_a_batch_waits_to_fill_else_it_goes_at_once(busy):
+    """gRPC calls reach the batcher one turn of the loop at a time; with max_queue_delay 0, a saturated loop (the
+    busy fraction set here) lets the batch fill for busy_delay_s (long here: only a full batch ends it), a loop with
+    time to spare runs the first request alone."""
+    async def scenario():
+        runner = FakeRunner()
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4, busy_delay_s=30.0),
+                    latency=LatencyModel(profile({1: 0.01, 4: 0.02})))  # runs on the loop: no thread to wait for
+        b.start()
+        _quiet(b, busy)
+        try:
+            first = asyncio.ensure_future(b.submit(x(1, 0.0)))
+            for _ in range(20):  # turns of the loop: the batcher has had its chance
+                await asyncio.sleep(0)
+            waited = not first.done()
+            rest = [b.submit(x(1, float(i))) for i in range(1, 4)]
+            outs = await asyncio.wait_for(asyncio.gather(first, *rest), 5)
+        finally:
+            await b.stop()
+        return waited, [len(bt["x"]) for bt in runner.batches], [o["y"][0, 0] for o in outs]
+    waited, batches, ys = run(scenario())
+    assert ys == [0.0, 2.0, 4.0, 6.0]
+    if busy == 1.0:
+        assert waited and batches == [4]
+    else:
+        assert not waited and batches[0] == 1
+
+
+def test_the_batcher_goes_on_after_a_full_batch_left_from_submit_during_its_wait():
+    """A full batch of an inline model runs from the request that filled it while the batcher waits on the oldest
+    request's timer; when the timer fires there is nothing left to take, and the next request is still served."""
+    async def scenario():
+        runner = FakeRunner()
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4, max_queue_delay_s=0.01),
+                    latency=LatencyModel(profile({1: 0.01, 4: 0.02})))
+        b.start()
+        _quiet(b, 0.0)
+        try:
+            first = asyncio.ensure_future(b.submit(x(1)))
+            for _ in range(5):  # the batcher waits on the first request's timer
+                await asyncio.sleep(0)
+            await asyncio.wait_for(asyncio.gather(first, *[b.submit(x(1)) for _ in range(3)]), 5)
+            await asyncio.sleep(0.05)  # past the batcher's 10 ms timer (timers fire in order)
+            out = await asyncio.wait_for(b.submit(x(1, 3.0)), 5)
+        finally:
+            await b.stop()
+        return [len(bt["x"]) for bt in runner.batches], out["y"][0, 0]
+    assert run(scenario()) == ([4, 1], 6.0)

@@ -42,7 +42,8 @@ class ServeConfig:
     max_batch_size: int | None = None  # default: the bundle's chosen batch size
     max_body_bytes: int = 64 * 2**20
     max_json_bytes: int = 16 * 2**20  # JSON (the whole body, or the JSON header before binary tensors)
-    threads: int | None = None  # intra-op threads per worker (default: cores / workers)
+    threads: int | None = None  # intra-op threads per worker (default: cores / (procs x workers); see load_entry)
+    procs: int = 1  # server processes on the port (serve --procs), which share the cores
     workers: int = 1
     repository: Path | None = None
     admin_token: str | None = None
@@ -111,7 +112,7 @@ class Server:
 
     async def add(self, name: str, version: str, verified: Bundle) -> Entry:
         entry = await load_entry(name, version, verified, self.batch_config(verified.manifest), self.metrics,
-                                 self.config.threads, self.config.workers, self.config.trust_code)
+                                 self.config.threads, self.config.workers, self.config.trust_code, self.config.procs)
         old = self.models.setdefault(name, {}).get(version)
         self.models[name][version] = entry  # the swap: new requests go to the new entry from here on
         if old:

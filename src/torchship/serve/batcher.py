@@ -9,6 +9,7 @@ attention mask ignores) and outputs are cut back per request; other shapes never
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +34,11 @@ class BatchConfig:
     slo_s: float | None = None  # SLO mode: dispatch and shed by predicted batch time
     slo_margin: float = 0.1  # fraction of the SLO kept in reserve
     inline_s: float = 0.001  # a batch predicted to take less runs on the event loop's thread (see Batcher._inline)
+    busy_delay_s: float = 0.002  # with max_queue_delay 0: how long a batch waits to fill while the loop is saturated
 
     def __post_init__(self):
-        if self.max_batch_size < 1 or self.max_queue_requests < 1 or self.max_queue_delay_s < 0 or self.inline_s < 0:
+        if (self.max_batch_size < 1 or self.max_queue_requests < 1 or self.max_queue_delay_s < 0 or self.inline_s < 0
+                or self.busy_delay_s < 0):
             raise UsageError(f"batching settings must be positive: {self}")
 
 
@@ -57,19 +60,31 @@ class LatencyModel:
     def __init__(self, profile: Mapping[int, Stats] | None = None, alpha: float = 0.2):
         self.points = {int(k): v.p50_ms / 1e3 for k, v in (profile or {}).items()}
         self.alpha = alpha
+        self._sizes = sorted(self.points)
 
     def predict(self, size: int) -> float:
-        if not self.points:
+        """Linear between the measured sizes, the smallest's time below them, proportional past the largest (it runs
+        a few times for every batch: plain Python, no array)."""
+        points, sizes = self.points, self._sizes
+        if not sizes:
             return 0.0
-        sizes = sorted(self.points)
-        return float(np.interp(size, sizes, [self.points[s] for s in sizes],
-                               right=self.points[sizes[-1]] * size / sizes[-1]))
+        if size in points:
+            return points[size]
+        i = bisect.bisect_left(sizes, size)
+        if i == 0:
+            return points[sizes[0]]
+        if i == len(sizes):
+            return points[sizes[-1]] * size / sizes[-1]
+        lo, hi = sizes[i - 1], sizes[i]
+        return points[lo] + (points[hi] - points[lo]) * (size - lo) / (hi - lo)
 
     def observe(self, size: int, seconds: float) -> None:
         """Fold in a measured time, at most doubling the prediction: a one-off slow run (the first at a new batch
         size, a preempted thread) must not make SLO mode shed a model that usually runs far faster."""
         old = self.points.get(size, self.predict(size) or None)
         self.points[size] = seconds if old is None else (1 - self.alpha) * old + self.alpha * min(seconds, 2 * old)
+        if len(self.points) != len(self._sizes):
+            self._sizes = sorted(self.points)
 
 
 Hook = Callable[..., None]
@@ -77,12 +92,15 @@ Hook = Callable[..., None]
 
 class LoopLag:
     """How late the event loop runs a 5 ms timer (smoothed): about the time one pass over its ready sockets takes,
-    which is how long a request that has arrived waits before the server even sees it."""
+    which is how long a request that has arrived waits before the server even sees it. And how busy the loop's
+    thread is: the fraction of the time it spends on a CPU (smoothed), near 1 when requests keep it from ever
+    waiting."""
 
     PERIOD_S = 0.005
 
     def __init__(self):
         self.lag = 0.0
+        self.busy = 0.0
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -94,10 +112,14 @@ class LoopLag:
 
     async def _probe(self) -> None:
         loop = asyncio.get_running_loop()
+        cpu = time.thread_time()
         while True:
             t = loop.time()
             await asyncio.sleep(self.PERIOD_S)
-            self.lag = 0.7 * self.lag + 0.3 * max(0.0, loop.time() - t - self.PERIOD_S)
+            now, used = loop.time(), time.thread_time()
+            self.lag = 0.7 * self.lag + 0.3 * max(0.0, now - t - self.PERIOD_S)
+            self.busy = 0.7 * self.busy + 0.3 * min(1.0, (used - cpu) / max(now - t, 1e-6))
+            cpu = used
 
 
 class Batcher:
@@ -110,6 +132,7 @@ class Batcher:
         self.on_batch = on_batch or (lambda **kw: None)
         self.queue: deque[Item] = deque()
         self.queued_bytes = 0
+        self._pending: dict[tuple, int] = {}  # items queued per shape key
         self.in_flight = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -145,7 +168,11 @@ class Batcher:
         item = Item(feeds, size, key, lengths, now + timeout, asyncio.get_running_loop().create_future(), nbytes)
         self.queue.append(item)
         self.queued_bytes += nbytes
-        self._wake.set()
+        pending = self._pending[key] = self._pending.get(key, 0) + size
+        # what the batcher waits for: a first request, a full batch; in SLO mode each request (its dispatch time
+        # moves with the batch's predicted time)
+        if len(self.queue) == 1 or self._full(pending) or self.config.slo_s is not None:
+            self._wake.set()
         if not self._slots.locked() and self._dispatch_now(key):
             await self._run_now(key)
         # no request waits forever: past its deadline and then the longest a batch may run, it gets a 504
@@ -203,11 +230,23 @@ class Batcher:
         """Plain mode: the oldest has waited max_queue_delay. SLO mode: its wait plus the predicted batch
         time reaches the SLO minus the margin."""
         if self.config.slo_s is None:
-            return oldest.enqueued + self.config.max_queue_delay_s
+            return oldest.enqueued + self._delay()
         return oldest.enqueued + self.config.slo_s * (1 - self.config.slo_margin) - self.latency.predict(pending)
 
+    SATURATED = 0.9  # the loop's busy fraction past which a batch waits busy_delay_s to fill
+
+    def _delay(self) -> float:
+        """max_queue_delay; when it is 0 and the event loop's thread is saturated, busy_delay_s. Requests that reach
+        the batcher one a turn of the loop (gRPC calls, which grpcio hands over one at a time) would otherwise go in
+        batches of one, each paying the whole of a model call, on the thread that also serves them; a loop that
+        never waits gives the batch that time for nothing. A loop with time to spare (one client, light load) runs
+        what is queued at once."""
+        if self.config.max_queue_delay_s or self.loop_lag.busy < self.SATURATED:
+            return self.config.max_queue_delay_s
+        return self.config.busy_delay_s
+
     def _ready_size(self, key) -> int:
-        return sum(i.size for i in self.queue if i.key == key)
+        return self._pending.get(key, 0)
 
     def _full(self, n: int) -> bool:
         return n >= self.config.max_batch_size or (n in self.config.preferred_batch_sizes and n > 1)
@@ -227,10 +266,11 @@ class Batcher:
                 if self._full(pending) or remaining <= 0:
                     break
                 self._wake.clear()
+                timer = asyncio.get_running_loop().call_later(remaining, self._wake.set)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
+                    await self._wake.wait()  # a full batch, the timer, or stop()
+                finally:
+                    timer.cancel()
             await self._slots.acquire()
             items = self._take(oldest.key)
             if self._inline(items):
@@ -288,6 +328,9 @@ class Batcher:
                 kept.append(item)
         self.queue = kept
         self.queued_bytes -= sum(i.nbytes for i in taken)
+        left = self._pending.pop(key, 0) - n  # none left when a full batch went from submit() meanwhile
+        if left:
+            self._pending[key] = left
         return taken
 
     async def _run_batch(self, items: list[Item], inline: bool = False) -> None:

@@ -35,7 +35,7 @@ CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT8": "int_conte
 
 def decode(request, spec) -> dict[str, np.ndarray]:
     """The request's inputs as arrays, checked like an HTTP request's (names, datatypes, shapes, sizes, values)."""
-    expected = {t.name: t for t in spec.inputs}
+    expected = spec.by_name
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise BadRequest(f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs")
@@ -45,15 +45,15 @@ def decode(request, spec) -> dict[str, np.ndarray]:
             raise BadRequest(f"unknown input {inp.name!r}; the model takes {list(expected)}")
         if inp.name in feeds:
             raise BadRequest(f"input {inp.name!r} is given twice")
-        want = expected[inp.name].dtype
-        if TO_NUMPY.get(inp.datatype) != want:
+        want = expected[inp.name].np_dtype
+        if TO_NUMPY.get(inp.datatype) != expected[inp.name].dtype:
             raise BadRequest(f"input {inp.name!r}: datatype {inp.datatype} does not match the model's {datatype(want)}")
         shape = list(inp.shape)
         if any(d < 0 for d in shape):
             raise BadRequest(f"input {inp.name!r}: shape {shape} has a negative dimension")
         count = math.prod(shape)
         if raw:
-            nbytes = count * np.dtype(want).itemsize
+            nbytes = count * want.itemsize
             if len(raw[i]) != nbytes:
                 raise BadRequest(f"input {inp.name!r}: {len(raw[i])} bytes of raw_input_contents do not fit shape "
                                  f"{shape} of {inp.datatype} ({nbytes} bytes)")

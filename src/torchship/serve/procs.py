@@ -35,7 +35,6 @@ import orjson
 
 from .. import errors
 from ..errors import ServeError, TorchshipError, UsageError
-from ..machine import cores
 from .app import Found, ServeConfig
 
 RESTARTS = 5  # more deaths than this within RESTART_WINDOW_S end the server
@@ -231,8 +230,7 @@ def supervise(target, paths, config: ServeConfig, opened: list[Found], procs: in
     if grpc_port is not None:
         held.append(shared_socket(host, grpc_port))
         grpc_port = held[1].getsockname()[1]
-    if config.threads is None:  # the cores shared among the processes, as among workers
-        config = dataclasses.replace(config, threads=max(1, cores() // (procs * config.workers)))
+    config = dataclasses.replace(config, procs=procs)  # the cores are shared among the processes, as among workers
     metrics_dir = tempfile.mkdtemp(prefix="torchship-metrics-")
     saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus-client as each process imports it

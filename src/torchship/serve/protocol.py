@@ -49,8 +49,13 @@ _VALUES = {"f": msgspec.json.Decoder(list[float]), "i": msgspec.json.Decoder(lis
            "u": msgspec.json.Decoder(list[int]), "b": msgspec.json.Decoder(list[bool])}
 
 
-def datatype(dtype: str) -> str:
-    return FROM_NUMPY.get(str(dtype), "FP32")
+_BY_DTYPE = {np.dtype(v): k for k, v in TO_NUMPY.items()}
+
+
+def datatype(dtype: "str | np.dtype") -> str:
+    """The protocol's name of a numpy dtype (or its name); a dict lookup: it runs for every output of every answer."""
+    found = FROM_NUMPY.get(dtype) if isinstance(dtype, str) else _BY_DTYPE.get(dtype)
+    return found or FROM_NUMPY.get(str(dtype), "FP32")
 
 
 def metadata(name: str, versions: list[str], platform: str, spec: IOSpec) -> dict:
@@ -121,7 +126,7 @@ def _pieces(flat: bytes):
         start = stop + 1
 
 
-def _values(inp: InputTensor, dtype: str, count: int) -> np.ndarray:
+def _values(inp: InputTensor, dtype: np.dtype, count: int) -> np.ndarray:
     """The input's JSON values as an array of ``dtype``. A flat list (what clients send) goes piece by piece through
     a typed decoder straight into the array; nested lists (the protocol allows them) through a generic one."""
     raw = bytes(inp.data).strip()
@@ -145,7 +150,7 @@ def _values(inp: InputTensor, dtype: str, count: int) -> np.ndarray:
     return out
 
 
-def _nested(inp: InputTensor, raw: bytes, dtype: str, count: int) -> np.ndarray:
+def _nested(inp: InputTensor, raw: bytes, dtype: np.dtype, count: int) -> np.ndarray:
     try:
         values = msgspec.json.decode(raw)
     except RecursionError:
@@ -165,20 +170,20 @@ def _nested(inp: InputTensor, raw: bytes, dtype: str, count: int) -> np.ndarray:
 def decode_inputs(request: InferRequest, binary: bytes, spec: IOSpec) -> dict[str, np.ndarray]:
     """Turn the request's inputs into arrays, checking names, datatypes, shapes and lengths."""
     feeds, offset = {}, 0
-    expected = {t.name: t for t in spec.inputs}
+    expected = spec.by_name
     for inp in request.inputs:
         name, dt = inp.name, inp.datatype
         if name not in expected:
             raise BadRequest(f"unknown input {name!r}; the model takes {list(expected)}")
         if name in feeds:
             raise BadRequest(f"input {name!r} is given twice")
-        want = expected[name].dtype
-        if TO_NUMPY.get(dt) != want:
+        want = expected[name].np_dtype
+        if TO_NUMPY.get(dt) != expected[name].dtype:
             raise BadRequest(f"input {name!r}: datatype {dt} does not match the model's {datatype(want)}")
         count = math.prod(inp.shape)
         size = (inp.parameters or {}).get("binary_data_size")
         if size is not None:
-            nbytes = count * np.dtype(want).itemsize
+            nbytes = count * want.itemsize
             if size != nbytes or offset + size > len(binary):
                 raise BadRequest(f"input {name!r}: binary_data_size {size} does not fit shape {inp.shape} of "
                                  f"{dt} ({nbytes} bytes; {len(binary) - offset} bytes left in the body)")

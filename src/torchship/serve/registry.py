@@ -70,9 +70,10 @@ def paddable(spec: IOSpec) -> tuple[str, ...]:
 
 
 async def load_entry(name: str, version: str, verified: Bundle, config: BatchConfig, metrics: Metrics,
-                     threads: int | None, workers: int = 1, trust_code: bool = False) -> Entry:
+                     threads: int | None, workers: int = 1, trust_code: bool = False, procs: int = 1) -> Entry:
     """Load a verified bundle off the event loop (in this process, or in ``workers`` processes), warm it up,
-    start its batcher."""
+    start its batcher. ``threads``: intra-op threads per copy of the model (default: the cores shared among the
+    ``procs`` server processes and their workers; 1 for a model that runs on the event loop)."""
     loop = asyncio.get_running_loop()
     warm_sizes = tuple(sorted({1, config.max_batch_size}))
     manifest = verified.manifest
@@ -81,14 +82,18 @@ async def load_entry(name: str, version: str, verified: Bundle, config: BatchCon
     if workers > 1:
         from .workers import ProcessPool
         # a batch running past the request deadline has no one left to answer: its worker is killed and restarted
-        pool = await loop.run_in_executor(None, lambda: ProcessPool(verified, workers, threads, warm_sizes, trust_code,
+        share = threads or max(1, cores() // (procs * workers))
+        pool = await loop.run_in_executor(None, lambda: ProcessPool(verified, workers, share, warm_sizes, trust_code,
                                                                     run_timeout_s=config.timeout_s + 1.0))
         run, close, broken = pool, pool.close, (lambda: pool.broken)
     else:
         # A model whose full batch runs on the event loop's thread (under inline_s) gets no spinning pool threads:
-        # they would take the cores the loop needs between batches (digits-cnn: ~0.8 of a core, 7-18% throughput).
+        # they would take the cores the loop needs between batches (digits-cnn: ~0.8 of a core, 7-18% throughput);
+        # and, unless --threads says otherwise, one thread: a pool thread that sleeps between operators only adds a
+        # wake-up to each (digits-cnn, ONNX Runtime, 2 cores: batch 8 in 46-51 us on one thread, 72-89 on two).
         fast = bool(latency.points) and latency.predict(config.max_batch_size) < config.inline_s
-        loaded = await loop.run_in_executor(None, lambda: bundle.load(verified, threads=threads or cores(), spin=not fast,
+        share = threads or (1 if fast else max(1, cores() // procs))
+        loaded = await loop.run_in_executor(None, lambda: bundle.load(verified, threads=share, spin=not fast,
                                                                       trust_code=trust_code))
         run, close, broken = loaded, None, (lambda: None)
         await loop.run_in_executor(None, lambda: [loaded(spec.sample(bs, manifest.dims)) for bs in warm_sizes])
