@@ -15,9 +15,9 @@ answer, is measured with the same generator, and each goal is set against it (it
 its CPU a request bounds batching on / off; what refusing costs against serving bounds goodput under overload).
 
 The fronts, on digits-cnn at concurrency 64 in interleaved rounds: one server process (`--procs 1`), two on the
-port (`--procs 2`), and one that waits up to 1 ms for a batch to fill (`--max-queue-delay-us 1000`: gRPC calls
-reach the batcher one at a time), each over HTTP with binary and with JSON tensors and over gRPC, beside what grpcio
-reaches in one Python process (benchmarks/grpc_ceiling.py, a servicer that returns a fixed answer). The gRPC load
+port (`--procs 2`), and one whose batches never wait (`--busy-delay-us 0`, the batcher before it waited for a batch
+to fill while the event loop is saturated: gRPC calls reach the batcher one at a time), each over HTTP with binary
+and with JSON tensors and over gRPC, beside what grpcio reaches in one Python process (benchmarks/grpc_ceiling.py, a servicer that returns a fixed answer). The gRPC load
 comes from h2load (nghttp2's HTTP/2 generator, in C; `make system-deps` installs it), one call in flight on each of
 64 connections, like loadgen.c's closed loop; the calls torchship served are counted from its metrics.
 
@@ -259,6 +259,8 @@ class GrpcLoad:
         body.write_bytes(call)
         log.unlink(missing_ok=True)  # h2load appends to its log
         before = served(http_url, model) if http_url else 0.0
+        with httpx.Client() as c:
+            counts = _counters(c, f"http://{http_url}", model) if http_url else None
         subprocess.run([self.exe, "-D", f"{seconds:g}", "-c", str(conns), "-m", "1", "-t", "1", "-d", str(body),
                         "-H", "content-type: application/grpc", "-H", "te: trailers", "--log-file", str(log),
                         f"http://{grpc_url}/inference.GRPCInferenceService/ModelInfer"],
@@ -267,8 +269,13 @@ class GrpcLoad:
         ok = np.array([int(us) / 1e3 for _, status, us in rows if status == "200"])
         answered = int(served(http_url, model) - before) if http_url else len(ok)
         statuses = {200: answered, **({0: len(rows) - answered} if len(rows) > answered else {})}
+        batch = None
+        if counts:
+            with httpx.Client() as c:
+                after = _counters(c, f"http://{http_url}", model)
+            batch = (after[0] - counts[0]) / (after[1] - counts[1]) if after and after[1] > counts[1] else None
         # a failed call's latency cannot be told from a served one's: with failures, the first ``answered`` stand in
-        return Run(seconds, statuses, ok[:answered], 0, None)
+        return Run(seconds, statuses, ok[:answered], 0, batch)
 
 
 def main() -> None:
@@ -328,17 +335,17 @@ def figures(load: Load, bundle: Path, model: str, offline: float, single: float,
     bounds(load, model, request, answer, offline, single, batch, duration, cost, on)
 
 
-FRONTS = {"--procs 1": [], "--procs 2": ["--procs", "2"], "--max-queue-delay-us 1000": ["--max-queue-delay-us", "1000"]}
+FRONTS = {"--procs 1": [], "--procs 2": ["--procs", "2"], "--busy-delay-us 0": ["--busy-delay-us", "0"]}
 
 
 def fronts(load: Load, grpc: GrpcLoad, bundle: Path, model: str, duration: float, rounds: int) -> None:
-    """One server process, two on the port, and one that waits up to 1 ms for a batch to fill (HTTP binary, HTTP
+    """One server process, two on the port, and one whose batches never wait for more requests (HTTP binary, HTTP
     JSON, gRPC at concurrency 64; concurrency 1 p50), and grpcio's own ceiling, in interleaved rounds; each ratio is
     taken within a round."""
     if grpc.exe is None:
         print("fronts: skipped, h2load is not installed (`make system-deps`, or apt-get install nghttp2-client)")
         return
-    rows = {(front, kind): [] for front in FRONTS for kind in ("binary", "json", "grpc", "c1")}
+    rows = {(front, kind): [] for front in FRONTS for kind in ("binary", "json", "grpc", "c1", "grpc batch")}
     ceiling = []
     for _ in range(rounds):
         for front, args in FRONTS.items():
@@ -349,7 +356,9 @@ def fronts(load: Load, grpc: GrpcLoad, bundle: Path, model: str, duration: float
                 as_json = load.request(s.url, model, binary=False)
                 rows[front, "json"].append(load(s.url, model, "closed", 64, duration, request=as_json).throughput)
                 call = grpc_request(s.url, model, None)
-                rows[front, "grpc"].append(grpc(f"127.0.0.1:{gport}", call, 64, duration, s.url, model).throughput)
+                over_grpc = grpc(f"127.0.0.1:{gport}", call, 64, duration, s.url, model)
+                rows[front, "grpc"].append(over_grpc.throughput)
+                rows[front, "grpc batch"].append(over_grpc.avg_batch or 0.0)
                 rows[front, "c1"].append(load(s.url, model, "closed", 1, duration / 2).pct(50))
         port = free_port()
         top = subprocess.Popen([sys.executable, str(Path(__file__).with_name("grpc_ceiling.py")), str(port)],
@@ -371,19 +380,20 @@ def fronts(load: Load, grpc: GrpcLoad, bundle: Path, model: str, duration: float
           "shared with the load generators:")
     for front in FRONTS:
         print(f"  {front:<26}: HTTP binary {counts(rows[front, 'binary'])} req/s, HTTP JSON (16 KB) "
-              f"{counts(rows[front, 'json'])}, gRPC {counts(rows[front, 'grpc'])}; concurrency 1 p50 "
+              f"{counts(rows[front, 'json'])}, gRPC {counts(rows[front, 'grpc'])} (average batch "
+              f"{spread(rows[front, 'grpc batch'], '{:.1f}')}); concurrency 1 p50 "
               f"{spread(rows[front, 'c1'], '{:.2f}')} ms")
     print(f"  grpcio's own ceiling (a servicer answering a fixed ModelInferResponse, one process): {counts(ceiling)} req/s")
     print("  --procs 2 / --procs 1: " + ", ".join(
         f"{label} {ratio(rows['--procs 2', k], rows['--procs 1', k])}"
         for label, k in (("HTTP binary", "binary"), ("JSON", "json"), ("gRPC", "grpc"), ("concurrency 1 p50", "c1"))))
-    print("  --max-queue-delay-us 1000 / none: " + ", ".join(
-        f"{label} {ratio(rows['--max-queue-delay-us 1000', k], rows['--procs 1', k])}"
-        for label, k in (("HTTP binary", "binary"), ("gRPC", "grpc"), ("concurrency 1 p50", "c1"))))
+    print("  --procs 1 (batches wait up to 2 ms while the loop is saturated) / --busy-delay-us 0: " + ", ".join(
+        f"{label} {ratio(rows['--procs 1', k], rows['--busy-delay-us 0', k])}"
+        for label, k in (("HTTP binary", "binary"), ("JSON", "json"), ("gRPC", "grpc"), ("concurrency 1 p50", "c1"))))
     print(f"  gRPC / HTTP binary: --procs 1 {ratio(rows['--procs 1', 'grpc'], rows['--procs 1', 'binary'])}, --procs 2 "
           f"{ratio(rows['--procs 2', 'grpc'], rows['--procs 2', 'binary'])}; torchship's gRPC / grpcio's ceiling "
-          f"{ratio(rows['--procs 1', 'grpc'], ceiling)} (with --max-queue-delay-us 1000: "
-          f"{ratio(rows['--max-queue-delay-us 1000', 'grpc'], ceiling)}); the ceiling / torchship's HTTP binary "
+          f"{ratio(rows['--procs 1', 'grpc'], ceiling)} (goal >= 0.8; with --busy-delay-us 0: "
+          f"{ratio(rows['--busy-delay-us 0', 'grpc'], ceiling)}); the ceiling / torchship's HTTP binary "
           f"{ratio(ceiling, rows['--procs 1', 'binary'])}")
 
 

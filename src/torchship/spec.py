@@ -144,9 +144,10 @@ class IOSpec:
 
     def check(self, feeds: Mapping[str, np.ndarray]) -> int:
         """Validate feeds against the inputs; return the batch size."""
-        missing = [n for n in self.input_names if n not in feeds]
-        unknown = [n for n in feeds if n not in self.input_names]
-        if missing or unknown:
+        names = self.by_name
+        if len(feeds) != len(names) or any(n not in names for n in feeds):
+            missing = [n for n in self.input_names if n not in feeds]
+            unknown = [n for n in feeds if n not in names]
             raise SpecError(f"inputs must be {self.input_names}; missing {missing}, unknown {unknown}")
         sizes: dict[str, int] = {}
         for t in self.inputs:

@@ -298,3 +298,44 @@ def test_the_batcher_goes_on_after_a_full_batch_left_from_submit_during_its_wait
             await b.stop()
         return [len(bt["x"]) for bt in runner.batches], out["y"][0, 0]
     assert run(scenario()) == ([4, 1], 6.0)
+
+
+def test_a_saturated_loop_does_not_wait_on_a_full_queue():
+    """No request can join a batch once the queue is full: the batch goes without waiting busy_delay_s (30 s here)."""
+    async def scenario():
+        runner = FakeRunner()
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=8, max_queue_requests=2, busy_delay_s=30.0))
+        b.start()
+        _quiet(b, 1.0)
+        try:
+            first = asyncio.ensure_future(b.submit(x(1)))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            await asyncio.wait_for(asyncio.gather(first, b.submit(x(1))), 5)
+        finally:
+            await b.stop()
+        return [len(bt["x"]) for bt in runner.batches]
+    assert run(scenario()) == [2]
+
+
+def test_after_a_wait_that_gathered_no_one_batches_go_at_once():
+    """One client keeping the loop busy: its request waited busy_delay_s alone, so the next ones do not wait."""
+    async def scenario():
+        runner = FakeRunner()
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4, busy_delay_s=0.05),
+                    latency=LatencyModel(profile({1: 0.01, 4: 0.02})))
+        b.start()
+        _quiet(b, 1.0)
+        try:
+            await asyncio.wait_for(b.submit(x(1)), 5)  # waits out its 50 ms alone
+            went = []
+            for _ in range(3):
+                nxt = asyncio.ensure_future(b.submit(x(1)))
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                went.append(nxt.done())
+                await asyncio.wait_for(nxt, 5)
+        finally:
+            await b.stop()
+        return went, [len(bt["x"]) for bt in runner.batches]
+    assert run(scenario()) == ([True, True, True], [1, 1, 1, 1])

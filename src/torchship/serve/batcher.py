@@ -90,11 +90,34 @@ class LatencyModel:
 Hook = Callable[..., None]
 
 
+class ThreadDemand:
+    """Seconds the calling thread has run on a CPU or waited in the run queue for one (the wait from Linux's
+    schedstat): what it would have run on a core of its own. Where schedstat is missing, its CPU time alone (an
+    oversubscribed machine then reads as less busy than it is)."""
+
+    def __init__(self):
+        try:
+            self._file = open("/proc/thread-self/schedstat", "rb", buffering=0)  # noqa: SIM115 - kept open, reread
+        except OSError:
+            self._file = None
+
+    def __call__(self) -> float:
+        waited = 0.0
+        if self._file is not None:  # its run time there misses the slice now running: the CPU time is read apart
+            self._file.seek(0)
+            waited = int(self._file.read().split()[1]) / 1e9
+        return time.thread_time() + waited
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 class LoopLag:
     """How late the event loop runs a 5 ms timer (smoothed): about the time one pass over its ready sockets takes,
     which is how long a request that has arrived waits before the server even sees it. And how busy the loop's
-    thread is: the fraction of the time it spends on a CPU (smoothed), near 1 when requests keep it from ever
-    waiting."""
+    thread is: the fraction of the time it runs or waits for a CPU (smoothed; ThreadDemand), near 1 when requests
+    keep it from ever waiting for them, whether or not other processes share its core."""
 
     PERIOD_S = 0.005
 
@@ -112,14 +135,18 @@ class LoopLag:
 
     async def _probe(self) -> None:
         loop = asyncio.get_running_loop()
-        cpu = time.thread_time()
-        while True:
-            t = loop.time()
-            await asyncio.sleep(self.PERIOD_S)
-            now, used = loop.time(), time.thread_time()
-            self.lag = 0.7 * self.lag + 0.3 * max(0.0, now - t - self.PERIOD_S)
-            self.busy = 0.7 * self.busy + 0.3 * min(1.0, (used - cpu) / max(now - t, 1e-6))
-            cpu = used
+        demand = ThreadDemand()  # opened here: the loop's own thread
+        try:
+            cpu = demand()
+            while True:
+                t = loop.time()
+                await asyncio.sleep(self.PERIOD_S)
+                now, used = loop.time(), demand()
+                self.lag = 0.7 * self.lag + 0.3 * max(0.0, now - t - self.PERIOD_S)
+                self.busy = 0.7 * self.busy + 0.3 * min(1.0, (used - cpu) / max(now - t, 1e-6))
+                cpu = used
+        finally:
+            demand.close()
 
 
 class Batcher:
@@ -133,6 +160,7 @@ class Batcher:
         self.queue: deque[Item] = deque()
         self.queued_bytes = 0
         self._pending: dict[tuple, int] = {}  # items queued per shape key
+        self._skip, self._backoff = 0, self.BACKOFF[0]  # batches left that go at once; the next such run (_learn)
         self.in_flight = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -171,7 +199,7 @@ class Batcher:
         pending = self._pending[key] = self._pending.get(key, 0) + size
         # what the batcher waits for: a first request, a full batch; in SLO mode each request (its dispatch time
         # moves with the batch's predicted time)
-        if len(self.queue) == 1 or self._full(pending) or self.config.slo_s is not None:
+        if len(self.queue) == 1 or self._ready(pending) or self.config.slo_s is not None:
             self._wake.set()
         if not self._slots.locked() and self._dispatch_now(key):
             await self._run_now(key)
@@ -226,30 +254,48 @@ class Batcher:
                     key.append(n)
         return tuple(key), lengths
 
-    def _dispatch_at(self, oldest: Item, pending: int) -> float:
-        """Plain mode: the oldest has waited max_queue_delay. SLO mode: its wait plus the predicted batch
+    def _dispatch_at(self, oldest: Item, pending: int, delay: float) -> float:
+        """Plain mode: the oldest has waited ``delay`` (``_delay()``). SLO mode: its wait plus the predicted batch
         time reaches the SLO minus the margin."""
         if self.config.slo_s is None:
-            return oldest.enqueued + self._delay()
+            return oldest.enqueued + delay
         return oldest.enqueued + self.config.slo_s * (1 - self.config.slo_margin) - self.latency.predict(pending)
 
-    SATURATED = 0.9  # the loop's busy fraction past which a batch waits busy_delay_s to fill
+    SATURATED = 0.8  # the loop's busy fraction past which a batch may wait busy_delay_s to fill
+    BACKOFF = (16, 1024)  # batches that go at once after a wait gathered no one, doubling up to the second figure
 
     def _delay(self) -> float:
-        """max_queue_delay; when it is 0 and the event loop's thread is saturated, busy_delay_s. Requests that reach
-        the batcher one a turn of the loop (gRPC calls, which grpcio hands over one at a time) would otherwise go in
-        batches of one, each paying the whole of a model call, on the thread that also serves them; a loop that
-        never waits gives the batch that time for nothing. A loop with time to spare (one client, light load) runs
-        what is queued at once."""
-        if self.config.max_queue_delay_s or self.loop_lag.busy < self.SATURATED:
+        """How long the next batch may wait to fill: max_queue_delay; when it is 0 and the event loop's thread is
+        saturated, busy_delay_s. Requests that reach the batcher one a turn of the loop (gRPC calls, which grpcio
+        hands over one at a time) would otherwise go in batches of one, each paying the whole of a model call, on
+        the thread that also serves them; a loop that never waits gives the batch that time for nothing. A loop with
+        time to spare (light load) runs what is queued at once, and so does a busy one where waiting gathered no
+        one (one client whose calls cost the loop most of its time): after such a wait, the next BACKOFF batches go
+        at once, twice as many each time it happens again."""
+        if self.config.max_queue_delay_s or not self.config.busy_delay_s or self.loop_lag.busy < self.SATURATED:
             return self.config.max_queue_delay_s
+        if self._skip:
+            self._skip -= 1
+            return 0.0
         return self.config.busy_delay_s
+
+    def _learn(self, delay: float, taken: int) -> None:
+        """After a batch that waited busy_delay_s: it gathered others (keep waiting), or none (back off)."""
+        if delay and not self.config.max_queue_delay_s and delay == self.config.busy_delay_s:
+            if taken > 1:
+                self._backoff = self.BACKOFF[0]
+            else:
+                self._skip, self._backoff = self._backoff, min(2 * self._backoff, self.BACKOFF[1])
 
     def _ready_size(self, key) -> int:
         return self._pending.get(key, 0)
 
     def _full(self, n: int) -> bool:
         return n >= self.config.max_batch_size or (n in self.config.preferred_batch_sizes and n > 1)
+
+    def _ready(self, n: int) -> bool:
+        """Nothing to gain by waiting: a full batch, or a full queue (no more requests can join it)."""
+        return self._full(n) or len(self.queue) >= self.config.max_queue_requests
 
     async def _loop(self) -> None:
         while True:
@@ -259,11 +305,11 @@ class Batcher:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-            oldest = self.queue[0]
+            oldest, delay = self.queue[0], self._delay()
             while not self._stopping:
                 pending = self._ready_size(oldest.key)
-                remaining = self._dispatch_at(oldest, pending) - time.monotonic()
-                if self._full(pending) or remaining <= 0:
+                remaining = self._dispatch_at(oldest, pending, delay) - time.monotonic()
+                if self._ready(pending) or remaining <= 0:
                     break
                 self._wake.clear()
                 timer = asyncio.get_running_loop().call_later(remaining, self._wake.set)
@@ -273,6 +319,8 @@ class Batcher:
                     timer.cancel()
             await self._slots.acquire()
             items = self._take(oldest.key)
+            if items:  # (none: a full batch left from submit() meanwhile)
+                self._learn(delay, len(items))
             if self._inline(items):
                 try:
                     await self._run_batch(items, inline=True)  # never suspends: the next batch can go in this turn
@@ -292,7 +340,7 @@ class Batcher:
         lags: then requests wait in the sockets, unseen, and the queue filling up is what sheds them (at 2x capacity
         in an open loop, dispatching at once took every request and the p99 to 2 s)."""
         n = self._ready_size(key)
-        return ((self._full(n) or len(self.queue) >= self.config.max_queue_requests)
+        return (self._ready(n)
                 and self.loop_lag.lag < self.LAGGING_S and self._inline_size(min(n, self.config.max_batch_size)))
 
     async def _run_now(self, key) -> None:

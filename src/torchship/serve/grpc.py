@@ -49,7 +49,7 @@ def decode(request, spec) -> dict[str, np.ndarray]:
         if TO_NUMPY.get(inp.datatype) != expected[inp.name].dtype:
             raise BadRequest(f"input {inp.name!r}: datatype {inp.datatype} does not match the model's {datatype(want)}")
         shape = list(inp.shape)
-        if any(d < 0 for d in shape):
+        if shape and min(shape) < 0:
             raise BadRequest(f"input {inp.name!r}: shape {shape} has a negative dimension")
         count = math.prod(shape)
         if raw:
