@@ -339,3 +339,23 @@ def test_after_a_wait_that_gathered_no_one_batches_go_at_once():
             await b.stop()
         return went, [len(bt["x"]) for bt in runner.batches]
     assert run(scenario()) == ([True, True, True], [1, 1, 1, 1])
+
+
+def test_requests_that_arrive_together_do_not_wait_even_on_a_saturated_loop():
+    """HTTP requests reach the batcher many a turn: a batch that has company at the batcher's turn goes at once."""
+    async def scenario():
+        runner = FakeRunner()
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=8, busy_delay_s=30.0),
+                    latency=LatencyModel(profile({1: 0.01, 8: 0.02})))
+        b.start()
+        _quiet(b, 1.0)
+        try:
+            both = asyncio.ensure_future(asyncio.gather(b.submit(x(1)), b.submit(x(1))))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            went = both.done()
+            await asyncio.wait_for(both, 5)
+        finally:
+            await b.stop()
+        return went, [len(bt["x"]) for bt in runner.batches]
+    assert run(scenario()) == (True, [2])
