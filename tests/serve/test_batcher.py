@@ -1,5 +1,6 @@
 """The batcher with a fake runner: no model, no HTTP."""
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -243,10 +244,27 @@ def test_a_request_whose_model_never_answers_gets_a_504():
         run(scenario())
 
 
-def _quiet(b: Batcher, busy: float) -> None:
-    """The batcher's view of its event loop, set by the test (the probe stopped)."""
+def _inline() -> LatencyModel:
+    """A profile whose batches run on the loop: no thread to wait for (a new one each time: it learns)."""
+    return LatencyModel(profile({1: 0.01, 8: 0.02}))
+
+
+@contextlib.asynccontextmanager
+async def _seeing(b: Batcher, busy: float):
+    """The batcher started, with its view of the event loop set by the test (the probe stopped); stopped after."""
+    b.start()
     b.loop_lag.stop()
     b.loop_lag.busy, b.loop_lag.lag = busy, 0.0
+    try:
+        yield b
+    finally:
+        await b.stop()
+
+
+async def _turns(n: int = 20) -> None:
+    """Turns of the event loop: the batcher has had its chance to run what it would run."""
+    for _ in range(n):
+        await asyncio.sleep(0)
 
 
 @pytest.mark.parametrize("busy", [0.2, 1.0])
@@ -256,19 +274,13 @@ def test_while_the_loop_is_saturated_a_batch_waits_to_fill_else_it_goes_at_once(
     time to spare runs the first request alone."""
     async def scenario():
         runner = FakeRunner()
-        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4, busy_delay_s=30.0),
-                    latency=LatencyModel(profile({1: 0.01, 4: 0.02})))  # runs on the loop: no thread to wait for
-        b.start()
-        _quiet(b, busy)
-        try:
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4, busy_delay_s=30.0), latency=_inline())
+        async with _seeing(b, busy):
             first = asyncio.ensure_future(b.submit(x(1, 0.0)))
-            for _ in range(20):  # turns of the loop: the batcher has had its chance
-                await asyncio.sleep(0)
+            await _turns()
             waited = not first.done()
             rest = [b.submit(x(1, float(i))) for i in range(1, 4)]
             outs = await asyncio.wait_for(asyncio.gather(first, *rest), 5)
-        finally:
-            await b.stop()
         return waited, [len(bt["x"]) for bt in runner.batches], [o["y"][0, 0] for o in outs]
     waited, batches, ys = run(scenario())
     assert ys == [0.0, 2.0, 4.0, 6.0]
@@ -283,19 +295,13 @@ def test_the_batcher_goes_on_after_a_full_batch_left_from_submit_during_its_wait
     request's timer; when the timer fires there is nothing left to take, and the next request is still served."""
     async def scenario():
         runner = FakeRunner()
-        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4, max_queue_delay_s=0.01),
-                    latency=LatencyModel(profile({1: 0.01, 4: 0.02})))
-        b.start()
-        _quiet(b, 0.0)
-        try:
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4, max_queue_delay_s=0.01), latency=_inline())
+        async with _seeing(b, 0.0):
             first = asyncio.ensure_future(b.submit(x(1)))
-            for _ in range(5):  # the batcher waits on the first request's timer
-                await asyncio.sleep(0)
+            await _turns(5)  # the batcher waits on the first request's timer
             await asyncio.wait_for(asyncio.gather(first, *[b.submit(x(1)) for _ in range(3)]), 5)
             await asyncio.sleep(0.05)  # past the batcher's 10 ms timer (timers fire in order)
             out = await asyncio.wait_for(b.submit(x(1, 3.0)), 5)
-        finally:
-            await b.stop()
         return [len(bt["x"]) for bt in runner.batches], out["y"][0, 0]
     assert run(scenario()) == ([4, 1], 6.0)
 
@@ -305,15 +311,10 @@ def test_a_saturated_loop_does_not_wait_on_a_full_queue():
     async def scenario():
         runner = FakeRunner()
         b = Batcher(runner, SPEC, BatchConfig(max_batch_size=8, max_queue_requests=2, busy_delay_s=30.0))
-        b.start()
-        _quiet(b, 1.0)
-        try:
+        async with _seeing(b, 1.0):
             first = asyncio.ensure_future(b.submit(x(1)))
-            for _ in range(5):
-                await asyncio.sleep(0)
+            await _turns(5)
             await asyncio.wait_for(asyncio.gather(first, b.submit(x(1))), 5)
-        finally:
-            await b.stop()
         return [len(bt["x"]) for bt in runner.batches]
     assert run(scenario()) == [2]
 
@@ -322,21 +323,15 @@ def test_after_a_wait_that_gathered_no_one_batches_go_at_once():
     """One client keeping the loop busy: its request waited busy_delay_s alone, so the next ones do not wait."""
     async def scenario():
         runner = FakeRunner()
-        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4, busy_delay_s=0.05),
-                    latency=LatencyModel(profile({1: 0.01, 4: 0.02})))
-        b.start()
-        _quiet(b, 1.0)
-        try:
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=4, busy_delay_s=0.05), latency=_inline())
+        async with _seeing(b, 1.0):
             await asyncio.wait_for(b.submit(x(1)), 5)  # waits out its 50 ms alone
             went = []
             for _ in range(3):
                 nxt = asyncio.ensure_future(b.submit(x(1)))
-                for _ in range(20):
-                    await asyncio.sleep(0)
+                await _turns()
                 went.append(nxt.done())
                 await asyncio.wait_for(nxt, 5)
-        finally:
-            await b.stop()
         return went, [len(bt["x"]) for bt in runner.batches]
     assert run(scenario()) == ([True, True, True], [1, 1, 1, 1])
 
@@ -345,17 +340,11 @@ def test_requests_that_arrive_together_do_not_wait_even_on_a_saturated_loop():
     """HTTP requests reach the batcher many a turn: a batch that has company at the batcher's turn goes at once."""
     async def scenario():
         runner = FakeRunner()
-        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=8, busy_delay_s=30.0),
-                    latency=LatencyModel(profile({1: 0.01, 8: 0.02})))
-        b.start()
-        _quiet(b, 1.0)
-        try:
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=8, busy_delay_s=30.0), latency=_inline())
+        async with _seeing(b, 1.0):
             both = asyncio.ensure_future(asyncio.gather(b.submit(x(1)), b.submit(x(1))))
-            for _ in range(20):
-                await asyncio.sleep(0)
+            await _turns()
             went = both.done()
             await asyncio.wait_for(both, 5)
-        finally:
-            await b.stop()
         return went, [len(bt["x"]) for bt in runner.batches]
     assert run(scenario()) == (True, [2])

@@ -171,10 +171,6 @@ class Server:
             return e, self.refused(e, exc)
         return e, None
 
-    def shed(self, name: str, version: str | None) -> "Answer | None":
-        """What the HTTP front answers from the headers alone, without an ASGI request (``infer`` checks again)."""
-        return self.admitted(name, version)[1]
-
     def count(self, e: Entry | None, exc: ServeError) -> None:
         """A refused or failed request, counted by reason (unknown models under model="")."""
         series = e.metrics if e is not None else self.unknown

@@ -45,8 +45,9 @@ def decode(request, spec) -> dict[str, np.ndarray]:
             raise BadRequest(f"unknown input {inp.name!r}; the model takes {list(expected)}")
         if inp.name in feeds:
             raise BadRequest(f"input {inp.name!r} is given twice")
-        want = expected[inp.name].np_dtype
-        if TO_NUMPY.get(inp.datatype) != expected[inp.name].dtype:
+        t = expected[inp.name]
+        want = t.np_dtype
+        if TO_NUMPY.get(inp.datatype) != t.dtype:
             raise BadRequest(f"input {inp.name!r}: datatype {inp.datatype} does not match the model's {datatype(want)}")
         shape = list(inp.shape)
         if shape and min(shape) < 0:

@@ -177,8 +177,9 @@ def decode_inputs(request: InferRequest, binary: bytes, spec: IOSpec) -> dict[st
             raise BadRequest(f"unknown input {name!r}; the model takes {list(expected)}")
         if name in feeds:
             raise BadRequest(f"input {name!r} is given twice")
-        want = expected[name].np_dtype
-        if TO_NUMPY.get(dt) != expected[name].dtype:
+        t = expected[name]
+        want = t.np_dtype
+        if TO_NUMPY.get(dt) != t.dtype:
             raise BadRequest(f"input {name!r}: datatype {dt} does not match the model's {datatype(want)}")
         count = math.prod(inp.shape)
         size = (inp.parameters or {}).get("binary_data_size")

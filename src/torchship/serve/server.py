@@ -96,7 +96,7 @@ class _Answered:
 
 
 def shedding_protocol(server):
-    """uvicorn's httptools protocol, answering the infer requests that ``server.shed`` refuses as soon as their
+    """uvicorn's httptools protocol, answering the infer requests that ``server.admitted`` refuses as soon as their
     headers are read: no ASGI request, task or body is made for them (under a flood, every refused request costs
     the event loop time whether it is served or not; this way costs less). Any other request, or one behind a
     pipelined request still in progress, takes uvicorn's own path."""
@@ -116,7 +116,7 @@ def shedding_protocol(server):
                     and self.parser.get_method() == b"POST"):
                 path = httptools.parse_url(self.url).path.decode("latin-1")
                 found = _INFER.fullmatch(urllib.parse.unquote(path) if "%" in path else path)
-                refused = server.shed(found[1], found[2]) if found else None
+                refused = server.admitted(found[1], found[2])[1] if found else None  # infer() checks again
                 if refused is not None:
                     return self._answer(*refused)
             super().on_headers_complete()
