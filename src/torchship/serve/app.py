@@ -94,6 +94,7 @@ class Server:
         if b.slo_s is not None:  # SLO mode: a few batches' worth
             self.max_in_flight = min(self.max_in_flight, 4 * (config.max_batch_size or b.max_batch_size) + 64)
         self._swap = asyncio.Lock()
+        self._shed: dict[tuple[str, str], Answer] = {}  # the 503 answers, by (reason, message)
         # with several server processes on the port (serve --procs): sends a repository change to every one of them
         self.broadcast: Callable[[str, str], Awaitable[dict]] | None = None
 
@@ -145,18 +146,24 @@ class Server:
         are ready no longer counts, though the event loop has yet to send them)."""
         return sum(e.admitted + e.batcher.depth + e.batcher.in_flight for v in self.models.values() for e in v.values())
 
-    def admit(self, e: Entry) -> None:
-        """Shed before the body is read: a full queue (queued, or admitted and being read) or a model that cannot run
-        is a 503 in a few microseconds, whatever the number of connections."""
+    def refusal(self, e: Entry) -> ServeError | None:
+        """Why ``e`` cannot take one more infer request now (None: it can): a model that cannot run, no room in
+        flight, a full queue (queued, or admitted and being read). Checked before the body is read, so that shedding
+        costs a few microseconds whatever the number of connections."""
         why = e.why
         if why is not None:
-            raise Unavailable(f"model {e.name!r} version {e.version} cannot serve now: {why}")
-        n = self.unanswered()
-        if n >= self.max_in_flight:
-            raise Busy(f"server busy: {n} requests in flight (limit {self.max_in_flight})")
+            return Unavailable(f"model {e.name!r} version {e.version} cannot serve now: {why}")
+        if self.unanswered() >= self.max_in_flight:
+            return Busy(f"server busy: the limit of {self.max_in_flight} requests in flight is reached")
         limit = e.batcher.config.max_queue_requests
         if e.batcher.depth + e.admitted >= limit:
-            raise QueueFull(f"queue full: {e.batcher.depth} queued and {e.admitted} being read (--max-queue {limit})")
+            return QueueFull(f"queue full: --max-queue {limit} reached (requests queued or being read)")
+        return None
+
+    def admit(self, e: Entry) -> None:
+        exc = self.refusal(e)
+        if exc is not None:
+            raise exc
 
     def admitted(self, name: str, version: str | None) -> "tuple[Entry | None, Answer | None]":
         """(the entry, None), or the refusal of an infer request that its path decides alone: an unknown model, a
@@ -165,11 +172,8 @@ class Server:
             e = self.find(name, version)
         except NotFound as exc:
             return None, self.refused(None, exc)
-        try:
-            self.admit(e)
-        except ServeError as exc:
-            return e, self.refused(e, exc)
-        return e, None
+        exc = self.refusal(e)
+        return e, None if exc is None else self.refused(e, exc, reuse=True)
 
     def count(self, e: Entry | None, exc: ServeError) -> None:
         """A refused or failed request, counted by reason (unknown models under model="")."""
@@ -178,10 +182,20 @@ class Server:
         if exc.status in (503, 504):
             series.rejected(exc.reason)
 
-    def refused(self, e: Entry | None, exc: ServeError) -> Answer:
-        """The HTTP answer to a refused or failed request, counted."""
+    def refused(self, e: Entry | None, exc: ServeError, reuse: bool = False) -> Answer:
+        """The HTTP answer to a refused or failed request, counted. With ``reuse`` (the refusals of ``refusal``,
+        whose messages name only a model and a limit), each answer is made once and then is the same object every
+        time: the header-time refusal keeps its bytes on the wire by that object."""
         self.count(e, exc)
-        return problem(exc.status, str(exc), exc.headers)
+        if not reuse:
+            return problem(exc.status, str(exc), exc.headers)
+        key = (exc.reason, str(exc))
+        answer = self._shed.get(key)
+        if answer is None:
+            answer = problem(exc.status, key[1], exc.headers)
+            if len(self._shed) < 1024:
+                self._shed[key] = answer
+        return answer
 
     async def run(self, e: Entry, name: str, version: str | None, feeds, deadline: float | None):
         """Queue decoded inputs on the model's batcher; (the entry that ran them, their outputs)."""

@@ -106,5 +106,7 @@ async def load_entry(name: str, version: str, verified: Bundle, config: BatchCon
 
 def latest(versions: dict[str, Entry]) -> Entry | None:
     """The newest version that can serve; when none can, the newest (its requests get the 503 that says why)."""
+    if len(versions) == 1:  # the common case, on every request
+        return next(iter(versions.values()))
     serving = [e for e in versions.values() if e.why is None]
     return max(serving or versions.values(), key=lambda e: int(e.version) if e.version.isdigit() else -1, default=None)

@@ -109,6 +109,8 @@ def shedding_protocol(server):
     from .app import _INFER
 
     answered = _Answered()
+    wire: dict[tuple[int, bool], tuple[tuple, bytes]] = {}  # the bytes of reused answers, by (id, keep-alive)
+    made_with: list = [None]  # the default headers (the date) those bytes carry
 
     class Shedding(HttpToolsProtocol):
         def on_headers_complete(self) -> None:
@@ -118,23 +120,73 @@ def shedding_protocol(server):
                 found = _INFER.fullmatch(urllib.parse.unquote(path) if "%" in path else path)
                 refused = server.admitted(found[1], found[2])[1] if found else None  # infer() checks again
                 if refused is not None:
-                    return self._answer(*refused)
+                    return self._answer(refused)
             super().on_headers_complete()
 
-        def _answer(self, status: int, body: bytes, headers: dict) -> None:
+        def _answer(self, refused: tuple[int, bytes, dict]) -> None:
             keep = (self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
                     and not server.draining)
-            lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
-            lines += [name + b": " + value for name, value in self.server_state.default_headers]
-            lines += [f"{k}: {v}".encode() for k, v in headers.items()]
-            lines += [b"content-length: %d" % len(body)] + ([] if keep else [b"connection: close"])
+            defaults = self.server_state.default_headers
+            if defaults is not made_with[0]:  # uvicorn renews them every second
+                wire.clear()
+                made_with[0] = defaults
+            made = wire.get((id(refused), keep))
+            if made is None or made[0] is not refused:
+                made = refused, _response(*refused, defaults, keep)
+                if refused[0] == 503 and len(wire) < 256:  # the shed answers: a few objects reused (Server.refused)
+                    wire[id(refused), keep] = made
             self.cycle = answered
-            self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+            self.transport.write(made[1])
             if keep:
                 self.on_response_complete()
             else:
                 self.server_state.total_requests += 1
                 self.transport.close()
+
+        # The keep-alive timeout, without a timer made and cancelled on every request (uvicorn's way, which costs
+        # more than the rest of a refusal's Python): one timer per connection, which looks at how long the
+        # connection has been idle when it fires and waits on if it has not been idle long enough.
+        _idle_since: float | None = None  # loop time of the last answer; None while a request is read or served
+
+        def _unset_keepalive_if_required(self) -> None:
+            self._idle_since = None
+
+        def on_response_complete(self) -> None:
+            self.server_state.total_requests += 1
+            if self.transport.is_closing():
+                return
+            self.flow.resume_reading()
+            if self.pipeline:
+                self._idle_since = None
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+                return
+            self._idle_since = self.loop.time()
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
+
+        def _idle_check(self) -> None:
+            self.timeout_keep_alive_task = None
+            if self._idle_since is None or self.transport.is_closing():  # busy: armed again at its answer
+                return
+            left = self._idle_since + self.timeout_keep_alive - self.loop.time()
+            if left > 0:
+                self.timeout_keep_alive_task = self.loop.call_later(left, self._idle_check)
+            else:
+                self.timeout_keep_alive_handler()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            if self.timeout_keep_alive_task is not None:
+                self.timeout_keep_alive_task.cancel()
+                self.timeout_keep_alive_task = None
+
+    def _response(status: int, body: bytes, headers: dict, defaults, keep: bool) -> bytes:
+        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
+        lines += [name + b": " + value for name, value in defaults]
+        lines += [f"{k}: {v}".encode() for k, v in headers.items()]
+        lines += [b"content-length: %d" % len(body)] + ([] if keep else [b"connection: close"])
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
     return Shedding
 

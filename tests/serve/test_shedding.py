@@ -1,0 +1,158 @@
+"""The header-time refusal protocol (serve/server.py) driven directly: a fake transport and a fake clock, so that
+what it writes and when it closes an idle connection are decided by the test, not by timing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import uvicorn
+from uvicorn.server import ServerState
+
+from torchship.errors import NotFound, QueueFull
+from torchship.serve.app import ServeConfig, Server, problem
+from torchship.serve.server import shedding_protocol
+
+
+class Clock:
+    """The loop, as far as the protocol uses it: time() and call_later(), run by hand."""
+
+    def __init__(self):
+        self.now, self.timers = 0.0, []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback):
+        timer = Timer(self.now + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    def pending(self) -> list["Timer"]:
+        return [t for t in self.timers if not t.cancelled and not t.fired]
+
+    def advance(self, to: float) -> None:
+        """Move the clock to ``to``, firing the timers due by then in order."""
+        while True:
+            due = sorted((t for t in self.pending() if t.when <= to), key=lambda t: t.when)
+            if not due:
+                break
+            self.now = due[0].when
+            due[0].fired = True
+            due[0].callback()
+        self.now = to
+
+
+class Timer:
+    def __init__(self, when: float, callback):
+        self.when, self.callback, self.cancelled, self.fired = when, callback, False, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Transport:
+    def __init__(self):
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default=None):
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Models:
+    """What the protocol asks of the server: ``admitted`` and ``draining``. Model "full" is refused with one 503 answer
+    object reused (as Server.refused does); any other name is unknown, its 404 naming it."""
+    draining = False
+    full = problem(503, "queue full: --max-queue 16 reached", {"Retry-After": "1"})
+
+    def admitted(self, name: str, version):
+        return None, self.full if name == "full" else problem(404, f"unknown model {name!r}")
+
+
+def connection(clock: Clock, timeout_keep_alive: float = 5.0):
+    config = uvicorn.Config(app=None, http=shedding_protocol(Models()), timeout_keep_alive=timeout_keep_alive,
+                            access_log=False)
+    config.load()
+    state = ServerState()
+    state.default_headers = [(b"date", b"Tue, 01 Dec 2026 10:00:00 GMT")]
+    proto = config.http_protocol_class(config=config, server_state=state, app_state={}, _loop=clock)
+    transport = Transport()
+    proto.connection_made(transport)
+    return proto, transport, state
+
+
+def post(model: str, body: bytes = b"\0" * 16) -> bytes:
+    return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: 2\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_timeout_and_one_mid_request_is_not():
+    clock = Clock()
+    proto, transport, _ = connection(clock)
+    proto.data_received(post("nope"))
+    assert transport.written[-1].startswith(b"HTTP/1.1 404 ") and len(clock.pending()) == 1
+    clock.advance(3.0)
+    proto.data_received(post("nope"))  # answered at 3 s: still one timer (not one per request), now idle from 3 s
+    assert len(transport.written) == 2 and len(clock.pending()) == 1 and len(clock.timers) == 1  # none made again
+    clock.advance(7.9)  # the timer fired at 5 s, saw 2 s of idleness, and waits on to 8 s
+    assert not transport.closed and [t.when for t in clock.pending()] == [8.0]
+    proto.data_received(post("nope")[:20])  # a request starts arriving before 8 s and stalls
+    clock.advance(30.0)
+    assert not transport.closed and not clock.pending()  # mid-request: not a keep-alive timeout
+    proto.data_received(post("nope")[20:])  # answered at 30 s: idle again, closed 5 s later
+    assert transport.written[-1].startswith(b"HTTP/1.1 404 ")
+    clock.advance(34.9)
+    assert not transport.closed
+    clock.advance(35.0)
+    assert transport.closed
+
+
+def test_a_closed_connection_leaves_no_timer_behind():
+    clock = Clock()
+    proto, transport, _ = connection(clock)
+    proto.data_received(post("nope"))
+    proto.connection_lost(None)
+    assert not clock.pending()
+
+
+def test_shed_answers_reuse_their_bytes_until_the_date_changes_and_others_name_their_model():
+    clock = Clock()
+    proto, transport, state = connection(clock)
+    for model in ("full", "full", "nope", "other", "full"):
+        proto.data_received(post(model))
+    full, again, nope, other, third = transport.written
+    assert full.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and b"\r\nretry-after: 1\r\n" in full.lower()
+    assert b"date: Tue, 01 Dec 2026 10:00:00 GMT" in full and full.endswith(b'{"error":"queue full: --max-queue 16 reached"}')
+    assert full is again is third  # the same bytes object: made once
+    assert b"unknown model 'nope'" in nope and b"unknown model 'other'" in other
+    state.default_headers = [(b"date", b"Tue, 01 Dec 2026 10:00:01 GMT")]  # uvicorn's tick, every second
+    proto.data_received(post("full"))
+    assert b"date: Tue, 01 Dec 2026 10:00:01 GMT" in transport.written[-1]
+    proto.data_received(post("full").replace(b"Host: t\r\n", b"Host: t\r\nConnection: close\r\n"))
+    assert b"connection: close" in transport.written[-1] and transport.closed
+
+
+def test_the_server_makes_each_shed_answer_once_and_counts_every_refusal(tmp_path: Path):
+    server = Server([], ServeConfig())
+    first = server.refused(None, QueueFull("queue full: --max-queue 16 reached"), reuse=True)
+    second = server.refused(None, QueueFull("queue full: --max-queue 16 reached"), reuse=True)
+    assert first is second and first[0] == 503 and first[2]["Retry-After"] == "1"
+    a, b = (server.refused(None, NotFound(f"unknown model {n!r}")) for n in ("a", "b"))
+    assert b"'a'" in a[1] and b"'b'" in b[1]
+    text = server.metrics.exposition().decode()
+    assert 'torchship_request_failure_total{model="",reason="queue_full",version=""} 2.0' in text
+    assert 'torchship_rejected_total{model="",reason="queue_full",version=""} 2.0' in text
