@@ -120,23 +120,30 @@ static int on_event(Conn *c, unsigned events) {
     }
     if (events & EPOLLOUT) pump_write(c);
     if (!(events & (EPOLLIN | EPOLLERR | EPOLLHUP))) return 0;
+    int eof = 0;  /* the server closed: an answer read whole before its FIN still counts as answered */
     for (;;) {
         ssize_t n = read(c->fd, c->buf + c->got, BUF - 1 - c->got);
-        if (n == 0) goto broken;
+        if (n == 0) {
+            eof = 1;
+            break;
+        }
         if (n < 0) {
             if (errno == EAGAIN) break;
             goto broken;
         }
         c->got += n;
     }
-    if (!c->busy) return 0;
+    if (!c->busy) {
+        if (eof) goto broken;
+        return 0;
+    }
     int status, close_after, done = parse(c, &status, &close_after);
-    if (done < 0) goto broken;
+    if (done < 0 || (!done && eof)) goto broken;
     if (!done) return 0;
     printf("%d %.0f\n", status, (now() - c->arrival) * 1e6);
     c->busy = 0;
     last_status = status;
-    if (close_after) {
+    if (close_after || eof) {
         drop(c);
         return 0;
     }
