@@ -161,6 +161,7 @@ class Server:
         return None
 
     def admit(self, e: Entry) -> None:
+        """Raise the refusal, if ``e`` has one now (the gRPC and infer paths)."""
         exc = self.refusal(e)
         if exc is not None:
             raise exc
