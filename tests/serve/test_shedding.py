@@ -2,6 +2,7 @@
 what it writes and when it closes an idle connection are decided by the test, not by timing."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import uvicorn
@@ -80,6 +81,8 @@ class Models:
     full = problem(503, "queue full: --max-queue 16 reached", {"Retry-After": "1"})
 
     def admitted(self, name: str, version):
+        if name == "ok":  # admitted: the request goes on to the ASGI app
+            return object(), None
         return None, self.full if name == "full" else problem(404, f"unknown model {name!r}")
 
 
@@ -156,3 +159,50 @@ def test_the_server_makes_each_shed_answer_once_and_counts_every_refusal(tmp_pat
     text = server.metrics.exposition().decode()
     assert 'torchship_request_failure_total{model="",reason="queue_full",version=""} 2.0' in text
     assert 'torchship_rejected_total{model="",reason="queue_full",version=""} 2.0' in text
+
+
+async def _app(scope, receive, send):
+    """An ASGI app answering every request the way torchship's infer path does: a head, then the whole body."""
+    if scope["type"] != "http":
+        return
+    message = await receive()  # reads the body (and so answers Expect: 100-continue)
+    body = b"answer to " + message.get("body", b"")
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_a_served_response_leaves_in_one_write_and_100_continue_and_head_still_work():
+    async def run():
+        config = uvicorn.Config(app=_app, http=shedding_protocol(Models()), access_log=False, proxy_headers=False)
+        config.load()
+        proto = config.http_protocol_class(config=config, server_state=ServerState(), app_state={},
+                                           _loop=asyncio.get_running_loop())
+        transport = Transport()
+        proto.connection_made(transport)
+
+        async def answered(request: bytes) -> list[bytes]:
+            start = len(transport.written)
+            proto.data_received(request)
+            for _ in range(100):
+                await asyncio.sleep(0)
+                if proto.cycle.response_complete:
+                    break
+            return transport.written[start:]
+        body = b"\0" * 16
+        one = await answered(post("ok", body))
+        assert len(one) == 1 and one[0].startswith(b"HTTP/1.1 200 OK\r\n") and one[0].endswith(b"answer to " + body)
+        expect = post("ok", body).replace(b"Host: t\r\n", b"Host: t\r\nExpect: 100-continue\r\n")
+        head_end = expect.index(b"\r\n\r\n") + 4
+        proto.data_received(expect[:head_end])  # the client waits for 100 Continue before it sends the body
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if transport.written[-1] == b"HTTP/1.1 100 Continue\r\n\r\n":
+                break
+        assert transport.written[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
+        rest = await answered(expect[head_end:])
+        assert len(rest) == 1 and rest[0].startswith(b"HTTP/1.1 200 OK\r\n")
+        head = await answered(b"HEAD /v2 HTTP/1.1\r\nHost: t\r\n\r\n")  # a head and no body: sent at completion
+        assert len(head) == 1 and head[0].startswith(b"HTTP/1.1 200 OK\r\n") and head[0].endswith(b"\r\n\r\n")
+        proto.connection_lost(None)
+    asyncio.run(run())

@@ -86,6 +86,36 @@ class _Uvicorn(uvicorn.Server):
         self.should_exit = True
 
 
+class _OneWrite:
+    """The transport as one response's cycle sees it: uvicorn writes a response's head, then its body, each with a
+    write of its own (two system calls and, with TCP_NODELAY, two TCP segments an answer); this holds the head and
+    sends it with the first write after it, or when the response completes or the connection closes."""
+    __slots__ = ("transport", "head", "held")
+
+    def __init__(self, transport):
+        self.transport, self.head, self.held = transport, None, False
+
+    def write(self, data: bytes) -> None:
+        if self.head is not None:
+            data, self.head = self.head + data, None
+        elif not self.held and data[:9] == b"HTTP/1.1 " and data[9:12] != b"100":  # the head (not 100 Continue)
+            self.head, self.held = data, True
+            return
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        if self.head is not None:
+            head, self.head = self.head, None
+            self.transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
 class _Answered:
     """The cycle of a request answered from its headers: uvicorn drops the rest of its body (and sets the event when
     the connection goes; nothing waits on it)."""
@@ -122,6 +152,11 @@ def shedding_protocol(server):
                 if refused is not None:
                     return self._answer(refused)
             super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete and not isinstance(cycle.transport, _OneWrite):
+                one = cycle.transport = _OneWrite(cycle.transport)
+                done = cycle.on_response
+                cycle.on_response = lambda: (one.flush(), done())
 
         def _answer(self, refused: tuple[int, bytes, dict]) -> None:
             keep = (self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
@@ -227,7 +262,8 @@ def run(paths: list[Path], config: ServeConfig, opened: list[Found], *, host: st
     """One server process over verified bundles; with ``link``, one of several on the same ports."""
     app = create_app(paths, config, opened)
     ucfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout) or 1,
-                          lifespan="on", access_log=False, http=shedding_protocol(app.state.server))
+                          lifespan="on", access_log=False, http=shedding_protocol(app.state.server),
+                          proxy_headers=False)  # nothing here reads the client's address: no X-Forwarded-For parsing
     server = _Uvicorn(ucfg, drain_timeout, grpc_port, link)
     try:
         server.run(sockets=[shared_socket(host, port)] if link is not None else None)
