@@ -19,6 +19,10 @@ from ..bundle import Bundle
 from ..errors import BundleError, DeadlineExceeded, ModelError, Unavailable, WorkerDied, first_line
 from ..machine import cores
 
+class NotSent(WorkerDied):
+    """The worker was gone before the batch reached it (so nothing ran: another worker may take the batch)."""
+
+
 LOAD_TIMEOUT_S = 600.0  # a worker that has not loaded and warmed up by then is killed
 RESTART_DELAYS_S = (0.5, 1.0, 2.0)  # the waits before each restart attempt
 
@@ -75,6 +79,9 @@ class _Worker:
     def call(self, feeds, timeout_s: float):
         try:
             self.conn.send(feeds)
+        except (OSError, ValueError) as exc:  # gone (or closed as lost) before the batch reached it
+            raise NotSent(f"worker process {self.pid} was gone before it got this batch") from exc
+        try:
             if not self.conn.poll(timeout_s):
                 self.proc.kill()
                 raise DeadlineExceeded(f"the model gave no answer within {timeout_s:g} s; its worker process "
@@ -189,17 +196,24 @@ class ProcessPool:
                 self.broken = f"its worker processes died and could not be restarted ({why})"
 
     def __call__(self, feeds):
-        w = self._take()
-        try:
-            result = w.call(feeds, self.run_timeout_s)
-        except (WorkerDied, DeadlineExceeded):
-            self._lost(w)
-            raise
-        except BaseException:
+        """A batch that no worker received (the one taken died between the check that it lives and the send) goes to
+        the next one: only a worker that dies while running a batch fails it."""
+        for _ in range(self.size + 2):
+            w = self._take()
+            try:
+                result = w.call(feeds, self.run_timeout_s)
+            except NotSent:
+                self._lost(w)
+                continue
+            except (WorkerDied, DeadlineExceeded):
+                self._lost(w)
+                raise
+            except BaseException:
+                self._idle.put(w)
+                raise
             self._idle.put(w)
-            raise
-        self._idle.put(w)
-        return result
+            return result
+        raise WorkerDied(f"{self.size + 2} worker processes in turn were gone before they got this batch")
 
     @property
     def pids(self) -> list[int]:
