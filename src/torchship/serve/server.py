@@ -63,7 +63,6 @@ class _Uvicorn(uvicorn.Server):
         self.watchdog.daemon = True
         self.watchdog.start()
         app_server = self.config.app.state.server
-        app_server.draining = True
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain(app_server)))
 
@@ -74,6 +73,9 @@ class _Uvicorn(uvicorn.Server):
         start = time.monotonic()
         for listening in getattr(self, "servers", []):
             listening.close()
+        # only now do answers say Connection: close (and readiness turn false): a client told to close before the
+        # listening socket was closed could connect again into its backlog, and be reset when it closed
+        app_server.draining = True
         reserve = min(2.0, 0.25 * self.drain_timeout)  # for uvicorn's own shutdown and stopping the models
         if self.grpc is not None:  # refuses new calls at once, lets those in flight finish (the task held: a task
             # nobody references may be collected before it runs)
