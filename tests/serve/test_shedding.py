@@ -3,7 +3,7 @@ what it writes and when it closes an idle connection are decided by the test, no
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+import shutil
 
 import uvicorn
 from uvicorn.server import ServerState
@@ -149,8 +149,9 @@ def test_shed_answers_reuse_their_bytes_until_the_date_changes_and_others_name_t
     assert b"connection: close" in transport.written[-1] and transport.closed
 
 
-def test_the_server_makes_each_shed_answer_once_and_counts_every_refusal(tmp_path: Path):
+def test_the_server_makes_each_shed_answer_once_and_counts_every_refusal():
     server = Server([], ServeConfig())
+    shutil.rmtree(server.snapshots)  # made by the constructor; nothing is loaded here
     first = server.refused(None, QueueFull("queue full: --max-queue 16 reached"), reuse=True)
     second = server.refused(None, QueueFull("queue full: --max-queue 16 reached"), reuse=True)
     assert first is second and first[0] == 503 and first[2]["Retry-After"] == "1"
