@@ -11,7 +11,8 @@
  *       from the arrival time.
  *
  * REQUEST_FILE holds the whole request (request line, headers with Content-Length, body). Prints one line per
- * answered request, "STATUS MICROSECONDS", then "sent N", "not_sent N", "failed N" (connections that broke).
+ * answered request, "STATUS MICROSECONDS", then "sent N", "not_sent N", "failed N" (connections that broke with
+ * a request unanswered), "refused N" (connections the server refused: their requests never left).
  * Build: cc -O2 -o loadgen loadgen.c -lm
  */
 #define _GNU_SOURCE
@@ -43,7 +44,7 @@ static char *request;
 static size_t request_len;
 static struct sockaddr_in addr;
 static int ep;
-static long n_sent, n_not_sent, n_failed;
+static long n_sent, n_not_sent, n_failed, n_refused;
 
 static double now(void) {
     struct timespec t;
@@ -115,6 +116,11 @@ static int on_event(Conn *c, unsigned events) {
         int err = 0;
         socklen_t len = sizeof err;
         getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err == ECONNREFUSED) {  /* the port takes no connection (a server draining): nothing was sent */
+            n_refused++;
+            drop(c);
+            return 0;
+        }
         if (err) goto broken;
         c->connected = 1;
     }
@@ -238,6 +244,6 @@ int main(int argc, char **argv) {
             }
         }
     }
-    printf("sent %ld\nnot_sent %ld\nfailed %ld\n", n_sent, n_not_sent, n_failed);
+    printf("sent %ld\nnot_sent %ld\nfailed %ld\nrefused %ld\n", n_sent, n_not_sent, n_failed, n_refused);
     return 0;
 }

@@ -9,8 +9,9 @@
    generator's 512 connections are all busy) needs x + (k - x) r <= 1, so x <= (1 - kr) / (1 - r). r is measured
    in the same round: the server CPU per 503 (Poisson at 2x) while 16 requests whose bodies never come hold the
    queue full, over the CPU per answer at 64 connections.
-2. Drain: SIGTERM under a continuous load of 64 connections with --drain-timeout 3: answers, resets (connections that
-   broke with a request written and unanswered), the time to exit.
+2. Drain: SIGTERM under a continuous load with --drain-timeout 3, of 64 keep-alive connections and of clients that
+   open a connection per request: answers, resets (connections that broke with a request written and unanswered),
+   connects refused once the port closed, the time to exit.
 3. Big JSON: the server's RSS before, at its peak and after a 50 MB JSON request, and the latency of small requests
    sent while a 20 MB JSON request is parsed.
 
@@ -128,24 +129,33 @@ def flood(load: Load, bundle: Path, duration: float, rounds: int) -> None:
           f"{spread([a / b if b else float('nan') for a, b in zip(served, bound)], '{:.2f}')} (goal >= 0.8)")
 
 
-def drain(load: Load, bundle: Path) -> None:
-    with Server(bundle, "--drain-timeout", "3") as s:
-        pid, result = s.proc.pid, {}
+def drain(load: Load, bundle: Path, new_connection_rate: float = 4000.0) -> None:
+    """SIGTERM 2 s into a load: 64 keep-alive connections, then Poisson arrivals that each open a connection of their
+    own (``Connection: close``), whose connects are in the listening socket's backlog at any moment."""
+    for label, mode, value, close in (("64 keep-alive connections", "closed", 64, False),
+                                      (f"a new connection per request, Poisson {new_connection_rate:,.0f}/s",
+                                       "poisson", new_connection_rate, True)):
+        with Server(bundle, "--drain-timeout", "3") as s:
+            pid, result = s.proc.pid, {}
+            request = load.request(s.url, "digits-cnn")
+            if close:
+                request = request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
 
-        def run():
-            result["run"] = load(s.url, "digits-cnn", "closed", 64, 6.0)
-        t = threading.Thread(target=run)
-        t.start()
-        time.sleep(2.0)
-        start = time.monotonic()
-        os.kill(pid, signal.SIGTERM)
-        code = s.proc.wait(30)
-        exited = time.monotonic() - start
-        t.join(60)
-    r = result["run"]
-    print(f"SIGTERM under 64 connections, --drain-timeout 3: exited {code} after {exited:.2f} s; "
-          f"{r.statuses.get(200, 0):,} answered, other statuses {({k: v for k, v in r.statuses.items() if k not in (0, 200)})}, "
-          f"resets {r.statuses.get(0, 0)} (goal 0)")
+            def run():
+                result["run"] = load(s.url, "digits-cnn", mode, value, 6.0, request=request)
+            t = threading.Thread(target=run)
+            t.start()
+            time.sleep(2.0)
+            start = time.monotonic()
+            os.kill(pid, signal.SIGTERM)
+            code = s.proc.wait(30)
+            exited = time.monotonic() - start
+            t.join(60)
+        r = result["run"]
+        print(f"SIGTERM under {label}, --drain-timeout 3: exited {code} after {exited:.2f} s; "
+              f"{r.statuses.get(200, 0):,} answered, other statuses "
+              f"{({k: v for k, v in r.statuses.items() if k not in (0, 200)})}, {r.refused_connections:,} connects "
+              f"refused after the close (nothing sent), resets {r.statuses.get(0, 0)} (goal 0)")
 
 
 def big_json(bundle: Path) -> None:

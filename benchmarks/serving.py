@@ -131,6 +131,7 @@ class Run:
     not_sent: int
     avg_batch: float | None
     refused_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))  # latency of each answer that is not a 200
+    refused_connections: int = 0  # connects the server refused (a draining server): nothing sent, nothing lost
 
     @property
     def throughput(self) -> float:
@@ -218,7 +219,8 @@ class Load:
         statuses.update({0: int(tail["failed"])} if int(tail["failed"]) else {})
         batch = (after[0] - before[0]) / (after[1] - before[1]) if before and after and after[1] > before[1] else None
         return Run(seconds, statuses, np.array([int(us) / 1e3 for status, us in rows if status == "200"]),
-                   int(tail["not_sent"]), batch, np.array([int(us) / 1e3 for status, us in rows if status != "200"]))
+                   int(tail["not_sent"]), batch, np.array([int(us) / 1e3 for status, us in rows if status != "200"]),
+                   int(tail.get("refused", 0)))
 
 
 def grpc_request(url: str, model: str, dims: dict | None) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 
+import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
@@ -207,3 +208,76 @@ def test_a_served_response_leaves_in_one_write_and_100_continue_and_head_still_w
         assert len(head) == 1 and head[0].startswith(b"HTTP/1.1 200 OK\r\n") and head[0].endswith(b"\r\n\r\n")
         proto.connection_lost(None)
     asyncio.run(run())
+
+
+async def _hello(scope, receive, send):
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _backlog_drain(loop_factory) -> tuple[int, list[bytes], type | None]:
+    """A real uvicorn server on 127.0.0.1; eight clients connect and send a request while the loop is not running
+    (the kernel completes their handshakes into the listening socket's backlog, nothing accepts them), then the
+    drain closes the listening socket. What each client reads back, and what a new connection meets after."""
+    import socket
+    import threading
+
+    from torchship.serve.server import _Uvicorn
+
+    async def main():
+        config = uvicorn.Config(_hello, lifespan="off", access_log=False, log_level="warning",
+                                http=shedding_protocol(Models()))
+        config.load()
+        server = _Uvicorn(config, drain_timeout=5.0)
+        server.lifespan = config.lifespan_class(config)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await server.startup(sockets=[sock])
+        address = sock.getsockname()
+        clients = []
+        for _ in range(8):  # no await in between: the loop accepts none of them
+            c = socket.create_connection(address, timeout=5)
+            c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            clients.append(c)
+        taken = server.close_listening()
+
+        def read(c) -> bytes:
+            got = b""
+            try:
+                while not got.endswith(b"ok"):
+                    part = c.recv(4096)
+                    if not part:
+                        break
+                    got += part
+            except OSError as exc:
+                got += f"<{type(exc).__name__}>".encode()
+            return got
+
+        answers = await asyncio.to_thread(lambda: [read(c) for c in clients])
+        refused = None
+        try:
+            socket.create_connection(address, timeout=5).close()
+        except OSError as exc:
+            refused = type(exc)
+        for c in clients:
+            c.close()
+        server.should_exit = True
+        await server.shutdown()
+        return taken, answers, refused
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
+
+
+def _uvloop():
+    import uvloop
+    return uvloop.new_event_loop()
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, _uvloop], ids=["asyncio", "uvloop"])
+def test_the_drain_serves_the_connections_in_the_listening_backlog_instead_of_resetting_them(loop_factory):
+    taken, answers, refused = _backlog_drain(loop_factory)
+    assert taken == 8
+    assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"ok") for a in answers), answers
+    assert refused is ConnectionRefusedError  # and the port takes no new connection

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -67,12 +68,12 @@ class _Uvicorn(uvicorn.Server):
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain(app_server)))
 
     async def _drain(self, app_server, quiet: float = 0.25) -> None:
-        """Close the listening sockets (new connections are refused from now on), then serve on, each response
-        closing its connection, until the queues are empty and no request came for ``quiet`` seconds, or most of the
-        drain timeout has passed; then uvicorn finishes what is in flight in the time left."""
+        """Close the listening sockets (new connections are refused from now on; those already in their backlogs are
+        served), then serve on, each response closing its connection, until the queues are empty and no request came
+        for ``quiet`` seconds, or most of the drain timeout has passed; then uvicorn finishes what is in flight in the
+        time left."""
         start = time.monotonic()
-        for listening in getattr(self, "servers", []):
-            listening.close()
+        self.close_listening()
         # only now do answers say Connection: close (and readiness turn false): a client told to close before the
         # listening socket was closed could connect again into its backlog, and be reset when it closed
         app_server.draining = True
@@ -86,6 +87,44 @@ class _Uvicorn(uvicorn.Server):
             await asyncio.sleep(0.02)
         self.config.timeout_graceful_shutdown = max(0.1, start + self.drain_timeout - time.monotonic() - 0.5 * reserve)
         self.should_exit = True
+
+    def close_listening(self) -> int:
+        """Close the listening sockets without resetting the connections in their backlogs: a client the kernel
+        connected but the loop had not accepted yet (its request may be sent already) is taken and served, not
+        reset by the close. The sockets are held open by a duplicate while asyncio's (or uvloop's) server closes
+        its own, their backlogs accepted from the duplicate until empty, then closed: a connection that arrives in
+        the microseconds between the last accept and the close is the only one still reset. Returns how many were
+        taken from the backlogs."""
+        loop, config = asyncio.get_running_loop(), self.config
+
+        def protocol():  # as uvicorn.Server.startup makes them
+            return config.http_protocol_class(config=config, server_state=self.server_state,
+                                              app_state=self.lifespan.state)
+
+        def _taken(task) -> None:
+            self._taking.discard(task)
+            if not task.cancelled():
+                task.exception()  # retrieved, not logged: a client gone before it was taken has nothing to answer
+
+        taken, self._taking = 0, set()
+        for listening in getattr(self, "servers", []):
+            held = [socket.socket(fileno=os.dup(s.fileno())) for s in listening.sockets or ()]
+            listening.close()
+            for sock in held:
+                sock.setblocking(False)
+                try:
+                    while True:
+                        conn, _ = sock.accept()
+                        conn.setblocking(False)
+                        task = loop.create_task(loop.connect_accepted_socket(protocol, conn))
+                        self._taking.add(task)  # held until done: a task nobody references may be collected
+                        task.add_done_callback(_taken)
+                        taken += 1
+                except OSError:  # BlockingIOError: the backlog is empty
+                    pass
+                finally:
+                    sock.close()
+        return taken
 
 
 class _OneWrite:
