@@ -325,10 +325,15 @@ class Workspace:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+# the build recipes' revision, part of every cache key: raise it when a runtime builds something else from the same
+# model and options (2: int8 weights and PT2E activations in 7 bits), so that no cached build of the old recipe is reused
+BUILD_RECIPES = 2
+
+
 def _version() -> list[str]:
     from .. import __version__
     from ..machine import info
-    return [__version__, *info()["versions"].values()]
+    return [__version__, str(BUILD_RECIPES), *info()["versions"].values()]
 
 
 def _tensor_digest(path: Path) -> str:
