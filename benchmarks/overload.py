@@ -8,7 +8,9 @@
    costs r of a served request's CPU, serving x of capacity and refusing the other k - x (k = 2, or less when the
    generator's 512 connections are all busy) needs x + (k - x) r <= 1, so x <= (1 - kr) / (1 - r). r is measured
    in the same round: the server CPU per 503 (Poisson at 2x) while 16 requests whose bodies never come hold the
-   queue full, over the CPU per answer at 64 connections.
+   queue full, over the CPU per answer at 64 connections. The bound takes a served request's cost from the closed
+   loop; the script also prints what one cost in the Poisson run (its CPU less the 503s at their cost, over the
+   requests served there), which says how much of the distance to the bound is the arrivals' shape.
 2. Drain: SIGTERM under a continuous load with --drain-timeout 3, of 64 keep-alive connections and of clients that
    open a connection per request: answers, resets (connections that broke with a request written and unanswered),
    connects refused once the port closed, the time to exit.
@@ -76,7 +78,7 @@ def refusal_cpu(load: Load, s: Server, rate: float, duration: float) -> float:
 
 def flood(load: Load, bundle: Path, duration: float, rounds: int) -> None:
     runs: dict[int, list] = {64: [], 512: []}
-    opened, polite, served_cpu, refused_cpu = [], [], [], []
+    opened, polite, served_cpu, refused_cpu, opened_cpu = [], [], [], [], []
     with Server(bundle, "--max-queue", "16") as s:
         load(s.url, "digits-cnn", "closed", 64, 1.0)  # warm-up
         for _ in range(rounds):
@@ -85,7 +87,9 @@ def flood(load: Load, bundle: Path, duration: float, rounds: int) -> None:
                 runs[conns].append(load(s.url, "digits-cnn", "closed", conns, duration))
                 if conns == 64:
                     served_cpu.append((cpu_seconds(s.proc.pid) - used) / max(1, sum(runs[64][-1].statuses.values())))
+            used = cpu_seconds(s.proc.pid)
             opened.append(load(s.url, "digits-cnn", "poisson", 2 * runs[64][-1].throughput, duration))
+            opened_cpu.append(cpu_seconds(s.proc.pid) - used)
             refused_cpu.append(refusal_cpu(load, s, 2 * runs[64][-1].throughput, duration))
             polite.append(load(s.url, "digits-cnn", "closed", 512, duration, backoff_ms=1000))
     for conns, rs in runs.items():
@@ -127,6 +131,15 @@ def flood(load: Load, bundle: Path, duration: float, rounds: int) -> None:
           f"{spread(k, '{:.2f}')}x of capacity actually sent, one event loop can accept at most (1 - kr) / (1 - r) = "
           f"{spread(bound, '{:.2f}')} of capacity; accepted / that bound "
           f"{spread([a / b if b else float('nan') for a, b in zip(served, bound)], '{:.2f}')} (goal >= 0.8)")
+    # the bound takes a served request's cost from the closed loop; what one cost in the Poisson run itself is what
+    # its CPU left after the refusals (at their measured cost), over the requests it served
+    there = [(cpu - (sum(o.statuses.values()) - o.statuses.get(200, 0)) * c) / max(1, o.statuses.get(200, 0))
+             for cpu, o, c in zip(opened_cpu, opened, refused_cpu)]
+    print(f"  the server used {spread([c / o.seconds for c, o in zip(opened_cpu, opened)], '{:.2f}')} cores in the "
+          f"Poisson run; less the 503s at their cost, a served request cost {spread([t * 1e6 for t in there])} us there, "
+          f"{spread([t / a for t, a in zip(there, served_cpu)], '{:.2f}')}x its cost at 64 connections (average batch "
+          f"{spread([o.avg_batch or 0.0 for o in opened], '{:.1f}')} against {spread([r.avg_batch or 0.0 for r in runs[64]], '{:.1f}')}; "
+          f"arrivals one at a time, each its own wake-up and read)")
 
 
 def drain(load: Load, bundle: Path, new_connection_rate: float = 4000.0) -> None:
