@@ -81,6 +81,6 @@ def test_a_calibrated_quantization_is_not_judged_on_values_beyond_its_calibratio
     cases = [("batch 1", {}, ref), ("values x2", {}, ref)]
     saturated = [ref, {"y": ref["y"] * 0.6}]
     assert "values x2" in beyond_the_example(0.01, cases, saturated, {})[2]
-    checked, worst, reason = beyond_the_example(0.01, cases, saturated, {}, calibrated=True)
-    assert reason is None and worst == 0.0 and "reported, not judged" in checked[1]
-    assert "batch 1" in beyond_the_example(0.01, cases, [{"y": ref["y"] * 3}, ref], {}, calibrated=True)[2]
+    checked, worst, reason = beyond_the_example(0.01, cases, saturated, {}, "calibrated ranges")
+    assert reason is None and worst == 0.0 and checked[1] == "values x2 (reported, not judged: calibrated ranges)"
+    assert "batch 1" in beyond_the_example(0.01, cases, [{"y": ref["y"] * 3}, ref], {}, "calibrated ranges")[2]

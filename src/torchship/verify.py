@@ -138,17 +138,19 @@ def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7) -> 
 
 
 def beyond_the_example(main_error: float, cases: list[tuple[str, Mapping, Mapping]], outputs: list, errors: Mapping[int, str],
-                       calibrated: bool = False):
+                       values_unjudged: str | None = None):
     """(checked labels, worst relative error, the reason it diverged or None). ``cases``: (label, feeds, reference
-    outputs); ``outputs``: the variant's outputs per case (None where it raised, with ``errors[i]``). A calibrated
-    quantization (static int8) holds its activation ranges from the calibration data: values scaled beyond them
-    saturate by design, so for it the scaled-value cases are reported, not judged (batch and shape cases are)."""
+    outputs); ``outputs``: the variant's outputs per case (None where it raised, with ``errors[i]``).
+    ``values_unjudged``: why the scaled-value cases are reported, not judged (batch and shape cases always are),
+    for a variant whose answers past its data's range say nothing of its graph: a calibrated quantization holds
+    its activation ranges from the calibration data and saturates beyond them by design, and a model trained again
+    from the data (channels pruned, a distilled student) was fitted within its range only."""
     limit = max(EXTRA_TOLERANCE, EXTRA_FACTOR * main_error)
     worst, reason = 0.0, None
     labels = []
     for i, ((label, _, ref), out) in enumerate(zip(cases, outputs)):
-        judged = not (calibrated and label.startswith("values"))
-        labels.append(label if judged else f"{label} (reported, not judged: calibrated ranges)")
+        judged = not (values_unjudged and label.startswith("values"))
+        labels.append(label if judged else f"{label} (reported, not judged: {values_unjudged})")
         if out is None:
             if judged:
                 reason = reason or f"fails on inputs the example did not cover ({label}): {errors.get(i, 'no outputs')}"

@@ -326,8 +326,8 @@ class Workspace:
 
 
 # the build recipes' revision, part of every cache key: raise it when a runtime builds something else from the same
-# model and options (2: int8 weights and PT2E activations in 7 bits), so that no cached build of the old recipe is reused
-BUILD_RECIPES = 2
+# model and options (3: int8 weights in 7 bits, ONNX Runtime's and PT2E's), so that no cached build of an old recipe is used
+BUILD_RECIPES = 3
 
 
 def _version() -> list[str]:

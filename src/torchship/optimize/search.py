@@ -205,9 +205,11 @@ class Search:
         with np.load(built.extra_outputs, allow_pickle=False) as z:
             got = cases({k: z[k] for k in z.files})
         outputs = [None if i in built.extra_errors else got.get(i, {}) for i in range(len(self.ws.extra))]
-        calibrated = vp.options.get("quantize") in ("static_int8", "int8", "int8_transformer") or (vp.derived or ("",))[0] == "qat"
+        kind = (vp.derived or ("",))[0]
+        unjudged = ("calibrated ranges" if vp.options.get("quantize") in ("static_int8", "int8", "int8_transformer")
+                    or kind == "qat" else "trained within the data's range" if kind else None)
         checked, worst, reason = beyond_the_example(fidelity.relative_error or 0.0, self.ws.extra, outputs,
-                                                    built.extra_errors, calibrated)
+                                                    built.extra_errors, unjudged)
         diverged = reason is not None and vp.selectable
         return msgspec.structs.replace(fidelity, checked=checked, extra_error=worst,
                                        passed=fidelity.passed and not diverged,

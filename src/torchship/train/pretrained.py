@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from torch import nn
@@ -26,8 +27,17 @@ def digits_cnn() -> nn.Module:
     started = time.perf_counter()
     result = fit(model, dataset(), TrainConfig(progress=False))
     acc = result.summary["test"]["test_acc"]
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file(result.model.state_dict(), str(tmp), metadata={"test_accuracy": f"{acc:.4f}"})
-    tmp.replace(path)
-    log.info("trained digits-cnn in %.1fs: test accuracy %.1f%% (cached at %s)", time.perf_counter() - started, 100 * acc, path)
-    return result.model.eval()
+    try:  # the first process to finish wins: two that trained at once (the runs differ) use the same weights after
+        os.link(tmp, path)
+        log.info("trained digits-cnn in %.1fs: test accuracy %.1f%% (cached at %s)", time.perf_counter() - started,
+                 100 * acc, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a filesystem without hard links: the last to finish wins instead
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
