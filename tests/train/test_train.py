@@ -173,12 +173,11 @@ def test_config_errors_and_precision_choice():
 def test_processes_that_train_the_zoo_weights_at_once_all_use_the_first_written(tmp_path, monkeypatch):
     """Two processes that found no cached digits-cnn train it each (runs differ); the first to finish writes the
     cache, and the other uses those weights too, not its own: a model and its reference never disagree."""
+    import importlib
     from types import SimpleNamespace
 
     from safetensors.torch import save_file
 
-    import importlib
-    fit_module = importlib.import_module("torchship.train.fit")
     from torchship.train import pretrained
     from torchship.zoo import cache_dir
     from torchship.zoo.digits import WEIGHTS
@@ -192,7 +191,8 @@ def test_processes_that_train_the_zoo_weights_at_once_all_use_the_first_written(
             for v in model.state_dict().values():
                 v.fill_(-1.0)  # this process's own (other) weights
         return SimpleNamespace(model=model, summary={"test": {"test_acc": 0.9}})
-    monkeypatch.setattr(fit_module, "fit", fit_meanwhile_another_finished)
+    # the module, not the function of the same name that torchship.train exports
+    monkeypatch.setattr(importlib.import_module("torchship.train.fit"), "fit", fit_meanwhile_another_finished)
     model = pretrained.digits_cnn()
     assert all(torch.all(v == 0.5) for v in model.state_dict().values() if v.is_floating_point())
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left behind
