@@ -18,7 +18,7 @@ class Architecture(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keys: tuple[str, ...] | None = None  # output names to take from a dict-like output, in order
     by_keyword: bool = False  # inputs are passed by name
     config: dict[str, Any] | None = None  # hf: the model's config
-    pooling: str | None = None  # hf: "mean" for sentence embeddings
+    pooling: str | None = None  # hf: "mean" (normalized) or "mean-raw" for sentence embeddings
     kwargs: dict[str, Any] | None = None  # fixed keyword arguments of every call (hf: use_cache=False)
 
     @property

@@ -19,6 +19,7 @@ import msgspec
 
 from .errors import BundleError
 from .machine import cores
+from .processing import Processing
 from .profile import Stats
 from .runtimes.base import MODULES, Artifact, LoadContext
 from .spec import IOSpec
@@ -56,6 +57,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     machine: dict[str, Any] = {}
     executes: str | None = None  # what loading runs beyond reading data (Python or native code), or None
     notes: tuple[str, ...] = ()  # what optimize noticed about the model as given (training mode, ...)
+    processing: Processing | None = None  # raw input (text) to tensors, as data: the tokenizer's own files
     files: dict[str, Sha256] = {}
 
 
@@ -109,7 +111,7 @@ def _check(path: Path, m: Manifest) -> Manifest:
         p = PurePosixPath(name)
         if p.is_absolute() or ".." in p.parts or name in ("", MANIFEST) or "\\" in name:
             raise _problem(path, f"files lists {name!r}, which is not a relative path inside the bundle")
-    unlisted = [f for f in m.artifact.files if f not in m.files]
+    unlisted = [f for f in (*m.artifact.files, *(m.processing.files if m.processing else ())) if f not in m.files]
     if unlisted:
         raise _problem(path, f"the artifact's files {unlisted} have no sha256 in 'files'; the runtime would read them "
                              "unchecked: build the bundle again")
@@ -309,7 +311,7 @@ def manifest_for(result) -> Manifest:
                     max_batch_size=result.chosen_batch_size, budget=result.budget,
                     fidelity=c.fidelity, profile=c.profile, cold_start_s=c.cold_start_s,
                     artifact_bytes=c.artifact_bytes, machine=result.machine, executes=executes(c.artifact),
-                    notes=result.notes)
+                    notes=result.notes, processing=result.processing)
 
 
 def info(manifest: Manifest) -> bytes:
@@ -319,12 +321,29 @@ def info(manifest: Manifest) -> bytes:
 
 @dataclass
 class Loaded:
+    """A loaded bundle: ``loaded({name: array})`` runs a whole batch; a bundle with a text pipeline also takes a list
+    of strings (``loaded(["a sentence", ...])``), tokenized by its own tokenizer.json and padded to the longest."""
+
     manifest: Manifest
     spec: IOSpec
     runner: object
+    pipeline: Any = None  # processing.text.TextPipeline, where the bundle has one
 
     def __call__(self, feeds):
+        if isinstance(feeds, (str, list, tuple)):
+            return self.runner(self.encode([feeds] if isinstance(feeds, str) else list(feeds)))
         return self.runner(feeds)
+
+    def encode(self, texts: list[str]) -> dict:
+        """The model's input tensors for ``texts``."""
+        if self.pipeline is None:
+            from .errors import UsageError
+            raise UsageError(f"bundle {self.manifest.name!r} has no text pipeline: give it {{name: array}} for "
+                             f"{self.spec.input_names}")
+        if not all(isinstance(t, str) for t in texts):
+            from .errors import UsageError
+            raise UsageError("give text as a list of str")
+        return self.pipeline.encode(texts)
 
 
 def load(source: Path | Bundle, device: str | None = None, threads: int | None = None, spin: bool = True,
@@ -343,7 +362,8 @@ def load(source: Path | Bundle, device: str | None = None, threads: int | None =
     consent(b, trust_code)
     threads = int(threads or min(m.threads or cores(), cores()))
     ctx = LoadContext(device or m.device, threads, spin, trust_code or b.signer is not None)
-    return Loaded(m, m.spec, get(m.runtime).load(m.artifact, b.path, m.spec, ctx))
+    from .processing import pipeline
+    return Loaded(m, m.spec, get(m.runtime).load(m.artifact, b.path, m.spec, ctx), pipeline(m.processing, b.path))
 
 
 def sign(path: Path, private_key: Path):

@@ -144,6 +144,11 @@ def optimize(
                                "($TORCHSHIP_CACHE/builds, default ~/.cache/torchship)"),
     out: Path = typer.Option(Path("torchship-bundle"), "--out", "-o", help="bundle directory to write"),
     name: Optional[str] = typer.Option(None, help="model name in the bundle and when served (default: from the source)"),
+    tokenizer: Optional[Path] = typer.Option(None, help="a tokenizer directory (tokenizer.json) for a text model whose "
+                                             "source has none: the bundle then takes text"),
+    processing: bool = typer.Option(True, "--processing/--no-processing", help="package the text pipeline (the "
+                                    "tokenizer) where the source has one, so the bundle and server take text; "
+                                    "--no-processing: tensors only"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table"),
 ):
     """Build every applicable way of running the model, verify, time, choose, and package the best."""
@@ -155,12 +160,12 @@ def optimize(
                            target_batch_size=target_batch_size, latency_slo_ms=latency_slo,
                            runtimes=tuple(r.strip() for r in runtimes.split(",")) if runtimes else None,
                            threads=threads, timeout_s=timeout, train_epochs=train_epochs, time_budget_s=time_budget,
-                           exhaustive=exhaustive, cache=cache,
+                           exhaustive=exhaustive, cache=cache, processing=processing,
                            transforms=() if transforms.strip() == "none" else tuple(t.strip() for t in transforms.split(",") if t.strip()))
     with progress_bar() as update:
         result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update,
                      eval_data=eval_data, calibration_data=calibration_data, train_data=train_data, student=student,
-                     warn=lambda line: err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False))
+                     tokenizer=tokenizer, warn=lambda line: err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False))
     if as_json:
         console.print_json(json.dumps(result.to_dict(), default=str))
     else:
@@ -233,6 +238,9 @@ def serve(
     max_body_mb: float = typer.Option(64, help="largest request body (413 beyond)"),
     max_json_mb: float = typer.Option(16, help="largest JSON in a request: a JSON body, or the JSON header before "
                                       "binary tensors (413 beyond; binary tensors parse far faster)"),
+    max_items: int = typer.Option(1024, help="most text items (strings) in one request to a bundle that takes text"),
+    max_item_kb: float = typer.Option(64, help="largest text item in KB of UTF-8 (400 beyond; text over the model's "
+                                      "length is truncated by the bundle's tokenizer)"),
     drain_timeout: float = typer.Option(30, help="seconds to finish queued requests after SIGTERM"),
     repository: Optional[Path] = typer.Option(None, help="model repository for the load/unload API"),
     admin_token_file: Optional[Path] = typer.Option(None, "--admin-token-file", help="file holding the token of the "
@@ -261,10 +269,13 @@ def serve(
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
     if max_body_mb <= 0 or max_json_mb <= 0:
         raise UsageError("--max-body-mb and --max-json-mb must be positive")
+    if max_items < 1 or max_item_kb <= 0:
+        raise UsageError(f"--max-items and --max-item-kb must be positive, got {max_items} and {max_item_kb}")
+    from .serve.raw import RawLimits
     config = ServeConfig(batch=batch, max_batch_size=max_batch_size, max_body_bytes=int(max_body_mb * 2**20),
                          max_json_bytes=int(min(max_json_mb, max_body_mb) * 2**20), threads=threads, workers=workers,
                          repository=repository, admin_token=_admin_token(admin_token_file), trust_code=trust_code,
-                         verify_key=verify_key)
+                         verify_key=verify_key, raw=RawLimits(max_items, int(max_item_kb * 1024)))
     if ray:
         if procs > 1:
             raise UsageError("--procs is for one machine; on Ray Serve, scale with --replicas")

@@ -157,17 +157,23 @@ def rebuild(arch: Architecture, *, trust_code: bool = True) -> Normalized:
 
 
 class MeanPooled(nn.Module):
-    """Sentence embedding: attention-masked mean of the last hidden state, L2-normalized."""
+    """Sentence embedding: attention-masked mean of the last hidden state, L2-normalized unless ``normalize`` is off
+    (a sentence-transformers model without a Normalize module)."""
 
-    def __init__(self, encoder: nn.Module):
+    def __init__(self, encoder: nn.Module, normalize: bool = True):
         super().__init__()
         self.encoder = encoder
+        self.normalize = normalize
+        self.train(encoder.training)  # in the mode of the encoder it wraps (from_pretrained: eval)
 
     def forward(self, input_ids, attention_mask):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         summed = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return (nn.functional.normalize(summed, dim=-1),)
+        return (nn.functional.normalize(summed, dim=-1) if self.normalize else summed,)
+
+
+POOLINGS = ("mean", "mean-raw")  # Architecture.pooling: mean-pooled and L2-normalized, or mean-pooled only
 
 
 def transformers():
@@ -196,4 +202,4 @@ def hf_module(arch: Architecture) -> nn.Module:
     cfg = dict(arch.config or {})
     config = tf.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     model = hf_class(arch.ref)._from_config(config).eval()
-    return MeanPooled(model) if arch.pooling == "mean" else model
+    return MeanPooled(model, normalize=arch.pooling == "mean") if arch.pooling in POOLINGS else model

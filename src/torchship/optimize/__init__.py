@@ -57,6 +57,7 @@ class OptimizeOptions:
     time_budget_s: float | None = None  # the whole search; builds stop at 3/4 of it, timing rounds at all of it
     exhaustive: bool = False  # build compressed variants even where their runtime is too far behind to win
     cache: bool = True  # reuse builds of the same model, weights, data and options (TORCHSHIP_CACHE/builds)
+    processing: bool = True  # package the text pipeline (tokenizer.json) where the source has one, checked end to end
 
     def __post_init__(self):
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
@@ -99,6 +100,8 @@ class OptimizeResult:
     noise: Noise | None = None  # how quiet the machine was while timing
     notes: tuple[str, ...] = ()  # what the user should know about the model as given (training mode, ...)
     wall_s: float | None = None  # how long the search took
+    processing: Any = None  # the bundle's raw-input processing (``processing.Processing``), checked end to end
+    processing_files: tuple[tuple[Path, str], ...] = ()
     bundle: Path | None = None
     report: Path | None = None
 
@@ -114,7 +117,8 @@ class OptimizeResult:
         from ..report import ratios
         d = msgspec.to_builtins({k: getattr(self, k) for k in ("model", "variants", "chosen", "chosen_batch_size",
                                                                "machine", "message", "verification", "task", "dims",
-                                                               "decision", "noise", "wall_s", "notes")}, enc_hook=str)
+                                                               "decision", "noise", "wall_s", "notes",
+                                                               "processing")}, enc_hook=str)
         d.update(bundle=str(self.bundle) if self.bundle else None, report=str(self.report) if self.report else None,
                  spec=msgspec.to_builtins(self.spec), budget=self.budget, ratios=ratios(self),
                  batch_sizes=list(self.options.batch_sizes), target_batch_size=self.options.target,
@@ -128,7 +132,8 @@ Progress = Callable[[str, int, int], None]
 def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str] | None = None,
              weights: str | None = None, dims: dict | None = None, out: str | Path | None = None,
              name: str | None = None, progress: Progress | None = None, eval_data=None, calibration_data=None,
-             train_data=None, student=None, warn: Callable[[str], None] | None = None) -> OptimizeResult:
+             train_data=None, student=None, tokenizer: str | Path | None = None,
+             warn: Callable[[str], None] | None = None) -> OptimizeResult:
     """Build every applicable variant of ``source``, verify, profile, select and (with ``out``) bundle it.
 
     ``eval_data``: held-out inputs (and ``labels`` for a task metric) to verify on, a .npz/.safetensors path or a
@@ -146,6 +151,8 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
     say("loading the model", 0, 1)
     model = load(source, inputs=inputs, weights=weights, dims=dims, name=name, eval_data=eval_data,
                  calibration_data=calibration_data, warn=warn)
+    if tokenizer is not None:
+        model = with_tokenizer(model, Path(tokenizer))
     train_data = checked_train_data(train_data, warn)
     variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms,
                     trainable=train_data is not None)
@@ -154,6 +161,9 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
         say("selecting", len(variants), len(variants))
         result = choose(model, results, ws.pool, opts, ws.noise, time.monotonic() - started)
         result = replace(result, notes=notes(model))
+        if out is not None and result.chosen is not None and opts.processing:
+            say("checking the text pipeline end to end", len(variants), len(variants))
+            result = with_processing(result, model, ws.root)
         if out is not None and result.chosen is not None:
             say("writing the bundle and report", len(variants), len(variants))
             result = package(result, ws.root, Path(out))
@@ -454,6 +464,49 @@ def choose(model, results: list[VariantResult], pool: Pool, opts: OptimizeOption
                           labelled=pool.labels is not None, decision=decision, noise=noise, wall_s=wall_s)
 
 
+def with_tokenizer(model, folder: Path):
+    """``model`` with the tokenizer saved in ``folder`` (optimize --tokenizer), for a source that has none."""
+    from ..errors import SourceError
+    from ..modules import transformers
+    try:
+        tok = transformers().AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise UsageError(f"--tokenizer {folder}: cannot load a tokenizer from it ({first_line(exc)}); give a directory "
+                         "with tokenizer.json (tokenizer.save_pretrained(DIR))") from None
+    if "input_ids" not in model.spec.input_names:
+        raise SourceError(f"--tokenizer: the model takes {model.spec.input_names}, not input_ids: text cannot feed it")
+    return replace(model, tokenizer=tok)
+
+
+def with_processing(result: OptimizeResult, model, root: Path) -> OptimizeResult:
+    """The result with the bundle's text pipeline, where the model takes text: its record and files, and the check of
+    raw text through it and the chosen variant against the original library's pipeline. A pipeline that fails its
+    check is not packaged, and a note says why."""
+    from ..processing.build import check_text, text_processing
+    from ..runtimes import LoadContext, get
+    c = result.chosen
+    seq = (c.artifact.options.get("dim_ranges") or {}).get("seq")
+    made = text_processing(model, root / "processing", int(seq[1]) if seq else None)
+    if made is None or isinstance(made, str):
+        return replace(result, notes=result.notes + ((made,) if made else ()))
+    processing, files = made
+    plain = not c.transforms and not c.artifact.options.get("precision") and not c.artifact.options.get("quantize")
+    floor = max(result.budget.get("cosine", 0.999), 0.9999 if plain else 0.0)
+    try:
+        run = get(c.runtime).load(c.artifact, root / c.name, result.spec,
+                                  LoadContext(result.options.device, result.options.threads, True, True))
+        check = check_text(model, processing, root / "processing", run, floor)
+    except Exception as exc:
+        return replace(result, notes=result.notes + (f"text processing not packaged: its check failed to run "
+                                                     f"({first_line(exc)})",))
+    if not check.passed:
+        why = ("the tokenizer.json gave other tokens than the model's tokenizer" if not check.tokens_equal
+               else f"an item reached cosine {check.min_cosine:.6f} < {floor} against {check.reference}")
+        return replace(result, notes=result.notes + (f"text processing not packaged: {why}",))
+    processing = msgspec.structs.replace(processing, check=check)
+    return replace(result, processing=processing, processing_files=tuple(files))
+
+
 def package(result: OptimizeResult, root: Path, out: Path) -> OptimizeResult:
     """Write the bundle: the chosen variant's artifact, its manifest and the report."""
     from ..report import write_report
@@ -463,5 +516,6 @@ def package(result: OptimizeResult, root: Path, out: Path) -> OptimizeResult:
     files = [(p, f"report/{p.name}") for p in sorted(report_dir.iterdir())]
     c = result.chosen
     files += [(root / c.name / f, f) for f in c.artifact.files]
+    files += list(result.processing_files)
     bundle.write(out, bundle.manifest_for(result), files)
     return result

@@ -27,10 +27,12 @@ from starlette.routing import Route
 from .. import bundle, runtimes
 from ..bundle import Bundle
 from ..errors import (BadRequest, Busy, Disconnected, LengthRequired, ModelFailed, NotFound, QueueFull, ServeError,
-                      ShuttingDown, TooLarge, TorchshipError, Unavailable)
+                      ShuttingDown, SpecError, TooLarge, TorchshipError, Unavailable)
 from .batcher import BatchConfig
 from .metrics import Metrics
-from .protocol import HEADER, decode_request, encode_outputs, metadata, timeout_s
+from . import protocol
+from .protocol import HEADER, check_feeds, encode_outputs, metadata
+from .raw import Decoded, RawLimits
 from .registry import Entry, discover, latest, load_entry
 
 VERSION = "0.1.0"
@@ -49,6 +51,7 @@ class ServeConfig:
     admin_token: str | None = None
     trust_code: bool = False  # bundles whose loading runs code (Python from outside torchship, native) may load
     verify_key: Path | None = None  # a public key (PEM): every bundle must carry a valid signature by it
+    raw: RawLimits = RawLimits()  # raw input (text): items a request, bytes an item
 
 
 Found = tuple[str, str, Bundle]  # (name, version, verified snapshot)
@@ -198,6 +201,55 @@ class Server:
                 self._shed[key] = answer
         return answer
 
+    async def submit(self, e: Entry, name: str, version: str | None,
+                     decode: Callable[[Entry], Awaitable[Decoded]]) -> tuple[Entry, Decoded, dict]:
+        """The one request path of every front (HTTP, gRPC, OpenAI), for a request admitted to ``e``: ``decode`` it
+        (the wire's part: read and check), turn raw input into tensors with the bundle's pipeline, queue it on the
+        batcher, run it. Returns (the entry that ran it, the request, its outputs); every failure is a ServeError."""
+        e.admitted += 1  # holds a place in the queue from here, while its body is read and decoded
+        queued = False
+        try:
+            d = await decode(e)
+            if d.feeds is None:
+                d.feeds = await self.process(e, d)
+            e.admitted -= 1
+            queued = True  # the batcher's queue holds it from here (submit queues it before its first await)
+            e.metrics.queue_depth.set(e.batcher.depth + 1)
+            e, outputs = await self.run(e, name, version, d.feeds, d.deadline)
+        except ServeError:
+            raise
+        except Exception as exc:
+            raise ModelFailed(f"the model failed on this batch: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if not queued:
+                e.admitted -= 1
+            e.metrics.queue_depth.set(e.batcher.depth)
+        return e, d, outputs
+
+    async def process(self, e: Entry, d: Decoded) -> dict:
+        """Raw text (or token arrays) as the model's tensors, by the bundle's own pipeline: on the event loop for a
+        few short items, else on a thread (the tokenizer lets the GIL go); counted in /metrics."""
+        pipe = e.pipeline
+        if pipe is None:
+            raise BadRequest(f"model {e.name!r} takes tensors {e.spec.input_names}, not text (its bundle has no text "
+                             "pipeline: optimize it from a source with a tokenizer, or give --tokenizer)")
+        started = time.perf_counter()
+
+        def work() -> dict:
+            try:
+                feeds = pipe.encode(d.texts) if d.texts is not None else pipe.from_ids(d.ids)
+            except SpecError as exc:
+                raise BadRequest(str(exc)) from None
+            check_feeds(feeds, e.spec)
+            return feeds
+        items = d.texts if d.texts is not None else d.ids
+        if len(items) > 8 or sum(map(len, items)) > 2048:
+            feeds = await asyncio.get_running_loop().run_in_executor(None, work)
+        else:
+            feeds = work()
+        e.metrics.processed(pipe.tokens(feeds, pipe.record.mask), time.perf_counter() - started)
+        return feeds
+
     async def run(self, e: Entry, name: str, version: str | None, feeds, deadline: float | None):
         """Queue decoded inputs on the model's batcher; (the entry that ran them, their outputs)."""
         try:
@@ -299,7 +351,9 @@ def body_size(headers: dict[bytes, bytes], config: "ServeConfig") -> tuple[int, 
     size = int(declared)
     if size > config.max_body_bytes:
         raise TooLarge(f"body of {size} bytes is over the {config.max_body_bytes / 2**20:g} MB limit (--max-body-mb)")
-    json_size = size if head is None else int(head) if head.isdigit() else 0
+    if head is not None and not head.isdigit():
+        raise BadRequest(f"{HEADER} must be a number of bytes, got {head.decode('latin-1')[:40]!r}")
+    json_size = size if head is None else int(head)
     if json_size > config.max_json_bytes:
         raise TooLarge(f"JSON of {json_size} bytes is over the {config.max_json_bytes / 2**20:g} MB limit for JSON "
                        "(--max-json-mb): send tensors as binary data (the binary tensor data extension: "
@@ -316,40 +370,32 @@ def problem(status: int, message: str, headers: dict | None = None) -> Answer:
 
 
 async def infer(server: Server, name: str, version: str | None, headers: dict[bytes, bytes], receive) -> Answer:
-    """POST .../infer: admit (or shed before reading the body), decode and check, queue, encode the outputs. Plain
-    ASGI rather than a Starlette route, because this path is the server's throughput: routing, middleware and Request
-    objects cost several times what an HTTP request itself costs when the model runs in microseconds."""
+    """POST .../infer: admit (or shed before reading the body), then the server's one request path with this wire's
+    decoding, then encode the outputs. Plain ASGI rather than a Starlette route, because this path is the server's
+    throughput: routing, middleware and Request objects cost several times what an HTTP request itself costs when the
+    model runs in microseconds."""
     server.last_request = time.monotonic()
     e, refused = server.admitted(name, version)
     if refused is not None:
         return refused
-    e.admitted += 1  # holds a place in the queue from here, while its body is read and decoded
-    queued = False
-    try:
+    size = 0
+
+    async def decode(e: Entry) -> Decoded:
+        nonlocal size
         size, head = body_size(headers, server.config)
         body = await read_body(receive, size)
+        args = (body, head, e.spec, e.text, server.config.raw)
         if (len(body) if head is None else int(head)) > OFF_LOOP_BYTES:
-            req, feeds = await asyncio.get_running_loop().run_in_executor(None, decode_request, body, head, e.spec)
-        else:
-            req, feeds = decode_request(body, head, e.spec)
-        del body
-        deadline = timeout_s(req)
-        e.admitted -= 1
-        queued = True  # the batcher's queue holds it from here (submit queues it before its first await)
-        e.metrics.queue_depth.set(e.batcher.depth + 1)
-        e, outputs = await server.run(e, name, version, feeds, deadline)
+            return await asyncio.get_running_loop().run_in_executor(None, protocol.decode, *args)
+        return protocol.decode(*args)
+    try:
+        e, d, outputs = await server.submit(e, name, version, decode)
     except ServeError as exc:
         return server.refused(e, exc)
-    except Exception as exc:
-        return server.refused(e, ModelFailed(f"the model failed on this batch: {type(exc).__name__}: {exc}"))
-    finally:
-        if not queued:
-            e.admitted -= 1
-        e.metrics.queue_depth.set(e.batcher.depth)
-    content, extra = encode_outputs(req, outputs, e.name, e.version)
+    content, extra = encode_outputs(d.request, outputs, e.name, e.version)
     e.metrics.success.inc()
     if size > TRIM_BYTES:
-        del req, feeds, outputs
+        del d, outputs
         asyncio.get_running_loop().run_in_executor(None, give_back_memory)
     return 200, content, extra
 
@@ -408,7 +454,7 @@ def create_app(paths: list[Path], config: ServeConfig | None = None, opened: lis
         except NotFound as exc:
             return error(404, str(exc))
         versions = sorted(server.models[e.name])
-        return JSONResponse(metadata(e.name, versions, f"torchship_{e.manifest.runtime}", e.spec))
+        return JSONResponse(metadata(e.name, versions, f"torchship_{e.manifest.runtime}", e.spec, e.text))
 
     async def model_ready(request):
         try:
@@ -458,6 +504,7 @@ def create_app(paths: list[Path], config: ServeConfig | None = None, opened: lis
 
 
 _INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+_OPENAI = {"/v1/embeddings": "POST", "/v1/models": "GET"}  # the OpenAI-compatible front (serve/openai.py)
 
 
 class _Front:
@@ -473,6 +520,8 @@ class _Front:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         found = _INFER.fullmatch(scope["path"])
+        if found is None and scope["path"] in _OPENAI:
+            return await self._openai(scope, receive, send)
         if found is None:
             async def wrapped(message):
                 if message["type"] == "http.response.start" and self.server.draining:
@@ -484,6 +533,22 @@ class _Front:
             status, body, headers = problem(405, f"infer takes POST, not {scope['method']}", {"Allow": "POST"})
         else:
             status, body, headers = await infer(self.server, found[1], found[2], dict(scope["headers"]), receive)
+        await self._send(send, status, body, headers)
+
+    async def _openai(self, scope, receive, send):
+        from . import openai
+        path, method = scope["path"], scope["method"]
+        if method != _OPENAI[path]:
+            self.server.unknown.failure("method")
+            answer = openai.error(405, f"{path} takes {_OPENAI[path]}, not {method}", {"Allow": _OPENAI[path]})
+        elif path == "/v1/models":
+            answer = openai.models(self.server)
+        else:
+            self.server.last_request = time.monotonic()
+            answer = await openai.embeddings(self.server, dict(scope["headers"]), receive)
+        await self._send(send, *answer)
+
+    async def _send(self, send, status: int, body: bytes, headers: dict) -> None:
         raw = [(k.encode(), v.encode()) for k, v in headers.items()] + [(b"content-length", b"%d" % len(body))]
         if self.server.draining:
             raw.append((b"connection", b"close"))

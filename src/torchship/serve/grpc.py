@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 
-from ..errors import BadRequest, MissingExtra, ModelFailed, NotFound, ServeError, Unavailable, UsageError
+from ..errors import BadRequest, MissingExtra, NotFound, ServeError, Unavailable, UsageError
 from .protocol import TO_NUMPY, check_feeds, check_outputs, datatype
+from .raw import Decoded, RawLimits, split_bytes, texts
 
 try:
     import grpc
@@ -33,16 +34,27 @@ CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT8": "int_conte
             "UINT32": "uint_contents", "UINT64": "uint64_contents", "BOOL": "bool_contents"}
 
 
-def decode(request, spec) -> dict[str, np.ndarray]:
-    """The request's inputs as arrays, checked like an HTTP request's (names, datatypes, shapes, sizes, values)."""
+def decode(request, spec, text: str | None = None, limits: RawLimits = RawLimits()) -> tuple[dict, list[str] | None]:
+    """The request's inputs as arrays, checked like an HTTP request's (names, datatypes, shapes, sizes, values); and
+    its raw text, where the model takes text (``text`` names that input): BYTES in ``bytes_contents`` or raw."""
     expected = spec.by_name
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise BadRequest(f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs")
-    feeds = {}
+    feeds, found = {}, None
     for i, inp in enumerate(request.inputs):
+        if inp.name == text:
+            if found is not None:
+                raise BadRequest(f"input {inp.name!r} is given twice")
+            if inp.datatype != "BYTES":
+                raise BadRequest(f"input {inp.name!r} is text: its datatype is BYTES (one string an item), not "
+                                 f"{inp.datatype}")
+            count = math.prod(max(0, d) for d in inp.shape)
+            values = split_bytes(raw[i], count, inp.name) if raw else list(inp.contents.bytes_contents)
+            found = texts(values, count, inp.name, limits)
+            continue
         if inp.name not in expected:
-            raise BadRequest(f"unknown input {inp.name!r}; the model takes {list(expected)}")
+            raise BadRequest(f"unknown input {inp.name!r}; the model takes {([text] if text else []) + list(expected)}")
         if inp.name in feeds:
             raise BadRequest(f"input {inp.name!r} is given twice")
         t = expected[inp.name]
@@ -68,9 +80,12 @@ def decode(request, spec) -> dict[str, np.ndarray]:
             except (ValueError, TypeError, OverflowError) as exc:
                 raise BadRequest(f"input {inp.name!r}: data is not {inp.datatype}: {str(exc)[:160]}") from None
         feeds[inp.name] = array
-    check_feeds(feeds, spec)
+    if found is not None and feeds:
+        raise BadRequest(f"give either the text input {text!r} or the tensors {list(feeds)}, not both")
+    if found is None:
+        check_feeds(feeds, spec)
     check_outputs(request, spec.output_names)
-    return feeds
+    return feeds, found
 
 
 def deadline_s(request, context) -> float | None:
@@ -128,7 +143,7 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             e = self.server.find(request.name, request.version or None)
         except NotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        m = metadata(e.name, sorted(self.server.models[e.name]), f"torchship_{e.manifest.runtime}", e.spec)
+        m = metadata(e.name, sorted(self.server.models[e.name]), f"torchship_{e.manifest.runtime}", e.spec, e.text)
 
         def tensors(ts):
             return [pb.ModelMetadataResponse.TensorMetadata(**t) for t in ts]
@@ -149,21 +164,14 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             s.admit(e)
         except ServeError as exc:
             return await self._fail(context, e, exc)
-        e.admitted += 1
-        queued = False
+
+        async def decoded(e) -> Decoded:
+            feeds, found = decode(request, e.spec, e.text, s.config.raw)
+            return Decoded(request, None if found is not None else feeds, found, deadline=deadline_s(request, context))
         try:
-            feeds = decode(request, e.spec)
-            deadline = deadline_s(request, context)
-            e.admitted -= 1
-            queued = True
-            e, outputs = await s.run(e, name, version, feeds, deadline)
+            e, _, outputs = await s.submit(e, name, version, decoded)
         except ServeError as exc:
             return await self._fail(context, e, exc)
-        except Exception as exc:
-            return await self._fail(context, e, ModelFailed(f"the model failed on this batch: {type(exc).__name__}: {exc}"))
-        finally:
-            if not queued:
-                e.admitted -= 1
         e.metrics.success.inc()
         return encode(request, outputs, e.name, e.version)
 

@@ -28,6 +28,10 @@ class Metrics:
                                       buckets=_BUCKETS, registry=r)
         self.queue_depth = Gauge("torchship_queue_depth", "Requests waiting in the queue", labels, registry=r,
                                  multiprocess_mode="livesum")
+        self.tokens = Counter("torchship_tokens", "Text tokens fed to the model (bundles that take text; padding not "
+                              "counted)", labels, registry=r)
+        self.processing_time = Histogram("torchship_processing_duration_seconds", "Time to turn one request's raw "
+                                         "input into tensors (tokenizing)", labels, buckets=_BUCKETS, registry=r)
         self.rejected = Counter("torchship_rejected", "Requests turned away before running, by reason",
                                 labels + ["reason"], registry=r)
 
@@ -54,6 +58,12 @@ class ModelMetrics:
         self._inferences, self._executions = m.inferences.labels(*labels), m.executions.labels(*labels)
         self._compute, self._queue = m.compute_time.labels(*labels), m.queue_time.labels(*labels)
         self._labels, self._failures, self._rejections = labels, (m.failure, {}), (m.rejected, {})
+        self._tokens, self._processing = m.tokens.labels(*labels), m.processing_time.labels(*labels)
+
+    def processed(self, tokens: int, seconds: float) -> None:
+        """One request's raw input turned into tensors: its tokens and the time it took."""
+        self._tokens.inc(tokens)
+        self._processing.observe(seconds)
 
     def _inc(self, series: tuple[Counter, dict], reason: str) -> None:
         counter, children = series

@@ -15,6 +15,7 @@ import orjson
 
 from ..errors import BadRequest, SpecError
 from ..spec import IOSpec
+from .raw import Decoded, RawLimits, json_strings, split_bytes, texts
 
 TO_NUMPY = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "INT64": "int64", "INT32": "int32",
             "INT16": "int16", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
@@ -58,12 +59,15 @@ def datatype(dtype: "str | np.dtype") -> str:
     return found or FROM_NUMPY.get(str(dtype), "FP32")
 
 
-def metadata(name: str, versions: list[str], platform: str, spec: IOSpec) -> dict:
+def metadata(name: str, versions: list[str], platform: str, spec: IOSpec, text: str | None = None) -> dict:
+    """The model's metadata; ``text``: the raw text input the bundle also takes (a BYTES tensor, one string an item),
+    listed first: a client sends it or the tensors."""
     def tensors(ts):
         return [{"name": t.name, "datatype": datatype(t.dtype), "shape": [d if isinstance(d, int) else -1 for d in t.shape]}
                 for t in ts]
+    raw = [{"name": text, "datatype": "BYTES", "shape": [-1]}] if text else []
     return {"name": name, "versions": versions, "platform": platform,
-            "inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs)}
+            "inputs": raw + tensors(spec.inputs), "outputs": tensors(spec.outputs)}
 
 
 def _bool(params: dict | None, key: str, where: str, default: bool = False) -> bool:
@@ -131,6 +135,9 @@ def _values(inp: InputTensor, dtype: np.dtype, count: int) -> np.ndarray:
     a typed decoder straight into the array; nested lists (the protocol allows them) through a generic one."""
     raw = bytes(inp.data).strip()
     kind = np.dtype(dtype).kind
+    if count > len(raw) // 2 + 1:  # a JSON number and its comma take two bytes at least: nothing is allocated for it
+        raise BadRequest(f"input {inp.name!r}: shape {inp.shape} needs {count} values; its {len(raw)} bytes of data "
+                         "cannot hold them")
     if raw[:1] != b"[" or raw.find(b"[", 1) != -1:
         return _nested(inp, raw, dtype, count)
     out, n = np.empty(count, dtype), 0
@@ -167,14 +174,19 @@ def _nested(inp: InputTensor, raw: bytes, dtype: np.dtype, count: int) -> np.nda
     return array
 
 
-def decode_inputs(request: InferRequest, binary: bytes, spec: IOSpec) -> dict[str, np.ndarray]:
-    """Turn the request's inputs into arrays, checking names, datatypes, shapes and lengths."""
-    feeds, offset = {}, 0
+def decode_inputs(request: InferRequest, binary: bytes, spec: IOSpec, text: str | None = None,
+                  limits: RawLimits = RawLimits()) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """Turn the request's inputs into arrays, checking names, datatypes, shapes and lengths; and the raw text, where
+    the model takes text (``text`` names that input) and the request gives it."""
+    feeds, offset, found = {}, 0, None
     expected = spec.by_name
     for inp in request.inputs:
         name, dt = inp.name, inp.datatype
+        if name == text:
+            found, offset = _text(inp, binary, offset, found, limits)
+            continue
         if name not in expected:
-            raise BadRequest(f"unknown input {name!r}; the model takes {list(expected)}")
+            raise BadRequest(f"unknown input {name!r}; the model takes {([text] if text else []) + list(expected)}")
         if name in feeds:
             raise BadRequest(f"input {name!r} is given twice")
         t = expected[name]
@@ -197,7 +209,30 @@ def decode_inputs(request: InferRequest, binary: bytes, spec: IOSpec) -> dict[st
         feeds[name] = array
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
-    return feeds
+    if found is not None and feeds:
+        raise BadRequest(f"give either the text input {text!r} or the tensors {list(feeds)}, not both")
+    return feeds, found
+
+
+def _text(inp: InputTensor, binary: bytes, offset: int, found, limits: RawLimits) -> tuple[list[str], int]:
+    """A BYTES input of text: JSON strings, or Triton's binary form in the body's binary part."""
+    if found is not None:
+        raise BadRequest(f"input {inp.name!r} is given twice")
+    if inp.datatype != "BYTES":
+        raise BadRequest(f"input {inp.name!r} is text: its datatype is BYTES (one string an item), not {inp.datatype}")
+    count = math.prod(inp.shape)
+    size = (inp.parameters or {}).get("binary_data_size")
+    if size is not None:
+        if offset + size > len(binary):
+            raise BadRequest(f"input {inp.name!r}: binary_data_size {size} is more than the {len(binary) - offset} "
+                             "bytes left in the body")
+        values = split_bytes(memoryview(binary)[offset:offset + size], count, inp.name)
+        offset += size
+    else:
+        if not bytes(inp.data):
+            raise BadRequest(f"input {inp.name!r} has neither 'data' nor binary_data_size")
+        values = json_strings(bytes(inp.data), inp.name)
+    return texts(values, count, inp.name, limits), offset
 
 
 def check_outputs(request, names: list[str]) -> None:
@@ -237,13 +272,22 @@ def encode_outputs(request: InferRequest, outputs: Mapping[str, np.ndarray], mod
 
 
 def decode_request(body: bytes, header_length: str | None, spec: IOSpec) -> tuple[InferRequest, dict[str, np.ndarray]]:
+    """``decode`` for a model that takes tensors only: (the request, its inputs)."""
+    d = decode(body, header_length, spec)
+    return d.request, d.feeds
+
+
+def decode(body: bytes, header_length: str | None, spec: IOSpec, text: str | None = None,
+           limits: RawLimits = RawLimits()) -> Decoded:
     """The whole check of one infer request against a model, before it is queued: structure, parameters, inputs
-    (names, datatypes, shapes, values), requested outputs. Everything wrong in it is a ``BadRequest``."""
+    (names, datatypes, shapes, values; or the raw text, where ``text`` names the model's text input), requested
+    outputs. Everything wrong in it is a ``BadRequest``."""
     request, binary = split_body(body, header_length)
-    feeds = decode_inputs(request, binary, spec)
-    check_feeds(feeds, spec)
+    feeds, found = decode_inputs(request, binary, spec, text, limits)
+    if found is None:
+        check_feeds(feeds, spec)
     check_outputs(request, spec.output_names)
-    return request, feeds
+    return Decoded(request, None if found is not None else feeds, found, deadline=timeout_s(request))
 
 
 def check_feeds(feeds: dict[str, np.ndarray], spec: IOSpec) -> None:

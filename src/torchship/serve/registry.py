@@ -5,7 +5,7 @@ import asyncio
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .. import bundle
 from ..bundle import Bundle, Manifest
@@ -30,6 +30,12 @@ class Entry:
     close: Callable[[], None] | None = None  # worker processes to stop with the entry
     broken: Callable[[], str | None] = lambda: None  # why its workers cannot run batches now, if they cannot
     admitted: int = 0  # requests admitted to its queue whose bodies are still being read and decoded
+    pipeline: Any = None  # the bundle's raw-input pipeline (processing.text.TextPipeline), where it takes text
+
+    @property
+    def text(self) -> str | None:
+        """The name of the raw text input it takes, if it takes text."""
+        return self.pipeline.input if self.pipeline is not None else None
 
     @property
     def why(self) -> str | None:
@@ -97,11 +103,13 @@ async def load_entry(name: str, version: str, verified: Bundle, config: BatchCon
                                                                       trust_code=trust_code))
         run, close, broken = loaded, None, (lambda: None)
         await loop.run_in_executor(None, lambda: [loaded(spec.sample(bs, manifest.dims)) for bs in warm_sizes])
+    from ..processing import pipeline
+    text = await loop.run_in_executor(None, pipeline, manifest.processing, verified.path)
     series = metrics.model(name, version)
     batcher = Batcher(run, spec, config, paddable=paddable(spec), latency=latency,
                       on_batch=series.on_batch, concurrency=workers)
     batcher.start()
-    return Entry(name, version, verified, spec, batcher, series, ready=True, close=close, broken=broken)
+    return Entry(name, version, verified, spec, batcher, series, ready=True, close=close, broken=broken, pipeline=text)
 
 
 def latest(versions: dict[str, Entry]) -> Entry | None:

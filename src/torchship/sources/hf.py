@@ -8,6 +8,7 @@ output under its own name. Nothing in the directory is run as code (no ``trust_r
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..arch import Architecture
 from ..errors import SourceError
-from ..modules import MeanPooled, hf_class, transformers
+from ..modules import POOLINGS, MeanPooled, hf_class, transformers
 from ..spec import IOSpec, TensorSpec
 
 SPEC = IOSpec.parse(["input_ids:int64[batch,seq]", "attention_mask:int64[batch,seq]"])  # mean-pooled sentence encoders
@@ -51,12 +52,47 @@ def _inputs(model, config, tokenizer) -> tuple[list[TensorSpec], dict[str, int]]
                       + MODULE_ATTR_HINT)
 
 
+def sentence_transformers_dir(path: Path) -> tuple[str | None, int | None]:
+    """(pooling, max_seq_length) of a sentence-transformers directory, read from its JSON (no code runs): "mean" for
+    a Transformer, mean Pooling and Normalize; "mean-raw" without Normalize; None where the directory is not one, or
+    holds modules torchship does not put in the graph (a Dense layer, CLS pooling): then the encoder's own outputs."""
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        length = json.loads((path / "sentence_bert_config.json").read_text()).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules if isinstance(m, dict)]
+    pool = next((m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")), None)
+    try:
+        cfg = json.loads((path / pool["path"] / "config.json").read_text()) if pool else {}
+    except (OSError, ValueError, KeyError):
+        cfg = {}
+    mean = cfg.get("pooling_mode") == "mean" or (cfg.get("pooling_mode_mean_tokens") is True and not any(
+        cfg.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens")))
+    length = int(length) if isinstance(length, int) and length > 0 else None
+    if kinds[:2] != ["Transformer", "Pooling"] or not mean or kinds[2:] not in ([], ["Normalize"]):
+        log.info("%s: sentence-transformers modules %s: only Transformer, mean Pooling and Normalize go into the graph; "
+                 "loading the encoder's own outputs", path, kinds)
+        return None, length
+    return ("mean" if kinds[2:] == ["Normalize"] else "mean-raw"), length
+
+
+def _text_length(tokenizer, config, given: int | None) -> int | None:
+    """The tokens a text is cut to: the sentence-transformers length, else the tokenizer's, within the positions."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    found = given or getattr(tokenizer, "model_max_length", None)
+    found = found if isinstance(found, int) and 0 < found < 1 << 20 else None
+    return min(filter(None, (found, positions)), default=None)
+
+
 def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = None, name: str | None = None,
                 sentences: list[str] | None = None):
     from .model import finish
     tf = transformers()
     if not (path / "config.json").exists():
         raise SourceError(f"{path} is a directory without config.json: not a Hugging Face model directory")
+    st_pooling, st_length = sentence_transformers_dir(path)
+    pooling = pooling or st_pooling
     try:
         config = tf.AutoConfig.from_pretrained(str(path))
     except Exception as exc:
@@ -78,8 +114,9 @@ def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = No
             tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
         except Exception:  # a model saved without its tokenizer: the ids are the user's to give
             tokenizer = None
-    if pooling == "mean":
-        module, inputs, sizes, kwargs = MeanPooled(model), list(SPEC.inputs), {"seq": 128}, None
+    if pooling in POOLINGS:
+        module, inputs, sizes, kwargs = MeanPooled(model, normalize=pooling == "mean"), list(SPEC.inputs), None, None
+        sizes = {"seq": min(128, _text_length(None, config, None) or 128)}
         task, outputs, by_keyword = "embed", ["embedding"], False
     else:
         specs, sizes = _inputs(model, config, tokenizer)
@@ -93,7 +130,9 @@ def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = No
     arch = Architecture("hf", tuple(m.spec.input_names), type(model).__name__, keys=keys, by_keyword=by_keyword,
                         config=model.config.to_dict(), pooling=pooling, kwargs=kwargs)
     log.info("loaded %s (%s) from %s: %s", type(model).__name__, m.task, path, m.spec)
-    return replace(m, arch=arch, tokenizer=tokenizer,
+    reference = path if st_pooling is not None and pooling == st_pooling else None
+    return replace(m, arch=arch, tokenizer=tokenizer, text_length=_text_length(tokenizer, config, st_length),
+                   text_reference=reference,
                    eval_data=tokenize(tokenizer, sentences, dims["seq"]) if sentences else None)
 
 

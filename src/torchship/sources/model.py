@@ -34,7 +34,9 @@ class Model:
     dims: dict[str, int] = field(default_factory=dict)
     onnx_path: Path | None = None
     file: Path | None = None  # the .pt2 or TorchScript file the module was loaded from
-    tokenizer: Any = None
+    tokenizer: Any = None  # a transformers tokenizer (text models): its tokenizer.json goes into the bundle
+    text_length: int | None = None  # the tokens a text is truncated to (sentence-transformers' max_seq_length, ...)
+    text_reference: Path | None = None  # a sentence-transformers directory: its encode() is the pipeline to match
     was_training: bool = False  # the module as given was in training mode (torchship runs it in eval mode)
     calibration_data: dict[str, np.ndarray] | None = None
 

@@ -1,0 +1,45 @@
+"""Small text models saved here, with a real WordPiece tokenizer built from a vocabulary (no hub download): a plain
+BERT directory and a sentence-transformers directory (Transformer, mean Pooling, Normalize) around it."""
+from pathlib import Path
+
+WORDS = ("the a an is was and or of to in on for with it this that model server text answer fast slow good bad "
+         "data cat dog runs ran quick brown fox jumps over lazy hello world embed sentence batch token river city "
+         "night rain budget report engineer").split()
+
+
+def tokenizer(folder: Path):
+    """A BERT-style fast tokenizer (lower-casing, WordPiece, [CLS] ... [SEP]) saved into ``folder``."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] \
+        + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-:;()")
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.decoder = decoders.WordPiece()
+    fast = tf.BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                sep_token="[SEP]", mask_token="[MASK]", model_max_length=48)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def bert_dir(folder: Path, positions: int = 64) -> Path:
+    import torch
+    import transformers as tf
+    fast = tokenizer(folder)
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=len(fast), max_position_embeddings=positions, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64)
+    tf.BertModel(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+def sentence_transformers_dir(folder: Path, normalize: bool = True, max_seq_length: int = 40) -> Path:
+    from sentence_transformers import SentenceTransformer, models
+    bert = bert_dir(folder.parent / (folder.name + "-bert"))
+    word = models.Transformer(str(bert), max_seq_length=max_seq_length)
+    mods = [word, models.Pooling(word.get_word_embedding_dimension(), "mean")] + ([models.Normalize()] if normalize else [])
+    SentenceTransformer(modules=mods, device="cpu").save(str(folder))
+    return folder
