@@ -2,6 +2,8 @@
 BERT directory and a sentence-transformers directory (Transformer, mean Pooling, Normalize) around it."""
 from pathlib import Path
 
+import pytest
+
 WORDS = ("the a an is was and or of to in on for with it this that model server text answer fast slow good bad "
          "data cat dog runs ran quick brown fox jumps over lazy hello world embed sentence batch token river city "
          "night rain budget report engineer").split()
@@ -37,9 +39,26 @@ def bert_dir(folder: Path, positions: int = 64) -> Path:
 
 
 def sentence_transformers_dir(folder: Path, normalize: bool = True, max_seq_length: int = 40) -> Path:
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     bert = bert_dir(folder.parent / (folder.name + "-bert"))
-    word = models.Transformer(str(bert), max_seq_length=max_seq_length)
-    mods = [word, models.Pooling(word.get_word_embedding_dimension(), "mean")] + ([models.Normalize()] if normalize else [])
+    word = Transformer(str(bert), max_seq_length=max_seq_length)
+    mods = [word, Pooling(word.get_embedding_dimension(), "mean")] + ([Normalize()] if normalize else [])
     SentenceTransformer(modules=mods, device="cpu").save(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def st_dir(tmp_path_factory):
+    return sentence_transformers_dir(tmp_path_factory.mktemp("text") / "st")
+
+
+@pytest.fixture(scope="session")
+def st_bundle(st_dir, tmp_path_factory):
+    """A bundle of the sentence-transformers directory that takes text (eager and ONNX Runtime, no compression)."""
+    from torchship import OptimizeOptions, optimize
+    out = tmp_path_factory.mktemp("text") / "st-bundle"
+    opts = OptimizeOptions(runtimes=("eager", "onnxrt"), transforms=(), batch_sizes=(1, 4), seconds_per_size=0.02)
+    result = optimize(st_dir, opts, out=out, name="st")
+    assert result.bundle is not None, result.message
+    return out

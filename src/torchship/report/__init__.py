@@ -128,6 +128,7 @@ def markdown(result) -> str:
         lines += [f"Every timed variant has the same fidelity ({same:.6f}), so the second plot shows throughput alone.", ""]
     lines += ["![fidelity against throughput](pareto.png)", ""]
     lines += bought(result)
+    lines += text_pipeline(result)
     lines += ["## Per batch size", ""]
     for r in result.variants:
         cells = [f"{bs}: {v.throughput:,.0f}/s [{interval(v)}], p99 {v.p99_ms:.3g} ms" for bs, v in sorted(r.profile.items())]
@@ -135,6 +136,24 @@ def markdown(result) -> str:
         if cells:
             lines.append(f"- **{r.name}**: {'; '.join(cells)}")
     return "\n".join(lines) + "\n"
+
+
+def text_pipeline(result) -> list[str]:
+    """The bundle's text pipeline and its end-to-end check, where it has one."""
+    p = result.processing
+    if p is None or p.text is None:
+        return []
+    t, c = p.text, p.check
+    lines = ["## Text pipeline", "",
+             f"The bundle takes text (input `{t.input}`, one string an item) through its own `{t.tokenizer}` (Hugging "
+             f"Face tokenizers), {'truncated' if t.truncate else 'refused'} past {t.max_length} tokens and padded to the "
+             f"longest of each batch; the answer is `{t.output or 'every output'}`."]
+    if c is not None:
+        lines += ["", f"Checked end to end against {c.reference} on {c.items} texts in one batch ({', '.join(c.cases)}): "
+                      f"{'the same tokens' if c.tokens_equal else 'OTHER TOKENS'} on every item, cosine at least "
+                      f"{c.min_cosine:.7f} (floor {c.floor}), largest difference {c.max_abs_error:.2g}: "
+                      + ("passed." if c.passed else "FAILED.")]
+    return lines + [""]
 
 
 def bought(result) -> list[str]:

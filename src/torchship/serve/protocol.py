@@ -135,9 +135,9 @@ def _values(inp: InputTensor, dtype: np.dtype, count: int) -> np.ndarray:
     a typed decoder straight into the array; nested lists (the protocol allows them) through a generic one."""
     raw = bytes(inp.data).strip()
     kind = np.dtype(dtype).kind
-    if count > len(raw) // 2 + 1:  # a JSON number and its comma take two bytes at least: nothing is allocated for it
-        raise BadRequest(f"input {inp.name!r}: shape {inp.shape} needs {count} values; its {len(raw)} bytes of data "
-                         "cannot hold them")
+    if count > len(raw):  # every JSON value takes a byte at least: refused before anything is allocated for it
+        given = raw.count(b",") + 1 if raw.strip(b"[] \t\r\n") else 0
+        raise BadRequest(f"input {inp.name!r}: {given} values do not fill shape {inp.shape} ({count} values)")
     if raw[:1] != b"[" or raw.find(b"[", 1) != -1:
         return _nested(inp, raw, dtype, count)
     out, n = np.empty(count, dtype), 0
