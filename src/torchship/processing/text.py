@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import MissingExtra, SpecError
-from . import TextProcessing
+from .records import TextProcessing
 
 
 class TextPipeline:

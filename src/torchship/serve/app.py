@@ -545,7 +545,10 @@ class _Front:
             answer = openai.models(self.server)
         else:
             self.server.last_request = time.monotonic()
-            answer = await openai.embeddings(self.server, dict(scope["headers"]), receive)
+            async def read() -> bytes:
+                size, _ = body_size(dict(scope["headers"]), self.server.config)
+                return await read_body(receive, size)
+            answer = await openai.embeddings(self.server, read)
         await self._send(send, *answer)
 
     async def _send(self, send, status: int, body: bytes, headers: dict) -> None:

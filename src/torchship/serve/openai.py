@@ -8,7 +8,7 @@ the Open Inference Protocol's infer; only the wire format differs. Errors come i
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import Awaitable, Callable, Literal
 
 import msgspec
 import numpy as np
@@ -85,14 +85,11 @@ def answer(req: EmbeddingsRequest, outputs: dict, name: str, output: str | None,
     return 200, orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), {"content-type": "application/json"}
 
 
-async def embeddings(server, headers: dict[bytes, bytes], receive):
-    """POST /v1/embeddings: read and parse the body (the model's name is inside it), admit, then the one request
-    path; the answer in OpenAI's shape."""
-    from .app import body_size, read_body
+async def embeddings(server, read: Callable[[], Awaitable[bytes]]):
+    """POST /v1/embeddings: ``read`` the body (within the server's limits) and parse it (the model's name is inside
+    it), admit, then the one request path; the answer in OpenAI's shape."""
     try:
-        size, _ = body_size(headers, server.config)
-        body = await read_body(receive, size)
-        req, items, ids = parse(body, server.config.raw)
+        req, items, ids = parse(await read(), server.config.raw)
     except ServeError as exc:
         server.count(None, exc)
         return error(exc.status, str(exc), exc.headers)
