@@ -8,7 +8,13 @@ import torch
 os.environ.setdefault("TORCHSHIP_CACHE", tempfile.mkdtemp(prefix="torchship-tests-"))
 
 
+SLOW_TIMEOUT_S = 1200  # pyproject's timeout (600 s) for the rest
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slow" in item.keywords and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device; none here")
         for item in items:

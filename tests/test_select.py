@@ -99,11 +99,14 @@ class ScriptedWorker:
         pass
 
 
-def _search(entries, target=8, sizes=(1, 8)):
+AVX512_VNNI = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # int8 and bf16 units, no AMX
+
+
+def _search(entries, target=8, sizes=(1, 8), flags=AVX512_VNNI):
     from torchship.optimize import OptimizeOptions
     from torchship.optimize.search import Entry, Search
     opts = OptimizeOptions(batch_sizes=sizes, target_batch_size=target)
-    search = Search(SimpleNamespace(opts=opts), lambda *a: None, len(entries))
+    search = Search(SimpleNamespace(opts=opts), lambda *a: None, len(entries), flags=flags)
     for name, seconds, selectable in entries:
         result = VariantResult(name=name, runtime="eager", status="ok", selectable=selectable)
         e = Entry(SimpleNamespace(name=name), result, ScriptedWorker(seconds))
@@ -163,6 +166,8 @@ def test_a_compressed_child_of_a_runtime_far_behind_is_not_built_unless_exhausti
     assert search.not_worth_building(close) is None  # the leader itself is its parent
     bf16 = VariantPlan("eager-bf16", "eager", {"precision": "bf16"})
     assert "bf16 gains at most 2x over its runtime" in search.not_worth_building(bf16)
+    search.flags = AVX512_VNNI | {"amx_int8", "amx_bf16"}  # AMX: int8 layers up to 8x, so 1/(0.5 + 0.5/8) = 1.8x
+    assert "at most 1.8x on the Linear layers" in search.not_worth_building(int8)
     search.opts = OptimizeOptions(batch_sizes=(1, 8), target_batch_size=8, exhaustive=True)
     assert search.not_worth_building(int8) is None
 

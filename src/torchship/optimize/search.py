@@ -74,8 +74,10 @@ class Entry:
 
 
 class Search:
-    def __init__(self, ws, say: Callable[[str, int, int], None], planned: int, clock=time.monotonic):
+    def __init__(self, ws, say: Callable[[str, int, int], None], planned: int, clock=time.monotonic,
+                 flags: frozenset | None = None):
         self.ws, self.opts, self.say, self.clock, self.planned = ws, ws.opts, say, clock, planned
+        self.flags = flags  # the CPU's flags the gains are bounded by (None: this machine's; tests inject them)
         from ..machine import cores
         self.slots = max(1, min(4, cores()))  # builds at once
         self.started = clock()
@@ -115,7 +117,7 @@ class Search:
         from ..transforms import covers
         linear = any(covers(t) == "linear" for t in vp.transforms)
         share = self.ws.linear_share() if linear else 1.0
-        gain = max_gain(kind, cpu()[1], share)
+        gain = max_gain(kind, cpu()[1] if self.flags is None else self.flags, share)
         target = self.opts.target
         p_fast = self.estimate(parent, target).lo  # the parent at its fastest ...
         l_slow = self.estimate(leader, target).hi  # ... the leader at its slowest
