@@ -232,3 +232,53 @@ class Hang(Slow):
         if float(x.reshape(-1)[0]) == 12345.0:
             time.sleep(self.hang)
         return super().forward(x)
+
+
+class RareRescale(nn.Module):
+    """A loop on a tensor's value in a branch that ordinary inputs never take: activations past 1,000 are halved until
+    they are not (the model of issue 31). A trace of an ordinary input keeps no loop at all."""
+
+    example_inputs = ["x:float32[batch,8]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.lin(x)
+        while h.abs().max() > 1000:
+            h = h / 2
+        return h
+
+
+class NegativeMean(nn.Module):
+    """A branch taken only for inputs whose mean is below -1 (generated inputs have a mean near 0)."""
+
+    example_inputs = ["x:float32[batch,8]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.mean() < -1:
+            return self.lin(-x) * 3.0
+        return self.lin(x)
+
+
+class ShapeBranch(nn.Module):
+    """A branch on a shape, not on values: every input of the spec takes the same path."""
+
+    example_inputs = ["x:float32[batch,8]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.shape[-1] == 8:
+            return self.lin(x)
+        return self.lin(x[..., :8])

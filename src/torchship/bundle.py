@@ -18,6 +18,7 @@ from typing import Annotated, Any, Iterable
 import msgspec
 
 from .errors import BundleError
+from .flow import Branch, specialized
 from .machine import cores
 from .processing import Processing
 from .profile import Stats
@@ -58,6 +59,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     executes: str | None = None  # what loading runs beyond reading data (Python or native code), or None
     notes: tuple[str, ...] = ()  # what optimize noticed about the model as given (training mode, ...)
     processing: Processing | None = None  # raw input (text) to tensors, as data: the tokenizer's own files
+    control_flow: tuple[Branch, ...] = ()  # where the model branches on its values
+    specialized: bool = False  # the artifact keeps one path of that control flow (--allow-specialization)
     files: dict[str, Sha256] = {}
 
 
@@ -311,7 +314,8 @@ def manifest_for(result) -> Manifest:
                     max_batch_size=result.chosen_batch_size, budget=result.budget,
                     fidelity=c.fidelity, profile=c.profile, cold_start_s=c.cold_start_s,
                     artifact_bytes=c.artifact_bytes, machine=result.machine, executes=executes(c.artifact),
-                    notes=result.notes, processing=result.processing)
+                    notes=result.notes, processing=result.processing, control_flow=result.branches,
+                    specialized=bool(result.branches) and specialized(c))
 
 
 def info(manifest: Manifest) -> bytes:

@@ -149,6 +149,10 @@ def optimize(
     processing: bool = typer.Option(True, "--processing/--no-processing", help="package the text pipeline (the "
                                     "tokenizer) where the source has one, so the bundle and server take text; "
                                     "--no-processing: tensors only"),
+    allow_specialization: bool = typer.Option(False, "--allow-specialization", help="for a model that branches on its "
+                                              "values: let traced and exported variants (ONNX Runtime, OpenVINO, "
+                                              "AOTInductor) compete anyway, keeping the path of their example; the "
+                                              "manifest records it"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of a table"),
 ):
     """Build every applicable way of running the model, verify, time, choose, and package the best."""
@@ -161,6 +165,7 @@ def optimize(
                            runtimes=tuple(r.strip() for r in runtimes.split(",")) if runtimes else None,
                            threads=threads, timeout_s=timeout, train_epochs=train_epochs, time_budget_s=time_budget,
                            exhaustive=exhaustive, cache=cache, processing=processing,
+                           allow_specialization=allow_specialization,
                            transforms=() if transforms.strip() == "none" else tuple(t.strip() for t in transforms.split(",") if t.strip()))
     with progress_bar() as update:
         result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update,

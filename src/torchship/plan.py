@@ -38,7 +38,23 @@ PRUNE_LEVELS = (0.3, 0.5, 0.7)
 
 
 def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads: int | None = None,
-         transforms: tuple[str, ...] = ("int8", "bf16"), trainable: bool = False) -> list[VariantPlan]:
+         transforms: tuple[str, ...] = ("int8", "bf16"), trainable: bool = False,
+         allow_specialization: bool = False) -> list[VariantPlan]:
+    """Every variant to build; for a model that branches on its values (``model.branches``), the variants whose graph
+    keeps one path are skipped with the reason, and TorchScript scripts, unless ``allow_specialization``."""
+    out = _plan(model, device, runtimes, threads, transforms, trainable)
+    branches = getattr(model, "branches", ())
+    if not branches or allow_specialization:
+        return out
+    from .flow import SPECIALIZING, why_not
+    why = why_not(branches)
+    return [msgspec.structs.replace(v, options={**v.options, "skip": why}) if v.runtime in SPECIALIZING and not v.skip
+            else msgspec.structs.replace(v, options={**v.options, "script": True}) if v.runtime == "torchscript"
+            else v for v in out]
+
+
+def _plan(model, device: str, runtimes: list[str] | None, threads: int | None, transforms: tuple[str, ...],
+          trainable: bool) -> list[VariantPlan]:
     wanted = list(runtimes or RUNTIME_ORDER)
     unknown = [r for r in wanted if r not in RUNTIME_ORDER]
     if unknown:

@@ -181,6 +181,25 @@ def trace(model) -> Finding:
                    "which checks every trace and falls back to script")
 
 
+def control_flow(model) -> Finding:
+    """Where the forward branches on its values (found by dynamo), whether or not a trace of the sample inputs
+    happens to disagree: no sampling proves a rare branch is never taken."""
+    name = "control flow on the model's values"
+    from ..flow import find_branches
+    try:
+        branches = find_branches(model.module.eval(), _args(model, 2))
+    except Exception as exc:
+        return Finding(name, "n/a", f"does not apply: dynamo cannot capture the model ({str(exc).splitlines()[0][:120]})")
+    if not branches:
+        return Finding(name, "ok", "the forward takes the same path whatever its inputs' values (branches on shapes only)")
+    places = "; ".join(f"{b} ({b.reason})" for b in branches)
+    return Finding(name, "found", f"the forward branches on its values at {places}: a traced or exported graph (ONNX, "
+                   "OpenVINO, AOTInductor, TorchScript trace) keeps only the path its example took",
+                   "remove the branch, write it with torch.cond / torch.while_loop (which exports keep), or, if it never "
+                   "fires in production, accept the specialization (`torchship optimize --allow-specialization`); by "
+                   "default optimize keeps such a model to eager, torch.compile and TorchScript script")
+
+
 def checkpoint(path: str | None) -> Finding:
     name = "checkpoint that needs unpickling"
     if not path:
@@ -269,4 +288,5 @@ def check(source, inputs: list[str] | None = None, *, weights: str | None = None
     if model.module is None:
         raise UsageError("check needs a PyTorch module; an ONNX file has nothing of this kind to check")
     return [training_mode(model), autograd(model, measure), cudnn(model, device, measure), batching(model, measure),
-            threads(model, workers, measure), trace(model), checkpoint(weights), cuda_unused(model, device, measure)]
+            threads(model, workers, measure), trace(model), control_flow(model), checkpoint(weights),
+            cuda_unused(model, device, measure)]

@@ -58,6 +58,7 @@ class OptimizeOptions:
     exhaustive: bool = False  # build compressed variants even where their runtime is too far behind to win
     cache: bool = True  # reuse builds of the same model, weights, data and options (TORCHSHIP_CACHE/builds)
     processing: bool = True  # package the text pipeline (tokenizer.json) where the source has one, checked end to end
+    allow_specialization: bool = False  # a model that branches on its values: traced/exported variants compete anyway
 
     def __post_init__(self):
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
@@ -100,6 +101,7 @@ class OptimizeResult:
     noise: Noise | None = None  # how quiet the machine was while timing
     notes: tuple[str, ...] = ()  # what the user should know about the model as given (training mode, ...)
     wall_s: float | None = None  # how long the search took
+    branches: tuple = ()  # flow.Branch: where the model branches on its values
     processing: Any = None  # the bundle's raw-input processing (``processing.Processing``), checked end to end
     processing_files: tuple[tuple[Path, str], ...] = ()
     bundle: Path | None = None
@@ -118,7 +120,7 @@ class OptimizeResult:
         d = msgspec.to_builtins({k: getattr(self, k) for k in ("model", "variants", "chosen", "chosen_batch_size",
                                                                "machine", "message", "verification", "task", "dims",
                                                                "decision", "noise", "wall_s", "notes",
-                                                               "processing")}, enc_hook=str)
+                                                               "processing", "branches")}, enc_hook=str)
         d.update(bundle=str(self.bundle) if self.bundle else None, report=str(self.report) if self.report else None,
                  spec=msgspec.to_builtins(self.spec), budget=self.budget, ratios=ratios(self),
                  batch_sizes=list(self.options.batch_sizes), target_batch_size=self.options.target,
@@ -153,14 +155,16 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
                  calibration_data=calibration_data, warn=warn)
     if tokenizer is not None:
         model = with_tokenizer(model, Path(tokenizer))
+    say("looking for control flow on the model's values", 0, 1)
+    model = with_branches(model)
     train_data = checked_train_data(train_data, warn)
     variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms,
-                    trainable=train_data is not None)
+                    trainable=train_data is not None, allow_specialization=opts.allow_specialization)
     with Workspace(model, opts) as ws:
         results = build_each(variants, ws, say, train_data, student)
         say("selecting", len(variants), len(variants))
         result = choose(model, results, ws.pool, opts, ws.noise, time.monotonic() - started)
-        result = replace(result, notes=notes(model))
+        result = replace(result, notes=notes(model, result.chosen, opts), branches=model.branches)
         if out is not None and result.chosen is not None and opts.processing:
             say("checking the text pipeline end to end", len(variants), len(variants))
             result = with_processing(result, model, ws.root)
@@ -419,12 +423,45 @@ def build_each(variants: list[VariantPlan], ws: Workspace, say: Progress, train_
         search.close()
 
 
-def notes(model) -> tuple[str, ...]:
+def notes(model, chosen=None, opts: OptimizeOptions | None = None) -> tuple[str, ...]:
+    """What the user should know about the model as given, and about a choice that specializes it."""
+    from ..flow import describe, specialized
     out = []
     if model.was_training:
         out.append("the model was handed over in training mode (dropout and batch norm behave as in training); "
                    "torchship verifies, times and packages it in eval mode, as it should be served")
+    if model.branches:
+        allowed = opts is not None and opts.allow_specialization
+        out.append(f"the model branches on its values at {describe(model.branches)}: "
+                   + ("--allow-specialization: traced and exported variants competed anyway" if allowed else
+                      "traced and exported variants (ONNX Runtime, OpenVINO, AOTInductor, TorchScript trace) are not "
+                      "candidates, since their graph keeps only the path its example took; eager, torch.compile and "
+                      "TorchScript script keep the branch (--allow-specialization if it never fires in production)"))
+        if allowed and chosen is not None and specialized(chosen):
+            out.append(f"the bundle is SPECIALIZED: {chosen.name} keeps only the path its example took at "
+                       f"{describe(model.branches)}; inputs that take another path get another answer than the model's")
+    if model.branches_unknown:
+        out.append(f"control flow on the model's values could not be looked for ({model.branches_unknown}); a traced "
+                   "variant may keep only the path of its example")
     return tuple(out)
+
+
+def with_branches(model):
+    """``model`` with the places its forward branches on its values, found once by dynamo on a small example (a
+    .pt2 or ONNX source is a graph already: nothing to look for)."""
+    if model.module is None or model.file is not None:
+        return model
+    import torch
+
+    from ..flow import find_branches
+    from ..modules import to_torch
+    feeds = {k: v[:2] for k, v in model.eval_data.items()} if model.eval_data else model.spec.sample(2, model.dims)
+    try:
+        args = to_torch(feeds, model.spec.input_names)
+        return replace(model, branches=find_branches(model.module.eval(), args))
+    except Exception as exc:  # dynamo cannot capture this model: said, and the search goes on as before
+        torch._dynamo.reset()
+        return replace(model, branches_unknown=first_line(exc))
 
 
 def _derive(ws: Workspace, key: tuple, data, student):

@@ -63,12 +63,16 @@ def build(model, options, workdir):
         warnings.simplefilter("ignore")
         mode, scripted = None, None
         try:
-            traced = torch.jit.trace(module, example_args(model), check_trace=False, strict=False)
-            problem = disagreement(traced, module, checks)
-            if problem:
-                notes.append(f"trace {problem}: data-dependent control flow")
+            if options.get("script"):  # the model branches on its values: a trace would keep one path
+                notes.append("scripted: the model branches on its values (data-dependent control flow), which a trace "
+                             "would fix to one path")
             else:
-                mode, scripted = "trace", traced
+                traced = torch.jit.trace(module, example_args(model), check_trace=False, strict=False)
+                problem = disagreement(traced, module, checks)
+                if problem:
+                    notes.append(f"trace {problem}: data-dependent control flow")
+                else:
+                    mode, scripted = "trace", traced
         except Exception as exc:
             notes.append(f"trace failed: {str(exc).strip().splitlines()[0][:200]}")
         if scripted is None:
