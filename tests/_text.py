@@ -62,3 +62,45 @@ def st_bundle(st_dir, tmp_path_factory):
     result = optimize(st_dir, opts, out=out, name="st")
     assert result.bundle is not None, result.message
     return out
+
+
+def vit_dir(folder: Path, labels=("cat", "dog", "fox", "owl", "eel"), processor: str = "vit") -> Path:
+    """A small ViT image classifier with its image processor and labels: ViT's (resize to 32x32, rescale, normalize)
+    or CLIP's (shorter side to 32, center crop 32x32, bicubic, its own mean and std)."""
+    import torch
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.ViTConfig(image_size=32, patch_size=8, num_labels=len(labels), hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, id2label=dict(enumerate(labels)),
+                       label2id={n: i for i, n in enumerate(labels)})
+    tf.ViTForImageClassification(cfg).eval().save_pretrained(folder)
+    if processor == "clip":
+        tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    else:
+        tf.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                             image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
+
+
+def resnet_dir(folder: Path) -> Path:
+    """A small ResNet classifier with ConvNeXt's image processor (shorter side to 224 / 0.875, then a 224 crop), as
+    transformers' ResNet checkpoints have."""
+    import torch
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3,
+                          id2label={0: "red", 1: "green", 2: "blue"}, label2id={"red": 0, "green": 1, "blue": 2})
+    tf.ResNetForImageClassification(cfg).eval().save_pretrained(folder)
+    tf.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vit_bundle(tmp_path_factory):
+    """A bundle of the ViT classifier that takes images and answers with labels (eager and ONNX Runtime)."""
+    from torchship import OptimizeOptions, optimize
+    root = tmp_path_factory.mktemp("image")
+    opts = OptimizeOptions(runtimes=("eager", "onnxrt"), transforms=(), batch_sizes=(1, 4), seconds_per_size=0.02)
+    result = optimize(vit_dir(root / "vit"), opts, out=root / "vit-bundle", name="vit")
+    assert result.bundle is not None, result.message
+    return result.bundle

@@ -32,4 +32,4 @@ def digits_run(tmp_path_factory):
 
 
 from tests._server import digits_bundle, repository, server, slow_bundle  # noqa: E402,F401  (shared fixtures)
-from tests._text import st_bundle, st_dir  # noqa: E402,F401
+from tests._text import st_bundle, st_dir, vit_bundle  # noqa: E402,F401

@@ -331,23 +331,30 @@ class Loaded:
     manifest: Manifest
     spec: IOSpec
     runner: object
-    pipeline: Any = None  # processing.text.TextPipeline, where the bundle has one
+    pipeline: Any = None  # processing's TextPipeline or ImagePipeline, where the bundle has one
 
-    def __call__(self, feeds):
-        if isinstance(feeds, (str, list, tuple)):
-            return self.runner(self.encode([feeds] if isinstance(feeds, str) else list(feeds)))
-        return self.runner(feeds)
+    def __call__(self, feeds, top_k: int = 1):
+        """``{name: array}`` -> ``{name: array}`` for a whole batch; a bundle with processing also takes raw items
+        (a list of strings, or of images: encoded files' bytes or Pillow images). A classifier's answer has ``label``
+        and ``score`` (softmax) beside its logits, the ``top_k`` best of each item."""
+        if not isinstance(feeds, dict):
+            feeds = self.encode([feeds] if isinstance(feeds, (str, bytes)) else list(feeds))
+        outputs = self.runner(feeds)
+        labels = self.manifest.processing.labels if self.manifest.processing else None
+        if labels is None:
+            return outputs
+        from .processing.image import answer
+        return {**outputs, **answer(labels, outputs, top_k)}
 
-    def encode(self, texts: list[str]) -> dict:
-        """The model's input tensors for ``texts``."""
+    def encode(self, items: list) -> dict:
+        """The model's input tensors for raw ``items`` (texts or images), by the bundle's own pipeline."""
+        from .errors import UsageError
         if self.pipeline is None:
-            from .errors import UsageError
-            raise UsageError(f"bundle {self.manifest.name!r} has no text pipeline: give it {{name: array}} for "
+            raise UsageError(f"bundle {self.manifest.name!r} has no processing: give it {{name: array}} for "
                              f"{self.spec.input_names}")
-        if not all(isinstance(t, str) for t in texts):
-            from .errors import UsageError
+        if self.pipeline.kind == "text" and not all(isinstance(t, str) for t in items):
             raise UsageError("give text as a list of str")
-        return self.pipeline.encode(texts)
+        return self.pipeline.encode(items)
 
 
 def load(source: Path | Bundle, device: str | None = None, threads: int | None = None, spin: bool = True,

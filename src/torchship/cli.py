@@ -246,6 +246,8 @@ def serve(
     max_items: int = typer.Option(1024, help="most text items (strings) in one request to a bundle that takes text"),
     max_item_kb: float = typer.Option(64, help="largest text item in KB of UTF-8 (400 beyond; text over the model's "
                                       "length is truncated by the bundle's tokenizer)"),
+    max_image_mb: float = typer.Option(16, help="largest image item in MB (an encoded file; 400 beyond), besides "
+                                       "the pixel limit its bundle checks before decoding"),
     drain_timeout: float = typer.Option(30, help="seconds to finish queued requests after SIGTERM"),
     repository: Optional[Path] = typer.Option(None, help="model repository for the load/unload API"),
     admin_token_file: Optional[Path] = typer.Option(None, "--admin-token-file", help="file holding the token of the "
@@ -274,13 +276,14 @@ def serve(
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
     if max_body_mb <= 0 or max_json_mb <= 0:
         raise UsageError("--max-body-mb and --max-json-mb must be positive")
-    if max_items < 1 or max_item_kb <= 0:
-        raise UsageError(f"--max-items and --max-item-kb must be positive, got {max_items} and {max_item_kb}")
+    if max_items < 1 or max_item_kb <= 0 or max_image_mb <= 0:
+        raise UsageError(f"--max-items, --max-item-kb and --max-image-mb must be positive, got {max_items}, "
+                         f"{max_item_kb} and {max_image_mb}")
     from .serve.raw import RawLimits
     config = ServeConfig(batch=batch, max_batch_size=max_batch_size, max_body_bytes=int(max_body_mb * 2**20),
                          max_json_bytes=int(min(max_json_mb, max_body_mb) * 2**20), threads=threads, workers=workers,
                          repository=repository, admin_token=_admin_token(admin_token_file), trust_code=trust_code,
-                         verify_key=verify_key, raw=RawLimits(max_items, int(max_item_kb * 1024)))
+                         verify_key=verify_key, raw=RawLimits(max_items, int(max_item_kb * 1024), int(max_image_mb * 2**20)))
     if ray:
         if procs > 1:
             raise UsageError("--procs is for one machine; on Ray Serve, scale with --replicas")

@@ -26,7 +26,7 @@ def test_a_sentence_transformers_directory_becomes_a_bundle_that_takes_text(st_d
     assert p.text.tokenizer in m.manifest.files and p.text.output == "embedding"
     assert p.text.max_length == 40  # sentence-transformers' max_seq_length, saved as the tokenizer's length
     check = p.check
-    assert check.passed and check.tokens_equal and check.min_cosine >= 0.9999
+    assert check.passed and check.inputs_equal and check.min_cosine >= 0.9999
     assert check.reference.startswith("sentence-transformers")
     assert {"empty", "emoji", "cjk", "longer than the model takes", "mixed lengths in one batch"} <= set(check.cases)
     texts = ["the quick brown fox", "", "  ", "naïve café 🚀", "日本語", LONG_TEXT, "hello world"]
@@ -35,7 +35,7 @@ def test_a_sentence_transformers_directory_becomes_a_bundle_that_takes_text(st_d
     assert got.shape == want.shape and cosines(got, want).min() >= 0.9999
     np.testing.assert_allclose(m("hello world")["embedding"][0], got[-1], atol=1e-5)  # one string alone: one item
     report = (st_bundle / "report" / "report.md").read_text()
-    assert "Text pipeline" in report and "sentence-transformers" in report
+    assert "Raw input and answers" in report and "sentence-transformers" in report
 
 
 def test_without_normalize_the_embedding_is_not_normalized(tmp_path):
@@ -63,7 +63,7 @@ def test_no_processing_and_a_model_without_a_tokenizer_take_tensors_only(st_dir,
     opts = OptimizeOptions(runtimes=("eager",), transforms=(), batch_sizes=(1,), seconds_per_size=0.02, processing=False)
     m = load_bundle(optimize(st_dir, opts, out=tmp_path / "b").bundle)
     assert m.manifest.processing is None and "tokenizer.json" not in m.manifest.files
-    with pytest.raises(Exception, match="no text pipeline"):
+    with pytest.raises(Exception, match="has no processing"):
         m(["hello"])
 
 

@@ -516,32 +516,43 @@ def with_tokenizer(model, folder: Path):
 
 
 def with_processing(result: OptimizeResult, model, root: Path) -> OptimizeResult:
-    """The result with the bundle's text pipeline, where the model takes text: its record and files, and the check of
-    raw text through it and the chosen variant against the original library's pipeline. A pipeline that fails its
-    check is not packaged, and a note says why."""
-    from ..processing.build import check_text, text_processing
+    """The result with the bundle's processing, where the model has some: its text pipeline (record and files) or
+    image pipeline, checked end to end (raw input through it and the chosen variant against the original library's
+    pipeline), and a classifier's labels. A pipeline that fails its check is not packaged, and a note says why."""
+    from ..processing import Processing
+    from ..processing.build import check_image, check_text, image_processing, labels_of, text_processing
     from ..runtimes import LoadContext, get
-    c = result.chosen
+    c, notes = result.chosen, result.notes
     seq = (c.artifact.options.get("dim_ranges") or {}).get("seq")
-    made = text_processing(model, root / "processing", int(seq[1]) if seq else None)
-    if made is None or isinstance(made, str):
-        return replace(result, notes=result.notes + ((made,) if made else ()))
-    processing, files = made
+    made, files = text_processing(model, root / "processing", int(seq[1]) if seq else None), []
+    if made is None:
+        made = image_processing(model)
+    if isinstance(made, tuple):
+        made, files = made
+    if isinstance(made, str):
+        made, notes = None, notes + (made,)
+    labels = labels_of(model)
+    if made is None:
+        return replace(result, notes=notes, processing=Processing(labels=labels) if labels else None)
+    processing, kind = msgspec.structs.replace(made, labels=labels), "text" if made.text else "image"
     plain = not c.transforms and not c.artifact.options.get("precision") and not c.artifact.options.get("quantize")
     floor = max(result.budget.get("cosine", 0.999), 0.9999 if plain else 0.0)
     try:
         run = get(c.runtime).load(c.artifact, root / c.name, result.spec,
                                   LoadContext(result.options.device, result.options.threads, True, True))
-        check = check_text(model, processing, root / "processing", run, floor)
+        check = (check_text if kind == "text" else check_image)(model, processing, root / "processing", run, floor)
     except Exception as exc:
-        return replace(result, notes=result.notes + (f"text processing not packaged: its check failed to run "
-                                                     f"({first_line(exc)})",))
-    if not check.passed:
-        why = ("the tokenizer.json gave other tokens than the model's tokenizer" if not check.tokens_equal
-               else f"an item reached cosine {check.min_cosine:.6f} < {floor} against {check.reference}")
-        return replace(result, notes=result.notes + (f"text processing not packaged: {why}",))
-    processing = msgspec.structs.replace(processing, check=check)
-    return replace(result, processing=processing, processing_files=tuple(files))
+        check, why = None, f"its check failed to run ({first_line(exc)})"
+    else:
+        why = None if check.passed else (
+            f"the bundle's pipeline gave other model inputs than {check.reference}" if not check.inputs_equal
+            else f"another best label than {check.reference} on some item" if check.labels_equal is False
+            else f"an item reached cosine {check.min_cosine:.6f} < {floor} against {check.reference}")
+    if why is not None:
+        return replace(result, notes=notes + (f"{kind} processing not packaged: {why}",),
+                       processing=Processing(labels=labels) if labels else None)
+    return replace(result, notes=notes, processing=msgspec.structs.replace(processing, check=check),
+                   processing_files=tuple(files))
 
 
 def package(result: OptimizeResult, root: Path, out: Path) -> OptimizeResult:

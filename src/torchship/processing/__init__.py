@@ -13,15 +13,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .records import Processing, ProcessingCheck, TextProcessing
+from .records import ImageProcessing, Labels, Processing, ProcessingCheck, TextProcessing
 
 
 def pipeline(processing: Processing | None, folder: Path):
     """The raw-input pipeline of a bundle's ``processing`` (files read from ``folder``), or None without one."""
-    if processing is None or processing.text is None:
-        return None
-    from .text import TextPipeline
-    return TextPipeline(processing.text, Path(folder))
+    if processing is not None and processing.text is not None:
+        from .text import TextPipeline
+        return TextPipeline(processing.text, Path(folder))
+    if processing is not None and processing.image is not None:
+        from .image import ImagePipeline
+        return ImagePipeline(processing.image)
+    return None
 
 
-__all__ = ["Processing", "ProcessingCheck", "TextProcessing", "pipeline"]
+__all__ = ["ImageProcessing", "Labels", "Processing", "ProcessingCheck", "TextProcessing", "pipeline"]

@@ -7,7 +7,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from . import Processing, ProcessingCheck, TextProcessing, pipeline
+from . import ImageProcessing, Labels, Processing, ProcessingCheck, TextProcessing, pipeline
 
 Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
@@ -112,4 +112,103 @@ def check_text(model, processing: Processing, folder: Path, run: Runner, floor: 
         worst = max(worst, float(np.abs(g - w).max()))
     equal = mine == ids
     return ProcessingCheck(reference=reference, items=len(texts), cases=cases, min_cosine=round(min(cos), 7),
-                           max_abs_error=worst, tokens_equal=equal, passed=equal and min(cos) >= floor, floor=floor)
+                           max_abs_error=worst, inputs_equal=equal, passed=equal and min(cos) >= floor, floor=floor)
+
+
+def labels_of(model) -> Labels | None:
+    """A classifier's class names (``id2label``), for the output its logits are."""
+    names = model.class_names
+    if model.task != "classify" or not names or not model.spec.output_names:
+        return None
+    return Labels(output=model.spec.output_names[0], names=tuple(names))
+
+
+def image_processing(model) -> Processing | str | None:
+    """The image record of ``model`` from its image processor's declared steps, or why there is none (a line), or
+    None for a model that takes no images."""
+    proc = model.image_processor
+    if proc is None or "pixel_values" not in model.spec.input_names:
+        return None
+    d = proc.to_dict()
+    kind = d.get("image_processor_type", type(proc).__name__)
+    size = dict(d.get("size") or {})
+    crop = dict(d.get("crop_size") or {}) if d.get("do_center_crop") else {}
+    if d.get("do_pad") or size.get("longest_edge") or size.get("max_height") or (crop and not {"height", "width"} <= set(crop)):
+        return f"image processing not packaged: {kind}'s steps ({sorted(k for k in d if d[k])}) are not ones torchship runs"
+    mean, std = d.get("image_mean"), d.get("image_std")
+    record = ImageProcessing(
+        size=(int(size["height"]), int(size["width"])) if d.get("do_resize", True) and "height" in size else None,
+        shortest_edge=int(size["shortest_edge"]) if d.get("do_resize", True) and "shortest_edge" in size else None,
+        crop_pct=float(d["crop_pct"]) if d.get("crop_pct") is not None and "shortest_edge" in size else None,
+        crop=(int(crop["height"]), int(crop["width"])) if crop else None,
+        resample=int(d.get("resample", 2)),
+        rescale=float(d["rescale_factor"]) if d.get("do_rescale", True) and d.get("rescale_factor") else None,
+        mean=tuple(map(float, mean if isinstance(mean, (list, tuple)) else [mean] * 3)) if d.get("do_normalize") and mean is not None else None,
+        std=tuple(map(float, std if isinstance(std, (list, tuple)) else [std] * 3)) if d.get("do_normalize") and std is not None else None)
+    return Processing(image=record)
+
+
+def sample_images() -> tuple[list[bytes], tuple[str, ...]]:
+    """Images nobody tunes for, as encoded files: JPEG, PNG and WebP; square, wide and tall; grayscale, RGBA and
+    palette; one whose EXIF orientation says to turn it. Drawn here from a fixed seed."""
+    import io
+
+    from PIL import Image
+    rng = np.random.default_rng(0)
+
+    def picture(w: int, h: int) -> Image.Image:
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) * 127 // max(w + h - 2, 1)], -1)
+        noise = rng.integers(0, 40, (h, w, 3))
+        return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+    def save(image, fmt: str, **kw) -> bytes:
+        out = io.BytesIO()
+        image.save(out, fmt, **kw)
+        return out.getvalue()
+    rotated = picture(48, 24)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
+    cases = {
+        "JPEG 64x64 RGB": save(picture(64, 64), "JPEG", quality=90),
+        "PNG 80x40 wide": save(picture(80, 40), "PNG"),
+        "PNG 30x90 tall": save(picture(30, 90), "PNG"),
+        "PNG grayscale": save(picture(50, 50).convert("L"), "PNG"),
+        "PNG RGBA": save(picture(40, 40).convert("RGBA"), "PNG"),
+        "PNG palette": save(picture(36, 36).convert("P"), "PNG"),
+        "WebP 33x33": save(picture(33, 33), "WEBP", quality=90),
+        "JPEG with EXIF orientation 6": save(rotated, "JPEG", quality=90, exif=exif),
+        "JPEG 7x5 tiny": save(picture(7, 5), "JPEG", quality=90),
+    }
+    return list(cases.values()), tuple(cases)
+
+
+def check_image(model, processing: Processing, folder: Path, run: Runner, floor: float) -> ProcessingCheck:
+    """Image files through the bundle's pipeline (Pillow and numpy, then ``run``, the chosen variant) against
+    transformers' own (its ``load_image``: EXIF orientation and RGB, then the model's image processor, then the model
+    in eager fp32), item by item: pixel values, outputs, and the best label of a classifier."""
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers.image_utils import load_image
+    files, cases = sample_images()
+    feeds = pipeline(processing, folder).encode(files)
+    want_pixels = model.image_processor([load_image(Image.open(io.BytesIO(f))) for f in files],
+                                        return_tensors="np")["pixel_values"].astype(np.float32)
+    got_pixels = feeds[processing.image.tensor]
+    pixel_error = float(np.abs(got_pixels - want_pixels).max()) if got_pixels.shape == want_pixels.shape else float("inf")
+    names = model.spec.output_names
+    out = processing.labels.output if processing.labels else names[0]
+    got = np.asarray(run(feeds)[out], dtype=np.float64).reshape(len(files), -1)
+    with torch.inference_mode():
+        ref = model.module(torch.from_numpy(want_pixels))
+    want = ref[names.index(out)].float().numpy().astype(np.float64).reshape(len(files), -1)
+    cos = (got * want).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-30)
+    same_labels = bool((got.argmax(1) == want.argmax(1)).all()) if processing.labels else None
+    equal = pixel_error <= 1e-3
+    return ProcessingCheck(reference="transformers' load_image and image processor, then the model in eager fp32",
+                           items=len(files), cases=cases, min_cosine=round(float(cos.min()), 7),
+                           max_abs_error=float(np.abs(got - want).max()), inputs_equal=equal,
+                           max_input_error=pixel_error, labels_equal=same_labels, kind="image",
+                           passed=equal and float(cos.min()) >= floor and same_labels is not False, floor=floor)

@@ -33,15 +33,52 @@ class ProcessingCheck(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     cases: tuple[str, ...]  # the kinds of input checked (long, empty, non-ASCII, ...)
     min_cosine: float
     max_abs_error: float
-    tokens_equal: bool  # the bundle's tokenizer gave the reference tokenizer's ids on every item
+    inputs_equal: bool  # the bundle's pipeline gave the reference's model inputs: the same token ids, or pixels within 1e-3
+    max_input_error: float = 0.0  # the largest difference in those inputs (pixel values)
+    labels_equal: bool | None = None  # a classifier: the same best label on every item
     passed: bool
     floor: float  # the cosine each item had to reach
+    kind: str = "text"  # text or image
+
+
+
+
+class ImageProcessing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Image in: an encoded file's bytes (JPEG, PNG, WebP, ...), decoded with Pillow, turned upright by its EXIF
+    orientation, converted to RGB, then the model's image processor's steps (``preprocessor_config.json``) in numpy:
+    resize, center crop, rescale, normalize, channels first."""
+
+    input: Name = "image"  # the raw input's name (a BYTES tensor: one encoded image an item)
+    tensor: Name = "pixel_values"  # the model input it feeds
+    size: tuple[int, int] | None = None  # resize to (height, width)
+    shortest_edge: int | None = None  # or: the shorter side to this, keeping the aspect ratio
+    crop_pct: float | None = None  # ConvNeXt's way: shortest_edge / crop_pct, then a square center crop
+    crop: tuple[int, int] | None = None  # center crop to (height, width)
+    resample: int = 2  # Pillow's filter (2 bilinear, 3 bicubic)
+    rescale: float | None = None  # pixel values times this (1/255)
+    mean: tuple[float, ...] | None = None  # then (x - mean) / std per channel
+    std: tuple[float, ...] | None = None
+    max_pixels: Annotated[int, msgspec.Meta(ge=1)] = 50_000_000  # width x height, refused before decoding (decompression bombs)
+
+
+class Labels(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A classifier's answer in its own terms: the label of each class (``id2label``) and its softmax score."""
+
+    output: Name  # the logits these label
+    names: tuple[str, ...]
 
 
 class Processing(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     text: TextProcessing | None = None
+    image: ImageProcessing | None = None
+    labels: Labels | None = None
     check: ProcessingCheck | None = None
 
     @property
     def files(self) -> tuple[str, ...]:
         return (self.text.tokenizer,) if self.text else ()
+
+    @property
+    def raw(self) -> str | None:
+        """The raw input's name (text or image), if the bundle takes one."""
+        return self.text.input if self.text else self.image.input if self.image else None

@@ -15,6 +15,8 @@ from .records import TextProcessing
 
 
 class TextPipeline:
+    kind = "text"
+
     def __init__(self, record: TextProcessing, folder: Path):
         try:
             from tokenizers import Tokenizer
@@ -79,9 +81,9 @@ class TextPipeline:
             feeds[r.type_ids] = t
         return feeds
 
-    @staticmethod
-    def tokens(feeds: dict[str, np.ndarray], mask: str | None) -> int:
+    def tokens(self, feeds: dict[str, np.ndarray]) -> int:
         """How many real tokens ``feeds`` hold (padding not counted)."""
+        mask = self.record.mask
         if mask and mask in feeds:
             return int(feeds[mask].sum())
-        return int(next(iter(feeds.values())).size)
+        return int(feeds[self.record.ids].size)

@@ -139,20 +139,35 @@ def markdown(result) -> str:
 
 
 def text_pipeline(result) -> list[str]:
-    """The bundle's text pipeline and its end-to-end check, where it has one."""
+    """The bundle's processing (text or images in, labels out) and its end-to-end check, where it has some."""
     p = result.processing
-    if p is None or p.text is None:
+    if p is None:
         return []
-    t, c = p.text, p.check
-    lines = ["## Text pipeline", "",
-             f"The bundle takes text (input `{t.input}`, one string an item) through its own `{t.tokenizer}` (Hugging "
-             f"Face tokenizers), {'truncated' if t.truncate else 'refused'} past {t.max_length} tokens and padded to the "
-             f"longest of each batch; the answer is `{t.output or 'every output'}`."]
+    lines = ["## Raw input and answers", ""]
+    if p.text is not None:
+        t = p.text
+        lines.append(f"The bundle takes text (input `{t.input}`, one string an item) through its own `{t.tokenizer}` "
+                     f"(Hugging Face tokenizers), {'truncated' if t.truncate else 'refused'} past {t.max_length} tokens "
+                     f"and padded to the longest of each batch; the answer is `{t.output or 'every output'}`.")
+    if p.image is not None:
+        i = p.image
+        steps = [f"resize to {i.size[0]}x{i.size[1]}" if i.size else f"shorter side to {i.shortest_edge}" if i.shortest_edge
+                 else "", f"center crop {i.crop[0]}x{i.crop[1]}" if i.crop else "", f"rescale x{i.rescale:.6g}" if i.rescale
+                 else "", "normalize" if i.mean else ""]
+        lines.append(f"The bundle takes images (input `{i.input}`, one encoded file an item: JPEG, PNG, WebP...): "
+                     f"decoded with Pillow, turned upright by EXIF, RGB, then {', '.join(x for x in steps if x)}.")
+    if p.labels is not None:
+        lines.append(f"Answers carry `label` and `score` (softmax of `{p.labels.output}`) over {len(p.labels.names)} "
+                     "classes; `top_k` on request.")
+    c = p.check
     if c is not None:
-        lines += ["", f"Checked end to end against {c.reference} on {c.items} texts in one batch ({', '.join(c.cases)}): "
-                      f"{'the same tokens' if c.tokens_equal else 'OTHER TOKENS'} on every item, cosine at least "
-                      f"{c.min_cosine:.7f} (floor {c.floor}), largest difference {c.max_abs_error:.2g}: "
-                      + ("passed." if c.passed else "FAILED.")]
+        same = (("the same tokens" if c.kind == "text" else f"pixel values within {c.max_input_error:.2g}")
+                if c.inputs_equal else "OTHER MODEL INPUTS")
+        lines += ["", f"Checked end to end against {c.reference} on {c.items} items in one batch ({', '.join(c.cases)}): "
+                      f"{same} on every item, cosine at least {c.min_cosine:.7f} (floor {c.floor}), largest difference "
+                      f"{c.max_abs_error:.2g}" + ("" if c.labels_equal is None else
+                                                   ", the same best label" if c.labels_equal else ", OTHER LABELS")
+                      + (": passed." if c.passed else ": FAILED.")]
     return lines + [""]
 
 

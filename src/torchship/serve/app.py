@@ -29,6 +29,7 @@ from ..bundle import Bundle
 from ..errors import (BadRequest, Busy, Disconnected, LengthRequired, ModelFailed, NotFound, QueueFull, ServeError,
                       ShuttingDown, SpecError, TooLarge, TorchshipError, Unavailable)
 from .batcher import BatchConfig
+from ..processing.image import answer
 from .metrics import Metrics
 from . import protocol
 from .protocol import HEADER, check_feeds, encode_outputs, metadata
@@ -216,6 +217,8 @@ class Server:
             queued = True  # the batcher's queue holds it from here (submit queues it before its first await)
             e.metrics.queue_depth.set(e.batcher.depth + 1)
             e, outputs = await self.run(e, name, version, d.feeds, d.deadline)
+            if e.labels is not None:  # a classifier answers in its terms too: its labels and their scores
+                outputs = {**outputs, **answer(e.labels, outputs, d.top_k)}
         except ServeError:
             raise
         except Exception as exc:
@@ -227,27 +230,30 @@ class Server:
         return e, d, outputs
 
     async def process(self, e: Entry, d: Decoded) -> dict:
-        """Raw text (or token arrays) as the model's tensors, by the bundle's own pipeline: on the event loop for a
-        few short items, else on a thread (the tokenizer lets the GIL go); counted in /metrics."""
+        """Raw items (text, images, token arrays) as the model's tensors, by the bundle's own pipeline: text on the
+        event loop for a few short items, else on a thread (the tokenizer lets the GIL go; images are always decoded
+        there); counted in /metrics."""
         pipe = e.pipeline
-        if pipe is None:
-            raise BadRequest(f"model {e.name!r} takes tensors {e.spec.input_names}, not text (its bundle has no text "
-                             "pipeline: optimize it from a source with a tokenizer, or give --tokenizer)")
+        if pipe is None or (d.ids is not None and pipe.kind != "text"):
+            raise BadRequest(f"model {e.name!r} takes tensors {e.spec.input_names}, not "
+                             f"{'token arrays' if pipe else 'raw input'} (its bundle has no "
+                             f"{'tokenizer' if pipe else 'processing'}: optimize it from a source that has one, or "
+                             "give --tokenizer)")
         started = time.perf_counter()
 
         def work() -> dict:
             try:
-                feeds = pipe.encode(d.texts) if d.texts is not None else pipe.from_ids(d.ids)
+                feeds = pipe.encode(d.items) if d.items is not None else pipe.from_ids(d.ids)
             except SpecError as exc:
                 raise BadRequest(str(exc)) from None
             check_feeds(feeds, e.spec)
             return feeds
-        items = d.texts if d.texts is not None else d.ids
-        if len(items) > 8 or sum(map(len, items)) > 2048:
+        items = d.items if d.items is not None else d.ids
+        if pipe.kind == "image" or len(items) > 8 or sum(map(len, items)) > 2048:
             feeds = await asyncio.get_running_loop().run_in_executor(None, work)
         else:
             feeds = work()
-        e.metrics.processed(pipe.tokens(feeds, pipe.record.mask), time.perf_counter() - started)
+        e.metrics.processed(pipe.tokens(feeds), time.perf_counter() - started)
         return feeds
 
     async def run(self, e: Entry, name: str, version: str | None, feeds, deadline: float | None):
@@ -384,7 +390,7 @@ async def infer(server: Server, name: str, version: str | None, headers: dict[by
         nonlocal size
         size, head = body_size(headers, server.config)
         body = await read_body(receive, size)
-        args = (body, head, e.spec, e.text, server.config.raw)
+        args = (body, head, e.spec, e.raw, server.config.raw, e.labels is not None)
         if (len(body) if head is None else int(head)) > OFF_LOOP_BYTES:
             return await asyncio.get_running_loop().run_in_executor(None, protocol.decode, *args)
         return protocol.decode(*args)
@@ -454,7 +460,8 @@ def create_app(paths: list[Path], config: ServeConfig | None = None, opened: lis
         except NotFound as exc:
             return error(404, str(exc))
         versions = sorted(server.models[e.name])
-        return JSONResponse(metadata(e.name, versions, f"torchship_{e.manifest.runtime}", e.spec, e.text))
+        return JSONResponse(metadata(e.name, versions, f"torchship_{e.manifest.runtime}", e.spec, e.raw,
+                                     e.labels is not None))
 
     async def model_ready(request):
         try:

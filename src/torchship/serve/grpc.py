@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import BadRequest, MissingExtra, NotFound, ServeError, Unavailable, UsageError
 from .protocol import TO_NUMPY, check_feeds, check_outputs, datatype
-from .raw import Decoded, RawLimits, split_bytes, texts
+from .raw import Decoded, RawInput, RawLimits, items, serialize_bytes, split_bytes
 
 try:
     import grpc
@@ -34,27 +34,29 @@ CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT8": "int_conte
             "UINT32": "uint_contents", "UINT64": "uint64_contents", "BOOL": "bool_contents"}
 
 
-def decode(request, spec, text: str | None = None, limits: RawLimits = RawLimits()) -> tuple[dict, list[str] | None]:
+def decode(request, spec, raw_input: RawInput | None = None, limits: RawLimits = RawLimits(),
+           labels: bool = False) -> tuple[dict, list | None]:
     """The request's inputs as arrays, checked like an HTTP request's (names, datatypes, shapes, sizes, values); and
-    its raw text, where the model takes text (``text`` names that input): BYTES in ``bytes_contents`` or raw."""
+    its raw items, where the bundle takes ``raw_input``: BYTES in ``bytes_contents`` or raw."""
     expected = spec.by_name
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise BadRequest(f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs")
     feeds, found = {}, None
     for i, inp in enumerate(request.inputs):
-        if inp.name == text:
+        if raw_input is not None and inp.name == raw_input.name:
             if found is not None:
                 raise BadRequest(f"input {inp.name!r} is given twice")
             if inp.datatype != "BYTES":
-                raise BadRequest(f"input {inp.name!r} is text: its datatype is BYTES (one string an item), not "
-                                 f"{inp.datatype}")
+                raise BadRequest(f"input {inp.name!r} is {raw_input.kind}: its datatype is BYTES (one "
+                                 f"{raw_input.kind} an item), not {inp.datatype}")
             count = math.prod(max(0, d) for d in inp.shape)
             values = split_bytes(raw[i], count, inp.name) if raw else list(inp.contents.bytes_contents)
-            found = texts(values, count, inp.name, limits)
+            found = items(values, count, raw_input, limits)
             continue
         if inp.name not in expected:
-            raise BadRequest(f"unknown input {inp.name!r}; the model takes {([text] if text else []) + list(expected)}")
+            names = ([raw_input.name] if raw_input else []) + list(expected)
+            raise BadRequest(f"unknown input {inp.name!r}; the model takes {names}")
         if inp.name in feeds:
             raise BadRequest(f"input {inp.name!r} is given twice")
         t = expected[inp.name]
@@ -81,11 +83,22 @@ def decode(request, spec, text: str | None = None, limits: RawLimits = RawLimits
                 raise BadRequest(f"input {inp.name!r}: data is not {inp.datatype}: {str(exc)[:160]}") from None
         feeds[inp.name] = array
     if found is not None and feeds:
-        raise BadRequest(f"give either the text input {text!r} or the tensors {list(feeds)}, not both")
+        raise BadRequest(f"give either the raw input {raw_input.name!r} or the tensors {list(feeds)}, not both")
     if found is None:
         check_feeds(feeds, spec)
-    check_outputs(request, spec.output_names)
+    check_outputs(request, spec.output_names + (["label", "score"] if labels else []))
     return feeds, found
+
+
+def top_k(request) -> int:
+    """The request's 'top_k' parameter (how many labels a classifier answers with), 1 without one."""
+    if "top_k" not in request.parameters:
+        return 1
+    p = request.parameters["top_k"]
+    k = p.int64_param or p.uint64_param
+    if not 1 <= k <= 1000:
+        raise BadRequest(f"parameter 'top_k' must be an integer from 1 to 1000, got {k}")
+    return k
 
 
 def deadline_s(request, context) -> float | None:
@@ -106,8 +119,9 @@ def encode(request, outputs: dict[str, np.ndarray], model: str, version: str):
     names = [o.name for o in request.outputs] or list(outputs)
     for n in names:
         a = np.ascontiguousarray(outputs[n])
-        response.outputs.add(name=n, datatype=datatype(a.dtype), shape=list(a.shape))
-        response.raw_output_contents.append(a.tobytes())
+        strings = a.dtype == object  # BYTES: a classifier's labels
+        response.outputs.add(name=n, datatype="BYTES" if strings else datatype(a.dtype), shape=list(a.shape))
+        response.raw_output_contents.append(serialize_bytes(a) if strings else a.tobytes())
     return response
 
 
@@ -143,7 +157,8 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             e = self.server.find(request.name, request.version or None)
         except NotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        m = metadata(e.name, sorted(self.server.models[e.name]), f"torchship_{e.manifest.runtime}", e.spec, e.text)
+        m = metadata(e.name, sorted(self.server.models[e.name]), f"torchship_{e.manifest.runtime}", e.spec, e.raw,
+                     e.labels is not None)
 
         def tensors(ts):
             return [pb.ModelMetadataResponse.TensorMetadata(**t) for t in ts]
@@ -166,8 +181,9 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
             return await self._fail(context, e, exc)
 
         async def decoded(e) -> Decoded:
-            feeds, found = decode(request, e.spec, e.text, s.config.raw)
-            return Decoded(request, None if found is not None else feeds, found, deadline=deadline_s(request, context))
+            feeds, found = decode(request, e.spec, e.raw, s.config.raw, e.labels is not None)
+            return Decoded(request, None if found is not None else feeds, found, deadline=deadline_s(request, context),
+                           top_k=top_k(request))
         try:
             e, _, outputs = await s.submit(e, name, version, decoded)
         except ServeError as exc:

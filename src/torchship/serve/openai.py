@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from ..errors import BadRequest, NotFound, ServeError
-from .raw import Decoded, texts
+from .raw import Decoded, RawInput, items
 
 _INPUTS = (msgspec.json.Decoder(str), msgspec.json.Decoder(list[str]), msgspec.json.Decoder(list[list[int]]),
            msgspec.json.Decoder(list[int]))
@@ -39,8 +39,8 @@ def error(status: int, message: str, headers: dict | None = None, param: str | N
 
 
 def parse(body: bytes, limits) -> tuple[EmbeddingsRequest, list[str] | None, list[list[int]] | None]:
-    """The request, and its input as texts or as token arrays (a string alone is one text, a flat list of integers one
-    token array)."""
+    """The request, and its input as strings (texts, or images in base64) or as token arrays (a string alone is one
+    item, a flat list of integers one token array)."""
     try:
         req = _REQUEST.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -53,10 +53,11 @@ def parse(body: bytes, limits) -> tuple[EmbeddingsRequest, list[str] | None, lis
             value = decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             continue
-        if i == 0:
-            return req, texts([value], 1, "input", limits), None
-        if i == 1:
-            return req, texts(value, len(value), "input", limits), None
+        if i in (0, 1):
+            values = [value] if i == 0 else value
+            if not values:
+                raise BadRequest("input 'input': no text given (an empty list)")
+            return req, values, None
         ids = value if i == 2 else [value]
         if not ids:
             raise BadRequest("input 'input': an empty list")
@@ -67,7 +68,8 @@ def parse(body: bytes, limits) -> tuple[EmbeddingsRequest, list[str] | None, lis
 
 
 def answer(req: EmbeddingsRequest, outputs: dict, name: str, output: str | None, tokens: int):
-    """OpenAI's embeddings answer from the model's outputs."""
+    """OpenAI's embeddings answer from the model's outputs (``output``: the one that is the embedding, if known)."""
+    outputs = {k: v for k, v in outputs.items() if k not in ("label", "score")}
     if output is None:
         if len(outputs) != 1:
             raise BadRequest(f"model {name!r} gives {list(outputs)}, not one embedding: use the Open Inference Protocol")
@@ -89,7 +91,7 @@ async def embeddings(server, read: Callable[[], Awaitable[bytes]]):
     """POST /v1/embeddings: ``read`` the body (within the server's limits) and parse it (the model's name is inside
     it), admit, then the one request path; the answer in OpenAI's shape."""
     try:
-        req, items, ids = parse(await read(), server.config.raw)
+        req, strings, ids = parse(await read(), server.config.raw)
     except ServeError as exc:
         server.count(None, exc)
         return error(exc.status, str(exc), exc.headers)
@@ -98,18 +100,24 @@ async def embeddings(server, read: Callable[[], Awaitable[bytes]]):
     except NotFound as exc:
         server.count(None, exc)
         return error(404, str(exc), param="model")
+    if e.labels is not None:
+        exc = BadRequest(f"model {e.name!r} is a classifier: ask it through the Open Inference Protocol's infer "
+                         f"(/v2/models/{e.name}/infer), whose answer carries label and score")
+        server.count(e, exc)
+        return error(400, str(exc), param="model")
     refused = server.refusal(e)
     if refused is not None:
         server.count(e, refused)
         return error(refused.status, str(refused), refused.headers)
 
     async def decode(e) -> Decoded:
-        return Decoded(req, texts=items, ids=ids)
+        if strings is None:
+            return Decoded(req, ids=ids)
+        kind = e.raw.kind if e.raw is not None else "text"  # an image model takes base64 images
+        return Decoded(req, items=items(strings, len(strings), RawInput("input", kind), server.config.raw))
     try:
         e, d, outputs = await server.submit(e, req.model, None, decode)
-        mask = e.pipeline.record.mask if e.pipeline else None
-        result = answer(req, outputs, e.name, e.pipeline.record.output if e.pipeline else None,
-                        e.pipeline.tokens(d.feeds, mask) if e.pipeline else 0)
+        result = answer(req, outputs, e.name, e.embedding, e.pipeline.tokens(d.feeds) if e.pipeline else 0)
     except ServeError as exc:
         server.count(e, exc)
         return error(exc.status, str(exc), exc.headers)

@@ -15,7 +15,7 @@ import orjson
 
 from ..errors import BadRequest, SpecError
 from ..spec import IOSpec
-from .raw import Decoded, RawLimits, json_strings, split_bytes, texts
+from .raw import Decoded, RawInput, RawLimits, items, json_strings, serialize_bytes, split_bytes
 
 TO_NUMPY = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "INT64": "int64", "INT32": "int32",
             "INT16": "int16", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
@@ -59,15 +59,17 @@ def datatype(dtype: "str | np.dtype") -> str:
     return found or FROM_NUMPY.get(str(dtype), "FP32")
 
 
-def metadata(name: str, versions: list[str], platform: str, spec: IOSpec, text: str | None = None) -> dict:
-    """The model's metadata; ``text``: the raw text input the bundle also takes (a BYTES tensor, one string an item),
-    listed first: a client sends it or the tensors."""
+def metadata(name: str, versions: list[str], platform: str, spec: IOSpec, raw: RawInput | None = None,
+             labels: bool = False) -> dict:
+    """The model's metadata; ``raw``: the raw input the bundle also takes (a BYTES tensor, one string or encoded image
+    an item), listed first: a client sends it or the tensors; ``labels``: a classifier's answer in its terms too."""
     def tensors(ts):
         return [{"name": t.name, "datatype": datatype(t.dtype), "shape": [d if isinstance(d, int) else -1 for d in t.shape]}
                 for t in ts]
-    raw = [{"name": text, "datatype": "BYTES", "shape": [-1]}] if text else []
+    first = [{"name": raw.name, "datatype": "BYTES", "shape": [-1]}] if raw else []
+    named = [{"name": "label", "datatype": "BYTES", "shape": [-1]}, {"name": "score", "datatype": "FP32", "shape": [-1]}]
     return {"name": name, "versions": versions, "platform": platform,
-            "inputs": raw + tensors(spec.inputs), "outputs": tensors(spec.outputs)}
+            "inputs": first + tensors(spec.inputs), "outputs": tensors(spec.outputs) + (named if labels else [])}
 
 
 def _bool(params: dict | None, key: str, where: str, default: bool = False) -> bool:
@@ -174,19 +176,19 @@ def _nested(inp: InputTensor, raw: bytes, dtype: np.dtype, count: int) -> np.nda
     return array
 
 
-def decode_inputs(request: InferRequest, binary: bytes, spec: IOSpec, text: str | None = None,
-                  limits: RawLimits = RawLimits()) -> tuple[dict[str, np.ndarray], list[str] | None]:
-    """Turn the request's inputs into arrays, checking names, datatypes, shapes and lengths; and the raw text, where
-    the model takes text (``text`` names that input) and the request gives it."""
+def decode_inputs(request: InferRequest, binary: bytes, spec: IOSpec, raw: RawInput | None = None,
+                  limits: RawLimits = RawLimits()) -> tuple[dict[str, np.ndarray], list | None]:
+    """Turn the request's inputs into arrays, checking names, datatypes, shapes and lengths; and the raw items, where
+    the bundle takes raw input (``raw``) and the request gives it."""
     feeds, offset, found = {}, 0, None
     expected = spec.by_name
     for inp in request.inputs:
         name, dt = inp.name, inp.datatype
-        if name == text:
-            found, offset = _text(inp, binary, offset, found, limits)
+        if raw is not None and name == raw.name:
+            found, offset = _raw(inp, binary, offset, found, raw, limits)
             continue
         if name not in expected:
-            raise BadRequest(f"unknown input {name!r}; the model takes {([text] if text else []) + list(expected)}")
+            raise BadRequest(f"unknown input {name!r}; the model takes {([raw.name] if raw else []) + list(expected)}")
         if name in feeds:
             raise BadRequest(f"input {name!r} is given twice")
         t = expected[name]
@@ -210,16 +212,17 @@ def decode_inputs(request: InferRequest, binary: bytes, spec: IOSpec, text: str 
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
     if found is not None and feeds:
-        raise BadRequest(f"give either the text input {text!r} or the tensors {list(feeds)}, not both")
+        raise BadRequest(f"give either the raw input {raw.name!r} or the tensors {list(feeds)}, not both")
     return feeds, found
 
 
-def _text(inp: InputTensor, binary: bytes, offset: int, found, limits: RawLimits) -> tuple[list[str], int]:
-    """A BYTES input of text: JSON strings, or Triton's binary form in the body's binary part."""
+def _raw(inp: InputTensor, binary: bytes, offset: int, found, raw: RawInput, limits: RawLimits) -> tuple[list, int]:
+    """A BYTES input of raw items: JSON strings, or Triton's binary form in the body's binary part."""
     if found is not None:
         raise BadRequest(f"input {inp.name!r} is given twice")
     if inp.datatype != "BYTES":
-        raise BadRequest(f"input {inp.name!r} is text: its datatype is BYTES (one string an item), not {inp.datatype}")
+        raise BadRequest(f"input {inp.name!r} is {raw.kind}: its datatype is BYTES (one {raw.kind} an item), not "
+                         f"{inp.datatype}")
     count = math.prod(inp.shape)
     size = (inp.parameters or {}).get("binary_data_size")
     if size is not None:
@@ -232,7 +235,7 @@ def _text(inp: InputTensor, binary: bytes, offset: int, found, limits: RawLimits
         if not bytes(inp.data):
             raise BadRequest(f"input {inp.name!r} has neither 'data' nor binary_data_size")
         values = json_strings(bytes(inp.data), inp.name)
-    return texts(values, count, inp.name, limits), offset
+    return items(values, count, raw, limits), offset
 
 
 def check_outputs(request, names: list[str]) -> None:
@@ -254,13 +257,15 @@ def encode_outputs(request: InferRequest, outputs: Mapping[str, np.ndarray], mod
     result, chunks = [], []
     for n in names:
         a = np.ascontiguousarray(outputs[n])
-        entry: dict[str, Any] = {"name": n, "datatype": datatype(a.dtype), "shape": list(a.shape)}
+        strings = a.dtype == object  # BYTES: a classifier's labels
+        entry: dict[str, Any] = {"name": n, "datatype": "BYTES" if strings else datatype(a.dtype), "shape": list(a.shape)}
         if per.get(n, default_binary):
-            raw = a.tobytes()
+            raw = serialize_bytes(a) if strings else a.tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = a.reshape(-1) if a.dtype != np.float16 else a.reshape(-1).astype(np.float32)
+            entry["data"] = (a.reshape(-1).tolist() if strings else a.reshape(-1) if a.dtype != np.float16
+                             else a.reshape(-1).astype(np.float32))
         result.append(entry)
     body = {"model_name": model, "model_version": version, "outputs": result}
     if request.id is not None:
@@ -277,17 +282,26 @@ def decode_request(body: bytes, header_length: str | None, spec: IOSpec) -> tupl
     return d.request, d.feeds
 
 
-def decode(body: bytes, header_length: str | None, spec: IOSpec, text: str | None = None,
-           limits: RawLimits = RawLimits()) -> Decoded:
+def decode(body: bytes, header_length: str | None, spec: IOSpec, raw: RawInput | None = None,
+           limits: RawLimits = RawLimits(), labels: bool = False) -> Decoded:
     """The whole check of one infer request against a model, before it is queued: structure, parameters, inputs
-    (names, datatypes, shapes, values; or the raw text, where ``text`` names the model's text input), requested
-    outputs. Everything wrong in it is a ``BadRequest``."""
+    (names, datatypes, shapes, values; or the raw items, where the bundle takes ``raw`` input), requested outputs
+    (``label`` and ``score`` too for a classifier with ``labels``). Everything wrong in it is a ``BadRequest``."""
     request, binary = split_body(body, header_length)
-    feeds, found = decode_inputs(request, binary, spec, text, limits)
+    feeds, found = decode_inputs(request, binary, spec, raw, limits)
     if found is None:
         check_feeds(feeds, spec)
-    check_outputs(request, spec.output_names)
-    return Decoded(request, None if found is not None else feeds, found, deadline=timeout_s(request))
+    check_outputs(request, spec.output_names + (["label", "score"] if labels else []))
+    return Decoded(request, None if found is not None else feeds, found, deadline=timeout_s(request),
+                   top_k=top_k(request.parameters))
+
+
+def top_k(parameters: dict | None) -> int:
+    """The request's 'top_k' parameter: how many labels (and scores) a classifier answers with, best first."""
+    k = (parameters or {}).get("top_k", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+        raise BadRequest(f"parameter 'top_k' must be an integer from 1 to 1000, got {k!r}")
+    return k
 
 
 def check_feeds(feeds: dict[str, np.ndarray], spec: IOSpec) -> None:

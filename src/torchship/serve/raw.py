@@ -1,14 +1,18 @@
-"""Raw input over the protocol: BYTES tensors of text, turned into the model's tensors by the bundle's pipeline.
+"""Raw input over the protocol: BYTES tensors of text or images, turned into the model's tensors by the bundle's
+pipeline.
 
 An element of a BYTES tensor is a JSON string, or, in the binary tensor extension and gRPC's raw contents, Triton's
-form: a 4-byte little-endian length, then that many bytes. Text must be UTF-8; each item and the item count have a
-limit, so that no request makes the server tokenize more than it was sized for.
+form: a 4-byte little-endian length, then that many bytes. Text must be UTF-8; an image is its encoded file (in JSON, a
+base64 string). Each item and the item count have a limit, so that no request makes the server tokenize or decode
+more than it was sized for.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import struct
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import msgspec
 
@@ -20,19 +24,30 @@ _NESTED = msgspec.json.Decoder(list[list[str]])
 
 @dataclass(frozen=True)
 class RawLimits:
-    max_items: int = 1024  # items (strings) in one request
+    max_items: int = 1024  # items (strings or images) in one request
     max_item_bytes: int = 64 * 1024  # bytes of one string (UTF-8)
+    max_image_bytes: int = 16 * 2**20  # bytes of one encoded image
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """The raw input a bundle takes: its name, and whether it is text or images."""
+
+    name: str
+    kind: Literal["text", "image"]
 
 
 @dataclass
 class Decoded:
-    """One request as its wire decoded it: tensors given directly, or raw text, or token arrays (OpenAI)."""
+    """One request as its wire decoded it: tensors given directly, or raw items (texts or encoded images), or token
+    arrays (OpenAI); ``top_k``: how many labels a classifier answers with."""
 
     request: Any  # the wire's own request record (what its answer is encoded from)
     feeds: dict | None = None
-    texts: list[str] | None = None
+    items: list | None = None
     ids: list[list[int]] | None = None
     deadline: float | None = None
+    top_k: int = 1
 
 
 def split_bytes(raw: bytes | memoryview, count: int, name: str) -> list[bytes]:
@@ -54,6 +69,16 @@ def split_bytes(raw: bytes | memoryview, count: int, name: str) -> list[bytes]:
     return out
 
 
+def serialize_bytes(a) -> bytes:
+    """A BYTES tensor (an object array of str or bytes) in Triton's binary form: each element's 4-byte little-endian
+    length, then its bytes (str as UTF-8)."""
+    parts = []
+    for v in a.reshape(-1):
+        b = v.encode() if isinstance(v, str) else bytes(v)
+        parts += [struct.pack("<I", len(b)), b]
+    return b"".join(parts)
+
+
 def json_strings(data: bytes, name: str) -> list[str]:
     """A BYTES tensor's JSON data: a list of strings (or a list of lists of strings, flattened)."""
     try:
@@ -68,15 +93,37 @@ def json_strings(data: bytes, name: str) -> list[str]:
         raise BadRequest(f"input {name!r}: BYTES data must be a list of strings") from None
 
 
-def texts(values: Sequence[bytes | str], count: int, name: str, limits: RawLimits) -> list[str]:
-    """The items as text, checked: as many as the shape says, within the limits, UTF-8."""
+def items(values: Sequence[bytes | str], count: int, raw: RawInput, limits: RawLimits) -> list:
+    """The items checked (as many as the shape says, within the limits): text as str (UTF-8), images as bytes (a
+    JSON string is base64)."""
+    name = raw.name
     if len(values) != count:
         raise BadRequest(f"input {name!r}: {len(values)} strings do not fill its shape ({count} items)")
     if count == 0:
-        raise BadRequest(f"input {name!r}: no text given (shape with no items)")
+        raise BadRequest(f"input {name!r}: no {raw.kind} given (shape with no items)")
     if count > limits.max_items:
         raise BadRequest(f"input {name!r}: {count} items, over the limit of {limits.max_items} a request "
                          "(--max-items): send them in several requests")
+    if raw.kind == "image":
+        return [_image(v, i, name, limits) for i, v in enumerate(values)]
+    return texts(values, name, limits)
+
+
+def _image(v: bytes | str, i: int, name: str, limits: RawLimits) -> bytes:
+    if isinstance(v, str):
+        try:
+            v = base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"input {name!r}: item {i} is not base64 (in JSON, an image is its file's bytes in "
+                             "base64; or send them as binary data)") from None
+    if len(v) > limits.max_image_bytes:
+        raise BadRequest(f"input {name!r}: item {i} has {len(v):,} bytes, over the limit of {limits.max_image_bytes:,} "
+                         "(--max-image-mb)")
+    return v
+
+
+def texts(values: Sequence[bytes | str], name: str, limits: RawLimits) -> list[str]:
+    """The items as text: each within the byte limit, UTF-8."""
     out = []
     for i, v in enumerate(values):
         size = len(v) if isinstance(v, bytes) else len(v) if len(v) * 4 <= limits.max_item_bytes else len(v.encode())

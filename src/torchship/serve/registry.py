@@ -14,6 +14,7 @@ from ..machine import cores
 from ..spec import IOSpec
 from .batcher import BatchConfig, Batcher, LatencyModel
 from .metrics import Metrics, ModelMetrics
+from .raw import RawInput
 
 _VERSION = re.compile(r"^\d+$")
 
@@ -30,12 +31,18 @@ class Entry:
     close: Callable[[], None] | None = None  # worker processes to stop with the entry
     broken: Callable[[], str | None] = lambda: None  # why its workers cannot run batches now, if they cannot
     admitted: int = 0  # requests admitted to its queue whose bodies are still being read and decoded
-    pipeline: Any = None  # the bundle's raw-input pipeline (processing.text.TextPipeline), where it takes text
+    pipeline: Any = None  # the bundle's raw-input pipeline (processing: TextPipeline, ImagePipeline), if any
+    labels: Any = None  # processing.Labels: a classifier's class names
 
     @property
-    def text(self) -> str | None:
-        """The name of the raw text input it takes, if it takes text."""
-        return self.pipeline.input if self.pipeline is not None else None
+    def raw(self) -> RawInput | None:
+        """The raw input it takes (text or images), if any."""
+        return RawInput(self.pipeline.input, self.pipeline.kind) if self.pipeline is not None else None
+
+    @property
+    def embedding(self) -> str | None:
+        """The output that answers a text as one vector, where the bundle says so."""
+        return getattr(getattr(self.pipeline, "record", None), "output", None)
 
     @property
     def why(self) -> str | None:
@@ -109,7 +116,9 @@ async def load_entry(name: str, version: str, verified: Bundle, config: BatchCon
     batcher = Batcher(run, spec, config, paddable=paddable(spec), latency=latency,
                       on_batch=series.on_batch, concurrency=workers)
     batcher.start()
-    return Entry(name, version, verified, spec, batcher, series, ready=True, close=close, broken=broken, pipeline=text)
+    labels = manifest.processing.labels if manifest.processing else None
+    return Entry(name, version, verified, spec, batcher, series, ready=True, close=close, broken=broken, pipeline=text,
+                 labels=labels)
 
 
 def latest(versions: dict[str, Entry]) -> Entry | None:

@@ -108,7 +108,12 @@ def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = No
         model = cls.from_pretrained(str(path)).eval()
     except Exception as exc:
         raise SourceError(f"cannot load {cls.__name__} from {path}: {str(exc).splitlines()[0]}") from exc
-    tokenizer = None
+    tokenizer, image_processor = None, None
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        try:
+            image_processor = tf.AutoImageProcessor.from_pretrained(str(path))
+        except Exception:  # a model saved without its image processor: the pixels are the user's to give
+            image_processor = None
     if getattr(model, "main_input_name", "input_ids") == "input_ids":
         try:
             tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
@@ -131,8 +136,10 @@ def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = No
                         config=model.config.to_dict(), pooling=pooling, kwargs=kwargs)
     log.info("loaded %s (%s) from %s: %s", type(model).__name__, m.task, path, m.spec)
     reference = path if st_pooling is not None and pooling == st_pooling else None
+    id2label = getattr(config, "id2label", None) or {}
+    names = tuple(str(id2label.get(i, id2label.get(str(i), i))) for i in range(len(id2label))) or None
     return replace(m, arch=arch, tokenizer=tokenizer, text_length=_text_length(tokenizer, config, st_length),
-                   text_reference=reference,
+                   text_reference=reference, image_processor=image_processor, class_names=names,
                    eval_data=tokenize(tokenizer, sentences, dims["seq"]) if sentences else None)
 
 
