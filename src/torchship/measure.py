@@ -112,13 +112,25 @@ class Noise(msgspec.Struct, frozen=True):
     def noisy(self) -> bool:
         return self.other_cores > self.NOISY_CORES or self.steal > self.NOISY_STEAL or self.spread > self.NOISY_SPREAD
 
+    @property
+    def busy(self) -> bool:
+        """Others took the CPU: other processes, or the hypervisor (steal)."""
+        return self.other_cores > self.NOISY_CORES or self.steal > self.NOISY_STEAL
+
     def describe(self, cores: int) -> str:
+        """What was measured, in words that match it: busy only when others took the CPU; a wide spread on a quiet
+        machine is the figures' own variation, said as such."""
         what = (f"other processes used {self.other_cores:.1f} of {cores} cores, CPU steal {self.steal:.0%}; "
                 f"figures spread +-{self.spread:.0%} between rounds")
-        if not self.noisy:
-            return f"the machine was quiet while timing ({what})"
-        return (f"the machine was busy while timing ({what}): absolute figures may be off by that much or more, and "
-                "variants whose intervals overlap are declared ties; time again on a quiet machine for a sharper choice")
+        ties = ("variants whose intervals overlap are declared ties; time again (with more --seconds-per-size, or on a "
+                "quiet machine) for a sharper choice")
+        if self.busy:
+            return (f"the machine was busy while timing ({what}): absolute figures may be off by that much or more, "
+                    f"and {ties}")
+        if self.spread > self.NOISY_SPREAD:
+            return (f"the machine was quiet while timing, but the figures spread widely between rounds ({what}): "
+                    f"the variation is the runs' own (frequency scaling, caches, allocation), and {ties}")
+        return f"the machine was quiet while timing ({what})"
 
 
 class CpuWatch:
