@@ -337,9 +337,13 @@ class Loaded:
         """``{name: array}`` -> ``{name: array}`` for a whole batch; a bundle with processing also takes raw items
         (a list of strings, or of images: encoded files' bytes or Pillow images). A classifier's answer has ``label``
         and ``score`` (softmax) beside its logits, the ``top_k`` best of each item."""
+        run = self.runner
         if not isinstance(feeds, dict):
+            from .processing.lengths import by_length
             feeds = self.encode([feeds] if isinstance(feeds, (str, bytes)) else list(feeds))
-        outputs = self.runner(feeds)
+            # raw items: in batches of at most the bundle's batch size, similar lengths together
+            run = by_length(run, self.spec, max_rows=self.manifest.max_batch_size)
+        outputs = run(feeds)
         labels = self.manifest.processing.labels if self.manifest.processing else None
         if labels is None:
             return outputs

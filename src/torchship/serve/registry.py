@@ -111,7 +111,9 @@ async def load_entry(name: str, version: str, verified: Bundle, config: BatchCon
         run, close, broken = loaded, None, (lambda: None)
         await loop.run_in_executor(None, lambda: [loaded(spec.sample(bs, manifest.dims)) for bs in warm_sizes])
     from ..processing import pipeline
+    from ..processing.lengths import by_length
     text = await loop.run_in_executor(None, pipeline, manifest.processing, verified.path)
+    run = by_length(run, spec)  # a padded batch as runs of similar lengths (models with an attention mask)
     series = metrics.model(name, version)
     batcher = Batcher(run, spec, config, paddable=paddable(spec), latency=latency,
                       on_batch=series.on_batch, concurrency=workers)
