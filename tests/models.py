@@ -282,3 +282,35 @@ class ShapeBranch(nn.Module):
         if x.shape[-1] == 8:
             return self.lin(x)
         return self.lin(x[..., :8])
+
+
+class PackedGru(nn.Module):
+    """A GRU over padded sequences that takes each one's length (pack_padded_sequence), the usual way to run RNNs
+    on padded batches; its lengths are bounded by the sequence dimension."""
+
+    example_inputs = ["x:float32[batch,seq,16]", "lengths:int64[batch]{1:seq+1}"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.GRU(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)
+        return self.head(h[-1])
+
+
+class PackedLstm(PackedGru):
+    """The same with an LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(16, 32, batch_first=True)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        return self.head(h[-1])

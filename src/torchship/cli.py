@@ -146,9 +146,13 @@ def optimize(
     name: Optional[str] = typer.Option(None, help="model name in the bundle and when served (default: from the source)"),
     tokenizer: Optional[Path] = typer.Option(None, help="a tokenizer directory (tokenizer.json) for a text model whose "
                                              "source has none: the bundle then takes text"),
-    processing: bool = typer.Option(True, "--processing/--no-processing", help="package the text pipeline (the "
-                                    "tokenizer) where the source has one, so the bundle and server take text; "
-                                    "--no-processing: tensors only"),
+    image_processor: Optional[Path] = typer.Option(None, help="an image processor directory (preprocessor_config.json) "
+                                                   "for a vision model whose source has none: the bundle then takes "
+                                                   "image files"),
+    processing: bool = typer.Option(True, "--processing/--no-processing", help="package the raw-input pipeline (the "
+                                    "tokenizer, the image processor's steps) and a classifier's labels where the source "
+                                    "has them, so the bundle and server take text or images; --no-processing: tensors "
+                                    "only"),
     allow_specialization: bool = typer.Option(False, "--allow-specialization", help="for a model that branches on its "
                                               "values: let traced and exported variants (ONNX Runtime, OpenVINO, "
                                               "AOTInductor) compete anyway, keeping the path of their example; the "
@@ -170,7 +174,7 @@ def optimize(
     with progress_bar() as update:
         result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update,
                      eval_data=eval_data, calibration_data=calibration_data, train_data=train_data, student=student,
-                     tokenizer=tokenizer, warn=lambda line: err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False))
+                     tokenizer=tokenizer, image_processor=image_processor, warn=lambda line: err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False))
     if as_json:
         console.print_json(json.dumps(result.to_dict(), default=str))
     else:

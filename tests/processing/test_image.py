@@ -92,3 +92,14 @@ def test_labels_are_softmax_scores_best_first():
     np.testing.assert_allclose(out["score"], [np.exp(2) / (1 + np.exp(2) + np.exp(1)), np.exp(3) / (np.exp(3) + 2)], rtol=1e-6)
     top = answer(labels, {"logits": np.array([[0.0, 2.0, 1.0]])}, top_k=5)
     assert top["label"].tolist() == [["b", "c", "a"]] and np.isclose(top["score"].sum(), 1.0)
+
+
+def test_an_image_processor_given_apart_from_the_source(tmp_path):
+    folder = vit_dir(tmp_path / "vit")
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (folder / "preprocessor_config.json").rename(proc / "preprocessor_config.json")
+    assert load_bundle(optimize(folder, ONE, out=tmp_path / "b0").bundle).manifest.processing.image is None
+    m = load_bundle(optimize(folder, ONE, out=tmp_path / "b", image_processor=proc).bundle)
+    assert m.manifest.processing.check.passed and m(sample_images()[0][:2])["label"].shape == (2,)
+    assert m.manifest.processing.labels.names[0] == "cat"  # labels come from the model's own config either way

@@ -36,7 +36,7 @@ from ..select import Decision, closest, select
 from ..verify import Budget, reference_outputs
 from .data import Pool, checked_train_data, verification_pool, with_data
 from .protocol import Job, ModelRef
-from .raw import with_processing, with_tokenizer
+from .raw import with_image_processor, with_processing, with_tokenizer
 from .search import Search
 from .workers import ForkServer, InlineWorker
 
@@ -138,7 +138,7 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
              weights: str | None = None, dims: dict | None = None, out: str | Path | None = None,
              name: str | None = None, progress: Progress | None = None, eval_data=None, calibration_data=None,
              train_data=None, student=None, tokenizer: str | Path | None = None,
-             warn: Callable[[str], None] | None = None) -> OptimizeResult:
+             image_processor: str | Path | None = None, warn: Callable[[str], None] | None = None) -> OptimizeResult:
     """Build every applicable variant of ``source``, verify, profile, select and (with ``out``) bundle it.
 
     ``eval_data``: held-out inputs (and ``labels`` for a task metric) to verify on, a .npz/.safetensors path or a
@@ -158,6 +158,8 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
                  calibration_data=calibration_data, warn=warn)
     if tokenizer is not None:
         model = with_tokenizer(model, Path(tokenizer))
+    if image_processor is not None:
+        model = with_image_processor(model, Path(image_processor))
     say("looking for control flow on the model's values", 0, 1)
     model = with_branches(model)
     train_data = checked_train_data(train_data, warn)

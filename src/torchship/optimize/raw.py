@@ -24,6 +24,22 @@ def with_tokenizer(model, folder: Path):
     return replace(model, tokenizer=tok)
 
 
+def with_image_processor(model, folder: Path):
+    """``model`` with the image processor saved in ``folder`` (optimize --image-processor), for a source that has
+    none."""
+    from ..errors import SourceError
+    from ..modules import transformers
+    try:
+        proc = transformers().AutoImageProcessor.from_pretrained(str(folder))
+    except Exception as exc:
+        raise UsageError(f"--image-processor {folder}: cannot load an image processor from it ({first_line(exc)}); give "
+                         "a directory with preprocessor_config.json (processor.save_pretrained(DIR))") from None
+    if "pixel_values" not in model.spec.input_names:
+        raise SourceError(f"--image-processor: the model takes {model.spec.input_names}, not pixel_values: images "
+                          "cannot feed it")
+    return replace(model, image_processor=proc)
+
+
 def with_processing(result, model, root: Path):
     """The result with the bundle's processing, where the model has some: its text pipeline (record and files) or
     image pipeline, checked end to end (raw input through it and the chosen variant against the original library's

@@ -124,7 +124,16 @@ def infer_outputs(module: nn.Module, spec: IOSpec, dims: Mapping[str, int],
     shapes = []
     with torch.inference_mode():
         for batch, d in sizes:
-            outs = module(*to_torch(spec.sample(batch, d), spec.input_names))
+            try:
+                outs = module(*to_torch(spec.sample(batch, d), spec.input_names))
+            except Exception as exc:  # as the first run: one line naming what it was given, and the likely fix
+                given = ", ".join(f"{k}={v}" for k, v in {"batch": batch, **d}.items())
+                ints = [t.name for t in spec.inputs if t.dtype.startswith("int") and not t.tied]
+                hint = (f"; if the values of {ints} depend on a dimension (lengths, counts, positions), give their range "
+                        "as e.g. lengths:int64[batch]{1:seq+1}" if ints and spec.symbols else "")
+                raise SourceError(f"the model fails when run at {given} (to name its outputs' dimensions) on "
+                                  f"{' '.join(map(str, spec.inputs))}: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from exc
             shapes.append([tuple(o.shape) for o in outs])
             dtypes = [str(o.dtype).removeprefix("torch.") for o in outs]
     names = list(names) if names else (["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))])
