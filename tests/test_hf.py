@@ -87,3 +87,24 @@ def test_each_task_optimizes_and_its_bundle_answers_like_the_model(dirs, name, t
         np.testing.assert_allclose(got[k], want[k], rtol=1e-3, atol=1e-4)
     if name == "bert":
         assert res.variant("aoti").artifact.options["dim_ranges"]["seq"][1] == 64  # torch's range for 64 positions
+
+
+@pytest.mark.slow
+def test_a_one_pass_head_of_an_encoder_decoder_config_optimizes(tmp_path):
+    """WhisperForAudioClassification: its config says encoder-decoder, its forward is one encoder pass and a head."""
+    cfg = tf.WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                           max_source_positions=16, max_target_positions=16, num_labels=3, vocab_size=100,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0, decoder_start_token_id=1)
+    torch.manual_seed(0)
+    model = tf.WhisperForAudioClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "whisper")
+    m = load_source(str(tmp_path / "whisper"))
+    assert str(m.spec.inputs[0]) == "input_features:float32[batch,8,32]" and m.task == "classify"
+    res = optimize(str(tmp_path / "whisper"), OptimizeOptions(runtimes=("eager", "onnxrt"), transforms=(),
+                                                              batch_sizes=(1, 2), seconds_per_size=0.02),
+                   out=tmp_path / "b")
+    x = np.random.default_rng(0).standard_normal((2, 8, 32)).astype(np.float32)
+    with torch.inference_mode():
+        want = model(input_features=torch.from_numpy(x)).logits.numpy()
+    np.testing.assert_allclose(load_bundle(res.bundle)({"input_features": x})["logits"], want, rtol=1e-4, atol=1e-5)

@@ -48,6 +48,9 @@ def _inputs(model, config, tokenizer) -> tuple[list[TensorSpec], dict[str, int]]
         return [TensorSpec("pixel_values", "float32", ("batch", int(getattr(config, "num_channels", 3)), int(h), int(w)))], {}
     if main == "input_values":
         return [TensorSpec("input_values", "float32", ("batch", "samples"))], {"samples": 16000}
+    if main == "input_features" and getattr(config, "num_mel_bins", None):  # log-mel frames (Whisper: a fixed count)
+        frames = 2 * int(getattr(config, "max_source_positions", 1500))
+        return [TensorSpec("input_features", "float32", ("batch", int(config.num_mel_bins), frames))], {}
     raise SourceError(f"{type(model).__name__} takes {main!r}: a task torchship does not handle from a directory; "
                       + MODULE_ATTR_HINT)
 
@@ -85,6 +88,13 @@ def _text_length(tokenizer, config, given: int | None) -> int | None:
     return min(filter(None, (found, positions)), default=None)
 
 
+def _needs_decoder(cls) -> bool:
+    """The class's forward runs a decoder too (it takes decoder inputs): decided from the forward itself, not the
+    config's is_encoder_decoder (Whisper's audio classifier runs its encoder and a head, in one pass)."""
+    params = inspect.signature(cls.forward).parameters
+    return any(p.startswith("decoder_") for p in params)
+
+
 def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = None, name: str | None = None,
                 sentences: list[str] | None = None):
     from .model import finish
@@ -101,7 +111,7 @@ def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = No
     cls = hf_class(saved) if saved else None
     if cls is None:  # no architecture recorded: the base model of its type
         cls = type(tf.AutoModel.from_config(config))
-    if config.is_encoder_decoder and not cls.__name__.endswith("EncoderModel"):
+    if config.is_encoder_decoder and _needs_decoder(cls):
         raise SourceError(f"{cls.__name__} in {path} is an encoder-decoder; torchship optimizes one forward pass: save its "
                           f"encoder alone (for T5, T5EncoderModel), or {MODULE_ATTR_HINT}")
     try:
