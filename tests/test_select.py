@@ -86,13 +86,13 @@ def test_intervals_come_from_the_rounds():
 class ScriptedWorker:
     """A variant's worker that answers every timing request with calls of a fixed duration (seconds)."""
 
-    def __init__(self, seconds: float, pid: int = 0):
-        self.seconds, self.pid, self.requests = seconds, pid, []
+    def __init__(self, seconds: float, pid: int = 0, phase: int = 0):
+        self.seconds, self.pid, self.requests, self.phase = seconds, pid, [], phase
 
     def time(self, request, timeout):
         from torchship.optimize.protocol import Samples
         self.requests.append(request.batch)
-        jitter = 1 + 0.01 * ((len(self.requests) * 7919) % 5 - 2) / 2  # +-1% between rounds
+        jitter = 1 + 0.01 * (((len(self.requests) + self.phase) * 7919) % 5 - 2) / 2  # +-1% between rounds
         return Samples(request.batch, (self.seconds * jitter,) * 4)
 
     def close(self):
@@ -102,14 +102,14 @@ class ScriptedWorker:
 AVX512_VNNI = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # int8 and bf16 units, no AMX
 
 
-def _search(entries, target=8, sizes=(1, 8), flags=AVX512_VNNI):
+def _search(entries, target=8, sizes=(1, 8), flags=AVX512_VNNI, phases=None):
     from torchship.optimize import OptimizeOptions
     from torchship.optimize.search import Entry, Search
     opts = OptimizeOptions(batch_sizes=sizes, target_batch_size=target)
     search = Search(SimpleNamespace(opts=opts), lambda *a: None, len(entries), flags=flags)
-    for name, seconds, selectable in entries:
+    for i, (name, seconds, selectable) in enumerate(entries):
         result = VariantResult(name=name, runtime="eager", status="ok", selectable=selectable)
-        e = Entry(SimpleNamespace(name=name), result, ScriptedWorker(seconds))
+        e = Entry(SimpleNamespace(name=name), result, ScriptedWorker(seconds, phase=(phases or {}).get(name, 0)))
         search.time(e, sizes, probe=True)
         search.entries.append(e)
     return search
@@ -117,18 +117,44 @@ def _search(entries, target=8, sizes=(1, 8), flags=AVX512_VNNI):
 
 def test_rounds_drop_the_beaten_and_keep_timing_the_contenders():
     """Successive halving on scripted timings: the clearly slower variant and the reference row are released after
-    the minimum rounds; the two within 1% of each other go on to the last round and tie."""
-    from torchship.optimize.search import MAX_ROUNDS, MIN_ROUNDS
-    search = _search([("leader", 0.0010, True), ("close", 0.00101, True), ("slow", 0.0030, True), ("naive", 0.0025, False)])
+    the minimum rounds; two whose rounds go up and down out of step, 0.5% apart inside +-1% of noise, are timed on
+    past the usual rounds while their paired ratio still straddles 1, and tie."""
+    from torchship.optimize.search import MIN_ROUNDS, TIE_ROUNDS
+    search = _search([("leader", 0.0010, True), ("close", 0.001005, True), ("slow", 0.0030, True), ("naive", 0.0025, False)],
+                     phases={"close": 2})
     workers = {e.plan.name: e.worker for e in search.entries}
     search.rounds(lambda: [])
     by = {e.plan.name: e for e in search.entries}
-    assert len(by["leader"].samples[8]) == len(by["close"].samples[8]) == MAX_ROUNDS
+    assert len(by["leader"].samples[8]) == len(by["close"].samples[8]) == TIE_ROUNDS
     assert len(by["slow"].samples[8]) == len(by["naive"].samples[8]) == MIN_ROUNDS
     assert by["slow"].worker is None and by["leader"].worker is not None
     assert workers["leader"].requests.count(1) == 3  # batch 1 in the probe and the first two rounds only
     d = select(search.results(), 8)
     assert {d.chosen, *d.tied} == {"leader", "close"} and not d.beyond_noise
+    assert d.paired_rounds == TIE_ROUNDS and d.paired[1] <= 1.0 <= d.paired[2] and "over 16 shared rounds" in d.why
+
+
+def test_a_difference_every_round_shares_is_settled_by_the_paired_ratio():
+    """The issue-35 case: rounds move together under load (a burst slows both), so each variant's own interval is
+    wide and the two overlap; the ratio round by round is steady at 1.10, beyond the noise: the faster one wins even
+    though the other is simpler, and the search stops timing the slower one at the minimum rounds."""
+    from torchship.optimize.search import MIN_ROUNDS
+    load = [0.7, 1.5, 0.9, 1.3, 1.0, 1.2, 0.8, 1.4]
+
+    def timed(name, runtime, seconds):
+        rounds = tuple(tuple([seconds * f] * 4) for f in load)
+        return VariantResult(name=name, runtime=runtime, status="ok", profile={8: stats(8, rounds)}, samples={8: rounds},
+                             fidelity=Fidelity(0.0, 1.0, 1.0, None, None, None, True, ""))
+    fast, simple = timed("compile", "compile", 0.010), timed("onnxrt", "onnxrt", 0.011)
+    lo, hi = fast.profile[8].throughput_interval
+    lo2, hi2 = simple.profile[8].throughput_interval
+    assert lo < hi2 and lo2 < hi  # their own intervals overlap: the old rule called a tie and took onnxrt
+    d = select([fast, simple], 8)
+    assert d.chosen == "compile" and d.beyond_noise and d.paired == pytest.approx((1.1, 1.1, 1.1))
+    assert "round by round 1.100x [1.100-1.100] over 8 shared rounds" in d.why
+    search = _search([("a", 0.0010, True), ("b", 0.0011, True)])  # the same in the search's own rounds
+    search.rounds(lambda: [])
+    assert {e.plan.name: len(e.samples[8]) for e in search.entries} == {"a": MIN_ROUNDS, "b": MIN_ROUNDS}
     assert search.noise is not None and search.noise.spread < 0.05
 
 

@@ -67,6 +67,15 @@ def estimate(rounds: Sequence[Sequence[float]]) -> Estimate:
     return Estimate(median, min(lo, median), max(hi, median), len(rounds), len(everything))
 
 
+def paired(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> Estimate | None:
+    """``b``'s time over ``a``'s, round by round, from interleaved rounds (round i of each was timed in the same
+    pass, so what a round shares, a burst of load from elsewhere, cancels in the ratio): the median ratio and its
+    interval over the rounds both had. None with fewer than two such rounds."""
+    k = min(len(a), len(b))
+    ratios = [[float(np.median(rb)) / float(np.median(ra))] for ra, rb in zip(a[:k], b[:k]) if len(ra) and len(rb)]
+    return estimate(ratios) if len(ratios) >= 2 else None
+
+
 def faster(a: Estimate, b: Estimate) -> bool:
     """``a`` takes less time than ``b`` beyond the noise: the two intervals do not overlap."""
     return a.hi < b.lo

@@ -1,7 +1,9 @@
 """Choose the fastest faithful variant: best throughput at the target batch size, or under a p99 SLO.
 
-Figures carry intervals (``torchship.measure``): a variant is faster than another only when their intervals do not
-overlap. Every variant within the noise of the fastest ties with it, and a tie goes to the simpler one:
+Figures carry intervals (``torchship.measure``). Two variants timed in the same interleaved rounds are compared on
+their paired ratio, round by round (what a round shares cancels): one is faster only when the interval of that ratio
+lies above 1; otherwise (no shared rounds) when their own intervals do not overlap. Every variant within the noise of
+the fastest ties with it, and a tie goes to the simpler one:
 uncompressed before compressed, then the runtime with fewer moving parts where it serves, then the faster to load,
 then the smaller. The decision says all of this in words.
 """
@@ -11,6 +13,7 @@ from typing import Sequence
 
 import msgspec
 
+from .measure import paired
 from .results import VariantResult
 
 # fewer moving parts at serving time first: one self-contained file and no Python code to import, then compiled
@@ -32,8 +35,10 @@ class Decision(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     runner_up_throughput: float | None
     runner_up_interval: tuple[float, float] | None
     margin: float | None  # chosen / runner-up, at the medians
-    beyond_noise: bool  # the chosen one's interval lies above the runner-up's
+    beyond_noise: bool  # the chosen one is faster than the runner-up beyond the noise
     why: str
+    paired: tuple[float, float, float] | None = None  # the runner-up's time over the chosen one's, round by round:
+    paired_rounds: int | None = None  # median, interval; over this many shared rounds
 
 
 def candidates(results: Sequence[VariantResult]) -> list[VariantResult]:
@@ -53,8 +58,21 @@ def _options(results, target: int, latency_slo_ms: float | None) -> list[tuple[V
     return out
 
 
+def ratio(a: tuple[VariantResult, int], b: tuple[VariantResult, int]):
+    """``b``'s time a batch over ``a``'s, paired round by round (an Estimate), where both were timed at the same
+    batch size in the same interleaved rounds; else None."""
+    if a[1] != b[1]:
+        return None
+    ra, rb = a[0].samples.get(a[1]), b[0].samples.get(b[1])
+    return paired(ra, rb) if ra and rb and len(ra) >= 2 and len(rb) >= 2 else None
+
+
 def beats(a: tuple[VariantResult, int], b: tuple[VariantResult, int]) -> bool:
-    """``a`` has more throughput than ``b`` beyond the noise: a's slow end above b's fast end."""
+    """``a`` has more throughput than ``b`` beyond the noise: the paired ratio's interval above 1, or, without shared
+    rounds, a's slow end above b's fast end."""
+    r = ratio(a, b)
+    if r is not None:
+        return r.lo > 1.0
     return a[0].profile[a[1]].throughput_interval[0] > b[0].profile[b[1]].throughput_interval[1]
 
 
@@ -74,7 +92,8 @@ def select(results: Sequence[VariantResult], target_batch_size: int,
     runner = max((o for o in options if o[0].name != chosen[0].name), key=_tput, default=None)
     s = chosen[0].profile[chosen[1]]
     rs = runner[0].profile[runner[1]] if runner else None
-    return Decision(chosen=chosen[0].name, batch=chosen[1], throughput=s.throughput, interval=s.throughput_interval,
+    p = ratio(chosen, runner) if runner else None
+    return Decision(paired=(p.median, p.lo, p.hi) if p else None, paired_rounds=p.rounds if p else None,chosen=chosen[0].name, batch=chosen[1], throughput=s.throughput, interval=s.throughput_interval,
                     fastest=fastest[0].name, tied=tuple(o[0].name for o in tied if o[0].name != chosen[0].name),
                     runner_up=runner[0].name if runner else None, runner_up_throughput=rs.throughput if rs else None,
                     runner_up_interval=rs.throughput_interval if rs else None,
@@ -94,9 +113,12 @@ def explain(chosen, fastest, runner, tied, slo) -> str:
     name = chosen[0].name
     if runner is None:
         return f"{name} is the only faithful variant {where}: {_figure(chosen)}"
+    r = ratio(chosen, runner)
+    by_rounds = (f"; round by round {r.median:.3f}x [{r.lo:.3f}-{r.hi:.3f}] over {r.rounds} shared rounds"
+                 if r is not None else "")
     if name == fastest[0].name and beats(chosen, runner):
         return (f"{name} is the fastest {where}: {_figure(chosen)}, {_tput(chosen) / _tput(runner):.2f}x "
-                f"the runner-up {runner[0].name} ({_figure(runner)}), beyond the noise")
+                f"the runner-up {runner[0].name} ({_figure(runner)}), beyond the noise{by_rounds}")
     others = [o[0].name for o in tied if o[0].name != name]
     if others:
         head = f"{name} ({_figure(chosen)}) ties {where} with {', '.join(others)} within the noise"
@@ -105,7 +127,7 @@ def explain(chosen, fastest, runner, tied, slo) -> str:
     if name != fastest[0].name:
         head += f" (the highest median: {fastest[0].name}, {_figure(fastest)})"
     other = fastest[0] if name != fastest[0].name else runner[0]
-    return head + f"; the tie goes to the simpler: {name} {_simpler(chosen[0], other)}"
+    return head + by_rounds + f"; the tie goes to the simpler: {name} {_simpler(chosen[0], other)}"
 
 
 def _simpler(a: VariantResult, b: VariantResult) -> str:

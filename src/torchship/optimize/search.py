@@ -16,7 +16,7 @@ from typing import Callable
 import msgspec
 import numpy as np
 
-from ..measure import CpuWatch, Noise, estimate
+from ..measure import CpuWatch, Noise, estimate, paired
 from ..plan import VariantPlan
 from ..profile import stats
 from ..results import VariantResult
@@ -26,6 +26,7 @@ from .workers import WorkerLost
 
 MIN_ROUNDS = 3  # interleaved rounds every contender gets (after its probe), before any is dropped
 MAX_ROUNDS = 8  # survivors within the noise of each other go on to this many, for tighter intervals
+TIE_ROUNDS = 16  # and the leader still tied round by round with another keeps being timed up to this many
 PAUSE_S = 0.005  # before each block: other workers' spinning threads (ONNX Runtime, OpenMP) go idle
 
 
@@ -273,20 +274,35 @@ class Search:
         return fast > 2 * self.estimate(leader, self.opts.target).hi
 
     def beaten(self, entry: Entry, leader: Entry) -> bool:
-        """Beaten beyond the noise at every deciding batch size (the leader's slow end faster than its fast end)."""
-        return all(self.estimate(leader, bs).hi < self.estimate(entry, bs).lo for bs in self.deciding
-                   if entry.timed(bs) and leader.timed(bs))
+        """Beaten beyond the noise at every deciding batch size: the paired ratio of their rounds above 1 (or, before
+        two shared rounds, the leader's slow end faster than its fast end)."""
+        return all(self._ahead(leader, entry, bs) for bs in self.deciding if entry.timed(bs) and leader.timed(bs))
+
+    def _ahead(self, a: Entry, b: Entry, bs: int) -> bool:
+        r = paired(a.samples.get(bs, []), b.samples.get(bs, []))
+        if r is not None:
+            return r.lo > 1.0
+        return self.estimate(a, bs).hi < self.estimate(b, bs).lo
+
+    def undecided(self) -> bool:
+        """The leader ties round by round with another contender at the target batch size."""
+        leader, target = self.leader(), self.opts.target
+        return leader is not None and any(not self._ahead(leader, e, target) for e in self.contenders()
+                                          if e is not leader and e.timed(target))
 
     def rounds(self, pids: Callable[[], list[int]]) -> None:
         """Time the contenders round after round, in a new order each round; drop the beaten ones."""
         watch = CpuWatch(pids)  # lapped at the end of each round, before anyone is dropped
         rng = random.Random(0)
-        for r in range(1, MAX_ROUNDS + 1):
+        for r in range(1, TIE_ROUNDS + 1):
             alive = self.timing()
             # a variant timed alone is compared with nothing: every figure that decides comes from shared rounds
             if not alive or self.over_budget() or r > MIN_ROUNDS and len(self.contenders()) < 2:
                 break
-            self.say(f"timing round {r} of at most {MAX_ROUNDS}: {len(alive)} variant(s){self.left()}", r, MAX_ROUNDS)
+            if r > MAX_ROUNDS and not self.undecided():  # past the usual rounds only while a tie is still open
+                break
+            most = MAX_ROUNDS if r <= MAX_ROUNDS else TIE_ROUNDS
+            self.say(f"timing round {r} of at most {most}: {len(alive)} variant(s){self.left()}", r, most)
             rng.shuffle(alive)
             for entry in alive:  # the first two rounds time every batch size, the others the deciding ones
                 self.time(entry, self.opts.batch_sizes if r <= 2 else self.deciding)
