@@ -228,6 +228,8 @@ def main() -> None:
     best_st = max((k for k in rows if k.startswith("sentence-transformers")), key=lambda k: np.median(rows[k]))
     ours32 = [v[0] for v in rows["torchship c32x1"]]
     print(f"\ntorchship c32x1 / {best_st}: {spread([a / b for a, b in zip(ours32, rows[best_st])])} (goal >= 1.5)")
+    batched = [v[0] for v in rows["torchship c1x32"]]
+    print(f"torchship c1x32 / {best_st}: {spread([a / b for a, b in zip(batched, rows[best_st])])}")
     if "infinity c32x1" in rows:
         theirs = [v[0] for v in rows["infinity c32x1"]]
         print(f"torchship c32x1 / infinity c32x1: {spread([a / b for a, b in zip(ours32, theirs)])} (goal >= 5)")
