@@ -14,6 +14,10 @@ def with_tokenizer(model, folder: Path):
     """``model`` with the tokenizer saved in ``folder`` (optimize --tokenizer), for a source that has none."""
     from ..errors import SourceError
     from ..modules import transformers
+    from ..sources.hf import TOKENIZER_FILES
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise UsageError(f"--tokenizer {folder}: cannot load a tokenizer from it (none of {', '.join(TOKENIZER_FILES)} "
+                         "is there); give a directory with tokenizer.json (tokenizer.save_pretrained(DIR))")
     try:
         tok = transformers().AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:

@@ -23,6 +23,8 @@ from ..spec import IOSpec, TensorSpec
 
 SPEC = IOSpec.parse(["input_ids:int64[batch,seq]", "attention_mask:int64[batch,seq]"])  # mean-pooled sentence encoders
 log = logging.getLogger("torchship")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
 MODULE_ATTR_HINT = ("pass the model as package.module:attr (a factory that loads it and returns an nn.Module) with "
                     "--input NAME:DTYPE[DIMS] for what it takes")
 
@@ -124,7 +126,9 @@ def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = No
             image_processor = tf.AutoImageProcessor.from_pretrained(str(path))
         except Exception:  # a model saved without its image processor: the pixels are the user's to give
             image_processor = None
-    if getattr(model, "main_input_name", "input_ids") == "input_ids":
+    # only a tokenizer saved with the model: transformers makes one of special tokens alone from a bare config (every
+    # word would be [UNK]), which a bundle must not carry as the model's
+    if getattr(model, "main_input_name", "input_ids") == "input_ids" and any((path / f).exists() for f in TOKENIZER_FILES):
         try:
             tokenizer = tf.AutoTokenizer.from_pretrained(str(path))
         except Exception:  # a model saved without its tokenizer: the ids are the user's to give
