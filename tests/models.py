@@ -314,3 +314,17 @@ class PackedLstm(PackedGru):
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         _, (h, _) = self.rnn(packed)
         return self.head(h[-1])
+
+
+class CondBranch(nn.Module):
+    """A branch on values written with torch.cond: an export keeps both sides, so nothing is specialized."""
+
+    example_inputs = ["x:float32[batch,8]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.cond(x.mean() < -1, lambda t: self.lin(-t) * 3.0, lambda t: self.lin(t), (x,))

@@ -25,6 +25,7 @@ def test_each_branch_on_values_is_found_with_its_line_and_shapes_are_not():
     assert neg.code == "if x.mean() < -1:" and str(neg).endswith(f":{neg.line} `if x.mean() < -1:`")
     assert branches("tests.models:ShapeBranch") == ()  # a branch on a shape: not data-dependent
     assert branches("tests.models:Tiny") == ()
+    assert branches("tests.models:CondBranch") == ()  # torch.cond: a capture keeps both sides
 
 
 def _eager(ref, x):

@@ -57,6 +57,21 @@ def test_packed_recurrent_models_optimize_and_answer_like_eager(ref, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_packed_gru_optimizes_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "torchship.cli", "optimize", "tests.models:PackedGru",
+                          "--input", "x:float32[batch,seq,16]", "--input", "lengths:int64[batch]{1:seq+1}",
+                          "--dim", "seq=20", "--runtimes", "eager,torchscript", "--transforms", "none",
+                          "--batch-sizes", "1,4", "--out", str(tmp_path / "b")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    m = load_bundle(tmp_path / "b", trust_code=True)
+    assert str(m.spec.inputs[1]) == "lengths:int64[batch]{1:seq+1}"  # the bound travels in the manifest
+    feeds = SPEC.sample(4, {"seq": 9}, seed=3)
+    np.testing.assert_allclose(m(feeds)["output"], _eager("tests.models:PackedGru", feeds), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_a_served_length_past_its_sequence_is_a_400(server, tmp_path):
     out = tmp_path / "gru"
     optimize("tests.models:PackedGru", OptimizeOptions(runtimes=("eager",), transforms=(), batch_sizes=(1,),

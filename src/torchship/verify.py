@@ -220,4 +220,14 @@ def reference_outputs(model, pool: Mapping[str, np.ndarray], chunk: int) -> dict
         from .runtimes._torch import TorchRunner
         runner = TorchRunner(model.module.eval(), model.spec)
     from .spec import batches, concat_batches
-    return concat_batches([runner(b) for b in batches(pool, chunk)])
+    outputs = []
+    for b in batches(pool, chunk):
+        try:
+            outputs.append(runner(b))
+        except Exception as exc:  # as the first run of the model: one line with what it was given and the likely fix
+            from .errors import ModelError, first_line
+            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in b.items())
+            raise ModelError(f"the model fails on the verification inputs ({shapes}): {first_line(exc)}; if they are "
+                             "your --eval-data, check they fit the model; if an input's values depend on a dimension "
+                             "(lengths), give its range as e.g. lengths:int64[batch]{1:seq+1}") from exc
+    return concat_batches(outputs)

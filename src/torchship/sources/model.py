@@ -83,19 +83,29 @@ def finish(name: str, module: nn.Module, spec: IOSpec, dims: Mapping[str, int], 
         if inputs and isinstance(inputs[0], torch.Tensor):
             looked_up[id(inputs[0])] = min(looked_up.get(id(inputs[0]), m.num_embeddings), m.num_embeddings)
     hooks = [m.register_forward_pre_hook(lookup) for m in module.modules() if isinstance(m, nn.Embedding)]
+    extra = dict(kwargs or {})
+
+    def call():
+        with torch.inference_mode():
+            return module(**dict(zip(spec.input_names, args)), **extra) if by_keyword else module(*args, **extra)
     try:
         with watch(module) as w:
             try:
-                with torch.inference_mode():
-                    extra = dict(kwargs or {})
-                    raw = module(**dict(zip(spec.input_names, args)), **extra) if by_keyword else module(*args, **extra)
+                raw = call()
             except Exception as exc:
                 where = f"in module {w.current!r}: " if w.current else ""
-                raise SourceError(f"{name} fails on an example input {' '.join(map(str, spec.inputs))}: {where}"
-                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                failed = SourceError(f"{name} fails on an example input {' '.join(map(str, spec.inputs))}: {where}"
+                                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                failed.__cause__ = exc
+                raw = None
     finally:
         for h in hooks:
             h.remove()
+    if raw is None:  # hooks can be what fails (torch.cond compiles its branches, and a hook inside is not traceable)
+        try:
+            raw = call()
+        except Exception:
+            raise failed from failed.__cause__
     spec = IOSpec(tuple(replace(t, range=(0, looked_up[id(a)])) if t.range is None and id(a) in looked_up else t
                         for t, a in zip(spec.inputs, args)), spec.outputs)
     norm = Normalized(module, spec.input_names, output_keys(raw), by_keyword, kwargs).eval()
