@@ -222,7 +222,8 @@ class Workspace:
         is left out), written for the workers."""
         from ..verify import extra_cases
         out = []
-        for label, feeds in extra_cases(model, self.pool.inputs if model.eval_data is not None else None):
+        for label, feeds in extra_cases(model, self.pool.inputs if model.eval_data is not None else None,
+                                        branch_cases=not self.opts.allow_specialization):
             try:
                 out.append((label, feeds, reference_outputs(model, feeds, len(next(iter(feeds.values()))))))  # whole
             except Exception:
