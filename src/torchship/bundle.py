@@ -22,7 +22,7 @@ from .flow import Branch, specialized
 from .machine import cores
 from .processing import Processing
 from .profile import Stats
-from .runtimes.base import MODULES, Artifact, LoadContext
+from .runtimes.base import DESCRIPTORS, MODULES, Artifact, LoadContext
 from .spec import IOSpec
 from .verify import Fidelity
 
@@ -85,8 +85,9 @@ def executes(artifact: Artifact) -> str | None:
     arch = artifact.architecture
     if arch is not None and arch.imports:
         return f"imports Python code from the module {arch.imports} ({arch.ref}) to rebuild the model"
-    if artifact.runtime == "aoti":
-        return "runs native code: the shared library AOTInductor compiled into " + ", ".join(artifact.files)
+    native = DESCRIPTORS[artifact.runtime].native if artifact.runtime in DESCRIPTORS else None
+    if native:
+        return f"runs native code: {native} " + ", ".join(artifact.files)
     return None
 
 

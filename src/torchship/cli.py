@@ -124,7 +124,8 @@ def optimize(
     batch_sizes: str = typer.Option("1,8,32", help="batch sizes to time, comma-separated"),
     target_batch_size: Optional[int] = typer.Option(None, help="choose by throughput at this batch size (default: the largest)"),
     latency_slo: Optional[float] = typer.Option(None, "--latency-slo", help="choose the best throughput whose p99 stays under this many ms"),
-    runtimes: Optional[str] = typer.Option(None, help="comma-separated subset of eager,torchscript,compile,aoti,onnxrt"),
+    runtimes: Optional[str] = typer.Option(None, help="comma-separated subset of eager,torchscript,compile,aoti,onnxrt,"
+                                           "openvino (tests/test_runtimes.py holds this list to the runtimes' descriptors)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads, as serving will use (default: all cores)"),
     transforms: str = typer.Option("int8,bf16,qat,channels,distill",
                                    help="compression variants to try, comma-separated, or none: int8, bf16 (CPU with native bf16), "

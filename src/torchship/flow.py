@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import msgspec
 
-SPECIALIZING = ("aoti", "onnxrt", "openvino")  # runtimes whose graph is a trace or an export of one path
-# (TorchScript traces too, but scripts where told: for such a model it is built by script, which keeps the branch)
+from .runtimes.base import DESCRIPTORS
+
+# runtimes whose graph is a trace or an export of one path (their descriptors say so); TorchScript traces too, but
+# scripts where told: for such a model it is built by script, which keeps the branch
+SPECIALIZING = tuple(r for r, d in DESCRIPTORS.items() if d.specializes)
 
 
 class Branch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

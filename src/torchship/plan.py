@@ -6,6 +6,7 @@ from typing import Any
 import msgspec
 
 from .errors import UsageError
+from .runtimes.base import DESCRIPTORS, MODULES
 
 
 class VariantPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -26,7 +27,7 @@ class VariantPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.options.get("skip")
 
 
-RUNTIME_ORDER = ("eager", "torchscript", "compile", "aoti", "onnxrt", "openvino")
+RUNTIME_ORDER = MODULES  # the runtimes, in plan order (their descriptors)
 NO_OPENVINO = "openvino is not installed: pip install 'torchship[openvino]'"
 
 
@@ -66,7 +67,7 @@ def _plan(model, device: str, runtimes: list[str] | None, threads: int | None, t
     if model.module is not None:
         out.append(VariantPlan("eager-naive", "eager", {**base, "naive": True}, selectable=False,
                                note="reference: the model as too often run (no eval(), autograd on); never selected"))
-    takes_onnx = ("onnxrt", "openvino")  # the runtimes that run an ONNX source
+    takes_onnx = tuple(r for r, d in DESCRIPTORS.items() if "onnx" in d.takes)  # the runtimes that run an ONNX source
     out += [VariantPlan(r, r, {**base, **({"skip": NO_OPENVINO} if r == "openvino" and not _has_openvino() else {})})
             for r in wanted if model.module is not None or r in takes_onnx]
     unknown = [t for t in transforms if t not in TRANSFORMS]

@@ -15,13 +15,13 @@ import msgspec
 
 from .measure import paired
 from .results import VariantResult
+from .runtimes.base import DESCRIPTORS
 
 # fewer moving parts at serving time first: one self-contained file and no Python code to import, then compiled
-# programs, then the user's Python code (eager), then code compiled again at every load (torch.compile)
-SIMPLICITY = ("onnxrt", "openvino", "torchscript", "aoti", "eager", "compile")
-WHAT = {"onnxrt": "a single self-contained ONNX file", "openvino": "an OpenVINO IR, no Python code",
-        "torchscript": "a TorchScript file, no Python code", "aoti": "a compiled AOTInductor package, no Python code",
-        "eager": "the model's own Python code", "compile": "the model's Python code, compiled at every load"}
+# programs, then the user's Python code (eager), then code compiled again at every load (torch.compile): each
+# runtime's descriptor gives its rank and its words
+SIMPLICITY = tuple(sorted(DESCRIPTORS, key=lambda r: DESCRIPTORS[r].simplicity))
+WHAT = {r: d.what for r, d in DESCRIPTORS.items()}
 
 
 class Decision(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -48,8 +48,40 @@ class Runtime:
     needs_torch: bool = True  # loading imports torch (a serving install without torch cannot run it)
 
 
-MODULES = ("eager", "torchscript", "compile", "aoti", "onnxrt", "openvino")  # in the order the plan lists them
+class Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a runtime is, as data and without torch: what the plan, the choice, the bundle, the control-flow rule and
+    the CLI know of it. A new runtime is its module (``build``, ``load``, ``register``) and one entry in
+    ``DESCRIPTORS``; ``tests/test_runtimes.py`` fails on a runtime that lacks either."""
+
+    name: str
+    what: str  # what a bundle of it runs from, in words (a tie is explained with it)
+    simplicity: int  # rank in a tie, lower is simpler: fewer moving parts at serving time
+    takes: tuple[str, ...] = ("module",)  # what it builds from: "module" (an nn.Module), "onnx" (an ONNX source)
+    specializes: bool = False  # its graph is a trace or an export: it keeps one path of control flow on values
+    native: str | None = None  # the native code that loading runs, in words ("the shared library ..."): consent needed
+    extra: str = "torch"  # the extra that installs what it needs to build
+
+
+# in the order the plan lists them
+DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
+    Descriptor("eager", "the model's own Python code", 4),
+    Descriptor("torchscript", "a TorchScript file, no Python code", 2),  # traces, or scripts (see flow.specialized)
+    Descriptor("compile", "the model's Python code, compiled at every load", 5),
+    Descriptor("aoti", "a compiled AOTInductor package, no Python code", 3, specializes=True,
+               native="the shared library AOTInductor compiled into"),
+    Descriptor("onnxrt", "a single self-contained ONNX file", 0, takes=("module", "onnx"), specializes=True),
+    Descriptor("openvino", "an OpenVINO IR, no Python code", 1, takes=("module", "onnx"), specializes=True,
+               extra="openvino"),
+)}
+MODULES = tuple(DESCRIPTORS)
 _REGISTRY: dict[str, Runtime] = {}
+
+
+def describe(name: str) -> Descriptor:
+    """The descriptor of runtime ``name`` (an unknown one: the error naming the known ones)."""
+    if name not in DESCRIPTORS:
+        raise UsageError(f"unknown runtime {name!r}; registered runtimes: {', '.join(MODULES)}")
+    return DESCRIPTORS[name]
 
 
 def register(name: str, build: Callable, load: Callable, *, needs_torch: bool = True) -> None:

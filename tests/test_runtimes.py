@@ -1,0 +1,51 @@
+"""Every runtime describes itself once (``runtimes.base.DESCRIPTORS``) and the plan, the choice, the bundle, the
+control-flow rule and the CLI read that: a runtime missing a fact fails here, not in a user's run."""
+import importlib
+import re
+
+import pytest
+
+from torchship import plan, select
+from torchship.errors import MissingExtra, UsageError
+from torchship.flow import SPECIALIZING
+from torchship.runtimes.base import DESCRIPTORS, MODULES, Descriptor, describe, get
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_each_runtime_has_a_module_that_registers_it_and_a_descriptor(name):
+    d = describe(name)
+    assert d.name == name and d.what and d.takes and set(d.takes) <= {"module", "onnx"}
+    importlib.util.find_spec(f"torchship.runtimes.{name}")  # its own module
+    try:
+        assert get(name).name == name  # registered under its name
+    except MissingExtra as exc:  # its packages are an extra the machine lacks: the error names it
+        assert exc.extra == d.extra
+
+
+def test_every_reader_takes_its_facts_from_the_descriptors():
+    assert plan.RUNTIME_ORDER == MODULES
+    assert select.SIMPLICITY == tuple(sorted(MODULES, key=lambda r: DESCRIPTORS[r].simplicity))
+    assert set(select.WHAT) == set(MODULES) and len({d.simplicity for d in DESCRIPTORS.values()}) == len(MODULES)
+    assert set(SPECIALIZING) == {r for r, d in DESCRIPTORS.items() if d.specializes}
+    from torchship.bundle import executes
+    from torchship.runtimes.base import Artifact
+    natives = {r for r, d in DESCRIPTORS.items() if d.native}
+    assert {r for r in MODULES if executes(Artifact(r, ("x",)))} == natives
+    from torchship.errors import EXTRAS
+    assert all(d.extra in EXTRAS for d in DESCRIPTORS.values())
+
+
+def test_the_cli_lists_every_runtime():
+    from typer.testing import CliRunner
+
+    from torchship.cli import app
+    text = " ".join(CliRunner().invoke(app, ["optimize", "--help"], terminal_width=200).output.split())
+    listed = re.search(r"comma-separated subset of ([a-z,\s]+)", text).group(1).replace(" ", "").strip(",").split(",")
+    assert listed[:len(MODULES)] == list(MODULES)
+
+
+def test_an_unknown_runtime_names_the_known_ones():
+    with pytest.raises(UsageError, match="registered runtimes: eager, torchscript"):
+        describe("tensorrt")
+    with pytest.raises(TypeError):
+        Descriptor("x")  # what and simplicity are required: a runtime cannot leave them out
