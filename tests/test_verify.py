@@ -84,3 +84,28 @@ def test_a_calibrated_quantization_is_not_judged_on_values_beyond_its_calibratio
     checked, worst, reason = beyond_the_example(0.01, cases, saturated, {}, "calibrated ranges")
     assert reason is None and worst == 0.0 and checked[1] == "values x2 (reported, not judged: calibrated ranges)"
     assert "batch 1" in beyond_the_example(0.01, cases, [{"y": ref["y"] * 3}, ref], {}, "calibrated ranges")[2]
+
+
+def test_a_retrieval_budget_measures_what_embeddings_are_used_for():
+    """Nearest neighbours kept and the rank correlation of pairwise similarities, against fp32; with
+    --budget retrieval=R it is the measure for an embedding model (cosine only where set)."""
+    from torchship.verify import Budget, compare, retrieval
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((64, 32)).astype(np.float32)
+    close = ref + 0.02 * rng.standard_normal(ref.shape).astype(np.float32)  # cosine ~0.9998: neighbours kept
+    rough = ref + 0.3 * rng.standard_normal(ref.shape).astype(np.float32)  # cosine ~0.96
+    shuffled = rng.permutation(ref)  # every item another's vector: nothing kept
+    kept, rho = retrieval(ref, close)
+    assert kept > 0.9 and rho > 0.99
+    assert retrieval(ref, shuffled)[0] < 0.3
+    assert retrieval(ref, ref) == (1.0, 1.0)
+    f = compare({"e": ref}, {"e": rough}, Budget(), task="embed")
+    assert not f.passed and "cosine" in f.reason and f.retrieval is not None  # the default cosine floor holds
+    floor = retrieval(ref, rough)[0] - 0.05
+    f = compare({"e": ref}, {"e": rough}, Budget(min_retrieval=floor), task="embed")
+    assert f.passed, f.reason  # the retrieval floor is the measure: cosine 0.96 does not fail it
+    f = compare({"e": ref}, {"e": shuffled}, Budget(min_retrieval=0.95), task="embed")
+    assert not f.passed and "retrieval" in f.reason and "< 0.95" in f.reason
+    assert Budget.parse("retrieval=0.95").min_retrieval == 0.95
+    assert Budget(min_retrieval=0.95).in_force(embed=True) == {"retrieval": 0.95}
+    assert Budget(min_retrieval=0.95).in_force(embed=False) == {"cosine": 0.999, "top1": 0.99}

@@ -120,7 +120,8 @@ def optimize(
     weights: Optional[str] = typer.Option(None, help="state dict for a module:attr source (.safetensors, or a torch.save file loaded with weights_only=True)"),
     dim: List[str] = typer.Option([], "--dim", help="size of a dynamic dimension for timing, e.g. seq=128"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    budget: Optional[str] = typer.Option(None, help="fidelity budget, e.g. cosine=0.999,top1=0.99,accuracy_drop=0.01"),
+    budget: Optional[str] = typer.Option(None, help="fidelity budget, e.g. cosine=0.999,top1=0.99,accuracy_drop=0.01; retrieval=0.95 for an embedding model "
+                                  "(nearest neighbours kept)"),
     batch_sizes: str = typer.Option("1,8,32", help="batch sizes to time, comma-separated"),
     target_batch_size: Optional[int] = typer.Option(None, help="choose by throughput at this batch size (default: the largest)"),
     latency_slo: Optional[float] = typer.Option(None, "--latency-slo", help="choose the best throughput whose p99 stays under this many ms"),

@@ -13,20 +13,24 @@ from .errors import UsageError
 @dataclass(frozen=True)
 class Budget:
     """What a variant must keep. ``max_accuracy_drop`` applies when labels are given (absolute, 0.01 = 1 point) and
-    then is the measure: the cosine and top-1 floors hold only where set. Without it (or without labels) they
-    default to 0.999 and 0.99 of agreement with the fp32 original."""
+    then is the measure: the cosine and top-1 floors hold only where set. ``min_retrieval`` is the same for an
+    embedding model: what embeddings are used for, the share of each item's nearest neighbours (cosine, among the
+    verification items) that stay its neighbours, against fp32. Without either they default to 0.999 and 0.99 of
+    agreement with the fp32 original."""
 
     min_cosine: float | None = None
     min_top1: float | None = None
     max_accuracy_drop: float | None = None
+    min_retrieval: float | None = None
 
-    def floors(self, by_accuracy: bool) -> tuple[float | None, float | None]:
-        """(cosine, top-1) floors in force: the defaults unless the task metric is the measure."""
-        if by_accuracy:
+    def floors(self, by_task: bool) -> tuple[float | None, float | None]:
+        """(cosine, top-1) floors in force: the defaults unless a task metric is the measure."""
+        if by_task:
             return self.min_cosine, self.min_top1
         return (0.999 if self.min_cosine is None else self.min_cosine), (0.99 if self.min_top1 is None else self.min_top1)
 
-    _KEYS = {"cosine": "min_cosine", "top1": "min_top1", "accuracy_drop": "max_accuracy_drop"}
+    _KEYS = {"cosine": "min_cosine", "top1": "min_top1", "accuracy_drop": "max_accuracy_drop",
+             "retrieval": "min_retrieval"}
 
     @classmethod
     def parse(cls, text: str | None) -> "Budget":
@@ -51,10 +55,13 @@ class Budget:
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
-    def in_force(self, by_accuracy: bool = False) -> dict[str, float]:
-        """The floors and limits that apply, defaults included (what a report prints)."""
-        cosine, top1 = self.floors(by_accuracy and self.max_accuracy_drop is not None)
-        values = {"cosine": cosine, "top1": top1, "accuracy_drop": self.max_accuracy_drop}
+    def in_force(self, by_accuracy: bool = False, embed: bool = False) -> dict[str, float]:
+        """The floors and limits that apply, defaults included (what a report prints); ``embed``: an embedding model,
+        where a retrieval floor is the measure."""
+        by_retrieval = embed and self.min_retrieval is not None
+        cosine, top1 = self.floors(by_accuracy and self.max_accuracy_drop is not None or by_retrieval)
+        values = {"cosine": cosine, "top1": top1, "accuracy_drop": self.max_accuracy_drop,
+                  "retrieval": self.min_retrieval if by_retrieval else None}
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -71,6 +78,39 @@ class Fidelity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     checked: tuple[str, ...] = ()  # the other inputs it was also checked on (batch 1, seq=4, values x2, ...)
     extra_error: float | None = None  # the worst relative error on those
     near_ties: int = 0  # items whose top-2 logits lie within the variant's numeric error (flips there do not count)
+    retrieval: float | None = None  # embeddings: the share of each item's nearest neighbours kept (see ``retrieval``)
+    similarity_rank: float | None = None  # embeddings: rank correlation of the pairwise similarities with fp32's
+
+
+RETRIEVAL_K = 10  # neighbours per item
+
+
+def retrieval(ref: np.ndarray, out: np.ndarray, k: int = RETRIEVAL_K) -> tuple[float, float] | None:
+    """What an embedding is used for, against the reference on the same items: (the mean share of each item's k
+    nearest neighbours by cosine that are still among its k nearest, the Spearman correlation of all pairwise
+    cosines). None for fewer than 3 items or outputs that are not one vector an item."""
+    if ref.ndim != 2 or len(ref) < 3:
+        return None
+    k = min(k, len(ref) - 1)
+
+    def sims(x):
+        x = x.astype(np.float64)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+        return x @ x.T
+    a, b = sims(ref), sims(out)
+    np.fill_diagonal(a, -np.inf)
+    np.fill_diagonal(b, -np.inf)
+    na, nb = np.argsort(-a, axis=1)[:, :k], np.argsort(-b, axis=1)[:, :k]
+    kept = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(na, nb)]))
+    iu = np.triu_indices(len(ref), 1)
+
+    def ranks(v):
+        r = np.empty(len(v))
+        r[np.argsort(v, kind="stable")] = np.arange(len(v))
+        return r
+    ra, rb = ranks(a[iu]), ranks(b[iu])
+    rho = float(np.corrcoef(ra, rb)[0, 1]) if len(ra) > 1 and ra.std() > 0 and rb.std() > 0 else 1.0
+    return kept, rho
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -203,8 +243,11 @@ def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
         top1 = float(1 - (flips & ~tied).mean())
         if labels is not None:
             acc, ref_acc = float((out.argmax(-1) == labels).mean()), float((ref.argmax(-1) == labels).mean())
+    kept = retrieval(ref, out) if task == "embed" else None
     problems = []
-    min_cos, min_top1 = budget.floors(acc is not None and budget.max_accuracy_drop is not None)
+    by_task = (acc is not None and budget.max_accuracy_drop is not None
+               or kept is not None and budget.min_retrieval is not None)
+    min_cos, min_top1 = budget.floors(by_task)
     if not finite:
         problems.append("non-finite outputs")
     rel = relative_error(reference, outputs)
@@ -217,8 +260,11 @@ def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
         problems.append(f"top-1 agreement {top1:.2%} < {min_top1:.0%}")
     if acc is not None and budget.max_accuracy_drop is not None and ref_acc - acc > budget.max_accuracy_drop:
         problems.append(f"accuracy drop {ref_acc - acc:.2%} > {budget.max_accuracy_drop:.2%}")
+    if kept is not None and budget.min_retrieval is not None and kept[0] < budget.min_retrieval:
+        problems.append(f"retrieval {kept[0]:.3f} < {budget.min_retrieval} (nearest neighbours kept)")
     return Fidelity(max_abs, float(cos.mean()), float(cos.min()), top1, acc, ref_acc, not problems,
-                    "; ".join(problems) or "within budget", rel, near_ties=near)
+                    "; ".join(problems) or "within budget", rel, near_ties=near,
+                    retrieval=kept[0] if kept else None, similarity_rank=kept[1] if kept else None)
 
 
 def reference_outputs(model, pool: Mapping[str, np.ndarray], chunk: int) -> dict[str, np.ndarray]:

@@ -113,7 +113,7 @@ class OptimizeResult:
     @property
     def budget(self) -> dict[str, float]:
         """The budget in force, defaults included."""
-        return self.options.budget.in_force(self.labelled)
+        return self.options.budget.in_force(self.labelled, self.task == "embed")
 
     def variant(self, name: str) -> VariantResult:
         return next(v for v in self.variants if v.name == name)

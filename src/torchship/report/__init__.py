@@ -62,6 +62,7 @@ def rows(result, target: int) -> list[dict]:
             "vs its runtime": _fmt(q["vs_runtime"], "{:.2f}x"),
             "cosine": _fmt(f and f.cosine, "{:.6f}"),
             "top-1": _fmt(f and f.top1, "{:.1%}"),
+            "retrieval": _fmt(f and f.retrieval, "{:.3f}"),
             "accuracy": _fmt(f and f.accuracy, "{:.1%}"),
             "max abs err": _fmt(f and f.max_abs_error, "{:.2e}"),
             "size MB": _fmt(r.artifact_bytes and r.artifact_bytes / 2**20, "{:.2f}"),
@@ -73,7 +74,7 @@ def rows(result, target: int) -> list[dict]:
 
 
 def _budget(result) -> str:
-    signs = {"accuracy_drop": "<=", "cosine": ">=", "top1": ">="}
+    signs = {"accuracy_drop": "<=", "cosine": ">=", "top1": ">=", "retrieval": ">="}
     return ", ".join(f"{k} {signs.get(k, '>=')} {v:g}" for k, v in result.budget.items())
 
 
