@@ -58,7 +58,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     machine: dict[str, Any] = {}
     executes: str | None = None  # what loading runs beyond reading data (Python or native code), or None
     notes: tuple[str, ...] = ()  # what optimize noticed about the model as given (training mode, ...)
-    processing: Processing | None = None  # raw input (text) to tensors, as data: the tokenizer's own files
+    processing: Processing | None = None  # raw input (text, images) to tensors and labels out, as data
     control_flow: tuple[Branch, ...] = ()  # where the model branches on its values
     specialized: bool = False  # the artifact keeps one path of that control flow (--allow-specialization)
     files: dict[str, Sha256] = {}
@@ -326,8 +326,8 @@ def info(manifest: Manifest) -> bytes:
 
 @dataclass
 class Loaded:
-    """A loaded bundle: ``loaded({name: array})`` runs a whole batch; a bundle with a text pipeline also takes a list
-    of strings (``loaded(["a sentence", ...])``), tokenized by its own tokenizer.json and padded to the longest."""
+    """A loaded bundle: ``loaded({name: array})`` runs a whole batch; a bundle with processing also takes raw items
+    (``loaded(["a sentence", ...])``, ``loaded([jpeg_bytes, ...])``) through its own pipeline."""
 
     manifest: Manifest
     spec: IOSpec
@@ -348,7 +348,7 @@ class Loaded:
         labels = self.manifest.processing.labels if self.manifest.processing else None
         if labels is None:
             return outputs
-        from .processing.image import answer
+        from .processing.labels import answer
         return {**outputs, **answer(labels, outputs, top_k)}
 
     def encode(self, items: list) -> dict:

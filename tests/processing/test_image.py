@@ -9,7 +9,8 @@ from tests._text import resnet_dir, vit_dir
 from torchship import OptimizeOptions, load_bundle, optimize
 from torchship.errors import SpecError
 from torchship.processing.build import sample_images
-from torchship.processing.image import ImagePipeline, answer
+from torchship.processing.image import ImagePipeline
+from torchship.processing.labels import answer
 from torchship.processing.records import ImageProcessing, Labels
 
 pytestmark = pytest.mark.slow

@@ -1,13 +1,15 @@
 """Raw input to the model's tensors, and its outputs to answers: data in the bundle, never code.
 
-A bundle's ``processing`` record (in its manifest) says how text becomes the model's inputs: the tokenizer's own
-``tokenizer.json`` (Hugging Face ``tokenizers``, in Rust: nothing from the model's directory runs as Python), the
-length it truncates to, and which input each of its results feeds. Pooling and normalization are part of the verified
-graph (``zoo:minilm`` and sentence-transformers directories give a normalized embedding), so what a client gets back
-is the answer. ``check`` is the end-to-end comparison made when the bundle was built: raw text through the bundle's
-pipeline against the original library's own pipeline on the same text.
+A bundle's ``processing`` record (in its manifest) says how raw input becomes the model's inputs. Text: the
+tokenizer's own ``tokenizer.json`` (Hugging Face ``tokenizers``, in Rust: nothing from the model's directory runs as
+Python), the length it truncates to, and which input each of its results feeds (``text.py``). Images: the image
+processor's declared steps, run with Pillow and numpy (``image.py``). A classifier's answer carries its labels and
+scores (``labels.py``). Pooling and normalization are part of the verified graph (``zoo:minilm`` and
+sentence-transformers directories give a normalized embedding). ``check`` is the end-to-end comparison made when the
+bundle was built (``build.py``, at optimize time): raw input through the bundle's pipeline against the original
+library's own pipeline on the same items. A padded batch runs as runs of similar lengths (``lengths.py``).
 
-This module imports neither torch nor transformers: a served bundle needs only ``tokenizers``.
+Nothing here but ``build.py`` imports torch or transformers: a served bundle needs ``tokenizers`` and Pillow.
 """
 from __future__ import annotations
 

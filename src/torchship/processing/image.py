@@ -1,5 +1,4 @@
-"""Images to the model's pixel tensor with Pillow and numpy, as the model's image processor declares, and a
-classifier's logits to labels and scores.
+"""Images to the model's pixel tensor with Pillow and numpy, as the model's image processor declares.
 
 The steps are those of transformers' own (Pillow) image processors, in their order: decode, EXIF orientation, RGB,
 resize (Pillow, the declared filter), center crop, rescale, normalize, channels first. An image is checked before
@@ -14,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import SpecError
-from .records import ImageProcessing, Labels
+from .records import ImageProcessing
 
 
 def _pil():
@@ -112,16 +111,3 @@ def _center_crop(image, size: tuple[int, int]):
         image, (w, h) = canvas, canvas.size
     top, left = (h - ch) // 2, (w - cw) // 2
     return image.crop((left, top, left + cw, top + ch))
-
-
-def answer(labels: Labels, outputs: dict, top_k: int = 1) -> dict[str, np.ndarray]:
-    """``label`` (the class names, BYTES) and ``score`` (softmax) of each item's ``top_k`` best classes: shape (n,)
-    for one, (n, k) for more."""
-    logits = np.asarray(outputs[labels.output], dtype=np.float64)
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    p = z / z.sum(-1, keepdims=True)
-    k = max(1, min(int(top_k), p.shape[-1]))
-    best = np.argsort(-p, axis=-1, kind="stable")[..., :k]
-    names = np.asarray(labels.names, dtype=object)
-    label, score = names[best], np.take_along_axis(p, best, -1).astype(np.float32)
-    return {"label": label[..., 0], "score": score[..., 0]} if k == 1 and top_k == 1 else {"label": label, "score": score}

@@ -29,7 +29,7 @@ from ..bundle import Bundle
 from ..errors import (BadRequest, Busy, Disconnected, LengthRequired, ModelFailed, NotFound, QueueFull, ServeError,
                       ShuttingDown, SpecError, TooLarge, TorchshipError, Unavailable)
 from .batcher import BatchConfig
-from ..processing.image import answer
+from ..processing.labels import answer
 from .metrics import Metrics
 from . import protocol
 from .protocol import HEADER, check_feeds, encode_outputs, metadata
