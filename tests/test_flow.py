@@ -87,3 +87,17 @@ def test_check_reports_the_places_with_the_fix():
     f = c.control_flow(load_source("tests.models:NegativeMean"))
     assert f.found and "if x.mean() < -1:" in f.evidence and "torch.cond" in f.fix and "--allow-specialization" in f.fix
     assert c.control_flow(load_source("tests.models:ShapeBranch")).status == "ok"
+
+
+def test_a_model_whose_control_flow_cannot_be_looked_for_is_checked_on_pushed_values_too():
+    from types import SimpleNamespace
+
+    from torchship.spec import IOSpec
+    from torchship.verify import extra_cases
+    spec = IOSpec.parse(["x:float32[batch,8]"])
+    plain = SimpleNamespace(spec=spec, dims={}, branches=())
+    unknown = SimpleNamespace(spec=spec, dims={}, branches=(), branches_unknown="dynamo could not capture it")
+    labels = lambda m, **kw: {label for label, _ in extra_cases(m, None, **kw)}  # noqa: E731
+    pushed = {"values x10000", "values shifted -10", "values shifted +10"}
+    assert not pushed & labels(plain) and pushed <= labels(unknown)
+    assert not pushed & labels(unknown, branch_cases=False)  # --allow-specialization

@@ -151,8 +151,8 @@ def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,
     """Inputs beyond the example, where a graph that specialized on it (a loop unrolled, a branch taken, a shape
     fixed) gives another answer than the model: batch 1 and an odd batch, each dynamic dimension smaller and larger
     (with padding in an attention mask), and inputs scaled by 0.5, 2 and -1; for a model that branches on its values,
-    ``branch_cases`` adds them scaled by 10,000 and shifted by -10 and +10 (not when the user consented to
-    specializing: they said the branch never fires)."""
+    ``branch_cases`` adds them scaled by 10,000 and shifted by -10 and +10, and so for a model whose control flow
+    could not be looked for (not when the user consented to specializing: they said the branch never fires)."""
     spec, dims = model.spec, dict(model.dims)
 
     def base(batch: int) -> dict[str, np.ndarray]:
@@ -177,7 +177,8 @@ def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,
         for label, factor in (("values x0.5", 0.5), ("values x2", 2.0), ("values negated", -1.0)):
             feeds = base(4)
             cases.append((label, {k: (v * factor).astype(v.dtype) if k in floats else v for k, v in feeds.items()}))
-    if floats and branch_cases and getattr(model, "branches", ()):  # it branches on its values: push them far both ways, so
+    branchy = getattr(model, "branches", ()) or getattr(model, "branches_unknown", None)  # found, or not looked for
+    if floats and branch_cases and branchy:  # it branches on its values (or may): push them far both ways, so
         # that a variant which kept the branch (TorchScript script, compile) is checked on the other side where
         # these reach it
         for label, scale, shift in (("values x10000", 1e4, 0.0), ("values shifted -10", 1.0, -10.0),
