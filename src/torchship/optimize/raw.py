@@ -10,38 +10,34 @@ import msgspec
 from ..errors import UsageError, first_line
 
 
-def with_tokenizer(model, folder: Path):
-    """``model`` with the tokenizer saved in ``folder`` (optimize --tokenizer), for a source that has none."""
+def _given(model, folder: Path, flag: str, loader: str, files: tuple[str, ...], tensor: str, field: str):
+    """``model`` with a processor saved in ``folder`` (``flag`` on the command line), loaded by transformers'
+    ``loader`` class from one of ``files``, for a model that takes ``tensor``."""
     from ..errors import SourceError
     from ..modules import transformers
-    from ..sources.hf import TOKENIZER_FILES
-    if not any((folder / f).exists() for f in TOKENIZER_FILES):
-        raise UsageError(f"--tokenizer {folder}: cannot load a tokenizer from it (none of {', '.join(TOKENIZER_FILES)} "
-                         "is there); give a directory with tokenizer.json (tokenizer.save_pretrained(DIR))")
+    what = f"a directory with {files[0]} (save_pretrained(DIR))"
+    if not any((folder / f).exists() for f in files):
+        raise UsageError(f"{flag} {folder}: none of {', '.join(files)} is there; give {what}")
     try:
-        tok = transformers().AutoTokenizer.from_pretrained(str(folder))
+        found = getattr(transformers(), loader).from_pretrained(str(folder))
     except Exception as exc:
-        raise UsageError(f"--tokenizer {folder}: cannot load a tokenizer from it ({first_line(exc)}); give a directory "
-                         "with tokenizer.json (tokenizer.save_pretrained(DIR))") from None
-    if "input_ids" not in model.spec.input_names:
-        raise SourceError(f"--tokenizer: the model takes {model.spec.input_names}, not input_ids: text cannot feed it")
-    return replace(model, tokenizer=tok)
+        raise UsageError(f"{flag} {folder}: cannot load it ({first_line(exc)}); give {what}") from None
+    if tensor not in model.spec.input_names:
+        raise SourceError(f"{flag}: the model takes {model.spec.input_names}, not {tensor}: raw input cannot feed it")
+    return replace(model, **{field: found})
+
+
+def with_tokenizer(model, folder: Path):
+    """``model`` with the tokenizer saved in ``folder`` (optimize --tokenizer), for a source that has none."""
+    from ..sources.hf import TOKENIZER_FILES
+    return _given(model, folder, "--tokenizer", "AutoTokenizer", TOKENIZER_FILES, "input_ids", "tokenizer")
 
 
 def with_image_processor(model, folder: Path):
     """``model`` with the image processor saved in ``folder`` (optimize --image-processor), for a source that has
     none."""
-    from ..errors import SourceError
-    from ..modules import transformers
-    try:
-        proc = transformers().AutoImageProcessor.from_pretrained(str(folder))
-    except Exception as exc:
-        raise UsageError(f"--image-processor {folder}: cannot load an image processor from it ({first_line(exc)}); give "
-                         "a directory with preprocessor_config.json (processor.save_pretrained(DIR))") from None
-    if "pixel_values" not in model.spec.input_names:
-        raise SourceError(f"--image-processor: the model takes {model.spec.input_names}, not pixel_values: images "
-                          "cannot feed it")
-    return replace(model, image_processor=proc)
+    return _given(model, folder, "--image-processor", "AutoImageProcessor", ("preprocessor_config.json",),
+                  "pixel_values", "image_processor")
 
 
 def with_processing(result, model, root: Path):
