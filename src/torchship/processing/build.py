@@ -54,12 +54,9 @@ def text_processing(model, workdir: Path, max_length: int | None = None) -> tupl
 
 
 def check_texts(model) -> tuple[list[str], tuple[str, ...]]:
-    """What the text pipeline is checked on: the source's own held-out sentences (for zoo:minilm) and the hard cases,
-    in one batch of mixed lengths."""
-    own = []
-    if model.name == "minilm":
-        from ..zoo.minilm import sentences
-        own = sentences(16, seed=7)
+    """What the text pipeline is checked on: the source's own held-out sentences (``model.texts``: zoo:minilm has
+    some) and the hard cases, in one batch of mixed lengths."""
+    own = list(model.texts or ())[:16]
     texts = own + list(HARD_TEXT.values()) + [LONG_TEXT]
     cases = (("held-out sentences",) if own else ()) + tuple(HARD_TEXT) + ("longer than the model takes",
                                                                             "mixed lengths in one batch")

@@ -154,6 +154,7 @@ def load_hf_dir(path: Path, dims: Mapping[str, int], *, pooling: str | None = No
     names = tuple(str(id2label.get(i, id2label.get(str(i), i))) for i in range(len(id2label))) or None
     return replace(m, arch=arch, tokenizer=tokenizer, text_length=_text_length(tokenizer, config, st_length),
                    text_reference=reference, image_processor=image_processor, class_names=names,
+                   texts=tuple(sentences) if sentences else None,
                    eval_data=tokenize(tokenizer, sentences, dims["seq"]) if sentences else None)
 
 

@@ -37,6 +37,7 @@ class Model:
     tokenizer: Any = None  # a transformers tokenizer (text models): its tokenizer.json goes into the bundle
     text_length: int | None = None  # the tokens a text is truncated to (sentence-transformers' max_seq_length, ...)
     text_reference: Path | None = None  # a sentence-transformers directory: its encode() is the pipeline to match
+    texts: tuple[str, ...] | None = None  # held-out raw text, where the source has some (its pipeline is checked on it)
     image_processor: Any = None  # a transformers image processor (vision models): its steps go into the bundle
     class_names: tuple[str, ...] | None = None  # a classifier's labels by class index (id2label)
     branches: tuple = ()  # flow.Branch: where the forward branches on its values (found once, before any build)
