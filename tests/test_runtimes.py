@@ -1,6 +1,6 @@
 """Every runtime describes itself once (``runtimes.base.DESCRIPTORS``) and the plan, the choice, the bundle, the
 control-flow rule and the CLI read that: a runtime missing a fact fails here, not in a user's run."""
-import importlib
+import importlib.util
 import re
 
 import pytest
@@ -15,7 +15,7 @@ from torchship.runtimes.base import DESCRIPTORS, MODULES, Descriptor, describe, 
 def test_each_runtime_has_a_module_that_registers_it_and_a_descriptor(name):
     d = describe(name)
     assert d.name == name and d.what and d.takes and set(d.takes) <= {"module", "onnx"}
-    importlib.util.find_spec(f"torchship.runtimes.{name}")  # its own module
+    assert importlib.util.find_spec(f"torchship.runtimes.{name}") is not None  # its own module
     try:
         assert get(name).name == name  # registered under its name
     except MissingExtra as exc:  # its packages are an extra the machine lacks: the error names it
