@@ -69,6 +69,49 @@ class Running:
         return self.proc.returncode
 
 
+def wait_for(condition, what: str, seconds: float = 60.0):
+    """Polls ``condition`` until it is true (returning its value). The bound only keeps a broken server from hanging
+    the suite: it fails the test saying what never happened, and never decides a result."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened within {seconds:.0f} s: {what}")
+        time.sleep(0.01)
+
+
+class Gate:
+    """Sets the pace of ``tests.models.Slow`` (and ``Hang``) in a server started with ``env=gate.env``: ``close()``
+    and each batch that starts waits in the model until ``open()``; ``held()`` lists (pid, size) of the batches that
+    started while closed."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.env = {"TORCHSHIP_TEST_GATE": str(self.path)}
+
+    def close(self) -> None:
+        self.path.touch()
+
+    def open(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def held(self) -> list[tuple[int, int]]:
+        log = Path(f"{self.path}.held")
+        return [tuple(map(int, line.split())) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def wait_held(self, n: int) -> list[tuple[int, int]]:
+        return wait_for(lambda: len(self.held()) >= n and self.held(), f"{n} batch(es) held in the model")
+
+
+@pytest.fixture
+def gate(tmp_path):
+    g = Gate(tmp_path / "gate")
+    yield g
+    g.open()  # never leave a server's model waiting
+
+
 @pytest.fixture
 def server(tmp_path):
     started = []

@@ -31,5 +31,5 @@ def digits_run(tmp_path_factory):
     return optimize("zoo:digits-cnn", OptimizeOptions(batch_sizes=(1, 8), seconds_per_size=0.2, transforms=()), out=out)
 
 
-from tests._server import digits_bundle, repository, server, slow_bundle  # noqa: E402,F401  (shared fixtures)
+from tests._server import digits_bundle, gate, repository, server, slow_bundle  # noqa: E402,F401  (shared fixtures)
 from tests._text import st_bundle, st_dir, vit_bundle  # noqa: E402,F401

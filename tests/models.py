@@ -72,7 +72,11 @@ NOT_A_MODEL = 42
 
 
 class Slow(nn.Module):
-    """Doubles its input after sleeping ``delay`` seconds per batch: a stand-in for a heavy model."""
+    """Doubles its input after sleeping ``delay`` seconds per batch: a stand-in for a heavy model.
+
+    Its pace can also be set by the test (``tests._server.Gate``): while the file named by ``$TORCHSHIP_TEST_GATE``
+    exists, each batch first writes ``pid size`` to that name + ``.held`` and then waits until the file is gone. So a
+    test of queues, deadlines, drains and dead workers waits on events it controls, not on this machine's speed."""
 
     example_inputs = ["x:float32[batch,4]"]
     delay = 0.02
@@ -82,8 +86,15 @@ class Slow(nn.Module):
         self.scale = nn.Parameter(torch.tensor(2.0))
 
     def forward(self, x):
+        import os
         import time
         time.sleep(self.delay)
+        gate = os.environ.get("TORCHSHIP_TEST_GATE")
+        if gate and os.path.exists(gate):
+            with open(gate + ".held", "a") as f:
+                f.write(f"{os.getpid()} {x.shape[0]}\n")
+            while os.path.exists(gate):
+                time.sleep(0.002)
         return x * self.scale
 
 
@@ -223,13 +234,18 @@ class Lstm(nn.Module):
 
 
 class Hang(Slow):
-    """Slow, and never answers (sleeps ``hang`` seconds) when the first value is 12345: a model that hangs."""
+    """Slow, and never answers (sleeps ``hang`` seconds) when the first value is 12345: a model that hangs. With
+    ``$TORCHSHIP_TEST_GATE`` set, a batch that hangs first says so in that name + ``.held``, as ``Slow`` does."""
 
     hang = 120.0
 
     def forward(self, x):
+        import os
         import time
         if float(x.reshape(-1)[0]) == 12345.0:
+            if os.environ.get("TORCHSHIP_TEST_GATE"):
+                with open(os.environ["TORCHSHIP_TEST_GATE"] + ".held", "a") as f:
+                    f.write(f"{os.getpid()} {x.shape[0]}\n")
             time.sleep(self.hang)
         return super().forward(x)
 

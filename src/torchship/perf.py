@@ -128,12 +128,25 @@ class _Connection:
         self.reader = self.writer = None
 
 
+def arrivals(rate: float, poisson: bool, duration: float, max_requests: int, seed: int = 0) -> list[float]:
+    """When an open loop sends its requests, in seconds from its start: every 1/rate, or a Poisson process of that
+    rate (exponential gaps, a fixed seed: the same schedule every run), up to ``duration`` and ``max_requests``."""
+    rng, at, out = random.Random(seed), 0.0, []
+    while at < duration and len(out) < max_requests:
+        out.append(at)
+        at += rng.expovariate(rate) if poisson else 1.0 / rate
+    return out
+
+
 async def _run(url: str, body: bytes, headers: dict, *, concurrency: int | None, rate: float | None, poisson: bool,
-               duration: float, max_requests: int) -> tuple[list[float], dict, int]:
+               duration: float, max_requests: int) -> tuple[list[float], dict, int, float]:
+    """Latencies of the successes (ms), errors by kind, requests sent, and the seconds the run took (less than
+    ``duration`` when ``max_requests`` ended it)."""
     import httpx
     parsed = httpx.URL(url)
     latencies, errors, sent = [], {}, 0
-    stop = time.monotonic() + duration
+    start = time.monotonic()
+    stop = start + duration
     idle: list[_Connection] = []
 
     async def one():
@@ -158,8 +171,7 @@ async def _run(url: str, body: bytes, headers: dict, *, concurrency: int | None,
                 await one()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     else:
-        tasks, next_at, in_flight = [], time.monotonic(), [0]
-        rng = random.Random(0)
+        tasks, in_flight = [], [0]
 
         async def counted():
             in_flight[0] += 1
@@ -167,8 +179,8 @@ async def _run(url: str, body: bytes, headers: dict, *, concurrency: int | None,
                 await one()
             finally:
                 in_flight[0] -= 1
-        while next_at < stop and sent < max_requests:
-            delay = next_at - time.monotonic()
+        for at in arrivals(rate, poisson, duration, max_requests):
+            delay = start + at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             if in_flight[0] >= MAX_OPEN:  # the client's own limit: counted, never sent
@@ -176,11 +188,10 @@ async def _run(url: str, body: bytes, headers: dict, *, concurrency: int | None,
             else:
                 tasks.append(asyncio.ensure_future(counted()))
             sent += 1
-            next_at += rng.expovariate(rate) if poisson else 1.0 / rate
         await asyncio.gather(*tasks)
     for conn in idle:
         conn.close()
-    return latencies, errors, sent
+    return latencies, errors, sent, time.monotonic() - start
 
 
 def _loop_run(coro):
@@ -214,7 +225,7 @@ def perf(url: str, model: str, *, concurrency: list[int] | None = None, rate: fl
         rows = []
         for kind, value in modes:
             before = _counters(c, base, model)
-            lat, errors, sent = _loop_run(_run(target, body, headers, concurrency=value if kind == "concurrency" else None,
+            lat, errors, sent, took = _loop_run(_run(target, body, headers, concurrency=value if kind == "concurrency" else None,
                                                  rate=value if kind == "rate" else None, poisson=poisson,
                                                  duration=duration, max_requests=max_requests))
             after = _counters(c, base, model)
@@ -223,5 +234,5 @@ def perf(url: str, model: str, *, concurrency: list[int] | None = None, rate: fl
                 avg = (after[0] - before[0]) / (after[1] - before[1])
             pct = np.percentile(lat, [50, 90, 99]).tolist() if lat else [None] * 3
             label = f"rate {value:g}/s{' poisson' if poisson else ''}" if kind == "rate" else f"concurrency {value}"
-            rows.append(PerfRow(label, sent, len(lat), errors, len(lat) / duration, *pct, avg))
+            rows.append(PerfRow(label, sent, len(lat), errors, len(lat) / max(took, 1e-9), *pct, avg))
     return rows

@@ -25,13 +25,29 @@ SEQ = IOSpec(IOSpec.parse(["input_ids:int64[batch,seq]", "attention_mask:int64[b
 
 
 class FakeRunner:
-    """Doubles its input; records each batch; can be slow or fail."""
+    """Doubles its input; records each batch; can be slow or fail. With ``gated``, each batch waits until the test
+    calls ``open()``: the test sets the pace with events, not with this machine's speed."""
 
-    def __init__(self, delay=0.0, fail=None, drop_row=False):
+    def __init__(self, delay=0.0, fail=None, drop_row=False, gated=False):
         self.batches, self.delay, self.fail, self.drop_row = [], delay, fail, drop_row
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+
+    def open(self):
+        self.gate.set()
+
+    async def running(self, n=1):
+        """Until ``n`` batches have reached the runner (bounded only so that a broken batcher fails, not hangs)."""
+        for _ in range(30_000):
+            if len(self.batches) >= n:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"{n} batch(es) never reached the runner")
 
     def __call__(self, feeds):
         self.batches.append({k: v.copy() for k, v in feeds.items()})
+        self.gate.wait(60)
         time.sleep(self.delay)
         if self.fail:
             raise self.fail
@@ -60,11 +76,19 @@ async def _with(batcher, make):
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_rows():
-    runner = FakeRunner(delay=0.01)
+    runner = FakeRunner(gated=True)
     b = Batcher(runner, SPEC, BatchConfig(max_batch_size=8, max_queue_delay_s=0.02))
-    outs = run(_with(b, lambda: asyncio.gather(*(b.submit(x(1, float(i))) for i in range(20)))))
+
+    async def go():
+        first = asyncio.ensure_future(b.submit(x(1, 0.0)))
+        await runner.running(1)  # held: the other 19 queue behind it
+        rest = [asyncio.ensure_future(b.submit(x(1, float(i)))) for i in range(1, 20)]
+        await _turns()
+        runner.open()
+        return await asyncio.gather(first, *rest)
+    outs = run(_with(b, go))
     assert [float(o["y"][0, 0]) for o in outs] == [2.0 * i for i in range(20)]
-    assert len(runner.batches) < 20 and max(len(f["x"]) for f in runner.batches) <= 8
+    assert [len(f["x"]) for f in runner.batches] == [1, 8, 8, 3]
 
 
 def test_a_request_larger_than_max_batch_runs_alone():
@@ -75,15 +99,16 @@ def test_a_request_larger_than_max_batch_runs_alone():
 
 
 def test_expired_requests_are_dropped_before_compute():
-    runner = FakeRunner(delay=0.1)
+    runner = FakeRunner(gated=True)
     b = Batcher(runner, SPEC, BatchConfig(max_batch_size=1, max_queue_delay_s=0))
 
     async def go():
         first = asyncio.ensure_future(b.submit(x(1, 1.0)))
-        await asyncio.sleep(0.01)  # the first is running for 100 ms
-        late = b.submit(x(1, 7.0), timeout_s=0.02)
-        results = await asyncio.gather(first, late, return_exceptions=True)
-        return results
+        await runner.running(1)  # the first holds the runner
+        late = asyncio.ensure_future(b.submit(x(1, 7.0), timeout_s=0.02))
+        await asyncio.sleep(0.05)  # a minimum, not a race: its 20 ms have passed while the runner is held
+        runner.open()
+        return await asyncio.gather(first, late, return_exceptions=True)
     first, late = run(_with(b, go))
     assert float(first["y"][0, 0]) == 2.0
     assert isinstance(late, DeadlineExceeded)
@@ -91,28 +116,37 @@ def test_expired_requests_are_dropped_before_compute():
 
 
 def test_timeout_may_only_lower_the_server_default():
-    b = Batcher(FakeRunner(delay=0.05), SPEC, BatchConfig(max_batch_size=1, max_queue_delay_s=0, timeout_s=0.01))
+    runner = FakeRunner(gated=True)
+    b = Batcher(runner, SPEC, BatchConfig(max_batch_size=1, max_queue_delay_s=0, timeout_s=0.01))
 
     async def go():
         first = asyncio.ensure_future(b.submit(x(1)))
-        await asyncio.sleep(0.005)
-        return await asyncio.gather(first, b.submit(x(1), timeout_s=60), return_exceptions=True)
+        await runner.running(1)
+        second = asyncio.ensure_future(b.submit(x(1), timeout_s=60))  # asks for more than the server's 10 ms
+        await asyncio.sleep(0.05)
+        runner.open()
+        return await asyncio.gather(first, second, return_exceptions=True)
     _, second = run(_with(b, go))
     assert isinstance(second, DeadlineExceeded)
 
 
 def test_full_queue_rejects_at_once():
-    b = Batcher(FakeRunner(delay=0.2), SPEC, BatchConfig(max_batch_size=1, max_queue_delay_s=0, max_queue_requests=2))
+    runner = FakeRunner(gated=True)
+    b = Batcher(runner, SPEC, BatchConfig(max_batch_size=1, max_queue_delay_s=0, max_queue_requests=2))
 
     async def go():
-        tasks = [asyncio.ensure_future(b.submit(x(1))) for _ in range(6)]
-        t0 = time.monotonic()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        return results, time.monotonic() - t0
-    results, _ = run(_with(b, go))
-    rejected = [r for r in results if isinstance(r, QueueFull)]
-    assert len(rejected) >= 3 and all("queue full" in str(r) for r in rejected)
-    assert all(isinstance(r, dict) for r in results if not isinstance(r, QueueFull))
+        first = asyncio.ensure_future(b.submit(x(1)))
+        await runner.running(1)
+        queued = [asyncio.ensure_future(b.submit(x(1))) for _ in range(2)]
+        refused = [asyncio.ensure_future(b.submit(x(1))) for _ in range(3)]
+        await _turns()
+        at_once = [t.done() for t in refused] + [t.done() for t in queued]  # while the runner is still held
+        runner.open()
+        return at_once, await asyncio.gather(first, *queued, *refused, return_exceptions=True)
+    at_once, results = run(_with(b, go))
+    assert at_once == [True] * 3 + [False] * 2
+    assert all(isinstance(r, dict) for r in results[:3])
+    assert all(isinstance(r, QueueFull) and "queue full" in str(r) for r in results[3:])
 
 
 def test_errors_reach_every_waiting_request():
@@ -237,9 +271,17 @@ def test_a_full_batch_of_an_inline_model_goes_from_the_request_that_filled_it_un
 
 
 def test_a_request_whose_model_never_answers_gets_a_504():
+    runner = FakeRunner(gated=True)  # never answers until the test opens it, after the request's answer
+
     async def scenario():
-        b = Batcher(FakeRunner(delay=0.6), SPEC, BatchConfig(timeout_s=0.1))  # a batch far past every deadline
-        return await _with(b, lambda: b.submit(x(1)))
+        b = Batcher(runner, SPEC, BatchConfig(timeout_s=0.1))
+
+        async def answered():
+            try:
+                return await b.submit(x(1))
+            finally:
+                runner.open()  # after the answer: the batch itself could not have ended it
+        return await _with(b, answered)
     with pytest.raises(DeadlineExceeded, match="gave no answer within 0.2 s"):
         run(scenario())
 

@@ -2,15 +2,14 @@
 same messages, the same limits and metrics, the admin token as metadata, and a drain that answers what it took."""
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 from tritonclient.utils import InferenceServerException
 
-from tests._server import free_port
-from tests.serve.test_server import images
+from tests._server import free_port, wait_for
+from tests.serve.test_server import _refuses_connections, images
 
 pytestmark = pytest.mark.slow
 
@@ -50,10 +49,10 @@ def test_tritonclient_grpc_gets_what_http_gets(server, digits_bundle):
     assert infer(url, x).as_numpy("logits").shape == (5, 10)  # and it still serves
 
 
-def test_grpc_sheds_a_full_queue_and_drains_on_sigterm(server, slow_bundle):
+def test_grpc_sheds_a_full_queue_and_drains_on_sigterm(server, slow_bundle, gate):
     port = free_port()
     s = server(slow_bundle, "--trust-code", "--grpc-port", str(port), "--max-queue", "2", "--max-batch-size", "1",
-               "--drain-timeout", "10")
+               "--drain-timeout", "60", env=gate.env)
     url = f"127.0.0.1:{port}"
     x = np.ones((1, 4), np.float32)
     results = []
@@ -63,16 +62,26 @@ def test_grpc_sheds_a_full_queue_and_drains_on_sigterm(server, slow_bundle):
             res = infer(url, x, model="slow", name="x")
             results.append(float(res.as_numpy(res.get_response().outputs[0].name)[0, 0]))
         except InferenceServerException as exc:
-            results.append(exc.status())
-    threads = [threading.Thread(target=one) for _ in range(12)]
-    for t in threads:
-        t.start()
-    time.sleep(0.05)
+            results.append(exc)
+    gate.close()
+    threads = [threading.Thread(target=one)]
+    threads[0].start()
+    gate.wait_held(1)  # one runs, held in the model
+    for n in (1, 2):  # two wait in the queue
+        threads.append(threading.Thread(target=one))
+        threads[-1].start()
+        wait_for(lambda: s.metric("torchship_queue_depth") == n, f"{n} queued")
+    with pytest.raises(InferenceServerException) as shed:  # the next is shed at once, while nothing can finish
+        infer(url, x, model="slow", name="x")
+    assert shed.value.status() == "StatusCode.UNAVAILABLE" and "queue full" in shed.value.message()
+    assert results == [] and s.metric("torchship_rejected_total") == 1
     s.proc.send_signal(signal.SIGTERM)  # while requests are queued and running
+    wait_for(lambda: _refuses_connections(s), "the drain begun (new connections refused)")
+    gate.open()
     for t in threads:
-        t.join(30)
-    assert s.proc.wait(30) == 0
-    assert len(results) == 12 and 2.0 in results and set(results) <= {2.0, "StatusCode.UNAVAILABLE"}, results
+        t.join(60)
+    assert s.proc.wait(60) == 0
+    assert results == [2.0] * 3  # every request it took was answered
 
 
 def test_grpc_repository_rpcs_take_the_token_as_metadata(server, repository):
