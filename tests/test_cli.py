@@ -23,6 +23,27 @@ def run(capsys, *args):
     (["optimize", "tests.models:Tiny", "--train-epochs", "0"], 2, "--train-epochs must be at least 1"),
     (["optimize"], 2, "Missing argument"),
     (["bundle", "verify", "/nonexistent/b"], 2, "not a bundle"),
+    (["optimize", "tests.models:Tiny", "--batch-sizes", "0"], 2, "--batch-sizes '0': give at least one positive integer"),
+    (["optimize", "tests.models:Tiny", "--time-budget", "0"], 2, "--time-budget must be a positive number of seconds"),
+    (["check", "tests.models:Tiny", "--workers", "0"], 2, "--workers must be at least 1, got 0"),
+    (["perf", "127.0.0.1:9", "-m", "x", "--rate", "0"], 2, "--rate must be positive, got 0"),
+    (["perf", "127.0.0.1:9", "-m", "x", "--duration", "0"], 2, "--duration must be between 0 and 3600 seconds"),
+    (["perf", "127.0.0.1:9", "-m", "x", "--duration", "99999"], 2, "--duration must be between 0 and 3600 seconds"),
+    # serve's settings are checked before any bundle is read or any port bound
+    (["serve", "/nonexistent/b", "--workers", "0"], 2, "--workers and --procs must be at least 1, got 0 and 1"),
+    (["serve", "/nonexistent/b", "--procs", "0"], 2, "--workers and --procs must be at least 1, got 1 and 0"),
+    (["serve", "/nonexistent/b", "--max-body-mb", "0"], 2, "--max-body-mb and --max-json-mb must be positive"),
+    (["serve", "/nonexistent/b", "--max-batch-size", "0"], 2, "--max-batch-size must be at least 1, got 0"),
+    (["serve", "/nonexistent/b", "--max-queue", "0"], 2, "--max-queue must be at least 1, got 0"),
+    (["serve", "/nonexistent/b", "--slo-ms", "0"], 2, "--slo-ms must be positive, got 0"),
+    (["serve", "/nonexistent/b", "--timeout-ms", "-5"], 2, "--timeout-ms must be positive, got -5"),
+    (["serve", "/nonexistent/b", "--drain-timeout", "0"], 2, "--drain-timeout must be a positive number of seconds"),
+    (["serve", "/nonexistent/b", "--preferred-batch-sizes", "0"], 2, "--preferred-batch-sizes '0': give at least one"),
+    (["serve", "/nonexistent/b", "--preferred-batch-sizes", "x"], 2, "write comma-separated integers, e.g. 1,8,32"),
+    (["serve", "/nonexistent/b", "--max-items", "0"], 2, "--max-items, --max-item-kb and --max-image-mb must be positive"),
+    (["serve", "/nonexistent/b", "--admin-token-file", "/nonexistent/token"], 2, "cannot read --admin-token-file"),
+    (["serve", "/nonexistent/b", "--ray", "--procs", "2"], 2, "--procs is for one machine; on Ray Serve, scale with --replicas"),
+    (["serve", os.path.dirname(__file__)], 2, "is neither a bundle nor a model repository"),
 ])
 def test_errors_are_one_clear_line(capsys, args, code, fragment):
     got, out, err = run(capsys, *args)
@@ -59,7 +80,13 @@ def test_unwritable_or_occupied_output_fails_before_any_work(capsys, tmp_path):
     code, out, err = run(capsys, "optimize", "tests.models:Tiny", "--out", str(occupied))
     assert code == 1 and "refusing to overwrite" in err and "loading" not in err
     assert (occupied / "thesis.tex").read_text() == "precious"
-    if os.geteuid() != 0:  # root can write anywhere
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("precious")
+    code, out, err = run(capsys, "optimize", "tests.models:Tiny", "--out", str(a_file))
+    assert code == 1 and "exists and is not a directory" in err and a_file.read_text() == "precious"
+    code, out, err = run(capsys, "optimize", "tests.models:Tiny", "--out", str(a_file / "b"))  # root cannot either
+    assert code == 1 and "cannot write to" in err and "it is a file" in err and "Traceback" not in err
+    if os.geteuid() != 0:  # root can write into a read-only directory; the case above holds for everyone
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         code, out, err = run(capsys, "optimize", "tests.models:Tiny", "--out", str(locked / "b"))

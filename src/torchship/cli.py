@@ -277,8 +277,12 @@ def serve(
     _no_code_from_the_current_directory()
     if workers < 1 or procs < 1:
         raise UsageError(f"--workers and --procs must be at least 1, got {workers} and {procs}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise UsageError(f"--max-batch-size must be at least 1, got {max_batch_size}")
+    if drain_timeout <= 0:
+        raise UsageError(f"--drain-timeout must be a positive number of seconds, got {drain_timeout:g}")
     batch = BatchConfig(max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
-                        slo_s=slo_ms / 1e3 if slo_ms else None, inline_s=inline_under_ms / 1e3, busy_delay_s=busy_delay_us / 1e6,
+                        slo_s=slo_ms / 1e3 if slo_ms is not None else None, inline_s=inline_under_ms / 1e3, busy_delay_s=busy_delay_us / 1e6,
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
     if max_body_mb <= 0 or max_json_mb <= 0:
         raise UsageError("--max-body-mb and --max-json-mb must be positive")

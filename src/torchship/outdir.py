@@ -31,6 +31,8 @@ def check_writable(out: Path, *, marker: str | None = None, option: str = "--out
     parent = out.resolve().parent
     if not parent.exists():
         raise OutputError(f"{parent} does not exist; create it or choose another {option}")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write to {parent}: it is a file, not a directory; choose another {option}")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write to {parent}; choose another {option}")
 

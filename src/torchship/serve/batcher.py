@@ -37,9 +37,18 @@ class BatchConfig:
     busy_delay_s: float = 0.002  # with max_queue_delay 0: how long a batch waits to fill while the loop is saturated
 
     def __post_init__(self):
-        if (self.max_batch_size < 1 or self.max_queue_requests < 1 or self.max_queue_delay_s < 0 or self.inline_s < 0
-                or self.busy_delay_s < 0):
-            raise UsageError(f"batching settings must be positive: {self}")
+        checks = (  # (the serve option, its value in the option's unit, whether it is allowed, the rule)
+            ("--max-batch-size", self.max_batch_size, self.max_batch_size >= 1, "at least 1"),
+            ("--max-queue", self.max_queue_requests, self.max_queue_requests >= 1, "at least 1"),
+            ("--max-queue-delay-us", self.max_queue_delay_s * 1e6, self.max_queue_delay_s >= 0, "0 or more"),
+            ("--timeout-ms", self.timeout_s * 1e3, self.timeout_s > 0, "positive"),
+            ("--slo-ms", (self.slo_s or 0) * 1e3, self.slo_s is None or self.slo_s > 0, "positive"),
+            ("--inline-under-ms", self.inline_s * 1e3, self.inline_s >= 0, "0 or more"),
+            ("--busy-delay-us", self.busy_delay_s * 1e6, self.busy_delay_s >= 0, "0 or more"),
+        )
+        wrong = [f"{flag} must be {rule}, got {value:g}" for flag, value, ok, rule in checks if not ok]
+        if wrong:
+            raise UsageError("; ".join(wrong))
 
 
 @dataclass(eq=False)
