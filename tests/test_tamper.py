@@ -179,7 +179,7 @@ def test_a_bad_manifest_is_one_line_from_every_entry_point(what, change, fragmen
     assert code == 2 and fragment in " ".join(err.split()) and "Traceback" not in err
 
 
-def test_symlinks_out_of_the_bundle_are_refused(good, tmp_path):
+def test_symlinks_out_of_the_bundle_are_refused(good, tmp_path, capsys):
     secret = tmp_path / "secret.onnx"
     shutil.copyfile(good / "model.onnx", secret)
     b = copy(good, tmp_path / "b")
@@ -187,6 +187,8 @@ def test_symlinks_out_of_the_bundle_are_refused(good, tmp_path):
     (b / "model.onnx").symlink_to(secret)  # same bytes, same checksum: only the link gives it away
     with pytest.raises(BundleError, match="symbolic link"):
         load_bundle(b)
+    assert main(["bundle", "verify", str(b)]) == 2
+    assert "symbolic link" in capsys.readouterr().err
     code, err = serve(b)
     assert code == 2 and "symbolic link" in err
 
@@ -200,23 +202,57 @@ def test_unlisted_files_are_reported_and_never_read(good, tmp_path, capsys):
     assert load_bundle(b)({"x": np.ones((2, 8), np.float32)})["output"].shape == (2, 4)
 
 
-def test_onnx_external_data_outside_the_bundle_is_refused(good, tmp_path):
+def _external(b, location):
+    """The bundle's ONNX model with its weights in an external file named ``location`` (written as an attacker would,
+    straight into the protobuf: onnx refuses to write '..'); the manifest's checksums recomputed."""
     import onnx
     from onnx.external_data_helper import convert_model_to_external_data
-    b = copy(good, tmp_path / "b")
     model = onnx.load(str(b / "model.onnx"))
-    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="stolen.data", size_threshold=0)
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="weights.data", size_threshold=0)
     onnx.save_model(model, str(b / "model.onnx"))
-    (b / "stolen.data").rename(tmp_path / "stolen.data")  # outside the bundle, where the model will point
     model = onnx.load(str(b / "model.onnx"), load_external_data=False)
-    for tensor in model.graph.initializer:  # onnx refuses to write '..': an attacker writes the protobuf directly
+    for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":
-                entry.value = "../stolen.data"
+                entry.value = location
     (b / "model.onnx").write_bytes(model.SerializeToString())
+    return b / "weights.data"
+
+
+@pytest.mark.parametrize("location, fragment", [
+    ("../stolen.data", "outside the model's directory"),
+    ("unlisted.data", "which the bundle's manifest does not list with a checksum"),
+])
+def test_onnx_external_data_outside_the_bundle_or_its_manifest_is_refused(good, tmp_path, capsys, location, fragment):
+    b = copy(good, tmp_path / "b" / "b")
+    data = _external(b, location)
+    data.rename(b / location)  # where the model points: beside the bundle, or inside it but not in the manifest
     edit(b, lambda m: None)
-    with pytest.raises(UnsafeFile, match="outside the model's directory"):
+    with pytest.raises(UnsafeFile, match=fragment):
         load_bundle(b)
+    assert main(["bundle", "verify", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in " ".join(err.split()) and "Traceback" not in err
+    code, err = serve(b)
+    assert code == 2 and fragment in " ".join(err.split())
+
+
+def test_keygen_never_overwrites_a_key_and_a_damaged_signature_is_one_line(good, tmp_path, capsys):
+    assert main(["bundle", "keygen", "--out", str(tmp_path / "ours")]) == 0
+    key = (tmp_path / "ours").read_bytes()
+    assert main(["bundle", "keygen", "--out", str(tmp_path / "ours")]) != 0
+    err = capsys.readouterr().err
+    assert "exists" in err and "Traceback" not in err and (tmp_path / "ours").read_bytes() == key
+    b = copy(good, tmp_path / "b")
+    assert main(["bundle", "sign", str(b), "--key", str(tmp_path / "ours")]) == 0
+    capsys.readouterr()
+    for damage in (b"{not json", b'{"algorithm": "rsa", "signature": "AAAA"}', b'{"algorithm": "ed25519"}'):
+        (b / "signature.json").write_bytes(damage)
+        with pytest.raises(BundleError):
+            load_bundle(b, verify_key=tmp_path / "ours.pub")
+        assert main(["bundle", "verify", str(b), "--key", str(tmp_path / "ours.pub")]) == 2
+        err = capsys.readouterr().err
+        assert "signature.json" in err and "Traceback" not in err, err
 
 
 @pytest.fixture(scope="module")
