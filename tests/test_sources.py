@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from torchship import OptimizeOptions, SourceError, UsageError, load_source, optimize
+from torchship import OptimizeOptions, SourceError, TorchshipError, UsageError, load_source, optimize
 from torchship.errors import MissingExtra  # noqa: F401  (part of the public error tree)
 
 
@@ -53,6 +53,32 @@ def test_weights_from_safetensors_and_weights_only(tmp_path):
     with pytest.raises(UsageError, match="--weights"):
         load_source(str(tmp_path / "w.pt"))
     del x
+
+
+def test_files_that_are_not_what_their_names_say_are_one_clear_error(tmp_path, capsys):
+    from torchship.cli import main
+    for name in ("m.ts", "m.pt2", "m.onnx", "w.safetensors", "w.pt"):
+        (tmp_path / name).write_bytes(b"these bytes are not a model")
+    torch.save(torch.randn(3), tmp_path / "tensor.pt")
+    cases = [  # (source, its inputs, weights, what the user reads, the exit code: 2 for a file refused as unsafe)
+        ("m.ts", ["x:float32[batch,8]"], None, "is not a TorchScript file", 1),
+        ("m.pt2", None, None, "is not a .pt2 archive", 2),
+        ("m.onnx", None, None, "is not a readable ONNX model", 1),
+        ("tests.models:Tiny", None, "missing.safetensors", "no such weights file", 1),
+        ("tests.models:Tiny", None, "w.safetensors", "is not a readable safetensors file", 1),
+        ("tests.models:Tiny", None, "w.pt", "cannot be loaded with weights_only=True", 1),
+        ("tests.models:Tiny", None, "tensor.pt", "holds a Tensor, not a state dict", 1),
+    ]
+    for source, inputs, weights, fragment, code in cases:
+        path = str(tmp_path / source) if "." in source and ":" not in source else source
+        with pytest.raises(TorchshipError, match=fragment):
+            load_source(path, inputs, weights=str(tmp_path / weights) if weights else None)
+        args = ["optimize", path, "--out", str(tmp_path / "b")]
+        args += [a for i in inputs or () for a in ("--input", i)] + (["--weights", str(tmp_path / weights)] if weights else [])
+        assert main(args) == code
+        err = capsys.readouterr().err
+        assert fragment in " ".join(err.split()) and "Traceback" not in err, err
+        assert not (tmp_path / "b").exists()
 
 
 def test_torchscript_pt2_and_onnx_files(tmp_path):

@@ -127,7 +127,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise SourceError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors' own error type (SafetensorError) or an OSError
+            raise SourceError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:160]})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
