@@ -6,7 +6,7 @@ import pytest
 
 from torchship import OptimizeOptions, TensorSpec, load_bundle, optimize
 from torchship.report import ratios
-from torchship.select import select
+from torchship.select import select, simplicity
 from torchship.runtimes import LoadContext, get
 from torchship.sources import load_source
 from torchship.zoo.digits import dataset
@@ -37,8 +37,11 @@ def test_the_choice_is_the_decision_on_its_own_figures_and_the_report_explains_i
     d = digits_run.decision
     assert select(digits_run.variants, 8) == d and d.chosen == digits_run.chosen.name and digits_run.chosen_batch_size == 8
     ok = [v for v in digits_run.variants if v.ok and v.selectable]
+    by = {v.name: v for v in ok}
     assert d.fastest == max(ok, key=lambda v: v.profile[8].throughput).name
-    assert d.chosen == d.fastest or d.chosen in [v.name for v in ok if v.name in d.tied or v.name == d.chosen]
+    # the fastest, or one within the noise of it that is simpler (a tie is settled by simplicity, never by luck)
+    assert d.chosen == d.fastest or (d.chosen in d.tied and simplicity(by[d.chosen]) < simplicity(by[d.fastest]))
+    assert not d.beyond_noise or d.margin > 1.0
     for v in ok:  # every figure has its interval, from several rounds for the contenders
         lo, hi = v.profile[8].throughput_interval
         assert lo <= v.profile[8].throughput <= hi
