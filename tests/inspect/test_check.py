@@ -99,3 +99,18 @@ def test_cli_exit_code_gates_a_pipeline(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "FOUND training mode at inference" in out and "fix: call model.eval()" in out
     assert "unsure" in out and "inconclusive (the measured effect is inside the noise)" in out  # its autograd cost
+
+
+def test_the_real_timing_path_measures_and_states_its_figures_with_their_intervals(capsys):
+    """No fake: `check` times the model itself. Its verdict is this machine's to give (not asserted); what it says
+    of every timed check is: a status from the three, and figures with their intervals."""
+    import json
+    import re
+    code = main(["check", "tests.models:frozen_tiny", "--json"])
+    rows = {r["check"]: r for r in json.loads(capsys.readouterr().out)}
+    batching = rows["one item at a time"]
+    assert code in (0, 1) and (code == 1) == any(r["status"] == "found" for r in rows.values())
+    assert batching["status"] in ("ok", "found", "inconclusive")
+    figure = r"[\d,.]+ items/s \[[\d,.]+-[\d,.]+\]"
+    assert re.search(rf"batch 1 gives {figure}, batch \d+ gives {figure}", batching["evidence"]), batching["evidence"]
+    assert rows["autograd kept at inference"]["status"] == "ok"  # frozen: nothing to time, said so
