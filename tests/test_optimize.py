@@ -1,5 +1,6 @@
 """End to end on digits-cnn with every runtime, and the TorchScript trace checks."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -125,3 +126,19 @@ def test_a_second_run_reuses_the_builds(tmp_path, monkeypatch):
               str(tmp_path / "other.safetensors"))
     third = optimize("tests.models:Tiny", opts, weights=str(tmp_path / "other.safetensors"))
     assert not any(v.cached for v in third.variants)
+    fourth = optimize("tests.models:Tiny", replace(opts, cache=False))  # --no-cache: built again, though cached
+    assert not any(v.cached for v in fourth.variants) and fourth.chosen is not None
+
+
+def test_a_time_budget_spent_leaves_rows_that_say_so_and_still_a_bundle(tmp_path):
+    """A budget that is spent before the first build (a microsecond: no machine is that fast, so nothing here depends
+    on this one's speed): the first candidate is still built, so there is a bundle; every other is a row with the
+    reason and what to do."""
+    res = optimize("tests.models:Tiny", OptimizeOptions(runtimes=("eager", "torchscript", "onnxrt"), batch_sizes=(4,),
+                                                        seconds_per_size=0.05, transforms=(), time_budget_s=1e-6,
+                                                        cache=False), out=tmp_path / "b")
+    by = {v.name: v for v in res.variants}
+    assert by["eager"].status == "ok" and res.chosen.name == "eager" and (tmp_path / "b" / "manifest.json").exists()
+    for name in ("torchscript", "onnxrt"):
+        assert by[name].status == "skipped" and "time budget of 1e-06 s was spent" in by[name].reason
+        assert "raise --time-budget" in by[name].reason

@@ -139,7 +139,7 @@ def optimize(
     train_epochs: Optional[int] = typer.Option(None, help="epochs for each trained variant (default: 3 for QAT, 8 after pruning, 15 for a student)"),
     timeout: float = typer.Option(600.0, help="seconds allowed to build one variant (and for each timing request)"),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="seconds for the whole search: builds stop at "
-                                                "3/4 of it (the rest are rows that say so), timing rounds at all of it"),
+                                                "3/4 of it, once one candidate is built (the rest are rows that say so), timing rounds at all of it"),
     exhaustive: bool = typer.Option(False, help="also build compressed variants whose runtime runs too far behind the "
                                     "leader for the transform to close the gap"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="reuse builds of the same model, weights, data and options "

@@ -57,7 +57,7 @@ class OptimizeOptions:
     isolate: bool = True  # each variant in its own process
     transforms: tuple[str, ...] = ("int8", "bf16", "qat", "channels", "distill")  # see plan.TRANSFORMS
     train_epochs: int | None = None  # for the trained variants (qat, channels, distill); default: per kind
-    time_budget_s: float | None = None  # the whole search; builds stop at 3/4 of it, timing rounds at all of it
+    time_budget_s: float | None = None  # the whole search; builds stop at 3/4 of it (once one variant is faithful), timing rounds at all of it
     exhaustive: bool = False  # build compressed variants even where their runtime is too far behind to win
     cache: bool = True  # reuse builds of the same model, weights, data and options (TORCHSHIP_CACHE/builds)
     processing: bool = True  # package the text pipeline (tokenizer.json) where the source has one, checked end to end
@@ -402,7 +402,9 @@ def build_each(variants: list[VariantPlan], ws: Workspace, say: Progress, train_
             if not reason and sibling is not None and sibling.status == "rejected":
                 reason = (f"not tried: {sibling.name}, the same transform on eager, failed the budget ({sibling.reason}); "
                           f"its numerics carry over to {vp.runtime}")
-            if not reason and search.over_budget(0.75):
+            if not reason and search.over_budget(0.75) and (any(e.result.ok and e.result.selectable for e in search.entries)
+                                                            or any(s.selectable for s, _, _ in stage)):
+                # spent: the rest are rows that say so, once one candidate is built or on its way (a bundle is made)
                 reason = (f"not tried: the time budget of {ws.opts.time_budget_s:g} s was spent on the variants before it "
                           "(raise --time-budget)")
             reason = reason or search.not_worth_building(vp)
