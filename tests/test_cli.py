@@ -149,3 +149,31 @@ def test_help_imports_no_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_train_cli_writes_weights_that_optimize_takes(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "zoo:digits-cnn", "--data", "zoo:digits", "--epochs", "2", "--patience", "0",
+                         "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"model.safetensors", "metrics.csv", "summary.json"}
+    assert "test_acc" in out + err and str(tmp_path / "run") in " ".join((out + err).split())
+    code, out, err = run(capsys, "train", "zoo:digits-cnn", "--data", "zoo:digits", "--epochs", "0")
+    assert code == 2 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_the_demo_trains_optimizes_and_answers(capsys, tmp_path, monkeypatch):
+    """`torchship demo` end to end, its search narrowed to one runtime (the full one is optimize's own tests)."""
+    import sys
+    opt = sys.modules["torchship.optimize"]  # the package (torchship.optimize is also the function's name)
+    full = opt.OptimizeOptions
+    monkeypatch.setattr(opt, "OptimizeOptions", lambda: full(runtimes=("onnxrt",), transforms=(), batch_sizes=(8,),
+                                                             seconds_per_size=0.05))
+    code, out, err = run(capsys, "demo", "--out", str(tmp_path / "demo"))
+    assert code == 0, err
+    text = " ".join(out.split())
+    predicted = [int(v) for v in text.split("predicts [")[1].split("]")[0].split(",")]
+    labels = [int(v) for v in text.split("labels [")[1].split("]")[0].split(",")]
+    assert len(predicted) == len(labels) == 16 and sum(p == y for p, y in zip(predicted, labels)) >= 14
+    assert (tmp_path / "demo" / "manifest.json").exists() and "report:" in text

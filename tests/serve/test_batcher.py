@@ -390,3 +390,21 @@ def test_requests_that_arrive_together_do_not_wait_even_on_a_saturated_loop():
             await asyncio.wait_for(both, 5)
         return went, [len(bt["x"]) for bt in runner.batches]
     assert run(scenario()) == (True, [2])
+
+
+def test_a_preferred_batch_size_goes_at_once_instead_of_waiting_out_the_delay():
+    """--preferred-batch-sizes 2 with a 30 s --max-queue-delay: one request waits for company; the second makes a
+    preferred size and both go at once (without it they would wait the 30 s)."""
+    async def scenario():
+        runner = FakeRunner()
+        b = Batcher(runner, SPEC, BatchConfig(max_batch_size=8, max_queue_delay_s=30.0, preferred_batch_sizes=(2,)))
+        b.start()
+        try:
+            first = asyncio.ensure_future(b.submit(x(1, 1.0)))
+            await _turns()
+            waited = not first.done() and not runner.batches
+            outs = await asyncio.wait_for(asyncio.gather(first, b.submit(x(1, 2.0))), 5)
+        finally:
+            await b.stop()
+        return waited, [len(bt["x"]) for bt in runner.batches], [o["y"][0, 0] for o in outs]
+    assert run(scenario()) == (True, [2], [2.0, 4.0])

@@ -96,3 +96,42 @@ def test_grpc_repository_rpcs_take_the_token_as_metadata(server, repository):
     assert client.is_model_ready("digits-cnn")
     client.unload_model("digits-cnn", headers={"authorization": f"Bearer {token}"})
     assert not client.is_model_ready("digits-cnn")
+
+
+def test_grpc_deadline_drops_the_request_before_it_runs_and_malformed_raw_contents_are_400s(server, slow_bundle, gate):
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+    import grpc
+    port = free_port()
+    s = server(slow_bundle, "--trust-code", "--grpc-port", str(port), "--max-batch-size", "1", env=gate.env)
+    url = f"127.0.0.1:{port}"
+    x = np.ones((1, 4), np.float32)
+    gate.close()
+    first = []
+    held = threading.Thread(target=lambda: first.append(infer(url, x, model="slow", name="x")))
+    held.start()
+    gate.wait_held(1)
+    with pytest.raises(InferenceServerException) as late:  # its 200 ms pass while the model is held
+        infer(url, x, model="slow", name="x", client_timeout=0.2)
+    assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    gate.open()
+    held.join(60)
+    assert float(first[0].as_numpy(first[0].get_response().outputs[0].name)[0, 0]) == 2.0
+    wait_for(lambda: s.metric("torchship_queue_depth") == 0, "the queue empty")
+    assert s.metric("torchship_inference_count_total") == 1  # the late one was dropped, never run
+    stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(url))
+
+    def raw(contents, n_inputs=1):
+        req = pb.ModelInferRequest(model_name="slow")
+        for _ in range(n_inputs):
+            req.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+        req.raw_input_contents.extend(contents)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(req, timeout=30)
+        return info.value.code(), info.value.details()
+    code, details = raw([b"abc"])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "3 bytes of raw_input_contents do not fit shape" in details
+    code, details = raw([x.tobytes(), x.tobytes()])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "raw_input_contents holds 2 tensors for 1 inputs" in details
+    res = infer(url, x, model="slow", name="x")  # and it still serves
+    assert float(res.as_numpy(res.get_response().outputs[0].name)[0, 0]) == 2.0

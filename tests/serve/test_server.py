@@ -262,7 +262,7 @@ def test_a_dead_worker_fails_only_its_batch_and_is_restarted(server, slow_bundle
     assert sorted(pid for pid, _ in held) == sorted(workers)  # one batch held in each worker
     os.kill(held[0][0], signal.SIGKILL)
     wait_for(lambda: answered, "the dead worker's request answered")
-    assert answered[0].status_code == 500 and "worker" in answered[0].json()["error"]
+    assert answered[0].status_code == 500 and "worker" in answered[0].json()["error"], answered[0].text
     gate.open()
     for t in threads:
         t.join(60)

@@ -215,7 +215,6 @@ class Server:
                 d.feeds = await self.process(e, d)
             e.admitted -= 1
             queued = True  # the batcher's queue holds it from here (submit queues it before its first await)
-            e.metrics.queue_depth.set(e.batcher.depth + 1)
             e, outputs = await self.run(e, name, version, d.feeds, d.deadline)
             if e.labels is not None:  # a classifier answers in its terms too: its labels and their scores
                 outputs = {**outputs, **answer(e.labels, outputs, d.top_k)}
@@ -226,7 +225,6 @@ class Server:
         finally:
             if not queued:
                 e.admitted -= 1
-            e.metrics.queue_depth.set(e.batcher.depth)
         return e, d, outputs
 
     async def process(self, e: Entry, d: Decoded) -> dict:

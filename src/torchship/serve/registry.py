@@ -117,6 +117,7 @@ async def load_entry(name: str, version: str, verified: Bundle, config: BatchCon
     series = metrics.model(name, version)
     batcher = Batcher(run, spec, config, paddable=paddable(spec), latency=latency,
                       on_batch=series.on_batch, concurrency=workers)
+    series.queue_depth.set_function(lambda: batcher.depth)  # read when scraped: never stale (a dropped request)
     batcher.start()
     labels = manifest.processing.labels if manifest.processing else None
     return Entry(name, version, verified, spec, batcher, series, ready=True, close=close, broken=broken, pipeline=text,

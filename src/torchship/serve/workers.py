@@ -53,6 +53,10 @@ def _worker_main(verified: Bundle, threads: int, warm_sizes: tuple[int, ...], tr
 class _Worker:
     def __init__(self, ctx, verified: Bundle, threads: int, warm_sizes: tuple[int, ...], trust_code: bool):
         self.conn, child = ctx.Pipe()
+        # held while a batch is sent and awaited: the watcher that restarts a dead worker closes its pipe only after
+        # the caller has seen it die (closing it under a poll let a new worker's pipe take its file descriptor, and
+        # the caller waited out the run timeout on the new pipe: a 504 after 30 s instead of a 500 at once)
+        self._use = threading.Lock()
         self.proc = ctx.Process(target=_worker_main, args=(verified, threads, warm_sizes, trust_code, child), daemon=True)
         self.proc.start()
         child.close()
@@ -77,6 +81,10 @@ class _Worker:
         return self.proc.is_alive()
 
     def call(self, feeds, timeout_s: float):
+        with self._use:
+            return self._call(feeds, timeout_s)
+
+    def _call(self, feeds, timeout_s: float):
         try:
             self.conn.send(feeds)
         except (OSError, ValueError) as exc:  # gone (or closed as lost) before the batch reached it
@@ -103,7 +111,8 @@ class _Worker:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(timeout=5)
-        self.conn.close()
+        with self._use:  # the process is gone: a caller still waiting on it sees the pipe's end and lets go
+            self.conn.close()
 
 
 class ProcessPool:
