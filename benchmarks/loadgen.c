@@ -10,7 +10,8 @@
  *       none is idle, up to MAX_CONNECTIONS; past that the arrival is counted as not sent). Latency is measured
  *       from the arrival time.
  *
- * REQUEST_FILE holds the whole request (request line, headers with Content-Length, body). Prints one line per
+ * REQUEST_FILE holds the whole request (request line, headers with Content-Length, body), or several back to back:
+ * then each request sent is the next of them in turn (text of many lengths, as traffic has). Prints one line per
  * answered request, "STATUS MICROSECONDS", then "sent N", "not_sent N", "failed N" (connections that broke with
  * a request unanswered), "refused N" (connections the server refused: their requests never left).
  * Build: cc -O2 -o loadgen loadgen.c -lm
@@ -31,17 +32,19 @@
 #include <time.h>
 #include <unistd.h>
 
-#define BUF 65536
+#define BUF (1 << 20)  /* the largest answer read (an embedding response for 32 sentences is ~250 KB) */
 
 typedef struct {
     int fd, busy, connected;
     size_t sent, got;
     double arrival, retry_at;  /* retry_at > 0: waiting out a backoff before its next request */
+    const char *request;  /* the one this connection is sending */
+    size_t request_len;
     char buf[BUF];
 } Conn;
 
-static char *request;
-static size_t request_len;
+static char **requests;
+static size_t *request_lens, n_requests, next_request;
 static struct sockaddr_in addr;
 static int ep;
 static long n_sent, n_not_sent, n_failed, n_refused;
@@ -71,12 +74,14 @@ static Conn *open_conn(void) {
 
 static void start(Conn *c, double arrival) {
     c->busy = 1, c->sent = 0, c->got = 0, c->arrival = arrival;
+    c->request = requests[next_request], c->request_len = request_lens[next_request];
+    next_request = (next_request + 1) % n_requests;
     n_sent++;
 }
 
 static void pump_write(Conn *c) {
-    while (c->busy && c->connected && c->sent < request_len) {
-        ssize_t n = write(c->fd, request + c->sent, request_len - c->sent);
+    while (c->busy && c->connected && c->sent < c->request_len) {
+        ssize_t n = write(c->fd, c->request + c->sent, c->request_len - c->sent);
         if (n < 0) return;  /* EAGAIN: EPOLLOUT will call again; errors show up on read */
         c->sent += n;
     }
@@ -172,11 +177,23 @@ int main(int argc, char **argv) {
     FILE *f = fopen(argv[3], "rb");
     if (!f) die(argv[3]);
     fseek(f, 0, SEEK_END);
-    request_len = ftell(f);
+    size_t total = ftell(f);
     rewind(f);
-    request = malloc(request_len);
-    if (fread(request, 1, request_len, f) != request_len) die("read REQUEST_FILE");
+    char *all = malloc(total + 1);
+    if (fread(all, 1, total, f) != total) die("read REQUEST_FILE");
     fclose(f);
+    all[total] = 0;
+    for (size_t at = 0; at < total;) {  /* split on each request's end: its headers, then Content-Length bytes */
+        char *head_end = strstr(all + at, "\r\n\r\n"), *cl = strcasestr(all + at, "\r\ncontent-length:");
+        if (!head_end) die("REQUEST_FILE: a request without the blank line that ends its headers");
+        size_t len = (head_end + 4 - (all + at)) + (cl && cl < head_end ? (size_t)atol(cl + 17) : 0);
+        if (at + len > total) die("REQUEST_FILE: a request's body is shorter than its Content-Length");
+        requests = realloc(requests, (n_requests + 1) * sizeof *requests);
+        request_lens = realloc(request_lens, (n_requests + 1) * sizeof *request_lens);
+        requests[n_requests] = all + at, request_lens[n_requests++] = len;
+        at += len;
+    }
+    if (!n_requests) die("REQUEST_FILE is empty");
     int open_loop = !strcmp(argv[4], "poisson");
     if (open_loop && argc < 9) die("poisson needs RATE SECONDS MAX_CONNECTIONS SEED");
     double rate = atof(argv[5]), seconds = atof(argv[6]);

@@ -7,13 +7,18 @@ Python standard library's docstrings), in interleaved rounds:
   the CPU has native bf16, in bf16: what a user would run without a server;
 - Infinity (`--infinity-python PATH`, a python whose venv has `infinity-emb[torch,server]`; its own venv, since it
   pins its own dependencies), torch engine, from the same model directory, through its /embeddings: the server a
-  user would pick instead. Without the option its rows say why they are missing.
+  user would pick instead. Without the option its rows say why they are missing;
+- the same bundle offline in this process (raw text in, batches of 32 sorted by length): the ceiling its serving
+  aims at, so that served/offline shows what the server costs and bundle/sentence-transformers what the model does.
+
+The served loads come from benchmarks/loadgen.c (a closed loop in C over the requests in turn; `--python-client` for
+the httpx client of earlier runs), so the load takes little of the cores the servers run on.
 
 Each figure is the median of the rounds with its range; ratios are taken within each round and summarized the same
 way. Fidelity: the cosine of every sentence's served embedding to sentence-transformers' fp32 one.
 
     python benchmarks/text_serving.py [--bundle DIR] [--sentences 2000] [--duration 5] [--rounds 3]
-                                      [--infinity-python /path/to/venv/bin/python]
+                                      [--infinity-python /path/to/venv/bin/python] [--python-client]
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import argparse
 import asyncio
 import importlib
 import inspect
+import json
 import os
 import re
 import signal
@@ -102,6 +108,32 @@ class Proc:
                 self.proc.wait()
 
 
+class Loadgen:
+    """benchmarks/loadgen.c, compiled once: a closed loop in C over the given requests in turn, so the load takes
+    little of the two cores the server runs on (the Python client took about a third of a core at 340 requests/s)."""
+
+    def __init__(self, work: Path):
+        self.exe, self.work = work / "loadgen", work
+        subprocess.run(["cc", "-O2", "-o", str(self.exe), str(Path(__file__).with_name("loadgen.c")), "-lm"], check=True)
+
+    def run(self, url: str, model: str, texts: list[str], per: int, concurrency: int, duration: float):
+        """(sentences/s, p50 ms, p99 ms, errors) of ``concurrency`` connections sending ``per`` sentences a request."""
+        parsed = httpx.URL(url)
+        raw = b""
+        for i in range(0, len(texts) - per + 1, per):
+            body = json.dumps({"model": model, "input": texts[i:i + per]}).encode()
+            raw += (f"POST {parsed.raw_path.decode()} HTTP/1.1\r\nHost: {parsed.host}\r\nContent-Type: application/json"
+                    f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        path = self.work / f"requests-{per}.http"
+        path.write_bytes(raw)
+        done = subprocess.run([str(self.exe), parsed.host, str(parsed.port), str(path), "closed", str(concurrency),
+                               str(duration)], capture_output=True, text=True, check=True)
+        answers = [line.split() for line in done.stdout.splitlines() if line[:1].isdigit()]
+        ok = np.array([float(us) for status, us in answers if status == "200"]) / 1e3
+        errors = len(answers) - len(ok) + int(re.search(r"failed (\d+)", done.stdout)[1])
+        return len(ok) * per / duration, float(np.percentile(ok, 50)), float(np.percentile(ok, 99)), errors
+
+
 async def _load(url: str, body_of, texts: list[str], per: int, concurrency: int, duration: float):
     """Closed loop: ``concurrency`` clients, each sending ``per`` sentences a request, for ``duration`` seconds.
     (sentences/s, p50 ms, p99 ms, errors)."""
@@ -130,9 +162,23 @@ async def _load(url: str, body_of, texts: list[str], per: int, concurrency: int,
 
 
 def served(url: str, model: str, texts: list[str]):
-    body = lambda batch: {"model": model, "input": batch}  # noqa: E731  (OpenAI's shape; Infinity takes it too)
-    return {f"c{c}x{per}": asyncio.run(_load(url, body, texts, per, c, ARGS.duration))
-            for c, per in ((1, 1), (32, 1), (1, 32))}
+    """The three loads through OpenAI's /embeddings body (Infinity takes it too): from loadgen.c, or with
+    --python-client from the httpx client of earlier runs."""
+    if ARGS.python_client:
+        body = lambda batch: {"model": model, "input": batch}  # noqa: E731
+        return {f"c{c}x{per}": asyncio.run(_load(url, body, texts, per, c, ARGS.duration))
+                for c, per in ((1, 1), (32, 1), (1, 32))}
+    return {f"c{c}x{per}": LOADGEN.run(url, model, texts, per, c, ARGS.duration) for c, per in ((1, 1), (32, 1), (1, 32))}
+
+
+def bundle_offline(loaded, texts: list[str]) -> float:
+    """The bundle in this process, raw text in, batches of 32 sorted by length: the ceiling its serving aims at."""
+    order = sorted(texts, key=len)
+    loaded(order[:64])  # warm-up
+    t = time.perf_counter()
+    for i in range(0, len(order), 32):
+        loaded(order[i:i + 32])
+    return len(order) / (time.perf_counter() - t)
 
 
 def embed(url: str, model: str, texts: list[str]) -> np.ndarray:
@@ -165,8 +211,10 @@ def main() -> None:
     from torchship import OptimizeOptions, optimize
     from torchship.machine import cpu, native_bf16
     from torchship.zoo.minilm import model_dir
+    global LOADGEN
     texts = sentences(ARGS.sentences)
     work = Path(tempfile.mkdtemp(prefix="text-serving-"))
+    LOADGEN = None if ARGS.python_client else Loadgen(work)
     print(f"CPU: {cpu()[0]}; flags: {', '.join(sorted(f for f in cpu()[1] if f.startswith(('avx', 'amx'))))}")
     print(f"{len(texts)} sentences from the standard library's docstrings, mean {np.mean([len(t) for t in texts]):.0f} "
           "characters")
@@ -190,11 +238,16 @@ def main() -> None:
           f"median {np.median(cos):.6f} over {len(texts)} sentences")
     precisions = ["fp32"] + (["bf16"] if native_bf16() else [])
     rows: dict[str, list] = {}
+    from torchship import load_bundle
     for r in range(ARGS.rounds):
-        order = ["torchship", "st", "infinity"]
-        order = order[r % 3:] + order[:r % 3]
+        order = ["torchship", "st", "infinity", "bundle"]
+        order = order[r % 4:] + order[:r % 4]
         for who in order:
-            if who == "st":
+            if who == "bundle":
+                loaded = load_bundle(bundle, trust_code=True)  # built by this run (or given by the user)
+                rows.setdefault("torchship bundle offline (batch 32, sorted)", []).append(bundle_offline(loaded, texts))
+                del loaded
+            elif who == "st":
                 for p in precisions:
                     rows.setdefault(f"sentence-transformers encode {p} (offline)", []).append(offline(st, texts, p))
             elif who == "torchship":
@@ -230,6 +283,9 @@ def main() -> None:
     print(f"\ntorchship c32x1 / {best_st}: {spread([a / b for a, b in zip(ours32, rows[best_st])])} (goal >= 1.5)")
     batched = [v[0] for v in rows["torchship c1x32"]]
     print(f"torchship c1x32 / {best_st}: {spread([a / b for a, b in zip(batched, rows[best_st])])}")
+    own = rows["torchship bundle offline (batch 32, sorted)"]
+    print(f"torchship c32x1 / the same bundle offline: {spread([a / b for a, b in zip(ours32, own)])}")
+    print(f"the bundle offline / {best_st}: {spread([a / b for a, b in zip(own, rows[best_st])])}")
     if "infinity c32x1" in rows:
         theirs = [v[0] for v in rows["infinity c32x1"]]
         print(f"torchship c32x1 / infinity c32x1: {spread([a / b for a, b in zip(ours32, theirs)])} (goal >= 5)")
@@ -242,5 +298,6 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--infinity-python", default=None)
+    parser.add_argument("--python-client", action="store_true", help="load from Python (httpx) instead of loadgen.c")
     ARGS = parser.parse_args()
     main()

@@ -106,23 +106,22 @@ def test_a_manifest_that_lists_no_checksum_for_its_tokenizer_is_refused(st_bundl
         load_bundle(copy)
 
 
-def test_a_tokenizer_given_apart_from_the_source_from_the_cli(tmp_path):
+def test_a_tokenizer_given_apart_from_the_source_from_the_cli(tmp_path, capsys):
     import shutil
-    import subprocess
-    import sys
+    from torchship.cli import main
     d = bert_dir(tmp_path / "bert")
     tok = tmp_path / "tok"
     tok.mkdir()
     for f in d.glob("*"):
         if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
             shutil.move(str(f), tok / f.name)
-    args = [sys.executable, "-m", "torchship.cli", "optimize", str(d), "--runtimes", "eager", "--transforms", "none",
-            "--batch-sizes", "1", "--out", str(tmp_path / "b")]
-    without = subprocess.run(args[:-2] + ["--out", str(tmp_path / "b0")], capture_output=True, text=True)
-    assert without.returncode == 0 and load_bundle(tmp_path / "b0").manifest.processing is None
-    given = subprocess.run(args + ["--tokenizer", str(tok)], capture_output=True, text=True)
-    assert given.returncode == 0, given.stderr[-2000:]
+    args = ["optimize", str(d), "--runtimes", "eager", "--transforms", "none", "--batch-sizes", "1", "--out"]
+    assert main(args + [str(tmp_path / "b0")]) == 0
+    assert load_bundle(tmp_path / "b0").manifest.processing is None
+    assert main(args + [str(tmp_path / "b"), "--tokenizer", str(tok)]) == 0, capsys.readouterr().err[-2000:]
     m = load_bundle(tmp_path / "b")
     assert m.manifest.processing.check.passed and m(["hello world"])["last_hidden_state"].shape[:2] == (1, 4)
-    bad = subprocess.run(args + ["--tokenizer", str(tmp_path)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--tokenizer" in bad.stderr and "none of tokenizer.json" in bad.stderr
+    capsys.readouterr()
+    assert main(args + [str(tmp_path / "b1"), "--tokenizer", str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--tokenizer" in err and "none of tokenizer.json" in err
