@@ -49,3 +49,15 @@ def test_an_unknown_runtime_names_the_known_ones():
         describe("tensorrt")
     with pytest.raises(TypeError):
         Descriptor("x")  # what and simplicity are required: a runtime cannot leave them out
+
+
+def test_the_plan_names_each_variants_parent():
+    """Lineage comes from the plan (VariantPlan.parent), not from parsing a variant's name where it is used."""
+    from torchship.plan import plan
+    from torchship.sources import load_source
+    by = {v.name: v for v in plan(load_source("tests.models:Tiny"), transforms=("int8", "bf16", "prune"),
+                                  runtimes=["eager", "onnxrt", "compile"])}
+    assert by["eager"].parent == by["onnxrt"].parent == by["eager-naive"].parent == "model"
+    assert by["onnxrt+int8"].parent == "onnxrt" and by["eager+prune30"].parent == "eager"
+    assert by["compile+ao-int8"].parent == "compile"
+    assert all(v.parent is not None for v in by.values())

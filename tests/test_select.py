@@ -104,12 +104,12 @@ AVX512_VNNI = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})  # in
 
 def _search(entries, target=8, sizes=(1, 8), flags=AVX512_VNNI, phases=None):
     from torchship.optimize import OptimizeOptions
-    from torchship.optimize.search import Entry, Search
+    from torchship.optimize.search import Search, SearchRow
     opts = OptimizeOptions(batch_sizes=sizes, target_batch_size=target)
     search = Search(SimpleNamespace(opts=opts), lambda *a: None, len(entries), flags=flags)
     for i, (name, seconds, selectable) in enumerate(entries):
         result = VariantResult(name=name, runtime="eager", status="ok", selectable=selectable)
-        e = Entry(SimpleNamespace(name=name), result, ScriptedWorker(seconds, phase=(phases or {}).get(name, 0)))
+        e = SearchRow(SimpleNamespace(name=name), result, ScriptedWorker(seconds, phase=(phases or {}).get(name, 0)))
         search.time(e, sizes, probe=True)
         search.entries.append(e)
     return search

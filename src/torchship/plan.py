@@ -31,6 +31,14 @@ RUNTIME_ORDER = MODULES  # the runtimes, in plan order (their descriptors)
 NO_OPENVINO = "openvino is not installed: pip install 'torchship[openvino]'"
 
 
+def _parent(v: VariantPlan) -> str:
+    """What a variant is made from, for its lineage: "model" for a plain runtime and a variant trained from the
+    model; else the plain variant its name starts with (onnxrt+int8 -> onnxrt, eager-bf16+x -> eager)."""
+    if v.derived or v.name == v.runtime or v.name == "eager-naive":
+        return "model"
+    return v.name.split("+")[0].removesuffix("-bf16").removesuffix("-fp16").removesuffix("-f16")
+
+
 def _has_openvino() -> bool:
     import importlib.util
     return importlib.util.find_spec("openvino") is not None
@@ -43,7 +51,8 @@ def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads:
          allow_specialization: bool = False) -> list[VariantPlan]:
     """Every variant to build; for a model that branches on its values (``model.branches``), the variants whose graph
     keeps one path are skipped with the reason, and TorchScript scripts, unless ``allow_specialization``."""
-    out = _plan(model, device, runtimes, threads, transforms, trainable)
+    out = [msgspec.structs.replace(v, parent=_parent(v)) for v in _plan(model, device, runtimes, threads, transforms,
+                                                                          trainable)]
     branches = getattr(model, "branches", ())
     if not branches or allow_specialization:
         return out

@@ -76,12 +76,12 @@ class Transport:
 
 
 class Models:
-    """What the protocol asks of the server: ``admitted`` and ``draining``. Model "full" is refused with one 503 answer
-    object reused (as Server.refused does); any other name is unknown, its 404 naming it."""
+    """What the protocol asks of the server: ``admission`` and ``draining``. Model "full" is refused with one 503 answer
+    object reused (as Server.error_answer does); any other name is unknown, its 404 naming it."""
     draining = False
     full = problem(503, "queue full: --max-queue 16 reached", {"Retry-After": "1"})
 
-    def admitted(self, name: str, version):
+    def admission(self, name: str, version):
         if name == "ok":  # admitted: the request goes on to the ASGI app
             return object(), None
         return None, self.full if name == "full" else problem(404, f"unknown model {name!r}")
@@ -153,10 +153,10 @@ def test_shed_answers_reuse_their_bytes_until_the_date_changes_and_others_name_t
 def test_the_server_makes_each_shed_answer_once_and_counts_every_refusal():
     server = Server([], ServeConfig())
     shutil.rmtree(server.snapshots)  # made by the constructor; nothing is loaded here
-    first = server.refused(None, QueueFull("queue full: --max-queue 16 reached"), reuse=True)
-    second = server.refused(None, QueueFull("queue full: --max-queue 16 reached"), reuse=True)
+    first = server.error_answer(None, QueueFull("queue full: --max-queue 16 reached"), reuse=True)
+    second = server.error_answer(None, QueueFull("queue full: --max-queue 16 reached"), reuse=True)
     assert first is second and first[0] == 503 and first[2]["Retry-After"] == "1"
-    a, b = (server.refused(None, NotFound(f"unknown model {n!r}")) for n in ("a", "b"))
+    a, b = (server.error_answer(None, NotFound(f"unknown model {n!r}")) for n in ("a", "b"))
     assert b"'a'" in a[1] and b"'b'" in b[1]
     text = server.metrics.exposition().decode()
     assert 'torchship_request_failure_total{model="",reason="queue_full",version=""} 2.0' in text

@@ -6,7 +6,7 @@ The pipeline, one named step each:
     model    = with_branches(model)       where it branches on its values, found once (flow)
     variants = plan(model, ...)           runtime x transforms (plan); traced ones skipped for such a model
     results  = build_each(variants, ...)  each in its own process: build, load, run the verification inputs, time
-                                          (optimize.workers, optimize.worker); checked against eager fp32 (verify)
+                                          (optimize.workers, optimize.job); checked against eager fp32 (verify)
     chosen   = select(results, ...)       the fastest within budget (select)
     result   = with_processing(result, ...)  raw input and answers, checked end to end (optimize.raw, processing)
     bundle   = package(result, ...)       manifest + artifact + report (bundle, report)
@@ -320,10 +320,9 @@ class Workspace:
     def lineage(vp: VariantPlan) -> Lineage:
         if vp.derived:
             return Lineage("model", f"{vp.derived[0]} (trained from the model), then {vp.runtime}")
-        if vp.name == vp.runtime or vp.name == "eager-naive":
+        if vp.parent in (None, "model"):  # set by the plan
             return Lineage("model", vp.runtime)
-        parent = vp.name.split("+")[0].removesuffix("-bf16").removesuffix("-fp16").removesuffix("-f16")
-        return Lineage(parent, vp.note or vp.name)
+        return Lineage(vp.parent, vp.note or vp.name)
 
     def pids(self) -> list[int]:
         return [self.server.proc.pid] if self.server is not None else []

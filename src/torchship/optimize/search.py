@@ -56,7 +56,7 @@ def max_gain(kind: str, flags: frozenset, share: float = 1.0) -> float:
 
 
 @dataclass
-class Entry:
+class SearchRow:
     plan: VariantPlan
     result: VariantResult
     worker: object | None = None  # kept while the variant is a contender
@@ -82,7 +82,7 @@ class Search:
         from ..machine import cores
         self.slots = max(1, min(4, cores()))  # builds at once
         self.started = clock()
-        self.entries: list[Entry] = []
+        self.entries: list[SearchRow] = []
         self.deciding = tuple(self.opts.batch_sizes) if self.opts.latency_slo_ms is not None else (self.opts.target,)
         self.block_s = self.opts.seconds_per_size / 5
         self.noise: Noise | None = None
@@ -101,7 +101,7 @@ class Search:
 
     # --- phase 1: build, verify, probe ----------------------------------------------------------------------------
     def add(self, result: VariantResult, plan: VariantPlan) -> VariantResult:
-        self.entries.append(Entry(plan, result))
+        self.entries.append(SearchRow(plan, result))
         return result
 
     def not_worth_building(self, vp: VariantPlan) -> str | None:
@@ -172,7 +172,7 @@ class Search:
             self.add(VariantResult(status="failed", reason=str(exc), **base), vp)
             return None
 
-    def _finish(self, vp: VariantPlan, worker, base: dict, t0: float) -> Entry | None:
+    def _finish(self, vp: VariantPlan, worker, base: dict, t0: float) -> SearchRow | None:
         """The built variant compared with the reference; its worker kept for timing when it built."""
         ws = self.ws
         wall = lambda: time.perf_counter() - t0  # noqa: E731
@@ -194,14 +194,14 @@ class Search:
                                cold_start_s=built.cold_start_s, artifact_bytes=built.artifact_bytes,
                                peak_memory_mb=built.peak_memory_mb, peak_memory_kind=built.peak_memory_kind,
                                sparsity=built.sparsity, cached=built.cached, wall_s=wall(), **base)
-        entry = Entry(vp, result, worker)
+        entry = SearchRow(vp, result, worker)
         self.entries.append(entry)
         return entry
 
     def _beyond_the_example(self, fidelity, built: Built, vp: VariantPlan):
         """The verdict on the other inputs, folded into the fidelity: a variant that diverges there is rejected with
         the reason, whatever runtime made it (reference rows are only reported)."""
-        from ..optimize.worker import cases
+        from ..optimize.job import cases
         from ..verify import beyond_the_example
         if not self.ws.extra or not built.extra_outputs:
             return fidelity
@@ -219,7 +219,7 @@ class Search:
                                        reason=(reason if fidelity.passed else f"{fidelity.reason}; {reason}") if diverged
                                        else fidelity.reason)
 
-    def time(self, entry: Entry, sizes, probe: bool = False) -> None:
+    def time(self, entry: SearchRow, sizes, probe: bool = False) -> None:
         """One block per batch size (the probe: warmed up longer, and kept apart from the rounds)."""
         for bs in sizes:
             if bs in entry.errors or entry.worker is None:
@@ -243,29 +243,29 @@ class Search:
             else:
                 entry.samples.setdefault(bs, []).append(list(s.seconds))
 
-    def release(self, entry: Entry) -> None:
+    def release(self, entry: SearchRow) -> None:
         if entry.worker is not None:
             entry.worker.close()
             entry.worker = None
 
     # --- phase 2: interleaved rounds --------------------------------------------------------------------------------
-    def estimate(self, entry: Entry, bs: int):
+    def estimate(self, entry: SearchRow, bs: int):
         return estimate(entry.rounds(bs))
 
-    def timing(self) -> list[Entry]:
+    def timing(self) -> list[SearchRow]:
         """Timed in the rounds: the faithful candidates, and the reference rows (so that their figures come from the
         same rounds as the variants they are compared with)."""
         return [e for e in self.entries if e.worker is not None and e.result.ok
                 and all(e.timed(bs) for bs in self.deciding)]
 
-    def contenders(self) -> list[Entry]:
+    def contenders(self) -> list[SearchRow]:
         return [e for e in self.timing() if e.result.selectable]
 
-    def leader(self) -> Entry | None:
+    def leader(self) -> SearchRow | None:
         timed = [e for e in self.entries if e.result.ok and e.result.selectable and e.timed(self.opts.target)]
         return min(timed, key=lambda e: self.estimate(e, self.opts.target).median, default=None)
 
-    def hopeless(self, entry: Entry) -> bool:
+    def hopeless(self, entry: SearchRow) -> bool:
         """Far behind the leader after its probe: even its fastest single calls are slower than half the leader's."""
         leader = self.leader()
         if leader is None or leader is entry or not entry.result.selectable or not entry.timed(self.opts.target):
@@ -273,12 +273,12 @@ class Search:
         fast = float(np.percentile(np.concatenate(entry.rounds(self.opts.target)), 10))
         return fast > 2 * self.estimate(leader, self.opts.target).hi
 
-    def beaten(self, entry: Entry, leader: Entry) -> bool:
+    def beaten(self, entry: SearchRow, leader: SearchRow) -> bool:
         """Beaten beyond the noise at every deciding batch size: the paired ratio of their rounds above 1 (or, before
         two shared rounds, the leader's slow end faster than its fast end)."""
         return all(self._ahead(leader, entry, bs) for bs in self.deciding if entry.timed(bs) and leader.timed(bs))
 
-    def _ahead(self, a: Entry, b: Entry, bs: int) -> bool:
+    def _ahead(self, a: SearchRow, b: SearchRow, bs: int) -> bool:
         r = paired(a.samples.get(bs, []), b.samples.get(bs, []))
         if r is not None:
             return r.lo > 1.0

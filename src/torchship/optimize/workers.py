@@ -18,12 +18,12 @@ class WorkerLost(Exception):
 
 
 class ForkServer:
-    """``python -m torchship.optimize.worker``: imports torch once and forks a worker per job."""
+    """``python -m torchship.optimize.job``: imports torch once and forks a worker per job."""
 
     def __init__(self, log: Path):
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with open(log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "torchship.optimize.worker", str(theirs.fileno())],
+            self.proc = subprocess.Popen([sys.executable, "-m", "torchship.optimize.job", str(theirs.fileno())],
                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         theirs.close()
@@ -112,7 +112,7 @@ class InlineWorker:
     with no importable architecture): no isolation and no timeout."""
 
     def __init__(self, job: Job, model):
-        from .worker import Variant
+        from .job import Variant
         self.variant = Variant(job, model)
 
     def built(self, timeout: float) -> Built:

@@ -148,9 +148,9 @@ class Server:
     def unanswered(self) -> int:
         """Infer requests admitted and not yet answered by a model: being read, queued or running (one whose outputs
         are ready no longer counts, though the event loop has yet to send them)."""
-        return sum(e.admitted + e.batcher.depth + e.batcher.in_flight for v in self.models.values() for e in v.values())
+        return sum(e.reading + e.batcher.depth + e.batcher.in_flight for v in self.models.values() for e in v.values())
 
-    def refusal(self, e: Entry) -> ServeError | None:
+    def cannot_take(self, e: Entry) -> ServeError | None:
         """Why ``e`` cannot take one more infer request now (None: it can): a model that cannot run, no room in
         flight, a full queue (queued, or admitted and being read). Checked before the body is read, so that shedding
         costs a few microseconds whatever the number of connections."""
@@ -160,25 +160,19 @@ class Server:
         if self.unanswered() >= self.max_in_flight:
             return Busy(f"server busy: the limit of {self.max_in_flight} requests in flight is reached")
         limit = e.batcher.config.max_queue_requests
-        if e.batcher.depth + e.admitted >= limit:
+        if e.batcher.depth + e.reading >= limit:
             return QueueFull(f"queue full: --max-queue {limit} reached (requests queued or being read)")
         return None
 
-    def admit(self, e: Entry) -> None:
-        """Raise the refusal, if ``e`` has one now (the gRPC and infer paths)."""
-        exc = self.refusal(e)
-        if exc is not None:
-            raise exc
-
-    def admitted(self, name: str, version: str | None) -> "tuple[Entry | None, Answer | None]":
+    def admission(self, name: str, version: str | None) -> "tuple[Entry | None, Answer | None]":
         """(the entry, None), or the refusal of an infer request that its path decides alone: an unknown model, a
         model that cannot serve, a full queue, no room in flight."""
         try:
             e = self.find(name, version)
         except NotFound as exc:
-            return None, self.refused(None, exc)
-        exc = self.refusal(e)
-        return e, None if exc is None else self.refused(e, exc, reuse=True)
+            return None, self.error_answer(None, exc)
+        exc = self.cannot_take(e)
+        return e, None if exc is None else self.error_answer(e, exc, reuse=True)
 
     def count(self, e: Entry | None, exc: ServeError) -> None:
         """A refused or failed request, counted by reason (unknown models under model="")."""
@@ -187,8 +181,8 @@ class Server:
         if exc.status in (503, 504):
             series.rejected(exc.reason)
 
-    def refused(self, e: Entry | None, exc: ServeError, reuse: bool = False) -> Answer:
-        """The HTTP answer to a refused or failed request, counted. With ``reuse`` (the refusals of ``refusal``,
+    def error_answer(self, e: Entry | None, exc: ServeError, reuse: bool = False) -> Answer:
+        """The HTTP answer to a refused or failed request, counted. With ``reuse`` (the refusals of ``cannot_take``,
         whose messages name only a model and a limit), each answer is made once and then is the same object every
         time: the header-time refusal keeps its bytes on the wire by that object."""
         self.count(e, exc)
@@ -207,13 +201,13 @@ class Server:
         """The one request path of every front (HTTP, gRPC, OpenAI), for a request admitted to ``e``: ``decode`` it
         (the wire's part: read and check), turn raw input into tensors with the bundle's pipeline, queue it on the
         batcher, run it. Returns (the entry that ran it, the request, its outputs); every failure is a ServeError."""
-        e.admitted += 1  # holds a place in the queue from here, while its body is read and decoded
+        e.reading += 1  # holds a place in the queue from here, while its body is read and decoded
         queued = False
         try:
             d = await decode(e)
             if d.feeds is None:
                 d.feeds = await self.process(e, d)
-            e.admitted -= 1
+            e.reading -= 1
             queued = True  # the batcher's queue holds it from here (submit queues it before its first await)
             e, outputs = await self.run(e, name, version, d.feeds, d.deadline)
             if e.labels is not None:  # a classifier answers in its terms too: its labels and their scores
@@ -224,7 +218,7 @@ class Server:
             raise ModelFailed(f"the model failed on this batch: {type(exc).__name__}: {exc}") from exc
         finally:
             if not queued:
-                e.admitted -= 1
+                e.reading -= 1
         return e, d, outputs
 
     async def process(self, e: Entry, d: Decoded) -> dict:
@@ -379,7 +373,7 @@ async def infer(server: Server, name: str, version: str | None, headers: dict[by
     throughput: routing, middleware and Request objects cost several times what an HTTP request itself costs when the
     model runs in microseconds."""
     server.last_request = time.monotonic()
-    e, refused = server.admitted(name, version)
+    e, refused = server.admission(name, version)
     if refused is not None:
         return refused
     size = 0
@@ -395,7 +389,7 @@ async def infer(server: Server, name: str, version: str | None, headers: dict[by
     try:
         e, d, outputs = await server.submit(e, name, version, decode)
     except ServeError as exc:
-        return server.refused(e, exc)
+        return server.error_answer(e, exc)
     content, extra = encode_outputs(d.request, outputs, e.name, e.version)
     e.metrics.success.inc()
     if size > TRIM_BYTES:

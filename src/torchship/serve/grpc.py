@@ -176,7 +176,9 @@ class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             if s.draining:
                 raise Unavailable("the server is shutting down")
-            s.admit(e)
+            refused = s.cannot_take(e)
+            if refused is not None:
+                raise refused
         except ServeError as exc:
             return await self._fail(context, e, exc)
 

@@ -105,7 +105,7 @@ async def embeddings(server, read: Callable[[], Awaitable[bytes]]):
                          f"(/v2/models/{e.name}/infer), whose answer carries label and score")
         server.count(e, exc)
         return error(400, str(exc), param="model")
-    refused = server.refusal(e)
+    refused = server.cannot_take(e)
     if refused is not None:
         server.count(e, refused)
         return error(refused.status, str(refused), refused.headers)

@@ -30,7 +30,7 @@ class Entry:
     ready: bool = False  # loaded and in service (False once it is being unloaded)
     close: Callable[[], None] | None = None  # worker processes to stop with the entry
     broken: Callable[[], str | None] = lambda: None  # why its workers cannot run batches now, if they cannot
-    admitted: int = 0  # requests admitted to its queue whose bodies are still being read and decoded
+    reading: int = 0  # requests admitted to its queue whose bodies are still being read and decoded
     pipeline: Any = None  # the bundle's raw-input pipeline (processing: TextPipeline, ImagePipeline), if any
     labels: Any = None  # processing.Labels: a classifier's class names
 

@@ -167,7 +167,7 @@ class _Answered:
 
 
 def shedding_protocol(server):
-    """uvicorn's httptools protocol, answering the infer requests that ``server.admitted`` refuses as soon as their
+    """uvicorn's httptools protocol, answering the infer requests that ``server.admission`` refuses as soon as their
     headers are read: no ASGI request, task or body is made for them (under a flood, every refused request costs
     the event loop time whether it is served or not; this way costs less). Any other request, or one behind a
     pipelined request still in progress, takes uvicorn's own path."""
@@ -189,7 +189,7 @@ def shedding_protocol(server):
                     and self.parser.get_method() == b"POST"):
                 path = httptools.parse_url(self.url).path.decode("latin-1")
                 found = _INFER.fullmatch(urllib.parse.unquote(path) if "%" in path else path)
-                refused = server.admitted(found[1], found[2])[1] if found else None  # infer() checks again
+                refused = server.admission(found[1], found[2])[1] if found else None  # infer() checks again
                 if refused is not None:
                     return self._answer(refused)
             super().on_headers_complete()
@@ -209,7 +209,7 @@ def shedding_protocol(server):
             made = wire.get((id(refused), keep))
             if made is None or made[0] is not refused:
                 made = refused, _response(*refused, defaults, keep)
-                if refused[0] == 503 and len(wire) < 256:  # the shed answers: a few objects reused (Server.refused)
+                if refused[0] == 503 and len(wire) < 256:  # the shed answers: a few objects reused (Server.error_answer)
                     wire[id(refused), keep] = made
             self.cycle = answered
             self.transport.write(made[1])

@@ -1,7 +1,7 @@
 """One variant's process: rebuild the model from its job, transform, build, load, run the verification inputs, then
 time batches on request until told to stop.
 
-``python -m torchship.optimize.worker`` is the fork server: it imports torch once, then forks one worker per job it
+``python -m torchship.optimize.job`` is the fork server: it imports torch once, then forks one worker per job it
 is sent (a fork costs milliseconds; a fresh interpreter that imports torch costs about two seconds). A worker that
 crashes or hangs costs its own variant only: the parent sees the connection close, or kills it at the timeout.
 """
