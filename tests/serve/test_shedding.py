@@ -281,3 +281,29 @@ def test_the_drain_serves_the_connections_in_the_listening_backlog_instead_of_re
     assert taken == 8
     assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"ok") for a in answers), answers
     assert refused is ConnectionRefusedError  # and the port takes no new connection
+
+
+def test_past_the_in_flight_limit_any_model_is_refused_and_slo_mode_lowers_the_limit():
+    """The server's limit on infer requests not yet answered (being read, queued or running), across models: the
+    --max-queue of each, plus 64; in SLO mode a few batches' worth. Counted from the entries (set here), no clock."""
+    from types import SimpleNamespace
+
+    from torchship.errors import Busy
+    from torchship.serve.batcher import BatchConfig
+
+    def entry(name, running, queued=0):
+        batcher = SimpleNamespace(depth=queued, in_flight=running, config=BatchConfig(max_queue_requests=8))
+        return SimpleNamespace(name=name, version="1", why=None, reading=0, batcher=batcher)
+    server = Server([], ServeConfig(batch=BatchConfig(max_queue_requests=8)))
+    shutil.rmtree(server.snapshots)
+    assert server.max_in_flight == 8 + 64
+    busy, idle = entry("busy", running=70, queued=1), entry("idle", running=0)
+    server.models = {"busy": {"1": busy}, "idle": {"1": idle}}
+    assert server.cannot_take(idle) is None  # 71 of 72
+    busy.reading = 1
+    refused = server.cannot_take(idle)  # 72 of 72: the idle model is refused too, before its body is read
+    assert isinstance(refused, Busy) and "the limit of 72 requests in flight is reached" in str(refused)
+    assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+    slo = Server([], ServeConfig(batch=BatchConfig(max_queue_requests=1024, slo_s=0.05), max_batch_size=4))
+    shutil.rmtree(slo.snapshots)
+    assert slo.max_in_flight == 4 * 4 + 64
