@@ -77,8 +77,12 @@ def test_each_packaged_runtime_reloads_from_its_own_bundle(runtime, tmp_path):
     res = optimize("zoo:digits-cnn", OptimizeOptions(runtimes=(runtime,), batch_sizes=(2,), seconds_per_size=0.05,
                                                      transforms=()), out=tmp_path / "b")
     assert res.chosen.name == runtime
+    import torch._inductor.config
+    freezing = torch._inductor.config.freezing
     loaded = load_bundle(res.bundle, trust_code=runtime in ("aoti", "eager", "compile"))  # native or the zoo's own code
     x = dataset()["test"][0][:5]
+    loaded({"image": x})  # compiles, for torch.compile: with freezing as its own option, not the process's
+    assert torch._inductor.config.freezing == freezing
     model = load_source("zoo:digits-cnn").module
     import torch
     with torch.inference_mode():

@@ -200,3 +200,13 @@ def test_processes_that_train_the_zoo_weights_at_once_all_use_the_first_written(
     model = pretrained.digits_cnn()
     assert all(torch.all(v == 0.5) for v in model.state_dict().values() if v.is_floating_point())
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left behind
+
+
+def test_fit_leaves_the_callers_warning_filters_and_logger_levels_as_they_were():
+    import logging
+    import warnings
+    import lightning  # noqa: F401  (imported first: its own import-time filters are not what this asserts)
+    small = {k: (v[0][:64], v[1][:64]) for k, v in dataset().items()}
+    filters, level = list(warnings.filters), logging.getLogger("lightning.pytorch").level
+    train("zoo:digits-cnn", small, TrainConfig(epochs=1, precision="32-true", **FAST))
+    assert warnings.filters == filters and logging.getLogger("lightning.pytorch").level == level

@@ -17,10 +17,12 @@ def build(model, options, workdir):
 def load(artifact, root, spec, ctx):
     set_threads(ctx)
     opts = artifact.options
-    # freezing: weights become constants that inductor folds and prepacks (and int8 patterns lower to int8 kernels)
-    torch._inductor.config.freezing = opts.get("freezing", True)
+    # freezing: weights become constants that inductor folds and prepacks (and int8 patterns lower to int8 kernels);
+    # given to this compile only (as its options, with the mode's own), not set for the whole process
+    from torch._inductor import list_mode_options
+    options = {**list_mode_options(opts.get("mode", "default")), "freezing": opts.get("freezing", True)}
     module = prepare(rebuild(artifact, root, ctx), opts, ctx.device).eval()
-    compiled = torch.compile(module, mode=opts.get("mode", "default"), dynamic=opts.get("dynamic"))
+    compiled = torch.compile(module, options=options, dynamic=opts.get("dynamic"))
     return TorchRunner(compiled, spec, ctx.device, opts.get("precision", "fp32"))
 
 

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,35 @@ def _check_fit(model, teacher, datasets, config) -> None:
 
 def fit(model: torch.nn.Module, data: Any, config: TrainConfig | None = None, *, out: str | Path | None = None,
         teacher: torch.nn.Module | None = None) -> TrainResult:
-    """Train ``model`` on ``data`` (see ``load_data``), distilling from ``teacher`` when given."""
+    """Train ``model`` on ``data`` (see ``load_data``), distilling from ``teacher`` when given. Lightning's chatter is
+    quieted for this call only: the caller's warning filters and logger levels are as they were afterwards."""
+    with _quiet(teacher is not None):
+        return _fit(model, data, config, out=out, teacher=teacher)
+
+
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+
+@contextmanager
+def _quiet(distilling: bool):
+    import logging
+    levels = {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS}
+    with warnings.catch_warnings():
+        for name in LIGHTNING_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        if distilling:  # the teacher stays in eval mode on purpose
+            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
+def _fit(model: torch.nn.Module, data: Any, config: TrainConfig | None, *, out: str | Path | None,
+         teacher: torch.nn.Module | None) -> TrainResult:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -153,9 +182,6 @@ def fit(model: torch.nn.Module, data: Any, config: TrainConfig | None = None, *,
         if out.is_dir() and any(out.iterdir()):
             raise UsageError(f"{out} is not empty; training never overwrites a previous run: choose another --out")
         check_writable(out, option="--out")
-    import logging
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     L.seed_everything(config.seed, workers=True, verbose=False)
     teacher_model = teacher
     datasets = load_data(data, config.seed)
@@ -184,10 +210,6 @@ def fit(model: torch.nn.Module, data: Any, config: TrainConfig | None = None, *,
     ckpt = ModelCheckpoint(dirpath=work / "checkpoints", monitor=monitor, mode=mode, save_top_k=1, save_weights_only=True)
     callbacks = [ckpt, SyncTeardown()] + ([EarlyStopping(monitor=monitor, mode=mode, patience=config.patience)]
                                            if config.patience else [])
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    if teacher_model is not None:  # the teacher stays in eval mode on purpose
-        warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
     strategy = config.strategy
     if strategy == "ddp" and accelerator == "cpu" and config.devices > 1:
         strategy = "ddp_spawn"  # CPU processes on gloo, started from this process (works from the API and the CLI)
