@@ -45,20 +45,21 @@ def _kill_namespace(name):
             pass
 
 
-def _serve(netns, log, *args):
+def _serve(netns, log, *args, env=None):
     return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "torchship.cli", "serve", *map(str, args)],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                                 **models_importable()})
+                                 **models_importable(), **(env or {})})
 
 
-def test_ray_replicas_answer_like_the_local_server(netns, digits_bundle, slow_bundle, tmp_path):
+def test_ray_replicas_answer_like_the_local_server(netns, digits_bundle, slow_bundle, tmp_path, gate):
     common = [digits_bundle, slow_bundle, "--trust-code", "--max-queue", "4", "--max-batch-size", "2"]
-    local = _serve(netns, tmp_path / "local.log", *common, "--port", "8000")
-    ray = _serve(netns, tmp_path / "ray.log", *common, "--port", "8001", "--ray", "--replicas", "2")
-    try:
+    local = _serve(netns, tmp_path / "local.log", *common, "--port", "8000", env=gate.env)
+    ray = _serve(netns, tmp_path / "ray.log", *common, "--port", "8001", "--ray", "--replicas", "2", env=gate.env)
+    try:  # the probe closes the slow model's gate for its flood (both servers' models read the same gate)
         probe = subprocess.run(["ip", "netns", "exec", netns, sys.executable, str(ROOT / "tests/serve/_ns_probe.py"), "240",
-                                "127.0.0.1:8000", "127.0.0.1:8001"], capture_output=True, text=True, timeout=420, cwd=ROOT)
+                                "127.0.0.1:8000", "127.0.0.1:8001"], capture_output=True, text=True, timeout=420, cwd=ROOT,
+                               env={**os.environ, **gate.env})
         assert probe.returncode == 0, probe.stderr[-3000:]
         report = json.loads(probe.stdout.strip().splitlines()[-1])
         a, b = report["127.0.0.1:8000"], report["127.0.0.1:8001"]
