@@ -56,7 +56,9 @@ class Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     what: str  # what a bundle of it runs from, in words (a tie is explained with it)
     simplicity: int  # rank in a tie, lower is simpler: fewer moving parts at serving time
-    takes: tuple[str, ...] = ("module",)  # what it builds from: "module" (an nn.Module), "onnx" (an ONNX source)
+    # what it builds from: "module" (an nn.Module), "onnx" (an ONNX source), "program" (an exported program: the
+    # variants trained from the model, train/derived.py)
+    takes: tuple[str, ...] = ("module",)
     specializes: bool = False  # its graph is a trace or an export: it keeps one path of control flow on values
     native: str | None = None  # the native code that loading runs, in words ("the shared library ..."): consent needed
     extra: str = "torch"  # the extra that installs what it needs to build
@@ -67,9 +69,9 @@ DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
     Descriptor("eager", "the model's own Python code", 4),
     Descriptor("torchscript", "a TorchScript file, no Python code", 2),  # traces, or scripts (see flow.specialized)
     Descriptor("compile", "the model's Python code, compiled at every load", 5),
-    Descriptor("aoti", "a compiled AOTInductor package, no Python code", 3, specializes=True,
+    Descriptor("aoti", "a compiled AOTInductor package, no Python code", 3, takes=("module", "program"), specializes=True,
                native="the shared library AOTInductor compiled into"),
-    Descriptor("onnxrt", "a single self-contained ONNX file", 0, takes=("module", "onnx"), specializes=True),
+    Descriptor("onnxrt", "a single self-contained ONNX file", 0, takes=("module", "onnx", "program"), specializes=True),
     Descriptor("openvino", "an OpenVINO IR, no Python code", 1, takes=("module", "onnx"), specializes=True,
                extra="openvino"),
 )}
