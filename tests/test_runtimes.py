@@ -14,7 +14,7 @@ from torchship.runtimes.base import DESCRIPTORS, MODULES, Descriptor, describe, 
 @pytest.mark.parametrize("name", MODULES)
 def test_each_runtime_has_a_module_that_registers_it_and_a_descriptor(name):
     d = describe(name)
-    assert d.name == name and d.what and d.takes and set(d.takes) <= {"module", "onnx"}
+    assert d.name == name and d.what and d.takes and set(d.takes) <= {"module", "onnx", "program"}
     assert importlib.util.find_spec(f"torchship.runtimes.{name}") is not None  # its own module
     try:
         assert get(name).name == name  # registered under its name

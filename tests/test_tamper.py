@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     out = tmp_path_factory.mktemp("tamper") / "good"
-    optimize("tests.models:Tiny", OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(2,), seconds_per_size=0.02, transforms=()),
-             out=out)
+    res = optimize("tests.models:Tiny", OptimizeOptions(runtimes=("onnxrt",), batch_sizes=(2,), seconds_per_size=0.02,
+                                                        transforms=()), out=out)
+    assert res.bundle == out, (res.message, [(v.name, v.status, v.reason) for v in res.variants])
     return out
 
 
