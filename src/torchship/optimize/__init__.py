@@ -57,7 +57,7 @@ class OptimizeOptions:
     isolate: bool = True  # each variant in its own process
     transforms: tuple[str, ...] = ("int8", "bf16", "qat", "channels", "distill")  # see plan.TRANSFORMS
     train_epochs: int | None = None  # for the trained variants (qat, channels, distill); default: per kind
-    time_budget_s: float | None = None  # the whole search; builds stop at 3/4 of it (once one variant is faithful), timing rounds at all of it
+    time_budget_s: float | None = None  # the whole search; builds stop at 3/4 of it (once a candidate is built), timing rounds at all of it
     exhaustive: bool = False  # build compressed variants even where their runtime is too far behind to win
     cache: bool = True  # reuse builds of the same model, weights, data and options (TORCHSHIP_CACHE/builds)
     processing: bool = True  # package the text pipeline (tokenizer.json) where the source has one, checked end to end

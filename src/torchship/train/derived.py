@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import BuildSkipped
+from ..runtimes.base import DESCRIPTORS
 
 CHANNEL_LEVELS = (0.3, 0.5, 0.7)
-from ..runtimes.base import DESCRIPTORS  # noqa: E402  (torch-free)
-
 # the runtimes that build from an exported program (their descriptors say so; eager and TorchScript need an architecture)
 RUNTIMES = tuple(name for name, d in DESCRIPTORS.items() if "program" in d.takes)
 STUDENTS = {"digits-cnn": "torchship.zoo.digits:student"}  # the zoo's own smaller architectures, by zoo name
