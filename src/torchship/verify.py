@@ -102,15 +102,10 @@ def retrieval(ref: np.ndarray, out: np.ndarray, k: int = RETRIEVAL_K) -> tuple[f
     np.fill_diagonal(b, -np.inf)
     na, nb = np.argsort(-a, axis=1)[:, :k], np.argsort(-b, axis=1)[:, :k]
     kept = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(na, nb)]))
+    from scipy.stats import spearmanr  # scikit-learn's dependency: optimize's extras have it
     iu = np.triu_indices(len(ref), 1)
-
-    def ranks(v):
-        r = np.empty(len(v))
-        r[np.argsort(v, kind="stable")] = np.arange(len(v))
-        return r
-    ra, rb = ranks(a[iu]), ranks(b[iu])
-    rho = float(np.corrcoef(ra, rb)[0, 1]) if len(ra) > 1 and ra.std() > 0 and rb.std() > 0 else 1.0
-    return kept, rho
+    rho = float(spearmanr(a[iu], b[iu]).statistic)
+    return kept, rho if np.isfinite(rho) else 1.0  # constant similarities: nothing to rank, nothing lost
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -85,6 +85,7 @@ def finish(name: str, module: nn.Module, spec: IOSpec, dims: Mapping[str, int], 
             looked_up[id(inputs[0])] = min(looked_up.get(id(inputs[0]), m.num_embeddings), m.num_embeddings)
     hooks = [m.register_forward_pre_hook(lookup) for m in module.modules() if isinstance(m, nn.Embedding)]
     extra = dict(kwargs or {})
+    failed: SourceError | None = None
 
     def call():
         with torch.inference_mode():
@@ -102,7 +103,7 @@ def finish(name: str, module: nn.Module, spec: IOSpec, dims: Mapping[str, int], 
     finally:
         for h in hooks:
             h.remove()
-    if raw is None:  # hooks can be what fails (torch.cond compiles its branches, and a hook inside is not traceable)
+    if failed is not None:  # hooks can be what fails (torch.cond compiles its branches, and a hook inside is not traceable)
         try:
             raw = call()
         except Exception:
