@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,35 @@ def test_threads_are_what_this_machine_has(tiny_bundle, tmp_path):
     opts = load_bundle(big, threads=1, spin=False).runner.sess.get_session_options()
     assert opts.intra_op_num_threads == 1
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+OLD = Path(__file__).parent / "data" / "bundles-741dd9a"  # made by commit 741dd9a, before options were typed
+
+
+@pytest.mark.parametrize("runtime", sorted(p.name for p in OLD.iterdir()))
+def test_a_bundle_made_before_typed_options_still_verifies_loads_and_answers(runtime):
+    import torch
+
+    from tests.models import Tiny
+    m = verify_bundle(OLD / runtime)
+    assert m.runtime == runtime and m.artifact.options.device == "cpu" and m.artifact.options.threads == 2
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    with torch.inference_mode():
+        want = Tiny()(torch.from_numpy(x)).numpy()
+    got = load_bundle(OLD / runtime, trust_code=True)({"x": x})["output"]  # eager and compile import tests.models
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    if runtime == "torchscript":
+        assert m.artifact.options.mode == "trace"
+    if runtime == "openvino":
+        assert m.artifact.options.converted_from == "the torch.export program"
+
+
+def test_build_options_are_typed_and_a_misspelt_one_is_refused():
+    from torchship.runtimes.base import BuildOptions
+    assert msgspec.json.encode(BuildOptions()) == b"{}"  # a manifest says only what differs from plain fp32
+    assert msgspec.json.decode(b'{"precision": "bf16", "dim_ranges": {"seq": [2, 64]}}', type=BuildOptions) == \
+        BuildOptions(precision="bf16", dim_ranges={"seq": (2, 64)})
+    with pytest.raises(msgspec.ValidationError, match="precision"):
+        msgspec.json.decode(b'{"precision": "int4"}', type=BuildOptions)
+    with pytest.raises(msgspec.ValidationError, match="quantise"):
+        msgspec.json.decode(b'{"quantise": "int8"}', type=BuildOptions)

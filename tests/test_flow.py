@@ -47,7 +47,7 @@ def test_traced_variants_are_not_candidates_and_the_bundle_takes_the_branch(ref,
     assert onnx.status == "skipped" and "branches on its values at" in onnx.reason and "models.py:" in onnx.reason
     assert "--allow-specialization" in onnx.reason
     ts = res.variant("torchscript")
-    assert ts.status == "ok" and ts.artifact.options["mode"] == "script"
+    assert ts.status == "ok" and ts.artifact.options.mode == "script"
     # script was checked on values pushed far both ways (where the rare side of the branch is taken), and passed
     assert {"values x10000", "values shifted -10", "values shifted +10"} <= set(ts.fidelity.checked)
     assert res.chosen.name in ("eager", "torchscript")

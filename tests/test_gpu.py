@@ -15,7 +15,7 @@ def test_cuda_plan_verifies_lower_precision_and_bundle_runs_on_gpu(tmp_path):
     for name in ("eager", "aoti", "eager-fp16", "aoti-fp16"):
         assert by[name].status == "ok", (name, by[name].reason)
         assert by[name].peak_memory_kind == "cuda allocated"
-    assert by["eager"].options["fixed_shapes"] is True  # cudnn.benchmark on: no dynamic dims but batch
+    assert by["eager"].options.fixed_shapes is True  # cudnn.benchmark on: no dynamic dims but batch
     assert by["onnxrt"].status in ("ok", "skipped")  # skipped, with the reason, without onnxruntime-gpu
     loaded = load_bundle(res.bundle)
     x, y = dataset()["test"]

@@ -86,7 +86,7 @@ def test_each_task_optimizes_and_its_bundle_answers_like_the_model(dirs, name, t
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-3, atol=1e-4)
     if name == "bert":
-        assert res.variant("aoti").artifact.options["dim_ranges"]["seq"][1] == 64  # torch's range for 64 positions
+        assert res.variant("aoti").artifact.options.dim_ranges["seq"][1] == 64  # torch's range for 64 positions
 
 
 @pytest.mark.slow

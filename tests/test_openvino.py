@@ -20,7 +20,7 @@ def ov_bundle(tmp_path_factory):
 def test_an_openvino_variant_verifies_and_its_bundle_answers(ov_bundle):
     res, out = ov_bundle
     v = res.variant("openvino")
-    assert v.status == "ok" and v.fidelity.cosine > 0.9999 and v.artifact.options["converted_from"] == "the torch.export program"
+    assert v.status == "ok" and v.fidelity.cosine > 0.9999 and v.artifact.options.converted_from == "the torch.export program"
     loaded = load_bundle(out, threads=1)  # IR is data: no consent needed
     assert set(loaded.manifest.files) >= {"model.xml", "model.bin"} and loaded.manifest.executes is None
     assert loaded.runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
@@ -52,7 +52,7 @@ def test_an_onnx_source_runs_on_openvino_too(tmp_path):
     res = optimize(str(tmp_path / "tiny.onnx"), OptimizeOptions(runtimes=("onnxrt", "openvino"), batch_sizes=(4,),
                                                                 seconds_per_size=0.02, transforms=()))
     v = res.variant("openvino")
-    assert v.status == "ok" and v.artifact.options["converted_from"] == "the ONNX file"
+    assert v.status == "ok" and v.artifact.options.converted_from == "the ONNX file"
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from torchship import OptimizeOptions, TensorSpec, load_bundle, optimize
 from torchship.report import ratios
 from torchship.select import select, simplicity
 from torchship.runtimes import LoadContext, get
+from torchship.runtimes.base import BuildOptions
 from torchship.sources import load_source
 from torchship.zoo.digits import dataset
 
@@ -92,9 +93,9 @@ def test_each_packaged_runtime_reloads_from_its_own_bundle(runtime, tmp_path):
 
 def test_data_dependent_control_flow_is_never_silently_mis_traced(tmp_path):
     model = load_source("tests.models:Branchy", ["x:float32[batch,8]"])
-    artifact = get("torchscript").build(model, {}, tmp_path)
-    assert artifact.options["mode"] == "script"
-    assert "data-dependent control flow" in artifact.options["notes"][0]
+    artifact = get("torchscript").build(model, BuildOptions(), tmp_path)
+    assert artifact.options.mode == "script"
+    assert "data-dependent control flow" in artifact.options.notes[0]
     runner = get("torchscript").load(artifact, tmp_path, model.spec, LoadContext())
     for sign in (1, -1):
         x = sign * np.abs(np.random.default_rng(0).standard_normal((3, 8))).astype(np.float32)

@@ -9,6 +9,7 @@ import torch
 from torchship.measure import Estimate, Noise, estimate, order_statistics, verdict
 from torchship.profile import Stats, stats
 from torchship.results import VariantResult
+from torchship.runtimes.base import BuildOptions
 from torchship.select import closest, select
 from torchship.verify import Fidelity
 
@@ -190,13 +191,13 @@ def test_a_compressed_child_of_a_runtime_far_behind_is_not_built_unless_exhausti
     search = _search([("onnxrt", 0.0010, True), ("eager", 0.0100, True)])
     search.ws.lineage = lambda vp: SimpleNamespace(parent=vp.name.split("+")[0].removesuffix("-bf16"))
     search.ws.linear_share = lambda: 0.5
-    int8 = VariantPlan("eager+int8", "eager", {}, transforms=({"kind": "dynamic_int8", "at_load": True},))
+    int8 = VariantPlan("eager+int8", "eager", transforms=({"kind": "dynamic_int8", "at_load": True},))
     reason = search.not_worth_building(int8)
     # torch.ao int8 changes the Linear layers only: half the time here, so at most 1/(0.5 + 0.5/4) = 1.6x
     assert "eager runs at 0.10x the speed of onnxrt" in reason and "at most 1.6x on the Linear layers" in reason
-    close = VariantPlan("onnxrt+int8", "onnxrt", {"quantize": "dynamic_int8"})
+    close = VariantPlan("onnxrt+int8", "onnxrt", BuildOptions(quantize="dynamic_int8"))
     assert search.not_worth_building(close) is None  # the leader itself is its parent
-    bf16 = VariantPlan("eager-bf16", "eager", {"precision": "bf16"})
+    bf16 = VariantPlan("eager-bf16", "eager", BuildOptions(precision="bf16"))
     assert "bf16 gains at most 2x over its runtime" in search.not_worth_building(bf16)
     search.flags = AVX512_VNNI | {"amx_int8", "amx_bf16"}  # AMX: int8 layers up to 8x, so 1/(0.5 + 0.5/8) = 1.8x
     assert "at most 1.8x on the Linear layers" in search.not_worth_building(int8)

@@ -6,6 +6,7 @@ import torch
 
 from torchship import Budget, OptimizeOptions, UsageError, optimize
 from torchship.errors import BuildSkipped
+from torchship.runtimes.base import BuildOptions
 from torchship.sources import load_source
 from torchship.transforms import ChannelPrune, DynamicInt8, MagnitudePrune, TorchaoInt8, apply, from_dict, sparsity, to_dict
 
@@ -71,11 +72,11 @@ def test_int8_artifacts_reload_to_the_same_outputs(tmp_path):
     x = {"x": np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)}
     eager_dir, ort_dir = tmp_path / "e", tmp_path / "o"
     eager_dir.mkdir(), ort_dir.mkdir()
-    art = get("eager").build(model, {"transforms": [to_dict(DynamicInt8())]}, eager_dir)
+    art = get("eager").build(model, BuildOptions(transforms=(to_dict(DynamicInt8()),)), eager_dir)
     with torch.inference_mode():
         want = apply(model.module, DynamicInt8())(torch.from_numpy(x["x"]))[0].numpy()
     np.testing.assert_allclose(get("eager").load(art, eager_dir, model.spec, LoadContext(trust_code=True))(x)["output"], want, rtol=1e-6, atol=1e-6)
-    art = get("onnxrt").build(model, {"quantize": "dynamic_int8"}, ort_dir)
+    art = get("onnxrt").build(model, BuildOptions(quantize="dynamic_int8"), ort_dir)
     import onnx
     graph = onnx.load(str(ort_dir / art.files[0])).graph
     assert {n.op_type for n in graph.node} & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
@@ -121,7 +122,7 @@ def test_int8_keeps_to_ranges_that_no_x86_cpu_saturates(tmp_path):
     from torchship.transforms.pt2e import quantize_static
     model = load_source("tests.models:Tiny")
     model = replace(model, calibration_data={"x": np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)})
-    art = get("onnxrt").build(model, {"quantize": "static_int8"}, tmp_path)
+    art = get("onnxrt").build(model, BuildOptions(quantize="static_int8"), tmp_path)
     graph = onnx.load(str(tmp_path / art.files[0])).graph
     weights = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert weights and all(np.abs(w.astype(int)).max() <= 64 for w in weights)

@@ -120,7 +120,7 @@ def _check(path: Path, m: Manifest) -> Manifest:
         raise _problem(path, f"the artifact's files {unlisted} have no sha256 in 'files'; the runtime would read them "
                              "unchecked: build the bundle again")
     from .transforms import KINDS
-    for t in m.artifact.options.get("transforms", []) + list(m.transforms):
+    for t in (*m.artifact.options.transforms, *m.transforms):
         if not isinstance(t, dict) or t.get("kind") not in KINDS:
             raise _problem(path, f"field transforms: {t!r} is not a transform torchship knows ({', '.join(sorted(KINDS))})")
     _sizes(path, m)

@@ -35,7 +35,7 @@ def specialized(variant) -> bool:
     """The variant's graph keeps one path of the model's control flow: a trace or an export."""
     artifact = getattr(variant, "artifact", None)
     return variant.runtime in SPECIALIZING or (variant.runtime == "torchscript" and artifact is not None
-                                               and artifact.options.get("mode") == "trace")
+                                               and artifact.options.mode == "trace")
 
 
 def describe(branches: tuple[Branch, ...]) -> str:

@@ -4,15 +4,16 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from msgspec.structs import replace
 
 from .errors import UsageError
-from .runtimes.base import DESCRIPTORS, MODULES
+from .runtimes.base import DESCRIPTORS, MODULES, BuildOptions
 
 
 class VariantPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     runtime: str
-    options: dict[str, Any] = {}
+    options: BuildOptions = BuildOptions()
     selectable: bool = True
     note: str = ""
     transforms: tuple[dict[str, Any], ...] = ()  # transform configs as dicts (torchship.transforms.to_dict)
@@ -21,10 +22,7 @@ class VariantPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     derived: tuple[str, float | None] | None = None  # (kind, level): trained from the model first (train.derived)
     parent: str | None = None  # the variant (or "model") this one is made from, for the lineage
     sibling: str | None = None  # the same transform on eager: when it fails the budget this one is not tried
-
-    @property
-    def skip(self) -> str | None:
-        return self.options.get("skip")
+    skip: str | None = None  # not built, for this reason (a CPU without the instructions, a missing extra)
 
 
 RUNTIME_ORDER = MODULES  # the runtimes, in plan order (their descriptors)
@@ -43,7 +41,6 @@ def _has_openvino() -> bool:
     import importlib.util
     return importlib.util.find_spec("openvino") is not None
 TRANSFORMS = ("int8", "prune", "bf16", "qat", "channels", "distill")  # the last three need training data
-PRUNE_LEVELS = (0.3, 0.5, 0.7)
 
 
 def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads: int | None = None,
@@ -51,15 +48,14 @@ def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads:
          allow_specialization: bool = False) -> list[VariantPlan]:
     """Every variant to build; for a model that branches on its values (``model.branches``), the variants whose graph
     keeps one path are skipped with the reason, and TorchScript scripts, unless ``allow_specialization``."""
-    out = [msgspec.structs.replace(v, parent=_parent(v)) for v in _plan(model, device, runtimes, threads, transforms,
-                                                                          trainable)]
+    out = [replace(v, parent=_parent(v)) for v in _plan(model, device, runtimes, threads, transforms, trainable)]
     branches = getattr(model, "branches", ())
     if not branches or allow_specialization:
         return out
     from .flow import SPECIALIZING, why_not
     why = why_not(branches)
-    return [msgspec.structs.replace(v, options={**v.options, "skip": why}) if v.runtime in SPECIALIZING and not v.skip
-            else msgspec.structs.replace(v, options={**v.options, "script": True}) if v.runtime == "torchscript"
+    return [replace(v, skip=why) if v.runtime in SPECIALIZING and not v.skip
+            else replace(v, options=replace(v.options, script=True)) if v.runtime == "torchscript"
             else v for v in out]
 
 
@@ -69,27 +65,25 @@ def _plan(model, device: str, runtimes: list[str] | None, threads: int | None, t
     unknown = [r for r in wanted if r not in RUNTIME_ORDER]
     if unknown:
         raise UsageError(f"unknown runtime(s) {unknown}; choose from {', '.join(RUNTIME_ORDER)}")
-    base = {"device": device, "threads": threads}
-    if device.startswith("cuda") and not model.spec.symbols:
-        base["fixed_shapes"] = True
+    base = BuildOptions(device=device, threads=threads, fixed_shapes=device.startswith("cuda") and not model.spec.symbols)
     out = []
     if model.module is not None:
-        out.append(VariantPlan("eager-naive", "eager", {**base, "naive": True}, selectable=False,
+        out.append(VariantPlan("eager-naive", "eager", replace(base, naive=True), selectable=False,
                                note="reference: the model as too often run (no eval(), autograd on); never selected"))
     takes_onnx = tuple(r for r, d in DESCRIPTORS.items() if "onnx" in d.takes)  # the runtimes that run an ONNX source
-    out += [VariantPlan(r, r, {**base, **({"skip": NO_OPENVINO} if r == "openvino" and not _has_openvino() else {})})
+    out += [VariantPlan(r, r, base, skip=NO_OPENVINO if r == "openvino" and not _has_openvino() else None)
             for r in wanted if model.module is not None or r in takes_onnx]
     unknown = [t for t in transforms if t not in TRANSFORMS]
     if unknown:
         raise UsageError(f"unknown transform(s) {unknown}; choose from {', '.join(TRANSFORMS)} (or none)")
-    out += compression(model, wanted, base, device, transforms)
+    out += compression(model, out, base, device, transforms)
     if trainable and model.module is not None:
         out += trained(wanted, base, transforms)
     if "bf16" in transforms and device == "cpu" and model.module is not None:
         from .machine import NO_BF16, native_bf16
         for r in ("eager", "compile", "aoti"):
             if r in wanted:  # where the CPU lacks bf16, the build skips with the reason
-                out.append(VariantPlan(f"{r}-bf16", r, {**base, "precision": "bf16", **({} if native_bf16() else {"skip": NO_BF16})},
+                out.append(VariantPlan(f"{r}-bf16", r, replace(base, precision="bf16"), skip=None if native_bf16() else NO_BF16,
                                        note="bf16 weights and activations (native on this CPU)"))
     if "bf16" in transforms and device == "cpu" and "openvino" in wanted and _has_openvino():
         from .runtimes.openvino import capabilities
@@ -98,51 +92,32 @@ def _plan(model, device: str, runtimes: list[str] | None, threads: int | None, t
             why = None if cap in caps else (f"OpenVINO's CPU plugin reports no native {cap} on this CPU "
                                              f"(capabilities: {', '.join(caps) or 'none'})")
             out.append(VariantPlan(f"openvino-{'f16' if prec == 'fp16' else prec}", "openvino",
-                                   {**base, "precision": prec, **({"skip": why} if why else {})},
-                                   note=f"OpenVINO with {cap} inference precision (native on this CPU)"))
+                                   replace(base, precision=prec), skip=why, note=f"OpenVINO with {cap} inference precision (native on this CPU)"))
     if device.startswith("cuda") and model.module is not None:
         for prec in ("fp16", "bf16"):
             for r in ("eager", "aoti"):
                 if r in wanted:
-                    out.append(VariantPlan(f"{r}-{prec}", r, {**base, "precision": prec}, note=f"{prec} weights and activations"))
+                    out.append(VariantPlan(f"{r}-{prec}", r, replace(base, precision=prec), note=f"{prec} weights and activations"))
     return out
 
 
-def compression(model, wanted, base, device, transforms) -> list[VariantPlan]:
-    """int8 and pruning variants, gentle to aggressive."""
-    from .transforms import DynamicInt8, MagnitudePrune, TorchaoInt8, to_dict
-    out = []
-    if "int8" in transforms and device == "cpu":
-        if "eager" in wanted and model.module is not None:
-            out.append(VariantPlan("eager+int8", "eager", dict(base), transforms=(to_dict(DynamicInt8()),),
-                                   note="torch.ao dynamic int8 Linear layers"))
-            out.append(VariantPlan("eager+ao-int8", "eager", dict(base), transforms=(to_dict(TorchaoInt8()),),
-                                   note="torchao int8 Linear layers (dynamic int8 activations)"))
-        if "compile" in wanted and model.module is not None:
-            for mode, label in (("dynamic", "ao-int8"), ("weight_only", "ao-int8wo")):
-                sibling = f"eager+{label}" if "eager" in wanted and label == "ao-int8" else None  # numerics carry over
-                out.append(VariantPlan(f"compile+{label}", "compile", dict(base), transforms=(to_dict(TorchaoInt8(mode)),),
-                                       note=f"torchao int8 Linear layers ({mode.replace('_', '-')}) under torch.compile",
-                                       sibling=sibling))
-        if "onnxrt" in wanted:
-            out.append(VariantPlan("onnxrt+int8", "onnxrt", {**base, "quantize": "dynamic_int8"},
-                                   note="ONNX Runtime dynamic int8 (per-channel QInt8 weights)"))
-            out.append(VariantPlan("onnxrt+static-int8", "onnxrt", {**base, "quantize": "static_int8"},
-                                   note="ONNX Runtime static int8 (QDQ, calibrated activations, per-channel weights)"))
-        if "aoti" in wanted and model.module is not None:
-            out.append(VariantPlan("aoti+static-int8", "aoti", {**base, "quantize": "static_int8"},
-                                   note="PT2E static int8 (torchao, x86 inductor quantizer, calibrated) on AOTInductor"))
-        if "openvino" in wanted and _has_openvino():
-            out.append(VariantPlan("openvino+int8", "openvino", {**base, "quantize": "int8"},
-                                   note="OpenVINO int8 (NNCF post-training quantization, calibrated)"))
-            if _transformer(model):
-                out.append(VariantPlan("openvino+int8-transformer", "openvino", {**base, "quantize": "int8_transformer"},
-                                       note="OpenVINO int8 with NNCF's transformer preset (attention kept accurate)"))
-    if "prune" in transforms and "eager" in wanted and model.module is not None:
-        for i, amount in enumerate(PRUNE_LEVELS):
-            out.append(VariantPlan(f"eager+prune{int(amount * 100)}", "eager", dict(base),
-                                   transforms=(to_dict(MagnitudePrune(amount)),), family="prune", level=i,
-                                   note=f"{amount:.0%} of Linear/Conv weights zeroed (dense kernels: no speed-up expected)"))
+def compression(model, planned: list[VariantPlan], base: BuildOptions, device: str, transforms) -> list[VariantPlan]:
+    """Family by family (``TRANSFORMS``' order): the registered transforms' offers on the runtimes planned with a
+    module, and for int8, each planned runtime's own (its descriptor's ``quantizes``, on the CPU); gentle to aggressive
+    within a ladder."""
+    from .transforms import offers, to_dict
+    plain = {v.runtime for v in planned if v.name == v.runtime and not v.skip}
+    out: list[VariantPlan] = []
+    for fam in (t for t in TRANSFORMS if t in transforms):
+        for o in offers((fam,)) if model.module is not None else ():
+            if o.runtime in plain and device.split(":")[0] in o.config.devices:
+                out.append(VariantPlan(f"{o.runtime}+{o.label}", o.runtime, base, transforms=(to_dict(o.config),),
+                                       note=o.note, family=o.ladder, level=o.level,
+                                       sibling=o.sibling if any(v.name == o.sibling for v in out) else None))
+        if fam == "int8" and device == "cpu":
+            out += [VariantPlan(f"{r}+{q.label}", r, replace(base, quantize=q.quantize), note=q.note)
+                    for r, d in DESCRIPTORS.items() if r in plain for q in d.quantizes
+                    if not q.transformers_only or _transformer(model)]
     return out
 
 
@@ -159,14 +134,14 @@ def trained(wanted, base, transforms) -> list[VariantPlan]:
     runtimes = [r for r in RUNTIMES if r in wanted]
     out = []
     if "qat" in transforms:
-        out += [VariantPlan(f"{r}+qat-int8", r, dict(base), derived=("qat", None),
+        out += [VariantPlan(f"{r}+qat-int8", r, base, derived=("qat", None),
                             note="quantization-aware fine-tuning to int8 (torchao PT2E, x86 inductor quantizer)") for r in runtimes]
     if "channels" in transforms:
         for i, amount in enumerate(CHANNEL_LEVELS):
-            out += [VariantPlan(f"{r}+channels{int(amount * 100)}", r, dict(base), derived=("channels", amount),
+            out += [VariantPlan(f"{r}+channels{int(amount * 100)}", r, base, derived=("channels", amount),
                                 family="channels", level=i,
                                 note=f"{amount:.0%} of channels removed (Torch-Pruning), then fine-tuned") for r in runtimes]
     if "distill" in transforms:
-        out += [VariantPlan(f"{r}+student", r, dict(base), derived=("distill", None),
+        out += [VariantPlan(f"{r}+student", r, base, derived=("distill", None),
                             note="a smaller student distilled from this model") for r in runtimes]
     return out

@@ -6,7 +6,7 @@ from typing import Any, Literal
 import msgspec
 
 from .profile import Stats
-from .runtimes.base import Artifact
+from .runtimes.base import Artifact, BuildOptions
 from .verify import Fidelity
 
 Status = Literal["ok", "rejected", "failed", "skipped"]
@@ -26,7 +26,7 @@ class VariantResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     reason: str = ""  # why it was rejected, failed or skipped
     note: str = ""  # what the variant is
     selectable: bool = True  # reference rows (eager-naive) are timed but never chosen
-    options: dict[str, Any] = {}
+    options: BuildOptions = BuildOptions()
     transforms: tuple[dict[str, Any], ...] = ()
     lineage: Lineage | None = None
     artifact: Artifact | None = None
@@ -51,8 +51,8 @@ class VariantResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     @property
     def compressed(self) -> bool:
         """Quantized, pruned, lower precision or trained from the model: compared with its runtime uncompressed."""
-        return bool(self.transforms or self.training is not None or "quantize" in self.options
-                    or self.options.get("precision", "fp32") != "fp32")
+        return bool(self.transforms or self.training is not None or self.options.quantize
+                    or self.options.precision != "fp32")
 
     def throughput(self, batch: int) -> float | None:
         s = self.profile.get(batch)

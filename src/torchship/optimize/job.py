@@ -22,7 +22,7 @@ import msgspec
 import numpy as np
 
 from ..errors import BuildSkipped, first_line
-from ..runtimes.base import Artifact
+from ..runtimes.base import Artifact, BuildOptions
 from ..spec import batches, concat_batches
 from .protocol import Built, Job, ModelRef, Samples, Stop, TimeBatch, receive, send
 
@@ -52,8 +52,9 @@ def reload(ref: ModelRef, pool: dict, calibration: dict | None):
     return Model(ref.name, module, ref.spec, file=Path(ref.file), **base)
 
 
-def _transform(model, transforms, options: dict):
-    """Weight-changing transforms now (the artifact stores their result); at-load ones go into the options."""
+def _transform(model, transforms, options: BuildOptions):
+    """Weight-changing transforms now (the artifact stores their result); at-load ones go into the options (the
+    options with them, returned)."""
     from dataclasses import replace
 
     from ..transforms import apply, from_dict, sparsity
@@ -62,11 +63,11 @@ def _transform(model, transforms, options: dict):
         config = from_dict(t)
         if config.at_load:
             apply(model.module, config)  # fails here, with the reason, if it cannot apply
-            options.setdefault("transforms", []).append(t)
+            options = options.found(transforms=(*options.transforms, t))
         else:
             model = replace(model, module=apply(model.module, config))
             extra["sparsity"] = sparsity(model.module)
-    return model, extra
+    return model, extra, options
 
 
 class _Cached(msgspec.Struct):
@@ -143,7 +144,7 @@ class Variant:
     def __init__(self, job: Job, model=None):
         self.job, self.model = job, model  # model: given in-process (inline), else rebuilt from the job
         self.runner = None
-        self.device = job.variant.options.get("device") or "cpu"
+        self.device = job.variant.options.device
 
     def build(self) -> Built:
         import torch
@@ -155,8 +156,7 @@ class Variant:
         workdir = Path(job.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         pool = _arrays(job.pool)
-        options = {k: v for k, v in job.variant.options.items() if v is not None}
-        options["threads"] = job.threads
+        options = msgspec.structs.replace(job.variant.options, threads=job.threads)
         runtime = get(job.variant.runtime)
         try:
             calibration = _arrays(job.calibration)
@@ -173,7 +173,7 @@ class Variant:
             if cached is not None:
                 artifact, build_s, extra = cached
             else:
-                model, extra = _transform(model, job.variant.transforms, options)
+                model, extra, options = _transform(model, job.variant.transforms, options)
                 artifact = runtime.build(model, options, workdir)
                 build_s = time.perf_counter() - t0
                 _to_cache(job, workdir, artifact, build_s, extra)

@@ -48,7 +48,7 @@ def with_processing(result, model, root: Path):
     from ..processing.build import check_image, check_text, image_processing, labels_of, text_processing
     from ..runtimes import LoadContext, get
     c, notes = result.chosen, result.notes
-    seq = (c.artifact.options.get("dim_ranges") or {}).get("seq")
+    seq = c.artifact.options.dim_ranges.get("seq")
     made, files = text_processing(model, root / "processing", int(seq[1]) if seq else None), []
     if made is None:
         made = image_processing(model)
@@ -60,7 +60,7 @@ def with_processing(result, model, root: Path):
     if made is None:
         return replace(result, notes=notes, processing=Processing(labels=labels) if labels else None)
     processing, kind = msgspec.structs.replace(made, labels=labels), "text" if made.text else "image"
-    plain = not c.transforms and not c.artifact.options.get("precision") and not c.artifact.options.get("quantize")
+    plain = not c.transforms and c.artifact.options.precision == "fp32" and not c.artifact.options.quantize
     floor = max(result.budget.get("cosine", 0.999), 0.9999 if plain else 0.0)
     try:
         run = get(c.runtime).load(c.artifact, root / c.name, result.spec,

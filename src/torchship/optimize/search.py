@@ -20,6 +20,7 @@ from ..measure import CpuWatch, Noise, estimate, paired
 from ..plan import VariantPlan
 from ..profile import stats
 from ..results import VariantResult
+from ..transforms import GAINS, most_gain
 from ..verify import compare
 from .protocol import Built, TimeBatch
 from .workers import WorkerLost
@@ -31,28 +32,21 @@ PAUSE_S = 0.005  # before each block: other workers' spinning threads (ONNX Runt
 
 
 def transform_kind(vp: VariantPlan) -> str | None:
-    """int8, bf16, fp16 or prune for a compressed variant (None for a plain runtime or a trained one)."""
+    """The family whose gain bounds a compressed variant (``transforms.GAINS``): its transforms' (a registered config's
+    ``family``), int8 for a runtime's own quantization, else its precision; None for a plain runtime or a trained one."""
     if vp.derived:
         return None
-    kinds = {t.get("kind") for t in vp.transforms}
-    if "quantize" in vp.options or kinds & {"dynamic_int8", "torchao_int8"}:
-        return "int8"
-    if "magnitude_prune" in kinds:
-        return "prune"
-    precision = vp.options.get("precision", "fp32")
-    return precision if precision != "fp32" else None
+    from ..transforms import family
+    found = [family(t) for t in vp.transforms] + (["int8"] if vp.options.quantize else [])
+    if found:  # the most generous bound of them
+        return max(found, key=lambda f: GAINS[f][2] if f in GAINS else float("inf"))
+    return vp.options.precision if vp.options.precision != "fp32" else None
 
 
 def max_gain(kind: str, flags: frozenset, share: float = 1.0) -> float:
-    """The most a transform plausibly speeds its runtime up on this CPU (generous: a bound, not an estimate), where it
-    changes layers that take ``share`` of the time (Amdahl: the rest runs as before)."""
-    if kind == "int8":
-        layer = 8.0 if "amx_int8" in flags else 4.0
-    elif kind in ("bf16", "fp16"):
-        layer = 4.0 if "amx_bf16" in flags else 2.0
-    else:
-        layer = 1.25  # unstructured pruning: dense kernels do the same work
-    return 1.0 / ((1.0 - share) + share / layer)
+    """The most a transform of family ``kind`` plausibly speeds its runtime up on this CPU (generous: a bound, not an
+    estimate), where it changes layers that take ``share`` of the time; no bound (infinite) for a family without one."""
+    return most_gain(kind, flags, share) if kind in GAINS else float("inf")
 
 
 @dataclass
@@ -163,7 +157,7 @@ class Search:
 
     def _start(self, vp: VariantPlan, program, training):
         base = dict(name=vp.name, runtime=vp.runtime, note=vp.note, selectable=vp.selectable,
-                    options={k: v for k, v in vp.options.items() if v is not None}, transforms=vp.transforms,
+                    options=vp.options, transforms=vp.transforms,
                     lineage=self.ws.lineage(vp), training=training)
         t0 = time.perf_counter()
         try:
@@ -209,7 +203,7 @@ class Search:
             got = cases({k: z[k] for k in z.files})
         outputs = [None if i in built.extra_errors else got.get(i, {}) for i in range(len(self.ws.extra))]
         kind = (vp.derived or ("",))[0]
-        unjudged = ("calibrated ranges" if vp.options.get("quantize") in ("static_int8", "int8", "int8_transformer")
+        unjudged = ("calibrated ranges" if vp.options.quantize in ("static_int8", "int8", "int8_transformer")
                     or kind == "qat" else "trained within the data's range" if kind else None)
         checked, worst, reason = beyond_the_example(fidelity.relative_error or 0.0, self.ws.extra, outputs,
                                                     built.extra_errors, unjudged)

@@ -39,9 +39,9 @@ def static_int8(program, model, ranges):
 
 
 def build(model, options, workdir):
-    device, precision = options.get("device", "cpu"), options.get("precision", "fp32")
+    device, precision = options.device, options.precision
     program, ranges = export(model, device, precision)
-    if options.get("quantize") == "static_int8":
+    if options.quantize == "static_int8":
         program = static_int8(program, model, ranges)
     try:
         with warnings.catch_warnings():
@@ -52,7 +52,7 @@ def build(model, options, workdir):
                                                      inductor_configs={"freezing": True})
     except Exception as exc:
         raise BuildSkipped(f"AOTInductor compile failed: {first_line(exc, 240)}") from exc
-    return Artifact("aoti", ("model.pt2",), {**options, **({"dim_ranges": ranges} if ranges else {})})
+    return Artifact("aoti", ("model.pt2",), options.found(dim_ranges=ranges or {}))
 
 
 def load(artifact, root, spec, ctx):
@@ -64,7 +64,7 @@ def load(artifact, root, spec, ctx):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         runner = torch._inductor.aoti_load_package(str(root / artifact.files[0]))
-    return TorchRunner(runner, spec, ctx.device, artifact.options.get("precision", "fp32"))
+    return TorchRunner(runner, spec, ctx.device, artifact.options.precision)
 
 
 register("aoti", build, load)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Callable, Literal, Mapping, Protocol
 
 import msgspec
 import numpy as np
@@ -22,12 +22,41 @@ class Runner(Protocol):
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+# runtime-side int8, done by the runtime's own toolkit when it builds (see each Descriptor's ``quantizes``)
+Quantization = Literal["dynamic_int8", "static_int8", "int8", "int8_transformer"]
+
+
+class BuildOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """How one variant is built, and what its load needs again: the plan sets the first fields, the runtime's
+    ``build`` reads them and adds what it found (the last ones); the artifact keeps them in the manifest. Options
+    nobody set are left out of the manifest (a bundle's manifest says only what differs from plain fp32)."""
+
+    device: str = "cpu"
+    threads: int | None = None  # intra-op threads it was built and timed with
+    precision: Precision = "fp32"  # weights and activations
+    quantize: Quantization | None = None
+    fixed_shapes: bool = False  # CUDA: every batch has the example's shapes (cudnn autotunes)
+    naive: bool = False  # the reference as too often run: training mode, autograd on (never selected)
+    script: bool = False  # TorchScript: script, not trace (the model branches on its values)
+    # what the build found
+    transforms: tuple[dict, ...] = ()  # at-load transforms (torchship.transforms.to_dict), applied again at load
+    mode: Literal["trace", "script"] | None = None  # TorchScript: how the file was made
+    notes: tuple[str, ...] = ()  # TorchScript: why a trace was not kept
+    converted_from: str | None = None  # OpenVINO: what the IR was converted from, in words
+    dim_ranges: dict[str, tuple[int, int]] = {}  # an export's range for each dynamic dimension
+
+    def found(self, **found) -> BuildOptions:
+        """These options with what the build found."""
+        return msgspec.structs.replace(self, **found)
+
+
 class Artifact(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Files on disk (relative to a root directory) and the static options needed to load them."""
 
     runtime: str
     files: tuple[str, ...]
-    options: dict[str, Any] = {}
+    options: BuildOptions = BuildOptions()
     architecture: Architecture | None = None  # eager/compile: how to rebuild the module the weights belong to
 
 
@@ -43,9 +72,19 @@ class LoadContext(msgspec.Struct, frozen=True):
 @dataclass(frozen=True)
 class Runtime:
     name: str
-    build: Callable  # (model, options: dict, workdir: Path) -> Artifact
+    build: Callable  # (model, options: BuildOptions, workdir: Path) -> Artifact
     load: Callable  # (artifact, root: Path, spec: IOSpec, ctx: LoadContext) -> Runner
     needs_torch: bool = True  # loading imports torch (a serving install without torch cannot run it)
+
+
+class Quantizer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """int8 a runtime's own toolkit does as it builds (``BuildOptions.quantize``): the plan builds ``{runtime}+{label}``
+    on every CPU, and the search bounds its gain as the ``int8`` family's (``transforms.GAINS``)."""
+
+    quantize: Quantization
+    label: str
+    note: str
+    transformers_only: bool = False  # planned only for a model with attention inside (a preset made for them)
 
 
 class Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -62,6 +101,7 @@ class Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     specializes: bool = False  # its graph is a trace or an export: it keeps one path of control flow on values
     native: str | None = None  # the native code that loading runs, in words ("the shared library ..."): consent needed
     extra: str = "torch"  # the extra that installs what it needs to build
+    quantizes: tuple[Quantizer, ...] = ()  # its own int8, planned with the "int8" transforms
 
 
 # in the order the plan lists them
@@ -70,10 +110,18 @@ DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
     Descriptor("torchscript", "a TorchScript file, no Python code", 2),  # traces, or scripts (see flow.specialized)
     Descriptor("compile", "the model's Python code, compiled at every load", 5),
     Descriptor("aoti", "a compiled AOTInductor package, no Python code", 3, takes=("module", "program"), specializes=True,
-               native="the shared library AOTInductor compiled into"),
-    Descriptor("onnxrt", "a single self-contained ONNX file", 0, takes=("module", "onnx", "program"), specializes=True),
+               native="the shared library AOTInductor compiled into", quantizes=(
+                   Quantizer("static_int8", "static-int8", "PT2E static int8 (torchao, x86 inductor quantizer, calibrated) "
+                             "on AOTInductor"),)),
+    Descriptor("onnxrt", "a single self-contained ONNX file", 0, takes=("module", "onnx", "program"), specializes=True,
+               quantizes=(Quantizer("dynamic_int8", "int8", "ONNX Runtime dynamic int8 (per-channel QInt8 weights)"),
+                          Quantizer("static_int8", "static-int8", "ONNX Runtime static int8 (QDQ, calibrated activations, "
+                                    "per-channel weights)"))),
     Descriptor("openvino", "an OpenVINO IR, no Python code", 1, takes=("module", "onnx"), specializes=True,
-               extra="openvino"),
+               extra="openvino", quantizes=(
+                   Quantizer("int8", "int8", "OpenVINO int8 (NNCF post-training quantization, calibrated)"),
+                   Quantizer("int8_transformer", "int8-transformer", "OpenVINO int8 with NNCF's transformer preset "
+                             "(attention kept accurate)", transformers_only=True))),
 )}
 MODULES = tuple(DESCRIPTORS)
 _REGISTRY: dict[str, Runtime] = {}

@@ -18,12 +18,12 @@ def load(artifact, root, spec, ctx):
     set_threads(ctx)
     opts = artifact.options
     # freezing: weights become constants that inductor folds and prepacks (and int8 patterns lower to int8 kernels);
-    # given to this compile only (as its options, with the mode's own), not set for the whole process
+    # given to this compile only (as its options, with the default mode's own), not set for the whole process
     from torch._inductor import list_mode_options
-    options = {**list_mode_options(opts.get("mode", "default")), "freezing": opts.get("freezing", True)}
+    options = {**list_mode_options("default"), "freezing": True}
     module = prepare(rebuild(artifact, root, ctx), opts, ctx.device).eval()
-    compiled = torch.compile(module, options=options, dynamic=opts.get("dynamic"))
-    return TorchRunner(compiled, spec, ctx.device, opts.get("precision", "fp32"))
+    compiled = torch.compile(module, options=options)
+    return TorchRunner(compiled, spec, ctx.device, opts.precision)
 
 
 register("compile", build, load)

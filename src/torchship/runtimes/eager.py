@@ -9,15 +9,15 @@ from .base import Artifact, register
 
 def build(model, options, workdir):
     arch = needs_arch(model)
-    return Artifact("eager", (save_weights(model, workdir),), dict(options), architecture=arch)
+    return Artifact("eager", (save_weights(model, workdir),), options, architecture=arch)
 
 
 def prepare(module, options, device):
     """Put a rebuilt module on its device and precision; cudnn.benchmark for fixed shapes on CUDA."""
     module = module.to(device)
-    if options.get("precision", "fp32") != "fp32":
-        module = module.to(PRECISIONS[options["precision"]])
-    if device.startswith("cuda") and options.get("fixed_shapes"):
+    if options.precision != "fp32":
+        module = module.to(PRECISIONS[options.precision])
+    if device.startswith("cuda") and options.fixed_shapes:
         torch.backends.cudnn.benchmark = True
     return module
 
@@ -27,7 +27,7 @@ def rebuild(artifact, root, ctx):
     deterministic functions of those weights)."""
     from ..transforms import apply, from_dict
     module = load_weights_module(artifact, root, ctx)
-    for t in artifact.options.get("transforms", []):
+    for t in artifact.options.transforms:
         module = apply(module, from_dict(t))
     return module
 
@@ -36,9 +36,9 @@ def load(artifact, root, spec, ctx):
     set_threads(ctx)
     opts = artifact.options
     module = prepare(rebuild(artifact, root, ctx), opts, ctx.device)
-    if opts.get("naive"):  # as too often written: training mode, autograd on
+    if opts.naive:  # as too often written: training mode, autograd on
         return TorchRunner(module.train(), spec, ctx.device, grad=True)
-    return TorchRunner(module.eval(), spec, ctx.device, opts.get("precision", "fp32"))
+    return TorchRunner(module.eval(), spec, ctx.device, opts.precision)
 
 
 register("eager", build, load)

@@ -64,12 +64,12 @@ def build(model, options, workdir):
         files = save_onnx(raw, target)
         shutil.rmtree(raw.parent)
         if ranges:
-            options = {**options, "dim_ranges": ranges}
-    if options.get("quantize") == "dynamic_int8":
+            options = options.found(dim_ranges=ranges)
+    if options.quantize == "dynamic_int8":
         files = _quantize(workdir, files, "dynamic", None)
-    elif options.get("quantize") == "static_int8":
+    elif options.quantize == "static_int8":
         files = _quantize(workdir, files, "static", calibration_batches(model))
-    return Artifact("onnxrt", files, dict(options))
+    return Artifact("onnxrt", files, options)
 
 
 def _quantize(workdir, files, kind: str, batches) -> tuple[str, ...]:
@@ -160,8 +160,7 @@ class OrtRunner:
 def load(artifact, root, spec, ctx):
     from ..safety import check_onnx
     check_onnx(root / artifact.files[0], set(artifact.files))  # external data only from the artifact's own files
-    return OrtRunner(session(root / artifact.files[0], ctx.device, ctx.threads, artifact.options.get("optimize", True),
-                             ctx.spin), spec)
+    return OrtRunner(session(root / artifact.files[0], ctx.device, ctx.threads, True, ctx.spin), spec)
 
 
 register("onnxrt", build, load, needs_torch=False)

@@ -70,7 +70,7 @@ def _quantize(ov_model, model, options):
         raise MissingExtra("nncf (for OpenVINO int8)", "compress") from exc
     names = model.spec.input_names
     batches = calibration_batches(model)
-    preset = nncf.ModelType.TRANSFORMER if options.get("quantize") == "int8_transformer" else None
+    preset = nncf.ModelType.TRANSFORMER if options.quantize == "int8_transformer" else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -84,11 +84,11 @@ def _quantize(ov_model, model, options):
 def build(model, options, workdir):
     ov = _ov()
     ov_model, source = _convert(model, workdir)
-    if options.get("quantize") in ("int8", "int8_transformer"):
+    if options.quantize in ("int8", "int8_transformer"):
         ov_model = _quantize(ov_model, model, options)
     ov.save_model(ov_model, str(workdir / "model.xml"), compress_to_fp16=False)  # the weights as they are
     (workdir / "export.onnx").unlink(missing_ok=True)
-    return Artifact("openvino", ("model.xml", "model.bin"), {**options, "converted_from": source})
+    return Artifact("openvino", ("model.xml", "model.bin"), options.found(converted_from=source))
 
 
 class OvRunner:
@@ -105,7 +105,7 @@ class OvRunner:
 
 def load(artifact, root, spec, ctx):
     ov = _ov()
-    precision = PRECISIONS[artifact.options.get("precision", "fp32")]
+    precision = PRECISIONS[artifact.options.precision]
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
     if ctx.threads:
         config["INFERENCE_NUM_THREADS"] = str(int(ctx.threads))

@@ -63,7 +63,7 @@ def build(model, options, workdir):
         warnings.simplefilter("ignore")
         mode, scripted = None, None
         try:
-            if options.get("script"):  # the model branches on its values: a trace would keep one path
+            if options.script:  # the model branches on its values: a trace would keep one path
                 notes.append("scripted: the model branches on its values (data-dependent control flow), which a trace "
                              "would fix to one path")
             else:
@@ -86,7 +86,7 @@ def build(model, options, workdir):
         if problem:
             raise BuildSkipped("; ".join(notes + [f"{mode} {problem}"]))
         torch.jit.save(frozen, str(workdir / "model.ts.pt"))
-    return Artifact("torchscript", ("model.ts.pt",), {**options, "mode": mode, "notes": notes})
+    return Artifact("torchscript", ("model.ts.pt",), options.found(mode=mode, notes=tuple(notes)))
 
 
 def load(artifact, root, spec, ctx):

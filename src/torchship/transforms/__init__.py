@@ -1,4 +1,10 @@
-"""Transforms: ``nn.Module -> nn.Module``, one config dataclass and one handler each, found by the config's type.
+"""Transforms: ``nn.Module -> nn.Module``, one config dataclass and one handler each, registered together.
+
+A new technique is one frozen config dataclass and one handler under ``@register(Config)``: the handler takes
+``(module, config, context)`` and returns a new module; the config says what the search and the plan need to know
+(``family``: the ``--transforms`` word that turns it on and the speed-up it can bound; ``covers``: the layers it
+changes; ``needs_example``; ``devices``; ``offers()``: the variants the plan builds with it). Nothing else names it:
+``tests/test_conformance.py`` holds every registered transform to those facts.
 
 A transform never mutates its input: it returns a new module. ``at_load`` transforms (dynamic quantization)
 are deterministic functions of the fp32 weights, so a bundle stores those weights and applies the transform
@@ -11,19 +17,65 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 if TYPE_CHECKING:
     from torch import nn
 
 from ..errors import BuildSkipped, UsageError
 
-_HANDLERS: dict[type, Callable] = {}
+# the most a family of techniques plausibly speeds up the layers it changes on a CPU (generous: a bound, not an
+# estimate): (without, the CPU flag that raises it, with it). A runtime's own int8 and a lower precision are
+# bounded the same way (``optimize.search``).
+GAINS: dict[str, tuple[float, str | None, float]] = {
+    "int8": (4.0, "amx_int8", 8.0), "bf16": (2.0, "amx_bf16", 4.0), "fp16": (2.0, "amx_bf16", 4.0),
+    "prune": (1.25, None, 1.25),  # unstructured pruning: dense kernels do the same work
+}
+
+
+def most_gain(family: str, flags: frozenset, share: float = 1.0) -> float:
+    """The bound of ``family`` on a CPU with ``flags``, where the layers it changes take ``share`` of the time
+    (Amdahl: the rest runs as before)."""
+    without, flag, with_it = GAINS[family]
+    layer = with_it if flag in flags else without
+    return 1.0 / ((1.0 - share) + share / layer)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a handler may need besides the module and its config."""
+
+    example: tuple | None = None  # example inputs, for transforms that trace the model (``needs_example``)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A variant the plan builds with a transform: ``{runtime}+{label}``."""
+
+    runtime: str
+    label: str
+    config: object
+    note: str
+    ladder: str | None = None  # variants of one ladder go gentle to aggressive (``level``); a failure stops the rest
+    level: int = 0
+    sibling: str | None = None  # a variant with the same numerics: when it fails the budget this one is not built
+
+
+@dataclass(frozen=True)
+class Registered:
+    config: type
+    handler: Callable  # (module, config, Context) -> module
+
+
+REGISTRY: dict[str, Registered] = {}  # by kind, in the order they were registered (the plan's order)
+KINDS: dict[str, type] = {}  # kind -> config class (what a manifest's transforms may name)
 
 
 def register(config_type: type):
+    """Register ``config_type``'s handler: ``(module, config, context) -> module``."""
     def wrap(fn):
-        _HANDLERS[config_type] = fn
+        REGISTRY[config_type.kind] = Registered(config_type, fn)
+        KINDS[config_type.kind] = config_type
         return fn
     return wrap
 
@@ -34,7 +86,14 @@ class DynamicInt8:
 
     kind: str = "dynamic_int8"
     at_load: bool = True
-    covers = "linear"  # the layers it changes (the search bounds its gain by their share of the time)
+    family: ClassVar[str] = "int8"
+    covers: ClassVar[str] = "linear"  # the layers it changes (the search bounds its gain by their share of the time)
+    needs_example: ClassVar[bool] = False
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)  # where the plan offers it
+
+    @classmethod
+    def offers(cls) -> tuple[Offer, ...]:
+        return (Offer("eager", "int8", cls(), "torch.ao dynamic int8 Linear layers"),)
 
 
 @dataclass(frozen=True)
@@ -46,12 +105,25 @@ class _Pruning:
             raise UsageError(f"pruning amount must lie strictly between 0 and 1, got {self.amount}")
 
 
+PRUNE_LEVELS = (0.3, 0.5, 0.7)
+
+
 @dataclass(frozen=True)
 class MagnitudePrune(_Pruning):
     """Unstructured L1 magnitude pruning of Linear and Conv weights, made permanent (zeros in dense tensors)."""
 
     kind: str = "magnitude_prune"
     at_load: bool = False
+    family: ClassVar[str] = "prune"
+    covers: ClassVar[str] = "all"
+    needs_example: ClassVar[bool] = False
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+
+    @classmethod
+    def offers(cls) -> tuple[Offer, ...]:
+        return tuple(Offer("eager", f"prune{int(a * 100)}", cls(a), f"{a:.0%} of Linear/Conv weights zeroed "
+                           "(dense kernels: no speed-up expected)", ladder="prune", level=i)
+                     for i, a in enumerate(PRUNE_LEVELS))
 
 
 @dataclass(frozen=True)
@@ -62,21 +134,41 @@ class TorchaoInt8:
     mode: str = "dynamic"
     kind: str = "torchao_int8"
     at_load: bool = True
-    covers = "linear"
+    family: ClassVar[str] = "int8"
+    covers: ClassVar[str] = "linear"
+    needs_example: ClassVar[bool] = False
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
 
     def __post_init__(self):
         if self.mode not in ("dynamic", "weight_only"):
             raise UsageError(f"torchao int8 mode must be dynamic or weight_only, got {self.mode!r}")
+
+    @classmethod
+    def offers(cls) -> tuple[Offer, ...]:
+        return (Offer("eager", "ao-int8", cls(), "torchao int8 Linear layers (dynamic int8 activations)"),
+                # numerics carry over from eager: when eager's fails the budget, compile's is not built
+                Offer("compile", "ao-int8", cls(), "torchao int8 Linear layers (dynamic) under torch.compile",
+                      sibling="eager+ao-int8"),
+                Offer("compile", "ao-int8wo", cls("weight_only"), "torchao int8 Linear layers (weight-only) under "
+                      "torch.compile"))
 
 
 @dataclass(frozen=True)
 class ChannelPrune(_Pruning):
     """Structured pruning: the lowest-L2 ``amount`` of channels of every Conv/Linear (output layers kept whole) are
     removed through Torch-Pruning's dependency graph, so layers really shrink. Needs example inputs; fine-tune
-    afterwards (``torchship train --prune-channels``)."""
+    afterwards (``torchship train --prune-channels``, and the ``channels`` variants of ``train/derived.py``)."""
 
     kind: str = "channel_prune"
     at_load: bool = False
+    family: ClassVar[str] = "channels"
+    covers: ClassVar[str] = "all"
+    needs_example: ClassVar[bool] = True
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+
+    @classmethod
+    def offers(cls) -> tuple[Offer, ...]:
+        return ()  # not useful untrained: planned as a trained variant (train/derived.py)
 
 
 def covers(config_dict: dict) -> str:
@@ -85,8 +177,14 @@ def covers(config_dict: dict) -> str:
     return getattr(cls, "covers", "all")
 
 
-KINDS = {"dynamic_int8": DynamicInt8, "magnitude_prune": MagnitudePrune, "torchao_int8": TorchaoInt8,
-         "channel_prune": ChannelPrune}
+def family(config_dict: dict) -> str | None:
+    cls = KINDS.get(config_dict.get("kind"))
+    return getattr(cls, "family", None)
+
+
+def offers(families) -> list[Offer]:
+    """What the plan builds for the ``--transforms`` words ``families``, in registration order."""
+    return [o for r in REGISTRY.values() if r.config.family in families for o in r.config.offers()]
 
 
 def from_dict(d: dict):
@@ -103,18 +201,17 @@ def to_dict(config) -> dict:
 
 def apply(module: nn.Module, config, example: tuple | None = None) -> nn.Module:
     """A new module with ``config`` applied; ``example`` inputs for transforms that trace the model."""
-    handler = _HANDLERS.get(type(config))
-    if handler is None:
-        raise UsageError(f"no handler for {type(config).__name__}; registered: {', '.join(t.__name__ for t in _HANDLERS)}")
-    if isinstance(config, ChannelPrune):
-        if example is None:
-            raise UsageError("channel pruning traces the model: pass example inputs")
-        return handler(copy.deepcopy(module), config, example)
-    return handler(copy.deepcopy(module), config)
+    found = REGISTRY.get(getattr(config, "kind", None))
+    if found is None or not isinstance(config, found.config):
+        raise UsageError(f"no handler for {type(config).__name__}; registered: "
+                         f"{', '.join(r.config.__name__ for r in REGISTRY.values())}")
+    if config.needs_example and example is None:
+        raise UsageError(f"{type(config).__name__} traces the model: pass example inputs")
+    return found.handler(copy.deepcopy(module), config, Context(example))
 
 
 @register(DynamicInt8)
-def _dynamic_int8(module: nn.Module, config: DynamicInt8) -> nn.Module:
+def _dynamic_int8(module: nn.Module, config: DynamicInt8, context: Context) -> nn.Module:
     import torch
     from torch import nn
     if not any(isinstance(m, nn.Linear) for m in module.modules()):
@@ -128,7 +225,7 @@ def _dynamic_int8(module: nn.Module, config: DynamicInt8) -> nn.Module:
 
 
 @register(TorchaoInt8)
-def _torchao_int8(module: nn.Module, config: TorchaoInt8) -> nn.Module:
+def _torchao_int8(module: nn.Module, config: TorchaoInt8, context: Context) -> nn.Module:
     from torch import nn
     if not any(isinstance(m, nn.Linear) for m in module.modules()):
         raise BuildSkipped("torchao int8 quantizes nn.Linear layers, and this model has none")
@@ -173,7 +270,8 @@ def _output_layers(module: nn.Module, example: tuple) -> list[nn.Module]:
 
 
 @register(ChannelPrune)
-def _channel_prune(module: nn.Module, config: ChannelPrune, example: tuple) -> nn.Module:
+def _channel_prune(module: nn.Module, config: ChannelPrune, context: Context) -> nn.Module:
+    example = context.example
     try:
         import torch_pruning as tp
     except ImportError as exc:
@@ -191,7 +289,7 @@ def _channel_prune(module: nn.Module, config: ChannelPrune, example: tuple) -> n
 
 
 @register(MagnitudePrune)
-def _magnitude_prune(module: nn.Module, config: MagnitudePrune) -> nn.Module:
+def _magnitude_prune(module: nn.Module, config: MagnitudePrune, context: Context) -> nn.Module:
     from torch.nn.utils import prune
     PRUNABLE = _prunable()
     targets = [(m, "weight") for m in module.modules() if isinstance(m, PRUNABLE)]
