@@ -73,8 +73,8 @@ def main() -> None:
         table = {}
         for r, _, _ in runs:
             for variant, q in ratios(r).items():
-                if q["vs_eager"]:
-                    table.setdefault(variant, []).append(q["vs_eager"])
+                if q.vs_eager:
+                    table.setdefault(variant, []).append(q.vs_eager)
         print(f"  {'variant':<20}{'vs eager, each run':<34}spread (max/min)")
         for variant, values in table.items():
             print(f"  {variant:<20}{', '.join(f'{v:.2f}x' for v in values):<34}{max(values) / min(values):.2f}")

@@ -25,7 +25,7 @@ def test_trained_variants_are_verified_timed_and_held_to_the_budget(tmp_path):
         f = v.fidelity
         # judged on the task metric: the accuracy budget decides, not closeness of the logits
         assert (v.status == "ok") == (f.reference_accuracy - f.accuracy <= 0.01), (name, f)
-        assert bought[name]["vs_runtime"] and bought[name]["size_vs_runtime"], name  # what it bought over plain onnxrt
+        assert bought[name].vs_runtime and bought[name].size_vs_runtime, name  # what it bought over plain onnxrt
         assert v.lineage.parent == "model" and "trained from the model" in v.lineage.step
         # judged on other batches; a retrained model's answers on values past the data's range only reported
         assert "batch 1" in v.fidelity.checked and any(c.startswith("values x2 (reported, not judged") for c in v.fidelity.checked)

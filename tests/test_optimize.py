@@ -30,7 +30,7 @@ def test_every_runtime_builds_verifies_and_times(digits_run):
         assert v.artifact_bytes > 0 and v.cold_start_s > 0
         assert v.lineage.parent == "model" and v.lineage.step == name
     assert by_name["eager-naive"].selectable is False and digits_run.chosen.name != "eager-naive"
-    assert ratios(digits_run)["eager"]["vs_eager"] == pytest.approx(1.0)
+    assert ratios(digits_run)["eager"].vs_eager == pytest.approx(1.0)
 
 
 def test_the_choice_is_the_decision_on_its_own_figures_and_the_report_explains_it(digits_run):

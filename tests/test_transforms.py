@@ -160,7 +160,7 @@ def test_bf16_on_cpu_only_where_native_otherwise_skipped_with_the_reason(monkeyp
     assert row.fidelity.cosine > 0.99  # bf16 keeps ~3 digits: built and verified, not skipped
     assert (row.status == "ok") == row.fidelity.passed and row.status in ("ok", "rejected"), row.fidelity
     from torchship.report import ratios
-    assert ratios(res)["eager-bf16"]["vs_best_fp32"] is not None and res.chosen.name in ("eager", "eager-bf16")
+    assert ratios(res)["eager-bf16"].vs_best_fp32 is not None and res.chosen.name in ("eager", "eager-bf16")
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ The pipeline, one named step each:
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -34,6 +33,7 @@ from ..results import Lineage, VariantResult
 from ..measure import Noise
 from ..select import Decision, closest, select
 from ..verify import Budget, reference_outputs
+from . import cache
 from .data import Pool, checked_train_data, verification_pool, with_data
 from .protocol import Job, ModelRef
 from .raw import with_image_processor, with_processing, with_tokenizer
@@ -125,7 +125,7 @@ class OptimizeResult:
                                                                "decision", "noise", "wall_s", "notes",
                                                                "processing", "branches")}, enc_hook=str)
         d.update(bundle=str(self.bundle) if self.bundle else None, report=str(self.report) if self.report else None,
-                 spec=msgspec.to_builtins(self.spec), budget=self.budget, ratios=ratios(self),
+                 spec=msgspec.to_builtins(self.spec), budget=self.budget, ratios=msgspec.to_builtins(ratios(self)),
                  batch_sizes=list(self.options.batch_sizes), target_batch_size=self.options.target,
                  latency_slo_ms=self.options.latency_slo_ms, device=self.options.device)
         return d
@@ -256,28 +256,11 @@ class Workspace:
                    str(self.root / "extra.npz") if self.extra else None)
 
     def cache_for(self, vp: VariantPlan, ref: ModelRef) -> str | None:
-        """The build cache's directory for what this build depends on: the model (architecture and weights, or its
-        file), its example and calibration inputs, the variant's options, and the versions and CPU it is built on."""
+        """The build cache's directory for this build (``cache.key``), or None without a cache."""
         if not self.opts.cache or ref.kind == "arch" and ref.weights is None:
             return None
-        from ..machine import cpu
-        from ..outdir import cache_dir
-        h = hashlib.sha256()
-        h.update(msgspec.msgpack.encode([_version(), cpu()[0], sorted(cpu()[1]), self.threads, vp,
-                                         msgspec.structs.replace(ref, weights=None, file=None, name="")]))
-        for path in (ref.weights, ref.file):
-            if path:
-                h.update(self._digest(Path(path)))
-        for arrays in (self.pool.inputs, self.model.calibration_data or self.pool.inputs):
-            for k in sorted(arrays):
-                a = np.ascontiguousarray(arrays[k])
-                h.update(f"{k}{a.dtype}{a.shape}".encode() + a.tobytes())
-        return str(cache_dir("builds") / h.hexdigest()[:32])
-
-    def _digest(self, path: Path) -> bytes:
-        if path not in self._digests:
-            self._digests[path] = (bundle.sha256(path) if path.suffix != ".safetensors" else _tensor_digest(path)).encode()
-        return self._digests[path]
+        return cache.key(vp, ref, self.threads, (self.pool.inputs, self.model.calibration_data or self.pool.inputs),
+                         self._digests)
 
     def start(self, vp: VariantPlan, program: Path | None = None):
         """A worker for ``vp``: in its own process where the model can be reloaded there, else in this one."""
@@ -342,26 +325,6 @@ class Workspace:
             self.server.close()
             self.server = None
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-# the build recipes' revision, part of every cache key: raise it when a runtime builds something else from the same
-# model and options (3: int8 weights in 7 bits, ONNX Runtime's and PT2E's), so that no cached build of an old recipe is used
-BUILD_RECIPES = 3
-
-
-def _version() -> list[str]:
-    from .. import __version__
-    from ..machine import info
-    return [__version__, str(BUILD_RECIPES), *info()["versions"].values()]
-
-
-def _tensor_digest(path: Path) -> str:
-    """The weights' content (names, dtypes, shapes, values), whatever order and metadata the file was written with."""
-    from safetensors.numpy import load_file
-    h = hashlib.sha256()
-    for k, v in sorted(load_file(str(path)).items()):
-        h.update(f"{k}{v.dtype}{v.shape}".encode() + np.ascontiguousarray(v).tobytes())
-    return h.hexdigest()
 
 
 def _cores() -> int:

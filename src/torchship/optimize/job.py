@@ -10,7 +10,6 @@ from __future__ import annotations
 import faulthandler
 import os
 import resource
-import shutil
 import signal
 import socket
 import sys
@@ -22,8 +21,9 @@ import msgspec
 import numpy as np
 
 from ..errors import BuildSkipped, first_line
-from ..runtimes.base import Artifact, BuildOptions
+from ..runtimes.base import BuildOptions
 from ..spec import batches, concat_batches
+from . import cache
 from .protocol import Built, Job, ModelRef, Samples, Stop, TimeBatch, receive, send
 
 PRELOAD = ("torch", "numpy", "safetensors.torch", "onnxruntime", "torchship.modules", "torchship.runtimes._torch",
@@ -68,58 +68,6 @@ def _transform(model, transforms, options: BuildOptions):
             model = replace(model, module=apply(model.module, config))
             extra["sparsity"] = sparsity(model.module)
     return model, extra, options
-
-
-class _Cached(msgspec.Struct):
-    artifact: Artifact
-    build_s: float
-    extra: dict
-
-
-CACHE_LIMIT = 4 * 2**30  # bytes of cached builds kept; the least recently used go first
-
-
-def _from_cache(job: Job, workdir: Path):
-    """(artifact, build seconds, extras) copied from the build cache, or None."""
-    if not job.cache or not (Path(job.cache) / "build.json").exists():
-        return None
-    root = Path(job.cache)
-    try:
-        entry = msgspec.json.decode((root / "build.json").read_bytes(), type=_Cached)
-        for name in entry.artifact.files:
-            shutil.copyfile(root / name, workdir / name)
-        os.utime(root)  # recently used
-    except (OSError, msgspec.DecodeError):
-        return None
-    return entry.artifact, entry.build_s, entry.extra
-
-
-def _to_cache(job: Job, workdir: Path, artifact: Artifact, build_s: float, extra: dict) -> None:
-    """Keep the build (written whole, then renamed into place); never fails the variant."""
-    if not job.cache:
-        return
-    root = Path(job.cache)
-    tmp = root.with_name(f".{root.name}.{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True)
-        for name in artifact.files:
-            shutil.copyfile(workdir / name, tmp / name)
-        (tmp / "build.json").write_bytes(msgspec.json.encode(_Cached(artifact, build_s, extra)))
-        tmp.rename(root)
-        _prune(root.parent, CACHE_LIMIT)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _prune(builds: Path, limit: int) -> None:
-    entries = sorted((p for p in builds.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
-    sizes = {p: sum(f.stat().st_size for f in p.iterdir()) for p in entries}
-    total = sum(sizes.values())
-    for p in entries:
-        if total <= limit:
-            break
-        shutil.rmtree(p, ignore_errors=True)
-        total -= sizes[p]
 
 
 def cases(arrays: dict) -> dict[int, dict]:
@@ -169,14 +117,14 @@ class Variant:
                 from dataclasses import replace
                 model = replace(model, onnx_path=Path(job.onnx_base))
             t0 = time.perf_counter()
-            cached = _from_cache(job, workdir)
+            cached = cache.get(job.cache, workdir)
             if cached is not None:
                 artifact, build_s, extra = cached
             else:
                 model, extra, options = _transform(model, job.variant.transforms, options)
                 artifact = runtime.build(model, options, workdir)
                 build_s = time.perf_counter() - t0
-                _to_cache(job, workdir, artifact, build_s, extra)
+                cache.put(job.cache, workdir, artifact, build_s, extra)
             if self.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()

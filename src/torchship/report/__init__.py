@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
+
 from .plots import latency, pareto, same_fidelity
 
 
@@ -11,9 +13,18 @@ def _fmt(x, spec="{:.3g}"):
     return "-" if x is None else spec.format(x)
 
 
-def ratios(result) -> dict[str, dict[str, float | None]]:
-    """Per variant: throughput at the target batch size against eager and against the best fp32 variant; for a
-    compressed variant, throughput and artifact size against the same runtime without compression."""
+class Ratios(msgspec.Struct, frozen=True):
+    """One variant's throughput at the target batch size against eager and against the best fp32 variant; for a
+    compressed variant, its throughput and artifact size against the same runtime without compression."""
+
+    vs_eager: float | None = None
+    vs_best_fp32: float | None = None
+    vs_runtime: float | None = None
+    size_vs_runtime: float | None = None
+
+
+def ratios(result) -> dict[str, Ratios]:
+    """``Ratios`` per variant name."""
     target = result.options.target
     variants = result.variants
     eager = next((r.throughput(target) for r in variants if r.name == "eager" and r.status in ("ok", "rejected")), None)
@@ -23,12 +34,12 @@ def ratios(result) -> dict[str, dict[str, float | None]]:
     out = {}
     for r in variants:
         t, base = r.throughput(target), plain.get(r.runtime)
-        row = {"vs_eager": t / eager if t and eager else None, "vs_best_fp32": t / best if t and best else None,
-               "vs_runtime": None, "size_vs_runtime": None}
-        if r.compressed and base is not None and t and base.throughput(target):
-            row["vs_runtime"] = t / base.throughput(target)
-            row["size_vs_runtime"] = r.artifact_bytes / base.artifact_bytes if base.artifact_bytes and r.artifact_bytes else None
-        out[r.name] = row
+        against = r.compressed and base is not None and t and base.throughput(target)
+        out[r.name] = Ratios(
+            vs_eager=t / eager if t and eager else None, vs_best_fp32=t / best if t and best else None,
+            vs_runtime=t / base.throughput(target) if against else None,
+            size_vs_runtime=r.artifact_bytes / base.artifact_bytes if against and base.artifact_bytes and r.artifact_bytes
+            else None)
     return out
 
 
@@ -57,9 +68,9 @@ def rows(result, target: int) -> list[dict]:
             "interval": interval(s),
             "rounds": _fmt(s and s.rounds, "{}"),
             f"p99 ms @{target}": _fmt(s and s.p99_ms, "{:.3g}"),
-            "vs eager": _fmt(q["vs_eager"], "{:.2f}x"),
-            "vs best fp32": _fmt(q["vs_best_fp32"], "{:.2f}x"),
-            "vs its runtime": _fmt(q["vs_runtime"], "{:.2f}x"),
+            "vs eager": _fmt(q.vs_eager, "{:.2f}x"),
+            "vs best fp32": _fmt(q.vs_best_fp32, "{:.2f}x"),
+            "vs its runtime": _fmt(q.vs_runtime, "{:.2f}x"),
             "cosine": _fmt(f and f.cosine, "{:.6f}"),
             "top-1": _fmt(f and f.top1, "{:.1%}"),
             "retrieval": _fmt(f and f.retrieval, "{:.3f}"),
@@ -179,14 +190,14 @@ def bought(result) -> list[str]:
     lines = []
     for r in result.variants:
         base, q = plain.get(r.runtime), ratio[r.name]
-        if q["vs_runtime"] is None or base is None:
+        if q.vs_runtime is None or base is None:
             continue
         f, fb = r.fidelity, base.fidelity
         quality = (f"accuracy {f.accuracy:.1%} (fp32 {f.reference_accuracy:.1%})" if f and f.accuracy is not None
                    else f"cosine {f.cosine:.4f} (plain {fb.cosine if fb else float('nan'):.4f})" if f else "")
-        size = f", {q['size_vs_runtime']:.2f}x the size" if q["size_vs_runtime"] else ""
+        size = f", {q.size_vs_runtime:.2f}x the size" if q.size_vs_runtime else ""
         how = f"; trained {r.training['epochs']} epochs in {r.training['seconds']:.0f} s" if r.training else ""
-        lines.append(f"- **{r.name}** ({r.status}): {q['vs_runtime']:.2f}x the throughput of {base.name}{size}; "
+        lines.append(f"- **{r.name}** ({r.status}): {q.vs_runtime:.2f}x the throughput of {base.name}{size}; "
                      f"{quality}{how}")
     return ["## What each transform bought", "", *lines, ""] if lines else []
 
