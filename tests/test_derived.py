@@ -21,7 +21,7 @@ def test_trained_variants_are_verified_timed_and_held_to_the_budget(tmp_path):
     for name in ("onnxrt+qat-int8", "onnxrt+channels30", "onnxrt+student"):
         v = by[name]
         assert v.status in ("ok", "rejected"), (name, v.reason)
-        assert v.training["epochs"] >= 1 and "val_acc" in v.training["val"]
+        assert v.training.epochs >= 1 and "val_acc" in v.training.val
         f = v.fidelity
         # judged on the task metric: the accuracy budget decides, not closeness of the logits
         assert (v.status == "ok") == (f.reference_accuracy - f.accuracy <= 0.01), (name, f)

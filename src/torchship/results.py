@@ -19,6 +19,17 @@ class Lineage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     step: str  # e.g. "onnxrt export", "int8 (ONNX Runtime dynamic)", "qat (trained 3 epochs)"
 
 
+class Training(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What training did for a variant trained from the model (``train.derived``)."""
+
+    epochs: int
+    seconds: float
+    val: dict[str, float] = {}  # the validation metrics of the best epoch
+    test: dict[str, float] = {}  # and on the held-out test split, where there is one
+    parameters_before: int | None = None  # channel pruning: the model's parameters before and after
+    parameters_after: int | None = None
+
+
 class VariantResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: str
     runtime: str
@@ -39,7 +50,7 @@ class VariantResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     peak_memory_mb: float | None = None
     peak_memory_kind: str | None = None
     sparsity: float | None = None
-    training: dict[str, Any] | None = None  # for a variant trained from the model: what training did
+    training: Training | None = None  # for a variant trained from the model: what training did
     cached: bool = False  # the artifact came from the build cache (same model, weights, data and options)
     samples: dict[int, tuple[tuple[float, ...], ...]] = {}  # seconds of every timed call, per batch size, per round
     wall_s: float | None = None

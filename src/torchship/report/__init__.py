@@ -196,7 +196,7 @@ def bought(result) -> list[str]:
         quality = (f"accuracy {f.accuracy:.1%} (fp32 {f.reference_accuracy:.1%})" if f and f.accuracy is not None
                    else f"cosine {f.cosine:.4f} (plain {fb.cosine if fb else float('nan'):.4f})" if f else "")
         size = f", {q.size_vs_runtime:.2f}x the size" if q.size_vs_runtime else ""
-        how = f"; trained {r.training['epochs']} epochs in {r.training['seconds']:.0f} s" if r.training else ""
+        how = f"; trained {r.training.epochs} epochs in {r.training.seconds:.0f} s" if r.training else ""
         lines.append(f"- **{r.name}** ({r.status}): {q.vs_runtime:.2f}x the throughput of {base.name}{size}; "
                      f"{quality}{how}")
     return ["## What each transform bought", "", *lines, ""] if lines else []

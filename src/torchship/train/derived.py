@@ -60,5 +60,6 @@ def derive(model, kind: str, level: float | None, data, workdir: Path, *, studen
     else:
         save_program(export_program(inner(run.model).eval(), example), path)
     s = run.summary
-    return path, {"epochs": s["epochs_run"], "seconds": s["seconds"], "val": s["val"], "test": s.get("test", {}),
-                  **{k: s[k] for k in ("parameters_before", "parameters_after") if k in s}}
+    from ..results import Training
+    return path, Training(s["epochs_run"], s["seconds"], s["val"], s.get("test", {}), s.get("parameters_before"),
+                          s.get("parameters_after"))
