@@ -24,7 +24,8 @@ from serving import Load, Server, free_port, spread, wait_ready
 APP = '''
 import os, tempfile
 from pathlib import Path
-from torchship.serve.app import ServeConfig, create_app, open_bundles
+from torchship.serve.app import ServeConfig, open_bundles
+from torchship.serve.http import create_app
 paths = [Path(os.environ["TORCHSHIP_BENCH_BUNDLE"])]
 config = ServeConfig(threads=int(os.environ["TORCHSHIP_BENCH_THREADS"]) or None)
 app = create_app(paths, config, open_bundles(paths, Path(tempfile.mkdtemp()), config))

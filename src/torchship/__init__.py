@@ -17,7 +17,7 @@ _WHERE = {
     "IOSpec": "spec", "MissingExtra": "errors", "Model": "sources", "OptimizeOptions": "optimize",
     "OptimizeResult": "optimize", "ServeConfig": "serve.app", "SourceError": "errors", "SpecError": "errors",
     "TensorSpec": "spec", "TorchshipError": "errors", "UsageError": "errors", "check": "inspect.check",
-    "create_app": "serve.app", "inspect": None, "load_bundle": ("bundle", "load"), "load_source": "sources",
+    "create_app": "serve.http", "inspect": None, "load_bundle": ("bundle", "load"), "load_source": "sources",
     "optimize": "optimize", "perf": "perf", "serve": None, "verify_bundle": ("bundle", "verify"),
     "watch": "hooks",
 }

@@ -3,7 +3,7 @@ beyond one machine (``torchship.serve.ray``). The names below are imported when 
 constants need neither Starlette nor uvicorn (``torchship perf`` and ``--help`` start faster)."""
 import importlib as _importlib
 
-_WHERE = {"BatchConfig": "batcher", "ServeConfig": "app", "create_app": "app", "serve": "server"}
+_WHERE = {"BatchConfig": "batcher", "ServeConfig": "app", "create_app": "http", "serve": "server"}
 __all__ = sorted(_WHERE)
 
 

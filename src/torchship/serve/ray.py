@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..errors import MissingExtra, UsageError
 from ..machine import cores
-from .app import ServeConfig, create_app
+from .app import ServeConfig
+from .http import create_app
 
 APP_NAME = "torchship"
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import uvicorn
 
 from ..errors import TorchshipError, UsageError
-from .app import Found, ServeConfig, create_app, open_bundles
+from .app import Found, ServeConfig, open_bundles
+from .http import create_app
 from .procs import Link, own_snapshots, shared_socket, supervise
 
 
@@ -177,7 +178,7 @@ def shedding_protocol(server):
     import httptools
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    from .app import _INFER
+    from .http import _INFER
 
     answered = _Answered()
     wire: dict[tuple[int, bool], tuple[tuple, bytes]] = {}  # the bytes of reused answers, by (id, keep-alive)
