@@ -14,9 +14,6 @@ The pipeline, one named step each:
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -24,66 +21,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import msgspec
-import numpy as np
 
 from .. import bundle
-from ..errors import UsageError, first_line
+from ..errors import first_line
 from ..plan import VariantPlan, plan
-from ..results import Lineage, VariantResult
+from ..results import VariantResult
 from ..measure import Noise
 from ..select import Decision, closest, select
-from ..verify import Budget, reference_outputs
-from . import cache
-from .data import Pool, checked_train_data, verification_pool, with_data
-from .protocol import Job, ModelRef
+from .data import Pool, checked_train_data, with_data
+from .options import OptimizeOptions
 from .raw import with_image_processor, with_processing, with_tokenizer
 from .search import Search
-from .workers import ForkServer, InlineWorker
+from .workspace import Workspace
 
 __all__ = ["OptimizeOptions", "OptimizeResult", "optimize"]
-
-
-@dataclass(frozen=True)
-class OptimizeOptions:
-    device: str = "cpu"
-    budget: Budget = field(default_factory=Budget)
-    batch_sizes: tuple[int, ...] = (1, 8, 32)
-    target_batch_size: int | None = None  # default: the largest batch size
-    latency_slo_ms: float | None = None
-    runtimes: tuple[str, ...] | None = None
-    threads: int | None = None  # intra-op threads, as serving will use; default: all cores
-    timeout_s: float = 600.0
-    seconds_per_size: float = 0.5  # timing per variant and batch size, spread over the rounds
-    isolate: bool = True  # each variant in its own process
-    transforms: tuple[str, ...] = ("int8", "bf16", "qat", "channels", "distill")  # see plan.TRANSFORMS
-    train_epochs: int | None = None  # for the trained variants (qat, channels, distill); default: per kind
-    time_budget_s: float | None = None  # the whole search; builds stop at 3/4 of it (once a candidate is built), timing rounds at all of it
-    exhaustive: bool = False  # build compressed variants even where their runtime is too far behind to win
-    cache: bool = True  # reuse builds of the same model, weights, data and options (TORCHSHIP_CACHE/builds)
-    processing: bool = True  # package the text pipeline (tokenizer.json) where the source has one, checked end to end
-    allow_specialization: bool = False  # a model that branches on its values: traced/exported variants compete anyway
-
-    def __post_init__(self):
-        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
-            raise UsageError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
-        if self.target_batch_size is not None and self.target_batch_size not in self.batch_sizes:
-            raise UsageError(f"target batch size {self.target_batch_size} is not among --batch-sizes {list(self.batch_sizes)}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise UsageError(f"--time-budget must be a positive number of seconds, got {self.time_budget_s}")
-        if self.seconds_per_size <= 0:
-            raise UsageError(f"seconds per batch size must be positive, got {self.seconds_per_size}")
-        if self.train_epochs is not None and self.train_epochs < 1:
-            raise UsageError(f"--train-epochs must be at least 1, got {self.train_epochs}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise UsageError(f"--device {self.device!r}: use cpu or cuda")
-        if self.device.startswith("cuda"):
-            import torch
-            if not torch.cuda.is_available():
-                raise UsageError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
-
-    @property
-    def target(self) -> int:
-        return self.target_batch_size or max(self.batch_sizes)
 
 
 @dataclass(frozen=True)
@@ -187,149 +138,6 @@ def load(source, *, inputs=None, weights=None, dims=None, name=None, eval_data=N
     from .data import raw_arrays
     model = load_source(source, inputs, weights=weights, dims=dims, example=raw_arrays(eval_data))
     return with_data(replace(model, name=name or model.name), eval_data, calibration_data, warn)
-
-
-class Workspace:
-    """A run's temporary directory: the verification inputs and their reference outputs, the model as a worker
-    reloads it, the fork server that starts the workers, and the trained models derived on the way."""
-
-    def __init__(self, model, opts: OptimizeOptions):
-        self.model, self.opts = model, opts
-        self.root = Path(tempfile.mkdtemp(prefix="torchship-"))
-        self.server: ForkServer | None = None
-        try:
-            self.ref = self._model_ref(model)
-            if self.ref is not None and opts.isolate:  # started now: its imports overlap the reference run below
-                self.server = ForkServer(self.root / "forkserver.log")
-            self.pool: Pool = verification_pool(model)
-            self.chunk = min(32, max(opts.batch_sizes))
-            np.savez(self.root / "pool.npz", **self.pool.inputs)
-            # static int8 calibrates on the source's own representative inputs, else on the verification pool
-            np.savez(self.root / "calibration.npz", **(model.calibration_data or self.pool.inputs))
-            self.reference = reference_outputs(model, self.pool.inputs, self.chunk)
-            self.extra = self._extra_cases(model)
-            self.threads = opts.threads or _cores()
-            self.derived: dict[tuple, Any] = {}
-            self.noise = None
-            self._digests: dict[Path, bytes] = {}
-            self._linear_share: float | None = None
-        except BaseException:  # nothing is left running or on disk
-            self.__exit__()
-            raise
-
-    def _extra_cases(self, model) -> list[tuple[str, dict, dict]]:
-        """The inputs beyond the example with the reference's outputs on them (a case the reference itself cannot run
-        is left out), written for the workers."""
-        from ..verify import extra_cases
-        out = []
-        for label, feeds in extra_cases(model, self.pool.inputs if model.eval_data is not None else None,
-                                        branch_cases=not self.opts.allow_specialization):
-            try:
-                out.append((label, feeds, reference_outputs(model, feeds, len(next(iter(feeds.values()))))))  # whole
-            except Exception:
-                continue
-        np.savez(self.root / "extra.npz", **{f"{i}|{k}": v for i, (_, feeds, _) in enumerate(out) for k, v in feeds.items()})
-        return out
-
-    def _model_ref(self, model) -> ModelRef | None:
-        """How a worker reloads the model, or None when only this process can run it."""
-        common = dict(name=model.name, spec=model.spec, task=model.task, dims=dict(model.dims))
-        if model.module is None:
-            return ModelRef(kind="onnx", file=str(model.onnx_path), **common)
-        keys = tuple(model.module.keys) if getattr(model.module, "keys", None) else None
-        if model.arch is not None:
-            from safetensors.torch import save_model
-            weights = self.root / "reference.safetensors"
-            save_model(model.module, str(weights))
-            return ModelRef(kind="arch", arch=model.arch, weights=str(weights), **common)
-        if model.file is not None:
-            kind = "program" if model.file.suffix == ".pt2" else "torchscript"
-            return ModelRef(kind=kind, file=str(model.file), keys=keys, by_keyword=model.module.by_keyword, **common)
-        return None
-
-    def job(self, vp: VariantPlan, ref: ModelRef) -> Job:
-        exported = self.root / "onnxrt" / "model.onnx"  # the plain variant's export: its int8 variants start from it
-        own = ref is self.ref and ref.kind != "onnx"  # the workspace's model, not one trained from it
-        onnx_base = str(exported) if own and vp.runtime == "onnxrt" and vp.name != "onnxrt" and exported.exists() else None
-        return Job(vp, ref, str(self.root / vp.name), str(self.root / "pool.npz"), str(self.root / "calibration.npz"),
-                   self.chunk, self.threads, tuple(sys.path), self.cache_for(vp, ref), onnx_base,
-                   str(self.root / "extra.npz") if self.extra else None)
-
-    def cache_for(self, vp: VariantPlan, ref: ModelRef) -> str | None:
-        """The build cache's directory for this build (``cache.key``), or None without a cache."""
-        if not self.opts.cache or ref.kind == "arch" and ref.weights is None:
-            return None
-        return cache.key(vp, ref, self.threads, (self.pool.inputs, self.model.calibration_data or self.pool.inputs),
-                         self._digests)
-
-    def start(self, vp: VariantPlan, program: Path | None = None):
-        """A worker for ``vp``: in its own process where the model can be reloaded there, else in this one."""
-        ref = self.ref
-        if program is not None:  # a model trained from this one: the worker loads that program instead
-            ref = ModelRef(kind="program", file=str(program), name=self.model.name, spec=self.model.spec,
-                           task=self.model.task, dims=dict(self.model.dims))
-        if ref is None:  # an nn.Module given from Python with no architecture to rebuild it from
-            return InlineWorker(self.job(vp, self._inline_ref()), self.model)
-        if not self.opts.isolate:
-            return InlineWorker(self.job(vp, ref), None)
-        if self.server is None:
-            self.server = ForkServer(self.root / "forkserver.log")
-        return self.server.start(self.job(vp, ref))
-
-    def linear_share(self) -> float:
-        """The share of an eager forward pass (at the target batch size) spent in nn.Linear layers, measured once
-        under forward hooks; 1.0 where that cannot be measured (no module, no Linear leaves to hook)."""
-        if self._linear_share is None:
-            self._linear_share = 1.0
-            if self.model.module is not None:
-                import torch
-
-                from ..hooks import watch
-                from ..modules import to_torch
-                from ..profile import batch_of
-                args = to_torch(batch_of(self.model.spec, self.pool.inputs, self.opts.target, self.model.dims),
-                                self.model.spec.input_names)
-                with torch.inference_mode():
-                    for _ in range(3):  # the last pass, warm
-                        with watch(self.model.module) as w:
-                            self.model.module(*args)
-                total = sum(layer.ms for layer in w.layers.values())
-                linear = sum(layer.ms for layer in w.layers.values() if layer.type == "Linear")
-                if total > 0 and any(layer.type == "Linear" for layer in w.layers.values()):
-                    self._linear_share = linear / total
-        return self._linear_share
-
-    @staticmethod
-    def lineage(vp: VariantPlan) -> Lineage:
-        if vp.derived:
-            return Lineage("model", f"{vp.derived[0]} (trained from the model), then {vp.runtime}")
-        if vp.parent in (None, "model"):  # set by the plan
-            return Lineage("model", vp.runtime)
-        return Lineage(vp.parent, vp.note or vp.name)
-
-    def pids(self) -> list[int]:
-        return [self.server.proc.pid] if self.server is not None else []
-
-    def _inline_ref(self) -> ModelRef:
-        """The spec and dims of a model that only this process holds (the worker gets the model itself)."""
-        m = self.model
-        return ModelRef(kind="arch", name=m.name, spec=m.spec, task=m.task, dims=dict(m.dims))
-
-    def __enter__(self) -> "Workspace":
-        return self
-
-
-
-    def __exit__(self, *exc) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _cores() -> int:
-    from ..machine import cores
-    return cores()
 
 
 def _skipped(vp: VariantPlan, reason: str, ws: "Workspace") -> VariantResult:
