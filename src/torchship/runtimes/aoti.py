@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -9,6 +10,12 @@ from ..errors import BuildSkipped, first_line
 from ._torch import (PRECISIONS, TorchRunner, cast_args, dynamic_shapes, example_args, export_dynamic, needs_module,
                      set_threads)
 from .base import Artifact, calibration_batches, register
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..spec import IOSpec
+    from .base import BuildOptions, LoadContext, Runner, Source
 
 
 def export(model, device="cpu", precision="fp32"):
@@ -38,7 +45,7 @@ def static_int8(program, model, ranges):
         raise BuildSkipped(f"PT2E static int8 failed: {first_line(exc, 240)}") from exc
 
 
-def build(model, options, workdir):
+def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     device, precision = options.device, options.precision
     program, ranges = export(model, device, precision)
     if options.quantize == "static_int8":
@@ -55,7 +62,7 @@ def build(model, options, workdir):
     return Artifact("aoti", ("model.pt2",), options.found(dim_ranges=ranges or {}))
 
 
-def load(artifact, root, spec, ctx):
+def load(artifact: Artifact, root: Path, spec: IOSpec, ctx: LoadContext) -> Runner:
     """Refused where the package holds anything torch would unpickle; the native code it carries runs only with
     consent, which ``bundle.load`` asks for."""
     from ..safety import check_pt2

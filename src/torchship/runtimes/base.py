@@ -9,17 +9,31 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Protocol
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Protocol
 
 import msgspec
 import numpy as np
 
 from ..arch import Architecture
 from ..errors import BuildSkipped, UsageError, missing_extra
+from ..spec import IOSpec
 
 
 class Runner(Protocol):
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Source(Protocol):
+    """What a runtime's ``build`` reads of a model (``sources.Model`` is one; this module imports no torch)."""
+
+    module: Any  # the normalized nn.Module, or None for an ONNX source
+    spec: IOSpec
+    dims: dict[str, int]  # an example size for each symbolic dimension
+    arch: Architecture | None  # how a fresh process rebuilds the module (eager, compile)
+    onnx_path: Path | None  # an ONNX source, or the plain variant's export its int8 starts from
+    eval_data: dict[str, np.ndarray] | None  # example inputs (traces, exports)
+    calibration_data: dict[str, np.ndarray] | None  # static int8's calibration inputs
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -72,8 +86,8 @@ class LoadContext(msgspec.Struct, frozen=True):
 @dataclass(frozen=True)
 class Runtime:
     name: str
-    build: Callable  # (model, options: BuildOptions, workdir: Path) -> Artifact
-    load: Callable  # (artifact, root: Path, spec: IOSpec, ctx: LoadContext) -> Runner
+    build: Callable[[Source, BuildOptions, Path], Artifact]
+    load: Callable[[Artifact, Path, IOSpec, LoadContext], Runner]
     needs_torch: bool = True  # loading imports torch (a serving install without torch cannot run it)
 
 

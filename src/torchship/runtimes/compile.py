@@ -1,6 +1,8 @@
 """torch.compile (inductor): rebuilt from weights at load time; the compile is part of the cold start."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ._torch import TorchRunner, set_threads
@@ -8,13 +10,19 @@ from .base import register
 from .eager import build as eager_build
 from .eager import prepare, rebuild
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def build(model, options, workdir):
+    from ..spec import IOSpec
+    from .base import Artifact, BuildOptions, LoadContext, Runner, Source
+
+
+def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     from msgspec.structs import replace
     return replace(eager_build(model, options, workdir), runtime="compile")
 
 
-def load(artifact, root, spec, ctx):
+def load(artifact: Artifact, root: Path, spec: IOSpec, ctx: LoadContext) -> Runner:
     set_threads(ctx)
     opts = artifact.options
     # freezing: weights become constants that inductor folds and prepacks (and int8 patterns lower to int8 kernels);

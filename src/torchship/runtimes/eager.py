@@ -1,13 +1,21 @@
 """Eager PyTorch: eval() + inference_mode (and, as a reference row, the model run as too often written)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ._torch import PRECISIONS, TorchRunner, load_weights_module, needs_arch, save_weights, set_threads
 from .base import Artifact, register
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def build(model, options, workdir):
+    from ..spec import IOSpec
+    from .base import BuildOptions, LoadContext, Runner, Source
+
+
+def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     arch = needs_arch(model)
     return Artifact("eager", (save_weights(model, workdir),), options, architecture=arch)
 
@@ -32,7 +40,7 @@ def rebuild(artifact, root, ctx):
     return module
 
 
-def load(artifact, root, spec, ctx):
+def load(artifact: Artifact, root: Path, spec: IOSpec, ctx: LoadContext) -> Runner:
     set_threads(ctx)
     opts = artifact.options
     module = prepare(rebuild(artifact, root, ctx), opts, ctx.device)

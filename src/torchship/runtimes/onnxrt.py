@@ -4,11 +4,18 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BuildSkipped, first_line
 from .base import Artifact, calibration_batches, register
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..spec import IOSpec
+    from .base import BuildOptions, LoadContext, Runner, Source
 
 
 def _ort():
@@ -52,7 +59,7 @@ def save_onnx(source, target) -> tuple[str, ...]:
     return (target.name, target.name + ".data") if large else (target.name,)
 
 
-def build(model, options, workdir):
+def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     _ort()
     target = workdir / "model.onnx"
     if model.onnx_path is not None:
@@ -157,7 +164,7 @@ class OrtRunner:
         return self._shrink
 
 
-def load(artifact, root, spec, ctx):
+def load(artifact: Artifact, root: Path, spec: IOSpec, ctx: LoadContext) -> Runner:
     from ..safety import check_onnx
     check_onnx(root / artifact.files[0], set(artifact.files))  # external data only from the artifact's own files
     return OrtRunner(session(root / artifact.files[0], ctx.device, ctx.threads, True, ctx.spin), spec)

@@ -8,11 +8,18 @@ OpenVINO cannot take it, from the ONNX export. The artifact's options say which.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BuildSkipped, MissingExtra, first_line
 from .base import Artifact, calibration_batches, register
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..spec import IOSpec
+    from .base import BuildOptions, LoadContext, Runner, Source
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
@@ -81,7 +88,7 @@ def _quantize(ov_model, model, options):
         raise BuildSkipped(f"NNCF int8 quantization failed: {first_line(exc, 200)}") from exc
 
 
-def build(model, options, workdir):
+def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     ov = _ov()
     ov_model, source = _convert(model, workdir)
     if options.quantize in ("int8", "int8_transformer"):
@@ -103,7 +110,7 @@ class OvRunner:
         return {name: np.array(results[port]) for name, port in zip(self.output_names, self.compiled.outputs)}
 
 
-def load(artifact, root, spec, ctx):
+def load(artifact: Artifact, root: Path, spec: IOSpec, ctx: LoadContext) -> Runner:
     ov = _ov()
     precision = PRECISIONS[artifact.options.precision]
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import BuildSkipped
 from ._torch import TorchRunner, example_args, needs_module, set_threads
 from .base import Artifact, register
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..spec import IOSpec
+    from .base import BuildOptions, LoadContext, Runner, Source
 
 
 def check_inputs(model) -> list[tuple[torch.Tensor, ...]]:
@@ -55,7 +62,7 @@ def _script(module, model):
     return torch.jit.trace(wrapper, example_args(model), check_trace=False, strict=False)
 
 
-def build(model, options, workdir):
+def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     needs_module(model)
     module, checks = model.module.eval(), check_inputs(model)
     notes = []
@@ -89,7 +96,7 @@ def build(model, options, workdir):
     return Artifact("torchscript", ("model.ts.pt",), options.found(mode=mode, notes=tuple(notes)))
 
 
-def load(artifact, root, spec, ctx):
+def load(artifact: Artifact, root: Path, spec: IOSpec, ctx: LoadContext) -> Runner:
     set_threads(ctx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
