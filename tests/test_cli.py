@@ -25,6 +25,8 @@ def run(capsys, *args):
     (["bundle", "verify", "/nonexistent/b"], 2, "not a bundle"),
     (["optimize", "tests.models:Tiny", "--batch-sizes", "0"], 2, "--batch-sizes '0': give at least one positive integer"),
     (["optimize", "tests.models:Tiny", "--time-budget", "0"], 2, "--time-budget must be a positive number of seconds"),
+    (["optimize", "tests.models:Tiny", "--lengths", "seq"], 2, "--lengths 'seq': write DIM=N,N,..."),
+    (["optimize", "tests.models:Tiny", "--lengths", "seq=16,32"], 2, "'seq' is not a dynamic dimension of the model's inputs"),
     (["check", "tests.models:Tiny", "--workers", "0"], 2, "--workers must be at least 1, got 0"),
     (["perf", "127.0.0.1:9", "-m", "x", "--rate", "0"], 2, "--rate must be positive, got 0"),
     (["perf", "127.0.0.1:9", "-m", "x", "--duration", "0"], 2, "--duration must be between 0 and 3600 seconds"),

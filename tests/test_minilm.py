@@ -19,7 +19,16 @@ def test_minilm_eager_and_onnx_bundle_answers(tmp_path):
     by = {v.name: v for v in res.variants}
     assert by["eager"].status == "ok" and by["onnxrt"].status == "ok", [v.reason for v in res.variants]
     assert res.chosen.fidelity.cosine >= 0.999
+    # timed at the lengths of the held-out sentences (their attention masks), not only at the example's 32
+    mix = res.mix
+    assert mix.dim == "seq" and "attention_mask" in mix.source and abs(sum(mix.weights) - 1) < 1e-9
+    assert all(s % 8 == 0 and 8 <= s <= 32 for s in mix.sizes) and len(mix.sizes) >= 2
+    assert set(res.chosen.by_length) == set(mix.sizes)
+    report = res.report.read_text()
+    assert "## Timed at the lengths served" in report and f"seq={mix.sizes[0]}" in report
     loaded = load_bundle(res.bundle)
+    costs = loaded.manifest.lengths
+    assert costs.mix == mix and costs.batch == 4 and set(costs.ms) == set(mix.sizes)
     assert [t.shape for t in loaded.manifest.spec.inputs] == [("batch", "seq"), ("batch", "seq")]
     # other batch and sequence sizes than were timed: the dimensions are dynamic
     from torchship.sources import load_source

@@ -20,6 +20,7 @@ import msgspec
 from .errors import BundleError
 from .flow import Branch, specialized
 from .machine import cores
+from .mix import Costs
 from .processing import Processing
 from .profile import Stats
 from .runtimes.base import DESCRIPTORS, MODULES, Artifact, LoadContext
@@ -53,6 +54,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     budget: dict[str, float] = {}
     fidelity: Fidelity | None = None
     profile: dict[Positive, Stats] = {}
+    lengths: Costs | None = None  # timed on a mix of lengths: a batch's cost at each (mix.Costs)
     cold_start_s: float | None = None
     artifact_bytes: int | None = None
     machine: dict[str, Any] = {}
@@ -314,6 +316,8 @@ def manifest_for(result) -> Manifest:
                     device=result.options.device, threads=result.machine["threads"], artifact=c.artifact,
                     max_batch_size=result.chosen_batch_size, budget=result.budget,
                     fidelity=c.fidelity, profile=c.profile, cold_start_s=c.cold_start_s,
+                    lengths=Costs(result.mix, result.options.target, {s: v.p50_ms for s, v in c.by_length.items()})
+                    if result.mix is not None and c.by_length else None,
                     artifact_bytes=c.artifact_bytes, machine=result.machine, executes=executes(c.artifact),
                     notes=result.notes, processing=result.processing, control_flow=result.branches,
                     specialized=bool(result.branches) and specialized(c))

@@ -119,6 +119,10 @@ def optimize(
     input: List[str] = typer.Option([], "--input", "-i", help="NAME:DTYPE[DIMS], e.g. x:float32[batch,3,28,28] (repeat per input)"),
     weights: Optional[str] = typer.Option(None, help="state dict for a module:attr source (.safetensors, or a torch.save file loaded with weights_only=True)"),
     dim: List[str] = typer.Option([], "--dim", help="size of a dynamic dimension for timing, e.g. seq=128"),
+    lengths: Optional[str] = typer.Option(None, help="the sizes of a dynamic dimension users send, to time every "
+                                          "contender at and choose on: seq=16,32,64 or seq=16..128 (powers of two), "
+                                          "each weighed alike; example: the example's only (default: the lengths of "
+                                          "the held-out items, where an attention mask says them)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     budget: Optional[str] = typer.Option(None, help="fidelity budget, e.g. cosine=0.999,top1=0.99,accuracy_drop=0.01; retrieval=0.95 for an embedding model "
                                   "(nearest neighbours kept)"),
@@ -165,13 +169,14 @@ def optimize(
     _user_code_importable()
     from .optimize import OptimizeOptions
     from .optimize import optimize as run
+    from .mix import parse as parse_lengths
     from .verify import Budget
     opts = OptimizeOptions(device=device, budget=Budget.parse(budget), batch_sizes=_ints(batch_sizes, "--batch-sizes"),
                            target_batch_size=target_batch_size, latency_slo_ms=latency_slo,
                            runtimes=tuple(r.strip() for r in runtimes.split(",")) if runtimes else None,
                            threads=threads, timeout_s=timeout, train_epochs=train_epochs, time_budget_s=time_budget,
                            exhaustive=exhaustive, cache=cache, processing=processing,
-                           allow_specialization=allow_specialization,
+                           allow_specialization=allow_specialization, lengths=parse_lengths(lengths),
                            transforms=() if transforms.strip() == "none" else tuple(t.strip() for t in transforms.split(",") if t.strip()))
     with progress_bar() as update:
         result = run(source, opts, inputs=input or None, weights=weights, dims=_dims(dim), out=out, name=name, progress=update,

@@ -44,6 +44,8 @@ class VariantResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     fidelity: Fidelity | None = None
     profile: dict[int, Stats] = {}
     profile_errors: dict[int, str] = {}  # batch sizes the variant cannot run, with the error
+    # timed on a mix of lengths (optimize.lengths): ``profile`` is the mix's; this, each size's at the target batch size
+    by_length: dict[int, Stats] = {}
     build_s: float | None = None
     cold_start_s: float | None = None
     artifact_bytes: int | None = None

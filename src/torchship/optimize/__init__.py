@@ -27,6 +27,7 @@ from ..errors import first_line
 from ..plan import VariantPlan, plan
 from ..results import VariantResult
 from ..measure import Noise
+from ..mix import Mix
 from ..select import Decision, closest, select
 from .data import Pool, checked_train_data, with_data
 from .options import OptimizeOptions
@@ -57,6 +58,7 @@ class OptimizeResult:
     wall_s: float | None = None  # how long the search took
     branches: tuple = ()  # flow.Branch: where the model branches on its values
     processing: Any = None  # the bundle's raw-input processing (``processing.Processing``), checked end to end
+    mix: Mix | None = None  # the lengths every contender was timed at, where not only the example's
     processing_files: tuple[tuple[Path, str], ...] = ()
     bundle: Path | None = None
     report: Path | None = None
@@ -74,7 +76,7 @@ class OptimizeResult:
         d = msgspec.to_builtins({k: getattr(self, k) for k in ("model", "variants", "chosen", "chosen_batch_size",
                                                                "machine", "message", "verification", "task", "dims",
                                                                "decision", "noise", "wall_s", "notes",
-                                                               "processing", "branches")}, enc_hook=str)
+                                                               "processing", "branches", "mix")}, enc_hook=str)
         d.update(bundle=str(self.bundle) if self.bundle else None, report=str(self.report) if self.report else None,
                  spec=msgspec.to_builtins(self.spec), budget=self.budget, ratios=msgspec.to_builtins(ratios(self)),
                  batch_sizes=list(self.options.batch_sizes), target_batch_size=self.options.target,
@@ -120,7 +122,7 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
         results = build_each(variants, ws, say, train_data, student)
         say("selecting", len(variants), len(variants))
         result = choose(model, results, ws.pool, opts, ws.noise, time.monotonic() - started)
-        result = replace(result, notes=notes(model, result.chosen, opts), branches=model.branches)
+        result = replace(result, notes=notes(model, result.chosen, opts), branches=model.branches, mix=ws.mix)
         if out is not None and result.chosen is not None and opts.processing:
             say("checking the text pipeline end to end", len(variants), len(variants))
             result = with_processing(result, model, ws.root)

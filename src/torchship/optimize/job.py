@@ -156,29 +156,44 @@ class Variant:
         np.savez(workdir / "extra_out.npz", **outs)
         return str(workdir / "extra_out.npz"), errors
 
-    def time(self, request: TimeBatch) -> Samples:
-        """``request.runs`` timed calls at one batch size (after ``request.warmup`` untimed ones)."""
+    def time(self, request: TimeBatch, clock=time.perf_counter) -> Samples:
+        """``request.runs`` timed calls at one batch size (after ``request.warmup`` untimed ones). With a mix, a call
+        is one batch at each of its sizes, timed apart, and counts as their weighed sum."""
+        from ..mix import cut
         from ..profile import batch_of
-        spec = self.job.model.spec
+        spec, mix = self.job.model.spec, request.mix
         try:
             feeds = batch_of(spec, _arrays(self.job.pool), request.batch, self.job.model.dims)
+            runs = [(1.0, feeds)] if mix is None else [(w, cut(spec, feeds, mix.dim, s)) for s, w in zip(mix.sizes, mix.weights)]
             sync = _synchronize(self.device)
             if request.pause_s:
                 time.sleep(request.pause_s)
-            warm, n = time.perf_counter() + request.warmup_s, 0
-            while n < request.warmup or (request.warmup_s and time.perf_counter() < warm):
-                self.runner(feeds)
+            warm, n = clock() + request.warmup_s, 0
+            while n < request.warmup or (request.warmup_s and clock() < warm):
+                for _, f in runs:
+                    self.runner(f)
                 n += 1
             sync()
-            times, deadline = [], time.perf_counter() + request.seconds
-            while len(times) < request.runs or (len(times) < request.max_runs and time.perf_counter() < deadline):
-                t0 = time.perf_counter()
-                self.runner(feeds)
-                sync()
-                times.append(time.perf_counter() - t0)
+            return timed_calls(self.runner, runs, request, sync, clock)
         except Exception as exc:  # e.g. batch norm in training mode at batch 1: an error for this batch size
             return Samples(request.batch, (), first_line(exc, 200))
-        return Samples(request.batch, tuple(times))
+
+
+def timed_calls(runner, runs: list[tuple[float, dict]], request: TimeBatch, sync, clock) -> Samples:
+    """At least ``request.runs`` calls, more while ``request.seconds`` last; a call runs each of ``runs`` (weight,
+    feeds) once, timed apart, and counts as their weighed sum (one run of weight 1 without a mix)."""
+    mix = request.mix
+    times, each, deadline = [], [[] for _ in runs], clock() + request.seconds
+    while len(times) < request.runs or (len(times) < request.max_runs and clock() < deadline):
+        total = 0.0
+        for k, (w, feeds) in enumerate(runs):
+            t0 = clock()
+            runner(feeds)
+            sync()
+            each[k].append(clock() - t0)
+            total += w * each[k][-1]
+        times.append(total)
+    return Samples(request.batch, tuple(times), by_size={} if mix is None else {s: tuple(e) for s, e in zip(mix.sizes, each)})
 
 
 def _synchronize(device: str):

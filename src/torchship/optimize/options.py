@@ -26,6 +26,9 @@ class OptimizeOptions:
     cache: bool = True  # reuse builds of the same model, weights, data and options (TORCHSHIP_CACHE/builds)
     processing: bool = True  # package the text pipeline (tokenizer.json) where the source has one, checked end to end
     allow_specialization: bool = False  # a model that branches on its values: traced/exported variants compete anyway
+    # the sizes of a dynamic dimension to time at ({"seq": (16, 32, 64)}; {}: the example's only); default: the
+    # lengths of the held-out data's items, where an attention mask says them (optimize.lengths)
+    lengths: dict[str, tuple[int, ...]] | None = None
 
     def __post_init__(self):
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import msgspec
 
 from ..arch import Architecture
+from ..mix import Mix
 from ..plan import VariantPlan
 from ..runtimes.base import Artifact
 from ..spec import IOSpec
@@ -67,6 +68,7 @@ class TimeBatch(msgspec.Struct, frozen=True, tag=True):
     warmup: int = 1  # untimed calls first ...
     warmup_s: float = 0.0  # ... for at least this long
     pause_s: float = 0.0  # idle this long first, so that other processes' spinning threads go to sleep
+    mix: Mix | None = None  # a timed call is one batch at each size of the mix; its time the weighed sum
 
 
 class Stop(msgspec.Struct, frozen=True, tag=True):
@@ -77,6 +79,7 @@ class Samples(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     batch: int
     seconds: tuple[float, ...]  # one per timed call
     error: str | None = None  # the batch size cannot run: why
+    by_size: dict[int, tuple[float, ...]] = {}  # with a mix: each size's seconds, call by call
 
 
 _LENGTH = struct.Struct("<I")

@@ -56,6 +56,7 @@ class SearchRow:
     worker: object | None = None  # kept while the variant is a contender
     samples: dict[int, list[list[float]]] = field(default_factory=dict)  # interleaved rounds
     probe: dict[int, list[float]] = field(default_factory=dict)  # the first timing, right after the build
+    by_size: dict[int, dict[int, list[list[float]]]] = field(default_factory=dict)  # a mix's sizes: batch -> size -> calls
     errors: dict[int, str] = field(default_factory=dict)
 
     def rounds(self, bs: int) -> list[list[float]]:
@@ -223,13 +224,15 @@ class Search:
             # warm-up: one call and a while for the probe; none in the rounds for calls long enough to warm themselves
             request = TimeBatch(bs, runs=2, seconds=self.block_s, max_runs=2000, warmup=1 if probe or not long_calls else 0,
                                 warmup_s=self.block_s / 2 if probe else 0.0 if long_calls else self.block_s / 10,
-                                pause_s=PAUSE_S)
+                                pause_s=PAUSE_S, mix=self.ws.mix)
             try:
                 s = entry.worker.time(request, self.opts.timeout_s)
             except WorkerLost as exc:
                 entry.result = msgspec.structs.replace(entry.result, status="failed", reason=f"while timing: {exc}")
                 entry.worker = None
                 return
+            for size, seconds in s.by_size.items():
+                entry.by_size.setdefault(bs, {}).setdefault(size, []).append(list(seconds))
             if s.error:
                 entry.errors[bs] = s.error
             elif probe:
@@ -315,9 +318,11 @@ class Search:
         for e in self.entries:
             sizes = sorted(set(e.samples) | set(e.probe))
             if sizes or e.errors:
+                target = self.opts.target
                 e.result = msgspec.structs.replace(
                     e.result, profile={bs: stats(bs, e.rounds(bs)) for bs in sizes}, profile_errors=dict(e.errors),
-                    samples={bs: tuple(tuple(r) for r in e.rounds(bs)) for bs in sizes})
+                    samples={bs: tuple(tuple(r) for r in e.rounds(bs)) for bs in sizes},
+                    by_length={n: stats(target, r) for n, r in e.by_size.get(target, {}).items()})
             out.append(e.result)
         return out
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..mix import served_mix
 from ..plan import VariantPlan
 from ..results import Lineage
 from ..verify import reference_outputs
@@ -39,6 +40,9 @@ class Workspace:
             np.savez(self.root / "calibration.npz", **(model.calibration_data or self.pool.inputs))
             self.reference = reference_outputs(model, self.pool.inputs, self.chunk)
             self.extra = self._extra_cases(model)
+            # the lengths every contender is timed at: given, or those of the user's own data (not generated inputs)
+            self.mix = served_mix(model.spec, model.dims, self.pool.inputs if model.eval_data is not None else {},
+                                  opts.lengths)
             self.threads = opts.threads or _cores()
             self.derived: dict[tuple, Any] = {}
             self.noise = None

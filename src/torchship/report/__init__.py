@@ -119,7 +119,8 @@ def markdown(result) -> str:
         f"- Search: {len(result.variants)} variants planned, {len(built)} built ({cached} from the build cache), "
         f"{len(skipped)} skipped" + (f"; {result.wall_s:.0f} s" if result.wall_s else "") + ".",
         f"- Inputs and outputs: `{result.spec}`; batch sizes {list(opts.batch_sizes)}, the choice at {target}"
-        + (f" with p99 under {opts.latency_slo_ms:g} ms" if opts.latency_slo_ms else "") + ".",
+        + (f" with p99 under {opts.latency_slo_ms:g} ms" if opts.latency_slo_ms else "")
+        + (", on the mix of lengths below" if result.mix else "") + ".",
         f"- Device {opts.device}; CPU {m['cpu']} ({m['cores']} cores, ISA: {', '.join(m['isa']) or 'none detected'}); "
         f"intra-op threads {m['threads']}; {versions}"
         + (f"; OpenVINO's CPU plugin runs natively: {', '.join(m['openvino_capabilities'])}" if m.get("openvino_capabilities") else "")
@@ -139,6 +140,7 @@ def markdown(result) -> str:
     if same is not None:
         lines += [f"Every timed variant has the same fidelity ({same:.6f}), so the second plot shows throughput alone.", ""]
     lines += ["![fidelity against throughput](pareto.png)", ""]
+    lines += lengths(result)
     lines += bought(result)
     lines += text_pipeline(result)
     lines += ["## Per batch size", ""]
@@ -148,6 +150,24 @@ def markdown(result) -> str:
         if cells:
             lines.append(f"- **{r.name}**: {'; '.join(cells)}")
     return "\n".join(lines) + "\n"
+
+
+def lengths(result) -> list[str]:
+    """Where the contenders were timed on a mix of lengths: the mix, and each size's throughput."""
+    mix = result.mix
+    if mix is None:
+        return []
+    target = result.options.target
+    timed = [r for r in result.variants if r.by_length and r.status in ("ok", "rejected")]
+    lines = ["## Timed at the lengths served", "",
+             f"Every contender was timed on a mix of `{mix.dim}`: {mix.describe()}. A timed call is one batch of {target} "
+             "at each size; its time is their weighed sum, so the items/s above are on that mix, and the choice is made "
+             "on it. Each size alone, items/s at batch size " + f"{target} (median of its calls):", ""]
+    lines += ["| variant | " + " | ".join(f"{mix.dim}={s}" for s in mix.sizes) + " |", "|" + "---|" * (len(mix.sizes) + 1)]
+    for r in timed:
+        lines.append(f"| {r.name} | " + " | ".join(_fmt(r.by_length.get(s) and r.by_length[s].throughput, "{:,.0f}")
+                                                  for s in mix.sizes) + " |")
+    return lines + [""]
 
 
 def text_pipeline(result) -> list[str]:

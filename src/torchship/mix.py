@@ -1,0 +1,133 @@
+"""The lengths a model is timed at: where a dimension is dynamic (a text model's ``seq``), the search times every
+contender at the sizes users send, not only at the example's, and chooses on that mix.
+
+The mix comes from ``--lengths seq=16,32,64`` (or a range, ``seq=16..128``: powers of two within it, each weighed
+alike), or else from the verification inputs: the real lengths of the items (an attention mask's ones) put into at
+most four groups of as many items, each timed at its longest length rounded up to a multiple of 8 (a batch of similar
+lengths is padded to its longest, as the server's batcher runs them) and weighed by its share of the items. Nothing
+here imports torch, and nothing measures: the worker times a mix (``job.Variant.time``), ``cut`` makes its batches.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import msgspec
+import numpy as np
+
+from .errors import UsageError
+from .spec import IOSpec
+
+GROUPS = 4  # at most this many lengths from the data: each one costs a timed call per round
+ROUND_TO = 8
+
+
+class Mix(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Sizes of one dynamic dimension and their shares of the traffic: a batch of the mix costs the weighed sum of a
+    batch at each size."""
+
+    dim: str
+    sizes: tuple[int, ...]
+    weights: tuple[float, ...]  # shares, summing to 1
+    source: str  # where the sizes come from, in words
+
+    def describe(self) -> str:
+        shares = ", ".join(f"{s} ({w:.0%})" for s, w in zip(self.sizes, self.weights))
+        return f"{self.dim} {shares}: {self.source}"
+
+
+def parse(text: str | None) -> dict[str, tuple[int, ...]] | None:
+    """``seq=16,32,64`` or ``seq=16..128`` -> ``{"seq": (16, 32, 64)}``; ``example`` -> ``{}`` (only the example's
+    sizes are timed); None -> None (found from the data)."""
+    if text is None:
+        return None
+    if text.strip() == "example":
+        return {}
+    m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*(\d+)\s*\.\.\s*(\d+)\s*", text)
+    if m:
+        lo, hi = int(m.group(2)), int(m.group(3))
+        if not 1 <= lo <= hi:
+            raise UsageError(f"--lengths {text}: a range low..high needs 1 <= low <= high")
+        sizes, s = [], lo
+        while s < hi:
+            sizes.append(s)
+            s *= 2
+        return {m.group(1): tuple(sizes + [hi])}
+    m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=\s*(\d+(?:\s*,\s*\d+)*)\s*", text)
+    if not m:
+        raise UsageError(f"--lengths {text!r}: write DIM=N,N,... (seq=16,32,64), DIM=LOW..HIGH (seq=16..128) or example")
+    sizes = tuple(sorted({int(x) for x in m.group(2).split(",")}))
+    if sizes[0] < 1:
+        raise UsageError(f"--lengths {text}: sizes must be positive")
+    return {m.group(1): sizes}
+
+
+def served_mix(spec: IOSpec, dims: Mapping[str, int], inputs: Mapping[str, np.ndarray],
+               given: dict[str, tuple[int, ...]] | None) -> Mix | None:
+    """The mix to time at, or None: only the example's sizes (no dynamic dimension, ``--lengths example``, or data
+    whose items all have the example's length)."""
+    if given is not None:
+        if not given:
+            return None
+        (dim, sizes), = given.items()
+        if dim not in spec.symbols:
+            raise UsageError(f"--lengths {dim}=...: {dim!r} is not a dynamic dimension of the model's inputs "
+                             f"(they have {', '.join(spec.symbols) or 'none but batch'})")
+        return Mix(dim, sizes, tuple(1.0 / len(sizes) for _ in sizes), "given with --lengths, each weighed alike")
+    found = _mask(spec, inputs)
+    if found is None:
+        return None
+    name, dim = found
+    lengths = np.sort(np.asarray(inputs[name]).astype(bool).sum(axis=1))
+    lengths = lengths[lengths > 0]
+    if not len(lengths) or lengths.min() == inputs[name].shape[1]:
+        return None  # no padding: the items have the example's length
+    sizes: dict[int, float] = {}
+    for group in np.array_split(lengths, min(GROUPS, len(lengths))):
+        size = int(min(-(-int(group.max()) // ROUND_TO) * ROUND_TO, inputs[name].shape[1]))
+        sizes[size] = sizes.get(size, 0.0) + len(group) / len(lengths)
+    return Mix(dim, tuple(sizes), tuple(sizes.values()),
+               f"the token counts of the {len(lengths)} verification items ({name}), in {len(sizes)} group(s), "
+               f"each at its longest rounded up to {ROUND_TO}")
+
+
+def _mask(spec: IOSpec, inputs: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
+    """(the input, its dimension) of an attention mask: an integer or boolean ``[batch, dim]`` input named as a mask."""
+    for t in spec.inputs:
+        if ("mask" in t.name.lower() and len(t.shape) == 2 and isinstance(t.shape[1], str) and t.shape[1] in spec.symbols
+                and t.dtype.startswith(("int", "uint", "bool")) and t.name in inputs):
+            return t.name, t.shape[1]
+    return None
+
+
+def cut(spec: IOSpec, feeds: Mapping[str, np.ndarray], dim: str, size: int) -> dict[str, np.ndarray]:
+    """``feeds`` at ``size`` along ``dim``: cut, or repeated to reach it; an input whose values follow the dimension
+    (a range like ``{1:seq+1}``) is kept within its range at the new size."""
+    out = {}
+    for t in spec.inputs:
+        a = feeds[t.name]
+        for axis, d in enumerate(t.shape):
+            if d == dim:
+                a = np.take(a, np.arange(size) % a.shape[axis], axis=axis)
+        out[t.name] = np.ascontiguousarray(a)
+    sizes = {d: out[t.name].shape[i] for t in spec.inputs for i, d in enumerate(t.shape) if isinstance(d, str)}
+    for t in spec.inputs:
+        if t.range is not None and t.tied:
+            low, high = t.bounds(sizes)
+            out[t.name] = np.clip(out[t.name], low, high - 1)
+    return out
+
+
+class Costs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a batch of the chosen variant cost at each size of the mix it was timed on (a bundle's manifest keeps it:
+    the cost of a batch by its padded length, for a batcher to weigh)."""
+
+    mix: Mix
+    batch: int
+    ms: dict[int, float]  # the median milliseconds of one batch of ``batch`` items at each size
+
+    @property
+    def per_token_ms(self) -> float | None:
+        """The cost of one more token position per item, from the smallest to the largest size (None: one size)."""
+        lo, hi = min(self.ms), max(self.ms)
+        return (self.ms[hi] - self.ms[lo]) / (hi - lo) / self.batch if hi > lo else None
