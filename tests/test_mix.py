@@ -29,9 +29,12 @@ def test_lengths_are_parsed_as_lists_ranges_or_the_example():
 
 def test_the_mix_comes_from_the_attention_masks_in_groups_of_as_many_items():
     got = served_mix(TEXT, {"seq": 64}, masks([3, 5, 9, 12, 20, 30, 31, 40]), None)
-    # four groups of two: each timed at its longest, rounded up to 8 (5 -> 8, 12 -> 16, 30 -> 32, 40 -> 40)
-    assert (got.dim, got.sizes, got.weights) == ("seq", (8, 16, 32, 40), (0.25, 0.25, 0.25, 0.25))
+    # rounded up to 8: 8 8 16 16 24 32 32 40, five lengths in four groups: the one item at 24 pads least up to 32
+    assert (got.dim, got.sizes, got.weights) == ("seq", (8, 16, 32, 40), (0.25, 0.25, 0.375, 0.125))
     assert "8 verification items (attention_mask)" in got.source
+    # a long tail keeps a group of its own rather than padding a big group to its length
+    tail = served_mix(TEXT, {"seq": 128}, masks([10] * 60 + [20] * 30 + [35] * 5 + [40] * 4 + [128], 128), None)
+    assert tail.sizes == (16, 24, 40, 128) and tail.weights == pytest.approx((0.6, 0.3, 0.09, 0.01))
     merged = served_mix(TEXT, {"seq": 64}, masks([3, 4, 5, 6, 7, 8, 30, 31]), None)
     assert (merged.sizes, merged.weights) == ((8, 32), (0.75, 0.25))  # three groups round to 8: one size, 3/4
 

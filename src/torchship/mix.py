@@ -2,10 +2,12 @@
 contender at the sizes users send, not only at the example's, and chooses on that mix.
 
 The mix comes from ``--lengths seq=16,32,64`` (or a range, ``seq=16..128``: powers of two within it, each weighed
-alike), or else from the verification inputs: the real lengths of the items (an attention mask's ones) put into at
-most four groups of as many items, each timed at its longest length rounded up to a multiple of 8 (a batch of similar
-lengths is padded to its longest, as the server's batcher runs them) and weighed by its share of the items. Nothing
-here imports torch, and nothing measures: the worker times a mix (``job.Variant.time``), ``cut`` makes its batches.
+alike), or else from the verification inputs: the real lengths of the items (an attention mask's ones), each rounded
+up to a multiple of 8, put into at most four groups of neighbouring lengths, each group timed at its longest (a batch
+of similar lengths is padded to its longest, as the server's batcher runs them) and weighed by its share of the items.
+The groups are the ones that pad least (a few long items keep a group of their own rather than lengthening a big
+one). Nothing here imports torch, and nothing measures: the worker times a mix (``job.Variant.time``), ``cut`` makes
+its batches.
 """
 from __future__ import annotations
 
@@ -82,13 +84,32 @@ def served_mix(spec: IOSpec, dims: Mapping[str, int], inputs: Mapping[str, np.nd
     lengths = lengths[lengths > 0]
     if not len(lengths) or lengths.min() == inputs[name].shape[1]:
         return None  # no padding: the items have the example's length
-    sizes: dict[int, float] = {}
-    for group in np.array_split(lengths, min(GROUPS, len(lengths))):
-        size = int(min(-(-int(group.max()) // ROUND_TO) * ROUND_TO, inputs[name].shape[1]))
-        sizes[size] = sizes.get(size, 0.0) + len(group) / len(lengths)
+    rounded = np.minimum(-(-lengths // ROUND_TO) * ROUND_TO, inputs[name].shape[1])
+    values, counts = np.unique(rounded, return_counts=True)
+    sizes = least_padding([int(v) for v in values], [c / len(lengths) for c in counts], GROUPS)
     return Mix(dim, tuple(sizes), tuple(sizes.values()),
-               f"the token counts of the {len(lengths)} verification items ({name}), in {len(sizes)} group(s), "
-               f"each at its longest rounded up to {ROUND_TO}")
+               f"the token counts of the {len(lengths)} verification items ({name}), rounded up to {ROUND_TO}, in "
+               f"{len(sizes)} group(s) each at its longest")
+
+
+def least_padding(sizes: list[int], shares: list[float], groups: int) -> dict[int, float]:
+    """``sizes`` (ascending) with their ``shares`` put into at most ``groups`` runs of neighbours, each at its largest
+    size: the runs whose padded total (share x size, summed) is least. {size: share of its run}."""
+    n = len(sizes)
+    cum = np.concatenate([[0.0], np.cumsum(shares)])
+    best = {(0, 0): (0.0, ())}  # (items placed, runs used) -> (padded total, the runs' ends)
+    for used in range(1, groups + 1):
+        for end in range(1, n + 1):
+            options = [(best[(start, used - 1)][0] + (cum[end] - cum[start]) * sizes[end - 1],
+                        best[(start, used - 1)][1] + (end,)) for start in range(end) if (start, used - 1) in best]
+            if options:
+                best[(end, used)] = min(options)
+    _, ends = min(best[(n, used)] for used in range(1, groups + 1) if (n, used) in best)
+    out, start = {}, 0
+    for end in ends:
+        out[sizes[end - 1]] = float(cum[end] - cum[start])
+        start = end
+    return out
 
 
 def _mask(spec: IOSpec, inputs: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
