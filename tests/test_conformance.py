@@ -56,8 +56,8 @@ def test_each_transform_has_its_facts_applies_and_round_trips(kind, tiny):
     assert dataclasses.is_dataclass(config_type) and config_type.__dataclass_params__.frozen
     config = config_type()
     assert from_dict(to_dict(config)) == config and to_dict(config)["kind"] == kind
-    from torchship.plan import TRANSFORMS
-    assert config.family in TRANSFORMS  # a --transforms word turns it on
+    from torchship.plan import transform_words
+    assert config.family in transform_words()  # a --transforms word turns it on
     assert config.covers in ("linear", "all") and set(config.devices) <= {"cpu", "cuda"}
     offers = config_type.offers()
     assert offers or config.family in ("qat", "channels", "distill")  # planned, or a trained variant's step
@@ -88,17 +88,20 @@ def test_a_transform_without_example_inputs_that_needs_them_says_so(tiny):
 
 
 def test_a_registered_transform_is_planned_with_no_other_change(tiny):
-    """Registering a config with its offers is all the plan needs: a new technique appears in the plan's variants."""
-    from torchship.plan import plan
+    """Registering a config with its offers is all the plan, the search and the CLI need: a new technique of a new
+    family is a --transforms word, its gain bound is known, and it appears in the plan's variants."""
+    from torchship.optimize.search import max_gain
+    from torchship.plan import plan, transform_words
 
     @dataclasses.dataclass(frozen=True)
     class Halve:
         kind: str = "test_halve"
         at_load: bool = False
-        family = "prune"
+        family = "halve"
         covers = "all"
         needs_example = False
         devices = ("cpu",)
+        gain = (1.5, None, 1.5)
 
         @classmethod
         def offers(cls):
@@ -106,8 +109,9 @@ def test_a_registered_transform_is_planned_with_no_other_change(tiny):
 
     transforms.register(Halve)(lambda module, config, context: module)
     try:
-        by = {v.name: v for v in plan(tiny[0], runtimes=["eager"], transforms=("prune",))}
+        assert "halve" in transform_words() and max_gain("halve", frozenset()) == 1.5
+        by = {v.name: v for v in plan(tiny[0], runtimes=["eager"], transforms=("halve",))}
         assert by["eager+halve"].transforms == ({"kind": "test_halve", "at_load": False},)
         assert by["eager+halve"].parent == "eager" and by["eager+halve"].note == "weights halved"
     finally:
-        del transforms.REGISTRY["test_halve"], transforms.KINDS["test_halve"]
+        del transforms.REGISTRY["test_halve"], transforms.KINDS["test_halve"], transforms.GAINS["halve"]

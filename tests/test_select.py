@@ -107,7 +107,7 @@ def _search(entries, target=8, sizes=(1, 8), flags=AVX512_VNNI, phases=None):
     from torchship.optimize import OptimizeOptions
     from torchship.optimize.search import Search, SearchRow
     opts = OptimizeOptions(batch_sizes=sizes, target_batch_size=target)
-    search = Search(SimpleNamespace(opts=opts), lambda *a: None, len(entries), flags=flags)
+    search = Search(SimpleNamespace(opts=opts, mix=None), lambda *a: None, len(entries), flags=flags)
     for i, (name, seconds, selectable) in enumerate(entries):
         result = VariantResult(name=name, runtime="eager", status="ok", selectable=selectable)
         e = SearchRow(SimpleNamespace(name=name), result, ScriptedWorker(seconds, phase=(phases or {}).get(name, 0)))
@@ -210,3 +210,45 @@ def test_compile_with_a_transform_that_failed_on_eager_is_not_tried():
     model = SimpleNamespace(module=torch.nn.Linear(2, 2), spec=SimpleNamespace(symbols=[]), arch=None)
     by = {v.name: v for v in plan(model, "cpu", None, None, ("int8",))}
     assert by["compile+ao-int8"].sibling == "eager+ao-int8" and by["compile+ao-int8wo"].sibling is None
+
+
+class MixWorker(ScriptedWorker):
+    """A worker whose batch costs a fixed time at each size of a mix: it answers as job.Variant.time does, one weighed
+    call per timed call and each size's seconds beside it (nothing is measured)."""
+
+    def __init__(self, cost: dict[int, float]):
+        super().__init__(0.0)
+        self.cost = cost
+
+    def time(self, request, timeout):
+        from torchship.optimize.protocol import Samples
+        self.requests.append(request)
+        mix = request.mix
+        sizes = dict(zip(mix.sizes, mix.weights))
+        return Samples(request.batch, (sum(w * self.cost[s] for s, w in sizes.items()),) * 4,
+                       by_size={s: (self.cost[s],) * 4 for s in sizes})
+
+
+def test_the_choice_is_made_on_the_mix_of_lengths_users_send():
+    """Two variants: one faster at seq 128, the other at seq 16. Timed at the example's 128 alone the first wins; on
+    a mix that is 90% short text the second does, and each size's figures come back for the report."""
+    from torchship.mix import Mix
+    from torchship.optimize import OptimizeOptions
+    from torchship.optimize.search import Search, SearchRow
+    cost = {"wide": {16: 0.0010, 128: 0.0040}, "short": {16: 0.0006, 128: 0.0060}}
+    chosen = {}
+    for mix in (Mix("seq", (128,), (1.0,), "given"), Mix("seq", (16, 128), (0.9, 0.1), "held-out")):
+        search = Search(SimpleNamespace(opts=OptimizeOptions(batch_sizes=(8,)), mix=mix), lambda *a: None, 2,
+                        flags=AVX512_VNNI)
+        workers = {name: MixWorker(c) for name, c in cost.items()}
+        for name, worker in workers.items():
+            e = SearchRow(SimpleNamespace(name=name), VariantResult(name=name, runtime="eager", status="ok"), worker)
+            search.time(e, (8,), probe=True)
+            search.entries.append(e)
+        search.rounds(lambda: [])
+        assert all(r.mix == mix for w in workers.values() for r in w.requests)  # every timing on the mix
+        results = {r.name: r for r in search.results()}
+        chosen[mix.source] = select(list(results.values()), 8).chosen
+        assert {s: st.throughput for s, st in results["short"].by_length.items()} == pytest.approx(
+            {s: 8 / cost["short"][s] for s in mix.sizes})
+    assert chosen == {"given": "wide", "held-out": "short"}

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from .errors import TorchshipError, UsageError
+from .runtimes.base import MODULES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Take a trained PyTorch model to production: optimize, verify, package.")
@@ -129,8 +130,7 @@ def optimize(
     batch_sizes: str = typer.Option("1,8,32", help="batch sizes to time, comma-separated"),
     target_batch_size: Optional[int] = typer.Option(None, help="choose by throughput at this batch size (default: the largest)"),
     latency_slo: Optional[float] = typer.Option(None, "--latency-slo", help="choose the best throughput whose p99 stays under this many ms"),
-    runtimes: Optional[str] = typer.Option(None, help="comma-separated subset of eager,torchscript,compile,aoti,onnxrt,"
-                                           "openvino (tests/test_runtimes.py holds this list to the runtimes' descriptors)"),
+    runtimes: Optional[str] = typer.Option(None, help=f"comma-separated subset of {','.join(MODULES)}"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads, as serving will use (default: all cores)"),
     transforms: str = typer.Option("int8,bf16,qat,channels,distill",
                                    help="compression variants to try, comma-separated, or none: int8, bf16 (CPU with native bf16), "

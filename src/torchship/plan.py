@@ -43,6 +43,12 @@ def _has_openvino() -> bool:
 TRANSFORMS = ("int8", "prune", "bf16", "qat", "channels", "distill")  # the last three need training data
 
 
+def transform_words() -> tuple[str, ...]:
+    """What ``--transforms`` takes: ``TRANSFORMS`` and the family of every registered transform."""
+    from .transforms import REGISTRY
+    return TRANSFORMS + tuple(dict.fromkeys(r.config.family for r in REGISTRY.values() if r.config.family not in TRANSFORMS))
+
+
 def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads: int | None = None,
          transforms: tuple[str, ...] = ("int8", "bf16"), trainable: bool = False,
          allow_specialization: bool = False) -> list[VariantPlan]:
@@ -73,9 +79,10 @@ def _plan(model, device: str, runtimes: list[str] | None, threads: int | None, t
     takes_onnx = tuple(r for r, d in DESCRIPTORS.items() if "onnx" in d.takes)  # the runtimes that run an ONNX source
     out += [VariantPlan(r, r, base, skip=NO_OPENVINO if r == "openvino" and not _has_openvino() else None)
             for r in wanted if model.module is not None or r in takes_onnx]
-    unknown = [t for t in transforms if t not in TRANSFORMS]
+    words = transform_words()
+    unknown = [t for t in transforms if t not in words]
     if unknown:
-        raise UsageError(f"unknown transform(s) {unknown}; choose from {', '.join(TRANSFORMS)} (or none)")
+        raise UsageError(f"unknown transform(s) {unknown}; choose from {', '.join(words)} (or none)")
     out += compression(model, out, base, device, transforms)
     if trainable and model.module is not None:
         out += trained(wanted, base, transforms)
@@ -108,7 +115,7 @@ def compression(model, planned: list[VariantPlan], base: BuildOptions, device: s
     from .transforms import offers, to_dict
     plain = {v.runtime for v in planned if v.name == v.runtime and not v.skip}
     out: list[VariantPlan] = []
-    for fam in (t for t in TRANSFORMS if t in transforms):
+    for fam in (t for t in transform_words() if t in transforms):
         for o in offers((fam,)) if model.module is not None else ():
             if o.runtime in plain and device.split(":")[0] in o.config.devices:
                 out.append(VariantPlan(f"{o.runtime}+{o.label}", o.runtime, base, transforms=(to_dict(o.config),),
@@ -130,18 +137,12 @@ def _transformer(model) -> bool:
 
 def trained(wanted, base, transforms) -> list[VariantPlan]:
     """Variants of models trained from this one (with training data): built on the runtimes that take a program."""
-    from .train.derived import CHANNEL_LEVELS, RUNTIMES
+    from .train.derived import RUNTIMES, TRAINED
     runtimes = [r for r in RUNTIMES if r in wanted]
     out = []
-    if "qat" in transforms:
-        out += [VariantPlan(f"{r}+qat-int8", r, base, derived=("qat", None),
-                            note="quantization-aware fine-tuning to int8 (torchao PT2E, x86 inductor quantizer)") for r in runtimes]
-    if "channels" in transforms:
-        for i, amount in enumerate(CHANNEL_LEVELS):
-            out += [VariantPlan(f"{r}+channels{int(amount * 100)}", r, base, derived=("channels", amount),
-                                family="channels", level=i,
-                                note=f"{amount:.0%} of channels removed (Torch-Pruning), then fine-tuned") for r in runtimes]
-    if "distill" in transforms:
-        out += [VariantPlan(f"{r}+student", r, base, derived=("distill", None),
-                            note="a smaller student distilled from this model") for r in runtimes]
+    for t in (t for t in TRAINED if t.kind in transforms):
+        for i, level in enumerate(t.levels):
+            pct = "" if level is None else f"{int(level * 100)}"
+            out += [VariantPlan(f"{r}+{t.label.format(pct=pct)}", r, base, derived=(t.kind, level), note=t.note.format(pct=pct),
+                                family=t.kind if len(t.levels) > 1 else None, level=i) for r in runtimes]
     return out

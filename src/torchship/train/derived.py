@@ -7,7 +7,7 @@ variants build from it, and each is verified against the original fp32 model on 
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,6 +16,24 @@ from ..errors import BuildSkipped
 from ..runtimes.base import DESCRIPTORS
 
 CHANNEL_LEVELS = (0.3, 0.5, 0.7)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A kind of variant trained from the model, as the plan builds it: ``{runtime}+{label}`` on each runtime that
+    builds from an exported program, one per level (gentle to aggressive, a ladder where there are several)."""
+
+    kind: str  # the --transforms word
+    label: str  # the variant's name after the runtime ({pct}: the level in percent)
+    note: str
+    levels: tuple[float | None, ...] = (None,)
+
+
+TRAINED = (
+    Trained("qat", "qat-int8", "quantization-aware fine-tuning to int8 (torchao PT2E, x86 inductor quantizer)"),
+    Trained("channels", "channels{pct}", "{pct}% of channels removed (Torch-Pruning), then fine-tuned", CHANNEL_LEVELS),
+    Trained("distill", "student", "a smaller student distilled from this model"),
+)
 # the runtimes that build from an exported program (their descriptors say so; eager and TorchScript need an architecture)
 RUNTIMES = tuple(name for name, d in DESCRIPTORS.items() if "program" in d.takes)
 STUDENTS = {"digits-cnn": "torchship.zoo.digits:student"}  # the zoo's own smaller architectures, by zoo name

@@ -1,6 +1,7 @@
 """Transforms: ``nn.Module -> nn.Module``, one config dataclass and one handler each, registered together.
 
-A new technique is one frozen config dataclass and one handler under ``@register(Config)``: the handler takes
+A new technique is one frozen config dataclass and one handler under ``@register(Config)``, here or in a module of
+its own in this package (every module here is imported with it): the handler takes
 ``(module, config, context)`` and returns a new module; the config says what the search and the plan need to know
 (``family``: the ``--transforms`` word that turns it on and the speed-up it can bound; ``covers``: the layers it
 changes; ``needs_example``; ``devices``; ``offers()``: the variants the plan builds with it). Nothing else names it:
@@ -72,10 +73,13 @@ KINDS: dict[str, type] = {}  # kind -> config class (what a manifest's transform
 
 
 def register(config_type: type):
-    """Register ``config_type``'s handler: ``(module, config, context) -> module``."""
+    """Register ``config_type``'s handler: ``(module, config, context) -> module``. A config of a new family may
+    bring the bound of its gain as ``gain = (without, cpu_flag, with_it)`` (see ``GAINS``)."""
     def wrap(fn):
         REGISTRY[config_type.kind] = Registered(config_type, fn)
         KINDS[config_type.kind] = config_type
+        if getattr(config_type, "gain", None):
+            GAINS.setdefault(config_type.family, tuple(config_type.gain))
         return fn
     return wrap
 
@@ -306,3 +310,14 @@ def sparsity(module: nn.Module) -> float:
     weights = [m.weight for m in module.modules() if isinstance(m, PRUNABLE)]
     total = sum(w.numel() for w in weights)
     return float(sum((w == 0).sum().item() for w in weights) / total) if total else 0.0
+
+
+def _discover() -> None:
+    """Import every module of this package: a transform in a module of its own registers itself when it loads."""
+    import importlib
+    import pkgutil
+    for found in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{found.name}")
+
+
+_discover()
