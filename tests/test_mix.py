@@ -28,27 +28,29 @@ def test_lengths_are_parsed_as_lists_ranges_or_the_example():
 
 
 def test_the_mix_comes_from_the_attention_masks_in_groups_of_as_many_items():
-    got = served_mix(TEXT, {"seq": 64}, masks([3, 5, 9, 12, 20, 30, 31, 40]), None)
+    got = served_mix(TEXT, masks([3, 5, 9, 12, 20, 30, 31, 40]), None)
     # rounded up to 8: 8 8 16 16 24 32 32 40, five lengths in four groups: the one item at 24 pads least up to 32
     assert (got.dim, got.sizes, got.weights) == ("seq", (8, 16, 32, 40), (0.25, 0.25, 0.375, 0.125))
     assert "8 verification items (attention_mask)" in got.source
     # a long tail keeps a group of its own rather than padding a big group to its length
-    tail = served_mix(TEXT, {"seq": 128}, masks([10] * 60 + [20] * 30 + [35] * 5 + [40] * 4 + [128], 128), None)
+    tail = served_mix(TEXT, masks([10] * 60 + [20] * 30 + [35] * 5 + [40] * 4 + [128], 128), None)
     assert tail.sizes == (16, 24, 40, 128) and tail.weights == pytest.approx((0.6, 0.3, 0.09, 0.01))
-    merged = served_mix(TEXT, {"seq": 64}, masks([3, 4, 5, 6, 7, 8, 30, 31]), None)
+    merged = served_mix(TEXT, masks([3, 4, 5, 6, 7, 8, 30, 31]), None)
     assert (merged.sizes, merged.weights) == ((8, 32), (0.75, 0.25))  # three groups round to 8: one size, 3/4
 
 
 def test_no_mix_where_there_is_nothing_to_learn_or_the_user_said_so():
-    assert served_mix(TEXT, {"seq": 64}, masks([64] * 5), None) is None  # no padding: the example's length is served
-    assert served_mix(TEXT, {"seq": 64}, {}, None) is None  # no held-out data: generated masks say nothing
+    assert served_mix(TEXT, masks([64] * 5), None) is None  # no padding: the example's length is served
+    assert served_mix(TEXT, {}, None) is None  # no held-out data: generated masks say nothing
     image = IOSpec.parse(["x:float32[batch,3,32,32]"])
-    assert served_mix(image, {}, {"x": np.zeros((4, 3, 32, 32), np.float32)}, None) is None
-    assert served_mix(TEXT, {"seq": 64}, masks([3, 40]), {}) is None  # --lengths example
-    given = served_mix(TEXT, {"seq": 64}, {}, {"seq": (16, 128)})
+    assert served_mix(image, {"x": np.zeros((4, 3, 32, 32), np.float32)}, None) is None
+    assert served_mix(TEXT, masks([3, 40]), {}) is None  # --lengths example
+    given = served_mix(TEXT, {}, {"seq": (16, 128)})
     assert given.sizes == (16, 128) and given.weights == (0.5, 0.5) and "--lengths" in given.source
     with pytest.raises(UsageError, match="'tokens' is not a dynamic dimension.*they have seq"):
-        served_mix(TEXT, {"seq": 64}, {}, {"tokens": (16,)})
+        served_mix(TEXT, {}, {"tokens": (16,)})
+    with pytest.raises(UsageError, match="one dimension"):
+        served_mix(TEXT, {}, {"seq": (16,), "other": (8,)})
 
 
 def test_a_batch_is_cut_or_repeated_to_each_size_and_a_tied_range_kept_valid():

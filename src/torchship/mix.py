@@ -64,22 +64,24 @@ def parse(text: str | None) -> dict[str, tuple[int, ...]] | None:
     return {m.group(1): sizes}
 
 
-def served_mix(spec: IOSpec, dims: Mapping[str, int], inputs: Mapping[str, np.ndarray],
-               given: dict[str, tuple[int, ...]] | None) -> Mix | None:
+def served_mix(spec: IOSpec, inputs: Mapping[str, np.ndarray], given: dict[str, tuple[int, ...]] | None) -> Mix | None:
     """The mix to time at, or None: only the example's sizes (no dynamic dimension, ``--lengths example``, or data
     whose items all have the example's length)."""
     if given is not None:
         if not given:
             return None
+        if len(given) > 1:
+            raise UsageError(f"--lengths names one dimension, got {', '.join(given)}")
         (dim, sizes), = given.items()
         if dim not in spec.symbols:
             raise UsageError(f"--lengths {dim}=...: {dim!r} is not a dynamic dimension of the model's inputs "
                              f"(they have {', '.join(spec.symbols) or 'none but batch'})")
         return Mix(dim, sizes, tuple(1.0 / len(sizes) for _ in sizes), "given with --lengths, each weighed alike")
-    found = _mask(spec, inputs)
-    if found is None:
+    from .processing.lengths import mask_input
+    found = mask_input(spec)  # the server's batcher finds the mask the same way
+    if found is None or found[0] not in inputs:
         return None
-    name, dim = found
+    name, (dim,) = found
     lengths = np.sort(np.asarray(inputs[name]).astype(bool).sum(axis=1))
     lengths = lengths[lengths > 0]
     if not len(lengths) or lengths.min() == inputs[name].shape[1]:
@@ -110,15 +112,6 @@ def least_padding(sizes: list[int], shares: list[float], groups: int) -> dict[in
         out[sizes[end - 1]] = float(cum[end] - cum[start])
         start = end
     return out
-
-
-def _mask(spec: IOSpec, inputs: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
-    """(the input, its dimension) of an attention mask: an integer or boolean ``[batch, dim]`` input named as a mask."""
-    for t in spec.inputs:
-        if ("mask" in t.name.lower() and len(t.shape) == 2 and isinstance(t.shape[1], str) and t.shape[1] in spec.symbols
-                and t.dtype.startswith(("int", "uint", "bool")) and t.name in inputs):
-            return t.name, t.shape[1]
-    return None
 
 
 def cut(spec: IOSpec, feeds: Mapping[str, np.ndarray], dim: str, size: int) -> dict[str, np.ndarray]:

@@ -41,8 +41,7 @@ class Workspace:
             self.reference = reference_outputs(model, self.pool.inputs, self.chunk)
             self.extra = self._extra_cases(model)
             # the lengths every contender is timed at: given, or those of the user's own data (not generated inputs)
-            self.mix = served_mix(model.spec, model.dims, self.pool.inputs if model.eval_data is not None else {},
-                                  opts.lengths)
+            self.mix = served_mix(model.spec, self.pool.inputs if model.eval_data is not None else {}, opts.lengths)
             self.threads = opts.threads or _cores()
             self.derived: dict[tuple, Any] = {}
             self.noise = None
