@@ -50,8 +50,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/torchship demo
 
-# two test processes (pytest-xdist) on 2 cores: 10 min 17 s and 12 min 17 s in the last two fresh clones (three were slower,
-# 15 min 56 s, and broke one worker's builds in that run)
+# two test processes (pytest-xdist) on 2 cores: 10 min 20 s quiet; 16-17 min in three fresh clones with one core kept busy
+# (three processes were slower, 15 min 56 s quiet, and broke one worker's builds in that run)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
