@@ -156,7 +156,7 @@ class Variant:
         np.savez(workdir / "extra_out.npz", **outs)
         return str(workdir / "extra_out.npz"), errors
 
-    def time(self, request: TimeBatch, clock=time.perf_counter) -> Samples:
+    def time(self, request: TimeBatch) -> Samples:
         """``request.runs`` timed calls at one batch size (after ``request.warmup`` untimed ones). With a mix, a call
         is one batch at each of its sizes, timed apart, and counts as their weighed sum."""
         from ..mix import cut
@@ -168,13 +168,13 @@ class Variant:
             sync = _synchronize(self.device)
             if request.pause_s:
                 time.sleep(request.pause_s)
-            warm, n = clock() + request.warmup_s, 0
-            while n < request.warmup or (request.warmup_s and clock() < warm):
+            warm, n = time.perf_counter() + request.warmup_s, 0
+            while n < request.warmup or (request.warmup_s and time.perf_counter() < warm):
                 for _, f in runs:
                     self.runner(f)
                 n += 1
             sync()
-            return timed_calls(self.runner, runs, request, sync, clock)
+            return timed_calls(self.runner, runs, request, sync, time.perf_counter)
         except Exception as exc:  # e.g. batch norm in training mode at batch 1: an error for this batch size
             return Samples(request.batch, (), first_line(exc, 200))
 
