@@ -79,3 +79,128 @@ def test_an_openvino_bundle_serves(server, ov_bundle):
     inp.set_data_from_numpy(x, binary_data=True)
     got = client.infer("digits-cnn", [inp]).as_numpy("logits")
     np.testing.assert_allclose(got, load_bundle(out)({"image": x})["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_fewest_layers_in_float_are_found_with_few_quantizations():
+    """int8-mixed's search: the costliest k operations kept in float, k the least that holds (each try a
+    quantization): 2, 4, 8, ... then bisection. Decided on injected verdicts, not on a model."""
+    from torchship.runtimes.openvino import fewest
+    for most in (1, 2, 7, 41):
+        for need in range(1, most + 1):
+            tried = []
+            assert fewest(most, lambda k: tried.append(k) or k >= need) == need
+            assert len(tried) <= 2 * int(np.ceil(np.log2(most + 1))) + 1, (most, need, tried)
+        tried = []
+        assert fewest(most, lambda k: tried.append(k) or False) is None and tried[-1] == most  # every k failed
+
+
+def test_default_nncf_is_not_built_for_a_transformer_and_the_mixed_one_keeps_the_budget(tmp_path):
+    """NNCF's default preset breaks attention (cosine 0.6 on MiniLM): for a model with attention it is a skipped row
+    with the reason, and int8 with accuracy control is planned with the budget's floors in force; a plain MLP plans the
+    default preset and neither transformer one."""
+    from tests._text import bert_dir
+    from torchship.optimize import floors
+    from torchship.plan import NO_FLOORS, plan
+    from torchship.sources import load_source
+    bert = load_source(str(bert_dir(tmp_path / "bert")))
+    by = {v.name: v for v in plan(bert, "cpu", ["openvino"], None, ("int8",), floors={"retrieval": 0.95})}
+    assert "NNCF's default preset" in by["openvino+int8"].skip and by["openvino+int8-transformer"].skip is None
+    assert by["openvino+int8-mixed"].skip is None and by["openvino+int8-mixed"].options.floors == {"retrieval": 0.95}
+    assert plan(bert, "cpu", ["openvino"], None, ("int8",))[-1].skip == NO_FLOORS  # a budget by accuracy only
+    tiny = {v.name: v for v in plan(load_source("tests.models:Tiny"), "cpu", ["openvino"], None, ("int8",), floors={"cosine": 0.999})}
+    assert tiny["openvino+int8"].skip is None and not {"openvino+int8-transformer", "openvino+int8-mixed"} & set(tiny)
+    # the floors handed on are the budget's in force for the model: retrieval for an embedding model only
+    from dataclasses import replace
+    embed = replace(bert, task="embed")
+    assert floors(OptimizeOptions(), embed) == floors(OptimizeOptions(), bert) == {"cosine": 0.999}
+    assert floors(OptimizeOptions(budget=Budget.parse("retrieval=0.95")), embed) == {"retrieval": 0.95}
+    assert floors(OptimizeOptions(budget=Budget.parse("retrieval=0.95")), bert) == {"cosine": 0.999}
+    assert floors(OptimizeOptions(budget=Budget.parse("cosine=0.99,retrieval=0.9")), embed) == {"cosine": 0.99, "retrieval": 0.9}
+
+
+def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_float(monkeypatch):
+    """The decision, on injected measurements: each operation's share of the error is scripted; the build keeps
+    in float the costliest ones, as few as hold the floor (with its margin), says which, and skips when only all
+    in float would hold."""
+    from types import SimpleNamespace
+
+    import torchship.runtimes.openvino as ov
+    from torchship.errors import BuildSkipped
+    from torchship.runtimes.base import BuildOptions
+    error = {"a": 0.0001, "b": 0.0012, "c": 0.0003, "d": 0.0006, "e": 0.0002}  # 1 - cosine each adds in int8
+    quantized = []
+
+    class Fake:
+        def __init__(self, in_float=frozenset()):
+            self.in_float = frozenset(in_float)
+
+    class Control:
+        def __init__(self, ov_model, model, options, precision):
+            self.targets = {k: v + ov.MIXED_MARGIN * (1 - v) for k, v in options.floors.items()}
+
+        def kept(self, m):
+            return {"cosine": 1 - sum(e for n, e in error.items() if n not in m.in_float)}
+
+        def room(self, m):
+            return self.kept(m)["cosine"] - self.targets["cosine"]
+
+    def quantize(ov_model, model, options, ignored=(), plain=False):
+        quantized.append((tuple(ignored), plain))
+        return Fake(ignored)
+    monkeypatch.setattr(ov, "_Control", Control)
+    monkeypatch.setattr(ov, "_quantize", quantize)
+    monkeypatch.setattr(ov, "_quantized_ops", lambda q, original: list(error))
+    monkeypatch.setattr(ov, "_in_float", lambda q, names, original: Fake(names))
+    monkeypatch.setattr(ov, "capabilities", lambda: ("FP32", "BF16"))
+    paths = {n: f"encoder.layer.{i}.output.dense" for i, n in enumerate(error)}
+    model = SimpleNamespace(spec=None)
+    # floor 0.9985, target 0.99895: all in int8 keeps 0.9976, b out 0.9988, b and d out (the costliest two) 0.9994
+    _, precision, layout = ov._mixed(None, model, BuildOptions(quantize="int8_mixed", floors={"cosine": 0.9985}), paths)
+    assert precision == "bf16" and layout.startswith("int8 on 3 of the 5 operations it reaches; in bf16, costliest first: "
+                                                     "layer.1.output.dense, layer.3.output.dense"), layout
+    assert quantized == [((), False), ((), True), (("b", "d"), False), (("b",), False)]  # full, plain (for the costs),
+    # then the full recipe with the costliest 2 left out (holds), and 1 (bisection: does not)
+    # floor 0.9999: only every one in float would hold -> a skipped row that says so
+    with pytest.raises(BuildSkipped, match="every operation int8 reaches would have to stay in float"):
+        ov._mixed(None, model, BuildOptions(quantize="int8_mixed", floors={"cosine": 0.9999}), paths)
+    # a floor the full int8 holds: nothing in float
+    _, _, layout = ov._mixed(None, model, BuildOptions(quantize="int8_mixed", floors={"cosine": 0.99}), paths)
+    assert layout.startswith("int8 on every operation")
+
+
+@pytest.mark.slow
+def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path):
+    """On a real (small, random) BERT: the operations int8 reaches are each Linear and attention, named by module;
+    putting them all back in float on the plain quantization gives the float model's answers again (the graph
+    surgery the costs are measured with); the build holds the default floor and its bundle answers."""
+    from dataclasses import replace
+
+    import torchship.runtimes.openvino as ov
+    from tests._text import bert_dir
+    from torchship.runtimes.base import BuildOptions, LoadContext, get
+    from torchship.similarity import cosines
+    from torchship.sources import load_source
+    from torchship.sources.hf import tokenize
+    from torchship.zoo.minilm import sentences
+    model = load_source(str(bert_dir(tmp_path / "bert")), dims={"seq": 24})
+    data = tokenize(model.tokenizer, sentences(64, seed=1), 24)
+    data = {n: data.get(n, np.zeros_like(data["input_ids"])) for n in model.spec.input_names}  # token_type_ids
+    model = replace(model, calibration_data=data)
+    options = BuildOptions(quantize="int8_mixed", floors={"cosine": 0.999})
+    original, _, paths = ov._convert(model, tmp_path)
+    plain = ov._quantize(original, model, options, plain=True)
+    found = ov._quantized_ops(plain, original)
+    names = ov._short(found, paths, found).split(", ")
+    for wanted in (f"encoder.layer.{i}.{m}" for i in (0, 1) for m in ("attention.self.query", "attention.output.dense",
+                                                                        "intermediate.dense", "output.dense")):
+        assert any(n.endswith(wanted) for n in names), (wanted, names)
+    control = ov._Control(original, model, options, "fp32")
+    first = model.spec.output_names[0]
+    assert control.kept(plain)["cosine"] < 1 - 1e-7  # int8 changes the answers ...
+    restored = control.outputs(ov._in_float(plain, set(found), original), "fp32")
+    assert np.abs(restored - control.reference).max() < 1e-4  # ... and all back in float gives them again
+    (tmp_path / "built").mkdir()
+    artifact = get("openvino").build(model, options, tmp_path / "built")
+    assert artifact.options.layout.startswith("int8 on every operation"), artifact.options.layout
+    runner = get("openvino").load(artifact, tmp_path / "built", model.spec, LoadContext(threads=1))
+    assert cosines(control.reference, runner(data)[first]).mean() >= 0.999

@@ -27,6 +27,8 @@ class VariantPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 RUNTIME_ORDER = MODULES  # the runtimes, in plan order (their descriptors)
 NO_OPENVINO = "openvino is not installed: pip install 'torchship[openvino]'"
+NO_FLOORS = ("int8 with accuracy control keeps a cosine or retrieval floor, and the budget in force has neither "
+             "(add cosine= or retrieval= to --budget)")
 
 
 def _parent(v: VariantPlan) -> str:
@@ -51,10 +53,11 @@ def transform_words() -> tuple[str, ...]:
 
 def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads: int | None = None,
          transforms: tuple[str, ...] = ("int8", "bf16"), trainable: bool = False,
-         allow_specialization: bool = False) -> list[VariantPlan]:
+         allow_specialization: bool = False, floors: dict[str, float] | None = None) -> list[VariantPlan]:
     """Every variant to build; for a model that branches on its values (``model.branches``), the variants whose graph
-    keeps one path are skipped with the reason, and TorchScript scripts, unless ``allow_specialization``."""
-    out = [replace(v, parent=_parent(v)) for v in _plan(model, device, runtimes, threads, transforms, trainable)]
+    keeps one path are skipped with the reason, and TorchScript scripts, unless ``allow_specialization``. ``floors``:
+    the budget's cosine and retrieval floors in force, which an int8 with accuracy control keeps as it builds."""
+    out = [replace(v, parent=_parent(v)) for v in _plan(model, device, runtimes, threads, transforms, trainable, floors)]
     branches = getattr(model, "branches", ())
     if not branches or allow_specialization:
         return out
@@ -66,7 +69,7 @@ def plan(model, device: str = "cpu", runtimes: list[str] | None = None, threads:
 
 
 def _plan(model, device: str, runtimes: list[str] | None, threads: int | None, transforms: tuple[str, ...],
-          trainable: bool) -> list[VariantPlan]:
+          trainable: bool, floors: dict[str, float] | None) -> list[VariantPlan]:
     wanted = list(runtimes or RUNTIME_ORDER)
     unknown = [r for r in wanted if r not in RUNTIME_ORDER]
     if unknown:
@@ -83,7 +86,7 @@ def _plan(model, device: str, runtimes: list[str] | None, threads: int | None, t
     unknown = [t for t in transforms if t not in words]
     if unknown:
         raise UsageError(f"unknown transform(s) {unknown}; choose from {', '.join(words)} (or none)")
-    out += compression(model, out, base, device, transforms)
+    out += compression(model, out, base, device, transforms, floors)
     if trainable and model.module is not None:
         out += trained(wanted, base, transforms)
     if "bf16" in transforms and device == "cpu" and model.module is not None:
@@ -108,10 +111,11 @@ def _plan(model, device: str, runtimes: list[str] | None, threads: int | None, t
     return out
 
 
-def compression(model, planned: list[VariantPlan], base: BuildOptions, device: str, transforms) -> list[VariantPlan]:
+def compression(model, planned: list[VariantPlan], base: BuildOptions, device: str, transforms,
+                floors: dict[str, float] | None = None) -> list[VariantPlan]:
     """Family by family (``TRANSFORMS``' order): the registered transforms' offers on the runtimes planned with a
     module, and for int8, each planned runtime's own (its descriptor's ``quantizes``, on the CPU); gentle to aggressive
-    within a ladder."""
+    within a ladder. A runtime's int8 that does not suit the model's family is a row skipped with the reason."""
     from .transforms import offers, to_dict
     plain = {v.runtime for v in planned if v.name == v.runtime and not v.skip}
     out: list[VariantPlan] = []
@@ -122,9 +126,15 @@ def compression(model, planned: list[VariantPlan], base: BuildOptions, device: s
                                        note=o.note, family=o.ladder, level=o.level,
                                        sibling=o.sibling if any(v.name == o.sibling for v in out) else None))
         if fam == "int8" and device == "cpu":
-            out += [VariantPlan(f"{r}+{q.label}", r, replace(base, quantize=q.quantize), note=q.note)
-                    for r, d in DESCRIPTORS.items() if r in plain for q in d.quantizes
-                    if not q.transformers_only or _transformer(model)]
+            transformer = _transformer(model)
+            for r, q in ((r, q) for r, d in DESCRIPTORS.items() if r in plain for q in d.quantizes):
+                if q.transformers_only and not transformer:
+                    continue
+                options, skip = replace(base, quantize=q.quantize), q.not_for_transformers if transformer else None
+                if q.keeps_floors:
+                    options = replace(options, floors=dict(floors or {}))
+                    skip = skip or (None if floors else NO_FLOORS)
+                out.append(VariantPlan(f"{r}+{q.label}", r, options, note=q.note, skip=skip))
     return out
 
 

@@ -8,6 +8,7 @@ import msgspec
 import numpy as np
 
 from .errors import UsageError
+from .similarity import cosines, retrieval  # noqa: F401 (retrieval: part of this module's face)
 
 
 @dataclass(frozen=True)
@@ -82,41 +83,6 @@ class Fidelity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     similarity_rank: float | None = None  # embeddings: rank correlation of the pairwise similarities with fp32's
 
 
-RETRIEVAL_K = 10  # neighbours per item
-
-
-def retrieval(ref: np.ndarray, out: np.ndarray, k: int = RETRIEVAL_K) -> tuple[float, float] | None:
-    """What an embedding is used for, against the reference on the same items: (the mean share of each item's k
-    nearest neighbours by cosine that are still among its k nearest, the Spearman correlation of all pairwise
-    cosines). None for fewer than 3 items or outputs that are not one vector an item."""
-    if ref.ndim != 2 or len(ref) < 3:
-        return None
-    k = min(k, len(ref) - 1)
-
-    def sims(x):
-        x = x.astype(np.float64)
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-        return x @ x.T
-    a, b = sims(ref), sims(out)
-    np.fill_diagonal(a, -np.inf)
-    np.fill_diagonal(b, -np.inf)
-    na, nb = np.argsort(-a, axis=1)[:, :k], np.argsort(-b, axis=1)[:, :k]
-    kept = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(na, nb)]))
-    from scipy.stats import spearmanr  # scikit-learn's dependency: optimize's extras have it
-    iu = np.triu_indices(len(ref), 1)
-    rho = float(spearmanr(a[iu], b[iu]).statistic)
-    return kept, rho if np.isfinite(rho) else 1.0  # constant similarities: nothing to rank, nothing lost
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    both_zero = (na == 0) & (nb == 0)
-    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-30)
-    return np.where(both_zero, 1.0, cos)
-
-
 def relative_limit(min_cosine: float) -> float:
     """The relative error a cosine floor allows, twice over: noise orthogonal to the reference at cosine c is
     sqrt(2 (1 - c)) of its norm (0.045 at 0.999). Cosine is blind to scale; this is not."""
@@ -145,7 +111,8 @@ def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,
                 branch_cases: bool = True) -> list[tuple[str, dict[str, np.ndarray]]]:
     """Inputs beyond the example, where a graph that specialized on it (a loop unrolled, a branch taken, a shape
     fixed) gives another answer than the model: batch 1 and an odd batch, each dynamic dimension smaller and larger
-    (with padding in an attention mask), and inputs scaled by 0.5, 2 and -1; for a model that branches on its values,
+    (with padding in an attention mask; from the held-out items where there are some, see ``stretched``: generated
+    token ids are random words in no order, without the [CLS] first, which a calibrated int8 never saw), and inputs scaled by 0.5, 2 and -1; for a model that branches on its values,
     ``branch_cases`` adds them scaled by 10,000 and shifted by -10 and +10, and so for a model whose control flow
     could not be looked for (not when the user consented to specializing: they said the branch never fires)."""
     spec, dims = model.spec, dict(model.dims)
@@ -159,10 +126,11 @@ def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,
     cases = []
     if spec.has_batch:
         cases += [("batch 1", base(1)), ("batch 5", base(5))]
+    real = pool and not any(t.tied for t in spec.inputs)  # values that depend on a size are generated to fit it
     for s in spec.symbols:
         n = dims.get(s, 16)
         for v in sorted({max(2, n // 4), n + max(3, n // 2)} - {n}):
-            feeds = spec.sample(3, {**dims, s: v}, seed=seed + v)
+            feeds = stretched(base(3), spec, s, v) if real else spec.sample(3, {**dims, s: v}, seed=seed + v)
             for t in spec.inputs:  # a padded item: the mask's tail off, as a tokenizer pads
                 if t.name.endswith("mask") and s in t.shape and feeds[t.name].ndim == 2:
                     feeds[t.name][0, max(1, v // 2):] = 0
@@ -181,6 +149,22 @@ def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,
             feeds = base(4)
             cases.append((label, {k: (v * scale + shift).astype(v.dtype) if k in floats else v for k, v in feeds.items()}))
     return cases
+
+
+def stretched(feeds: Mapping[str, np.ndarray], spec, dim: str, size: int) -> dict[str, np.ndarray]:
+    """The same items with dimension ``dim`` cut to ``size``, or continued by the next item's values (and the next),
+    as real data of that length looks."""
+    out = {}
+    for t in spec.inputs:
+        a = feeds[t.name]
+        if dim not in t.shape:
+            out[t.name] = a
+            continue
+        axis = t.shape.index(dim)
+        repeats = -(-size // a.shape[axis])
+        a = np.concatenate([np.roll(a, -j, axis=0) for j in range(repeats)], axis=axis)
+        out[t.name] = np.ascontiguousarray(np.take(a, np.arange(size), axis=axis))
+    return out
 
 
 def beyond_the_example(main_error: float, cases: list[tuple[str, Mapping, Mapping]], outputs: list, errors: Mapping[int, str],
@@ -224,7 +208,7 @@ def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
     finite = all(np.isfinite(outputs[n]).all() for n in names if outputs[n].dtype.kind == "f")
     max_abs = max(float(np.abs(reference[n].astype(np.float64) - outputs[n].astype(np.float64)).max(initial=0)) for n in names)
     ref, out = reference[names[0]], outputs[names[0]]
-    cos = _cosines(ref, out)
+    cos = cosines(ref, out)
     top1 = acc = ref_acc = None
     near = 0
     if task == "classify":

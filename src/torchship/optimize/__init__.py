@@ -117,7 +117,8 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
     model = with_branches(model)
     train_data = checked_train_data(train_data, warn)
     variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms,
-                    trainable=train_data is not None, allow_specialization=opts.allow_specialization)
+                    trainable=train_data is not None, allow_specialization=opts.allow_specialization,
+                    floors=floors(opts, model))
     with Workspace(model, opts) as ws:
         results = build_each(variants, ws, say, train_data, student)
         say("selecting", len(variants), len(variants))
@@ -201,6 +202,12 @@ def build_each(variants: list[VariantPlan], ws: Workspace, say: Progress, train_
         return search.results()
     finally:
         search.close()
+
+
+def floors(opts: OptimizeOptions, model) -> dict[str, float]:
+    """The budget's cosine and retrieval floors in force for this model (what int8 with accuracy control keeps)."""
+    in_force = opts.budget.in_force(model.labels is not None, model.task == "embed")
+    return {k: in_force[k] for k in ("cosine", "retrieval") if k in in_force}
 
 
 def notes(model, chosen=None, opts: OptimizeOptions | None = None) -> tuple[str, ...]:

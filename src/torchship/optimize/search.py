@@ -204,7 +204,7 @@ class Search:
             got = cases({k: z[k] for k in z.files})
         outputs = [None if i in built.extra_errors else got.get(i, {}) for i in range(len(self.ws.extra))]
         kind = (vp.derived or ("",))[0]
-        unjudged = ("calibrated ranges" if vp.options.quantize in ("static_int8", "int8", "int8_transformer")
+        unjudged = ("calibrated ranges" if vp.options.quantize in ("static_int8", "int8", "int8_transformer", "int8_mixed")
                     or kind == "qat" else "trained within the data's range" if kind else None)
         checked, worst, reason = beyond_the_example(fidelity.relative_error or 0.0, self.ws.extra, outputs,
                                                     built.extra_errors, unjudged)

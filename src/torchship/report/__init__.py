@@ -79,7 +79,7 @@ def rows(result, target: int) -> list[dict]:
             "size MB": _fmt(r.artifact_bytes and r.artifact_bytes / 2**20, "{:.2f}"),
             "cold start s": _fmt(r.cold_start_s, "{:.2f}"),
             "made from": f"{r.lineage.parent}" if r.lineage else "",
-            "why": r.reason or r.note or "",
+            "why": r.reason or "; ".join(x for x in (r.note, r.artifact and r.artifact.options.layout) if x),
         })
     return out
 

@@ -38,7 +38,7 @@ class Source(Protocol):
 
 Precision = Literal["fp32", "bf16", "fp16"]
 # runtime-side int8, done by the runtime's own toolkit when it builds (see each Descriptor's ``quantizes``)
-Quantization = Literal["dynamic_int8", "static_int8", "int8", "int8_transformer"]
+Quantization = Literal["dynamic_int8", "static_int8", "int8", "int8_transformer", "int8_mixed"]
 
 
 class BuildOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -59,6 +59,10 @@ class BuildOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     notes: tuple[str, ...] = ()  # TorchScript: why a trace was not kept
     converted_from: str | None = None  # OpenVINO: what the IR was converted from, in words
     dim_ranges: dict[str, tuple[int, int]] = {}  # an export's range for each dynamic dimension
+    # int8 with accuracy control ("int8_mixed"): the budget's floors (cosine, retrieval) it keeps on the calibration
+    # data (set by the plan), and which layers stayed in float to keep them, in words (found)
+    floors: dict[str, float] = {}
+    layout: str | None = None
 
     def found(self, **found) -> BuildOptions:
         """These options with what the build found."""
@@ -99,6 +103,8 @@ class Quantizer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     label: str
     note: str
     transformers_only: bool = False  # planned only for a model with attention inside (a preset made for them)
+    not_for_transformers: str | None = None  # why it is not built for a model with attention inside (a skipped row)
+    keeps_floors: bool = False  # it holds the budget's floors as it builds (``BuildOptions.floors``, set by the plan)
 
 
 class Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -133,9 +139,15 @@ DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
                                     "per-channel weights)"))),
     Descriptor("openvino", "an OpenVINO IR, no Python code", 1, takes=("module", "onnx"), specializes=True,
                extra="openvino", quantizes=(
-                   Quantizer("int8", "int8", "OpenVINO int8 (NNCF post-training quantization, calibrated)"),
+                   Quantizer("int8", "int8", "OpenVINO int8 (NNCF post-training quantization, calibrated)",
+                             not_for_transformers="NNCF's default preset quantizes what attention needs accurate (its "
+                             "softmax and layer norms; cosine 0.6 on MiniLM): int8-transformer and int8-mixed are built "
+                             "for this model instead"),
                    Quantizer("int8_transformer", "int8-transformer", "OpenVINO int8 with NNCF's transformer preset "
-                             "(attention kept accurate)", transformers_only=True))),
+                             "(attention kept accurate)", transformers_only=True),
+                   Quantizer("int8_mixed", "int8-mixed", "OpenVINO int8 with NNCF's transformer preset, the layers the "
+                             "budget cannot afford in int8 kept in float (bf16 where native), measured on the calibration "
+                             "data", transformers_only=True, keeps_floors=True))),
 )}
 MODULES = tuple(DESCRIPTORS)
 _REGISTRY: dict[str, Runtime] = {}

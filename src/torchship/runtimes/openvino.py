@@ -7,8 +7,9 @@ OpenVINO cannot take it, from the ONNX export. The artifact's options say which.
 """
 from __future__ import annotations
 
+import logging
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from ..spec import IOSpec
     from .base import BuildOptions, LoadContext, Runner, Source
 
+log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
@@ -40,8 +42,19 @@ def capabilities() -> tuple[str, ...]:
         return ()
 
 
+def _module_paths(program) -> dict[str, str]:
+    """Each node of an exported program -> the path of the module that ran it (``encoder.layer.0.output.dense``)."""
+    paths = {}
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            paths[node.name] = path.removeprefix("L['self'].").removeprefix("L__self__.")
+    return paths
+
+
 def _convert(model, workdir):
-    """(OpenVINO model, what it was converted from)."""
+    """(OpenVINO model, what it was converted from, each operation's module path where known)."""
     ov = _ov()
     errors = []
     if model.module is not None:
@@ -50,7 +63,7 @@ def _convert(model, workdir):
             program, _ = export_dynamic(model.module, example_args(model, 2), model.spec)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return ov.convert_model(program), "the torch.export program"
+                return ov.convert_model(program), "the torch.export program", _module_paths(program)
         except Exception as exc:
             errors.append(f"from the torch.export program: {first_line(exc, 160)}")
     onnx_path = model.onnx_path
@@ -63,39 +76,213 @@ def _convert(model, workdir):
             errors.append(str(exc))
             raise BuildSkipped("OpenVINO conversion failed: " + "; ".join(errors)) from exc
     try:
-        return ov.convert_model(str(onnx_path)), "the ONNX file" if model.onnx_path is not None else "the ONNX export"
+        return (ov.convert_model(str(onnx_path)), "the ONNX file" if model.onnx_path is not None else "the ONNX export",
+                {})
     except Exception as exc:
         errors.append(f"from ONNX: {first_line(exc, 160)}")
         raise BuildSkipped("OpenVINO conversion failed: " + "; ".join(errors)) from exc
 
 
-def _quantize(ov_model, model, options):
-    """NNCF post-training int8, calibrated on the source's representative inputs (as the other static int8s)."""
+def _nncf():
     try:
         import nncf
     except ImportError as exc:
         raise MissingExtra("nncf (for OpenVINO int8)", "compress") from exc
+    nncf.set_log_level(logging.WARNING)  # not a line for each operation it leaves alone
+    return nncf
+
+
+def _quantize(ov_model, model, options, ignored: tuple[str, ...] = (), plain: bool = False):
+    """NNCF post-training int8, calibrated on the source's representative inputs (as the other static int8s);
+    ``ignored``: the operations left in float; ``plain``: no SmoothQuant and no bias correction (each quantized
+    weight is then the original's, quantized, so that taking an operation's quantizers out restores it exactly)."""
+    nncf = _nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
     names = model.spec.input_names
     batches = calibration_batches(model)
-    preset = nncf.ModelType.TRANSFORMER if options.quantize == "int8_transformer" else None
+    kw = {}
+    if options.quantize in ("int8_transformer", "int8_mixed"):
+        kw["model_type"] = nncf.ModelType.TRANSFORMER
+    if ignored:
+        kw["ignored_scope"] = nncf.IgnoredScope(names=list(ignored), validate=False)
+    if plain:
+        kw["advanced_parameters"] = AdvancedQuantizationParameters(
+            disable_bias_correction=True, smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1, convolution=-1))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return nncf.quantize(ov_model, nncf.Dataset(batches, lambda b: [b[n] for n in names]),
-                                 subset_size=sum(len(next(iter(b.values()))) for b in batches),
-                                 **({"model_type": preset} if preset else {}))
+                                 subset_size=sum(len(next(iter(b.values()))) for b in batches), **kw)
     except Exception as exc:
         raise BuildSkipped(f"NNCF int8 quantization failed: {first_line(exc, 200)}") from exc
 
 
+MIXED_MARGIN = 0.3  # int8-mixed keeps each floor on the calibration data with this share of the room above it spare
+
+
+class _Control:
+    """What int8 with accuracy control measures a candidate by: its first output on the calibration inputs against the
+    float model's, as the budget's floors say (mean cosine, retrieval), compiled at the precision it will run at."""
+
+    def __init__(self, ov_model, model, options, precision: str):
+        self.core, self.names, self.precision = _ov().Core(), model.spec.input_names, precision
+        self.batches = calibration_batches(model)
+        floors = options.floors or {"cosine": 0.999}  # the default budget's floor
+        self.targets = {k: v + MIXED_MARGIN * (1 - v) for k, v in floors.items()}
+        self.reference = self.outputs(ov_model, "fp32")
+
+    def outputs(self, ov_model, precision: str) -> np.ndarray:
+        compiled = self.core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISIONS[precision],
+                                                             "NUM_STREAMS": "1"})
+        return np.concatenate([np.asarray(compiled([b[n] for n in self.names])[0]) for b in self.batches])
+
+    def kept(self, ov_model) -> dict[str, float]:
+        from ..similarity import cosines, retrieval
+        out = self.outputs(ov_model, self.precision)
+        found = {"cosine": float(cosines(self.reference, out).mean())}
+        if "retrieval" in self.targets:
+            r = retrieval(self.reference, out)
+            found["retrieval"] = r[0] if r else found["cosine"]
+        return found
+
+    def room(self, ov_model) -> float:
+        """The least room above a target (>= 0: every floor holds with the margin)."""
+        kept = self.kept(ov_model)
+        return min(kept[k] - t for k, t in self.targets.items())
+
+
+_SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
+
+
+def _quantizers(op) -> list[tuple[object, int, object]]:
+    """The quantizers on ``op``'s inputs (through reshapes): (the node they feed, its input, the FakeQuantize)."""
+    found = []
+    for i in range(op.get_input_size()):
+        node, index = op, i
+        while True:
+            source = node.input_value(index).get_node()
+            kind = source.get_type_name()
+            if kind == "FakeQuantize":
+                found.append((node, index, source))
+                break
+            if kind not in _SHAPE_OPS:
+                break
+            node, index = source, 0
+    return found
+
+
+def _weights(op) -> dict[int, object]:
+    """The inputs of ``op`` (in the float model) that are weights: float constants of two dimensions or more."""
+    return {i: v.get_node() for i, v in enumerate(op.input_values()) if v.get_node().get_type_name() == "Constant"
+            and v.get_element_type().is_real() and len(v.get_partial_shape()) >= 2}
+
+
+def _in_float(quantized, names: set[str], original):
+    """A copy of a quantized model with the operations ``names`` in float: their activations taken before the
+    quantizers, their weights (int8 in the quantized model) the original model's."""
+    from openvino import opset13 as ops
+    weights = {op.get_friendly_name(): {i: c.get_data() for i, c in _weights(op).items()}
+               for op in original.get_ordered_ops() if op.get_friendly_name() in names}
+    copy = quantized.clone()
+    for op in copy.get_ordered_ops():
+        if op.get_friendly_name() in names:
+            for node, index, fq in _quantizers(op):
+                node.input(index).replace_source_output(fq.input_value(0))
+            for i, data in weights.get(op.get_friendly_name(), {}).items():
+                op.input(i).replace_source_output(ops.constant(data).output(0))
+    copy.validate_nodes_and_infer_types()
+    return copy
+
+
+def _quantized_ops(quantized, original) -> list[str]:
+    """The operations int8 reaches: those with a quantizer on an input, and those with weights (a matrix
+    multiplication's, a convolution's, an embedding table: NNCF stores them in int8)."""
+    weighted = {op.get_friendly_name() for op in original.get_ordered_ops() if _weights(op)}
+    return [op.get_friendly_name() for op in quantized.get_ordered_ops()
+            if op.get_type_name() not in _SHAPE_OPS + ("FakeQuantize",)
+            and (_quantizers(op) or op.get_friendly_name() in weighted)]
+
+
+def _short(names: list[str], paths: dict[str, str], among: list[str]) -> str:
+    """Operations as a person reads them: the module that ran each (where the export said), less what all of
+    ``among`` share but the last shared part (``layer.0.output.dense``)."""
+    module = lambda n: paths.get(n.split("/")[0], n.split("/")[0]).split(".")  # noqa: E731
+    parts = [module(n) for n in among]
+    common = 0
+    while len(parts) > 1 and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return ", ".join(".".join(module(n)[max(0, common - 1):]) for n in names)
+
+
+def fewest(most: int, holds: Callable[[int], bool], start: int = 2) -> int | None:
+    """The least k in 1..``most`` for which ``holds(k)`` (taken to stay true above it), or None: ``start``, then
+    doubling until it holds, then bisection between the last that failed and the first that held (each call a
+    quantization, so as few as that)."""
+    lo, hi, k = 0, None, start
+    while hi is None and lo < most:
+        k = min(k, most)
+        if holds(k):
+            hi = k
+        else:
+            lo, k = k, 2 * k
+    if hi is None:
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+    return hi
+
+
+def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str, str]:
+    """int8 with accuracy control: NNCF's transformer preset, and where the calibration data then keeps less than the
+    budget's floors (with ``MIXED_MARGIN`` spare), the operations that cost the most kept in float (bf16 where the CPU
+    runs it natively), as few as hold the floors. What each operation costs is measured on a plain quantization (no
+    SmoothQuant, no bias correction: both change what is around a quantizer) by putting it alone back in float; the
+    model is then quantized with its full recipe and the costliest 2, 4, 8, ... left out until the floors hold, and
+    the fewest that hold found by bisection. (quantized model, precision, layout in words)."""
+    precision = "bf16" if "BF16" in capabilities() else "fp32"
+    control = _Control(ov_model, model, options, precision)
+    full = _quantize(ov_model, model, options)
+    if control.room(full) >= 0:
+        return full, precision, "int8 on every operation the transformer preset quantizes, the rest in " + precision
+    plain = _quantize(ov_model, model, options, plain=True)
+    candidates = _quantized_ops(plain, ov_model)
+    if not candidates:
+        raise BuildSkipped("int8-mixed: NNCF quantized no operation of this model")
+    base = control.room(plain)
+    cost = {n: control.room(_in_float(plain, {n}, ov_model)) - base for n in candidates}
+    order = sorted(candidates, key=lambda n: -cost[n])
+    tried: dict[int, tuple[float, object]] = {}
+
+    def holds(k: int) -> bool:
+        mixed = _quantize(ov_model, model, options, ignored=tuple(order[:k]))
+        tried[k] = (control.room(mixed), mixed)
+        log.debug("int8-mixed: %d of %d in float, room %.5f", k, len(order), tried[k][0])
+        return tried[k][0] >= 0
+    hi = fewest(len(order) - 1, holds)  # every one in float would be no int8 at all
+    if hi is None:
+        found = ", ".join(f"{name} {v:.4f}" for name, v in control.kept(full).items())
+        floors = ", ".join(f"{name} {v:g}" for name, v in (options.floors or {"cosine": 0.999}).items())
+        raise BuildSkipped(f"int8-mixed: every operation int8 reaches would have to stay in float to keep {floors} on "
+                           f"the calibration data (all in int8: {found}); no int8 left to gain from")
+    mixed = tried[hi][1]
+    kept = ", ".join(f"{name} {v:.4f}" for name, v in control.kept(mixed).items())
+    return mixed, precision, (f"int8 on {len(order) - hi} of the {len(order)} operations it reaches; in {precision}, "
+                              f"costliest first: {_short(order[:hi], paths, order)} (calibration data: {kept})")
+
+
 def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     ov = _ov()
-    ov_model, source = _convert(model, workdir)
-    if options.quantize in ("int8", "int8_transformer"):
+    ov_model, source, paths = _convert(model, workdir)
+    found = {}
+    if options.quantize == "int8_mixed":
+        ov_model, precision, layout = _mixed(ov_model, model, options, paths)
+        found = {"precision": precision, "layout": layout}
+    elif options.quantize in ("int8", "int8_transformer"):
         ov_model = _quantize(ov_model, model, options)
     ov.save_model(ov_model, str(workdir / "model.xml"), compress_to_fp16=False)  # the weights as they are
     (workdir / "export.onnx").unlink(missing_ok=True)
-    return Artifact("openvino", ("model.xml", "model.bin"), options.found(converted_from=source))
+    return Artifact("openvino", ("model.xml", "model.bin"), options.found(converted_from=source, **found))
 
 
 class OvRunner:
