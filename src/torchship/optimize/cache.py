@@ -14,9 +14,9 @@ import numpy as np
 from ..runtimes.base import Artifact
 
 # the build recipes' revision, part of every cache key: raise it when a runtime builds something else from the same
-# model and options (3: int8 weights in 7 bits, ONNX Runtime's and PT2E's; 4: typed build options), so that no cached
-# build of an old recipe is used
-BUILD_RECIPES = 4
+# model and options (3: int8 weights in 7 bits, ONNX Runtime's and PT2E's; 4: typed build options; 5: OpenVINO's int8
+# with accuracy control), so that no cached build of an old recipe is used
+BUILD_RECIPES = 5
 LIMIT = 4 * 2**30  # bytes of cached builds kept; the least recently used go first
 
 
