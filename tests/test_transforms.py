@@ -173,3 +173,30 @@ def test_compile_is_not_tried_with_a_transform_that_already_failed_on_eager():
     assert row.status == "skipped" and "eager+ao-int8, the same transform on eager, failed the budget" in row.reason
     tried = res.variant("compile+ao-int8wo")  # no eager sibling: built and judged
     assert tried.status in ("ok", "rejected") and (tried.status == "ok") == tried.fidelity.passed, tried.reason
+
+
+@pytest.mark.slow
+def test_pt2e_static_int8_builds_on_a_bert_family_embedding_model(tmp_path):
+    """A sentence-transformers encoder computes BERT's pooler (a Linear and a tanh) that its embedding never reads;
+    torchao's x86 quantizer failed on that dead branch with "IndexError: list index out of range" (every BERT-family
+    embedding model, MiniLM included). The program loses its dead code first: PT2E static int8 builds, loads and
+    answers near the model."""
+    import numpy as np
+
+    from tests._text import sentence_transformers_dir
+    from torchship.runtimes._torch import TorchRunner
+    from torchship.runtimes.base import LoadContext, get
+    from torchship.similarity import cosines
+    from torchship.sources.hf import tokenize
+    from torchship.zoo.minilm import sentences
+    model = load_source(str(sentence_transformers_dir(tmp_path / "st")), dims={"seq": 16})
+    assert any("pooler" in name for name, _ in model.module.named_modules())  # the dead branch is there
+    data = tokenize(model.tokenizer, sentences(32, seed=2), 16)
+    data = {n: data.get(n, np.zeros_like(data["input_ids"])) for n in model.spec.input_names}
+    model = replace(model, calibration_data=data)
+    (tmp_path / "built").mkdir()
+    aoti = get("aoti")
+    artifact = aoti.build(model, BuildOptions(quantize="static_int8"), tmp_path / "built")
+    runner = aoti.load(artifact, tmp_path / "built", model.spec, LoadContext(threads=1))
+    first = model.spec.output_names[0]
+    assert cosines(TorchRunner(model.module.eval(), model.spec)(data)[first], runner(data)[first]).mean() > 0.95

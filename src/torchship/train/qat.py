@@ -48,12 +48,13 @@ def prepare(model: nn.Module, example: torch.Tensor) -> QATModel:
     """Export ``model`` in training mode and insert the x86 inductor quantizer's fake quantization (int8, QAT)."""
     import copy
 
-    from ..transforms.pt2e import x86_quantizer
+    from ..transforms.pt2e import without_dead_code, x86_quantizer
     _, quantize_pt2e, _ = _torchao()
     module = copy.deepcopy(inner(model)).train()  # the exported graph would share (and train) the caller's tensors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = quantize_pt2e.prepare_qat_pt2e(export_program(module, example).module(), x86_quantizer(qat=True))
+        prepared = quantize_pt2e.prepare_qat_pt2e(without_dead_code(export_program(module, example).module()),
+                                                   x86_quantizer(qat=True))
     return QATModel(prepared).train()
 
 

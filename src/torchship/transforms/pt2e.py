@@ -39,13 +39,23 @@ def x86_quantizer(qat: bool = False):
     return x86.X86InductorQuantizer().set_global(config)
 
 
+def without_dead_code(graph):
+    """An exported program's module without the operations nothing reads. A Hugging Face encoder computes its pooler
+    (a Linear and a tanh) whether or not the model's output uses it; the x86 quantizer's Linear + activation pattern
+    then finds a partition with no output and fails (``IndexError: list index out of range`` in torchao 0.18, on
+    every BERT-family embedding model)."""
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return graph
+
+
 def quantize_static(graph, batches):
     """Post-training static int8 of an exported program's module: observe ``batches`` (tuples of inputs), convert."""
     import torch
     pt2e, quantize_pt2e, _ = torchao()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = quantize_pt2e.prepare_pt2e(graph, x86_quantizer())
+        prepared = quantize_pt2e.prepare_pt2e(without_dead_code(graph), x86_quantizer())
         with torch.no_grad():
             for args in batches:
                 prepared(*args)
