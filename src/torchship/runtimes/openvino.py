@@ -171,8 +171,14 @@ def _quantizers(op) -> list[tuple[object, int, object]]:
     return found
 
 
+_WEIGHTED = ("MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData", "Gather")  # NNCF's int8 weights
+
+
 def _weights(op) -> dict[int, object]:
-    """The inputs of ``op`` (in the float model) that are weights: float constants of two dimensions or more."""
+    """The inputs of ``op`` (in the float model) that are weights NNCF stores in int8: the float constants of two
+    dimensions or more of a matrix multiplication, a convolution or an embedding table."""
+    if op.get_type_name() not in _WEIGHTED:
+        return {}
     return {i: v.get_node() for i, v in enumerate(op.input_values()) if v.get_node().get_type_name() == "Constant"
             and v.get_element_type().is_real() and len(v.get_partial_shape()) >= 2}
 
@@ -203,15 +209,14 @@ def _quantized_ops(quantized, original) -> list[str]:
             and (_quantizers(op) or op.get_friendly_name() in weighted)]
 
 
-def _short(names: list[str], paths: dict[str, str], among: list[str]) -> str:
-    """Operations as a person reads them: the module that ran each (where the export said), less what all of
-    ``among`` share but the last shared part (``layer.0.output.dense``)."""
-    module = lambda n: paths.get(n.split("/")[0], n.split("/")[0]).split(".")  # noqa: E731
-    parts = [module(n) for n in among]
+def _short(names: list[str], paths: dict[str, str]) -> str:
+    """Operations as a person reads them: the module that ran each (where the export said), less the path they all
+    share but its last part (``layer.0.output.dense``)."""
+    parts = [paths.get(n.split("/")[0], n.split("/")[0]).split(".") for n in names]
     common = 0
     while len(parts) > 1 and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
         common += 1
-    return ", ".join(".".join(module(n)[max(0, common - 1):]) for n in names)
+    return ", ".join(".".join(p[max(0, common - 1):]) for p in parts)
 
 
 def fewest(most: int, holds: Callable[[int], bool], start: int = 2) -> int | None:
@@ -268,7 +273,7 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
     mixed = tried[hi][1]
     kept = ", ".join(f"{name} {v:.4f}" for name, v in control.kept(mixed).items())
     return mixed, precision, (f"int8 on {len(order) - hi} of the {len(order)} operations it reaches; in {precision}, "
-                              f"costliest first: {_short(order[:hi], paths, order)} (calibration data: {kept})")
+                              f"costliest first: {_short(order[:hi], paths)} (calibration data: {kept})")
 
 
 def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
