@@ -92,3 +92,17 @@ def test_the_costs_a_bundle_keeps_give_a_cost_per_token():
     costs = Costs(Mix("seq", (16, 64), (0.5, 0.5), "given"), batch=8, ms={16: 2.0, 64: 8.0})
     assert costs.per_token_ms == pytest.approx(6.0 / 48 / 8)
     assert Costs(Mix("seq", (16,), (1.0,), "given"), 8, {16: 2.0}).per_token_ms is None
+
+
+def test_the_costs_a_bundle_keeps_price_a_call_by_its_rows_and_length():
+    """The batcher's estimate of one call (``Costs.pricer``): the timed cost at the length (linear between the sizes
+    timed, proportional past the longest), scaled by what the rows cost in the per-batch-size profile; None where
+    either was timed at one size only (a call's fixed cost cannot be told from its rows' then)."""
+    from types import SimpleNamespace
+    costs = Costs(Mix("seq", (16, 64), (0.5, 0.5), "given"), batch=8, ms={16: 2.0, 64: 8.0})
+    assert [costs.at(n) for n in (8, 16, 40, 64, 128)] == [2.0, 2.0, pytest.approx(5.0), 8.0, 16.0]
+    profile = {1: SimpleNamespace(p50_ms=1.0), 8: SimpleNamespace(p50_ms=4.0)}  # 1 row: a quarter of 8 rows' time
+    price = costs.pricer(profile)
+    assert price(8, 64) == pytest.approx(8.0) and price(1, 64) == pytest.approx(2.0) and price(16, 16) == pytest.approx(4.0)
+    assert costs.pricer({8: SimpleNamespace(p50_ms=4.0)}) is None
+    assert Costs(Mix("seq", (16,), (1.0,), "given"), 8, {16: 2.0}).pricer(profile) is None

@@ -347,7 +347,8 @@ class Loaded:
             from .processing.lengths import by_length
             feeds = self.encode([feeds] if isinstance(feeds, (str, bytes)) else list(feeds))
             # raw items: in batches of at most the bundle's batch size, similar lengths together
-            run = by_length(run, self.spec, max_rows=self.manifest.max_batch_size)
+            m = self.manifest
+            run = by_length(run, self.spec, max_rows=m.max_batch_size, cost=m.lengths.pricer(m.profile) if m.lengths else None)
         outputs = run(feeds)
         labels = self.manifest.processing.labels if self.manifest.processing else None
         if labels is None:

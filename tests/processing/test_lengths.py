@@ -63,3 +63,26 @@ def test_max_rows_cuts_a_long_list_into_batches():
     parts = runs(lengths, min_rows=1, max_rows=4)
     assert all(len(p) <= 4 for p in parts) and sorted(np.concatenate(parts)) == list(range(17))
     assert all(len(p) * lengths[p].max() <= 1.25 * lengths[p].sum() for p in parts)  # within the slack of padding
+
+
+def test_measured_costs_decide_the_cuts():
+    """Where the bundle says what a call costs (``mix.Costs.pricer``), the batch is cut where the calls add up to
+    least: a fixed cost per call that outweighs the padding keeps one run; a long item among short ones is cut off
+    when padding the short ones to it costs more than a call; the answers stay those of one padded run."""
+    from torchship.processing.lengths import priced
+    lengths = np.array([128] + [16] * 31)
+
+    def cost(per_call):
+        return lambda rows, length: per_call + rows * length * 0.001  # ms: a fixed cost, then per padded token
+    assert [len(r) for r in priced(lengths, cost(100.0))] == [32]  # the call costs more than all the padding
+    cheap = priced(lengths, cost(0.5))
+    assert [len(r) for r in cheap] == [1, 31] and cheap[0][0] == 0  # the long item alone, the rest at 16
+    capped = priced(lengths, cost(0.5), max_rows=8)  # within the batch limit: the long item alone, four calls at 16
+    assert len(capped) == 5 and len(capped[0]) == 1 and all(len(r) <= 8 for r in capped)
+    feeds = padded([40, 3, 4, 5, 39, 6, 3, 4])
+    one, many = Model(), Model()
+    want = one(feeds)
+    got = by_length(many, SPEC, cost=cost(0.01))(feeds)
+    np.testing.assert_array_equal(got["hidden"], want["hidden"])
+    np.testing.assert_array_equal(got["pooled"], want["pooled"])
+    assert sorted(s for _, s in many.calls) == [6, 40]  # two runs: the two long items, the six short ones

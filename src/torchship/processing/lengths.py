@@ -1,9 +1,10 @@
 """A padded batch run as sub-batches of similar lengths: on real text, padding a batch of mixed lengths to its longest
 item is most of a transformer's work (the issue's measure: 3x on docstring sentences at batch 32).
 
-The rows of a batch are sorted by their real length (from the attention mask: right padding), cut greedily into runs
-whose padded size stays within ``slack`` of their real tokens (at least ``min_rows`` a run, so that each call still
-batches), each run sliced to its own longest and run, and the outputs put back in the batch's order, padded again to
+The rows of a batch are sorted by their real length (from the attention mask: right padding) and cut into runs: where
+the bundle was timed at several lengths, where the calls' estimated costs add up to least (``priced``); else greedily,
+each run's padded size within ``slack`` of its real tokens (at least ``min_rows`` a run, so that each call still
+batches). Each run is sliced to its own longest and run, and the outputs put back in the batch's order, padded again to
 the batch's length where an output has that dimension. The answer is the same as one padded run: padding positions
 are masked, and the model sees each row with less of it.
 """
@@ -44,9 +45,31 @@ def runs(lengths: np.ndarray, slack: float = 1.25, min_rows: int = 4, max_rows: 
     return out
 
 
-def by_length(run: Run, spec: IOSpec, slack: float = 1.25, min_rows: int = 4, max_rows: int | None = None) -> Run:
+def priced(lengths: np.ndarray, cost: Callable[[int, int], float], max_rows: int | None = None) -> list[np.ndarray]:
+    """The rows' indices, longest first, cut where the calls cost least in all: ``cost(rows, length)`` estimates one
+    call of ``rows`` rows padded to ``length`` (a bundle's measured costs: ``mix.Costs.pricer``); the cuts are the
+    cheapest of all contiguous ones (dynamic programming over the sorted rows), each run at most ``max_rows``."""
+    order = np.argsort(-lengths, kind="stable")
+    longest = [int(lengths[i]) for i in order]
+    n, cap = len(order), max_rows or len(order)
+    best, start = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        for first in range(max(0, end - cap), end):
+            total = best[first] + cost(end - first, longest[first])
+            if total < best[end]:
+                best[end], start[end] = total, first
+    out, end = [], n
+    while end > 0:
+        out.append(order[start[end]:end])
+        end = start[end]
+    return out[::-1]
+
+
+def by_length(run: Run, spec: IOSpec, slack: float = 1.25, min_rows: int = 4, max_rows: int | None = None,
+              cost: Callable[[int, int], float] | None = None) -> Run:
     """``run`` for padded batches as runs of similar lengths, each of at most ``max_rows`` rows (``run`` itself for a
-    model without an attention mask)."""
+    model without an attention mask): cut where the calls cost least by ``cost`` (``priced``) where the bundle was
+    timed at several lengths, else by the ``slack`` rule (``runs``)."""
     found = mask_input(spec)
     if found is None:
         return run
@@ -62,11 +85,11 @@ def by_length(run: Run, spec: IOSpec, slack: float = 1.25, min_rows: int = 4, ma
 
     def bucketed(feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         m = np.asarray(feeds[mask])
-        if len(m) < 2 * min_rows and (max_rows is None or len(m) <= max_rows):
+        if cost is None and len(m) < 2 * min_rows and (max_rows is None or len(m) <= max_rows):
             return run(feeds)
         nonzero = m != 0
         lengths = np.where(nonzero.any(1), m.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 1)
-        parts = runs(lengths, slack, min_rows, max_rows)
+        parts = priced(lengths, cost, max_rows) if cost else runs(lengths, slack, min_rows, max_rows)
         if len(parts) == 1:
             return run(feeds)
         results = []

@@ -113,7 +113,9 @@ async def load_entry(name: str, version: str, verified: Bundle, config: BatchCon
     from ..processing import pipeline
     from ..processing.lengths import by_length
     text = await loop.run_in_executor(None, pipeline, manifest.processing, verified.path)
-    run = by_length(run, spec)  # a padded batch as runs of similar lengths (models with an attention mask)
+    # a padded batch as runs of similar lengths (models with an attention mask), cut where the bundle's measured costs
+    # say the calls cost least, where it was timed at several lengths and batch sizes
+    run = by_length(run, spec, cost=manifest.lengths.pricer(manifest.profile) if manifest.lengths else None)
     series = metrics.model(name, version)
     batcher = Batcher(run, spec, config, paddable=paddable(spec), latency=latency,
                       on_batch=series.on_batch, concurrency=workers)
