@@ -45,13 +45,17 @@ def runs(lengths: np.ndarray, slack: float = 1.25, min_rows: int = 4, max_rows: 
     return out
 
 
+PRICED_ROWS = 256  # the most rows one priced run takes
+
+
 def priced(lengths: np.ndarray, cost: Callable[[int, int], float], max_rows: int | None = None) -> list[np.ndarray]:
     """The rows' indices, longest first, cut where the calls cost least in all: ``cost(rows, length)`` estimates one
     call of ``rows`` rows padded to ``length`` (a bundle's measured costs: ``mix.Costs.pricer``); the cuts are the
-    cheapest of all contiguous ones (dynamic programming over the sorted rows), each run at most ``max_rows``."""
+    cheapest of all contiguous ones (dynamic programming over the sorted rows), each run at most ``max_rows`` (and at
+    most ``PRICED_ROWS``: the work grows with the batch times that, and it runs for every batch)."""
     order = np.argsort(-lengths, kind="stable")
     longest = [int(lengths[i]) for i in order]
-    n, cap = len(order), max_rows or len(order)
+    n, cap = len(order), min(max_rows or len(order), PRICED_ROWS)
     best, start = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for end in range(1, n + 1):
         for first in range(max(0, end - cap), end):
