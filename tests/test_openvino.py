@@ -141,8 +141,8 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
         def kept(self, m):
             return {"cosine": 1 - sum(e for n, e in error.items() if n not in m.in_float)}
 
-        def room(self, m):
-            return self.kept(m)["cosine"] - self.targets["cosine"]
+        def room(self, kept):
+            return kept["cosine"] - self.targets["cosine"]
 
     def quantize(ov_model, model, options, ignored=(), plain=False):
         quantized.append((tuple(ignored), plain))

@@ -11,7 +11,6 @@ its batches.
 """
 from __future__ import annotations
 
-import bisect
 import functools
 import re
 from typing import Any, Callable, Mapping
@@ -20,6 +19,7 @@ import msgspec
 import numpy as np
 
 from .errors import UsageError
+from .profile import interpolate
 from .spec import IOSpec
 
 GROUPS = 4  # at most this many lengths from the data: each one costs a timed call per round
@@ -151,31 +151,17 @@ class Costs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def at(self, length: int) -> float:
         """A batch's milliseconds at ``length``: linear between the timed sizes, proportional past the longest, the
         shortest's below it."""
-        sizes = sorted(self.ms)
-        if length <= sizes[0]:
-            return self.ms[sizes[0]]
-        if length >= sizes[-1]:
-            return self.ms[sizes[-1]] * length / sizes[-1]
-        hi = next(s for s in sizes if s >= length)
-        lo = max(s for s in sizes if s < length)
-        return self.ms[lo] + (self.ms[hi] - self.ms[lo]) * (length - lo) / (hi - lo)
+        return interpolate(self.ms, length)
 
     def pricer(self, profile: Mapping[int, Any]) -> Callable[[int, int], float] | None:
         """(rows, length) -> the estimated milliseconds of one call: a batch of ``batch`` items at that length
         (``at``), scaled by what ``rows`` cost against ``batch`` in ``profile`` (the bundle's per-batch-size timings:
-        ``Stats`` with ``p50_ms``; linear between them, proportional past the largest). None where either has fewer
-        than two sizes: then a call's fixed cost cannot be told from its per-row cost."""
-        points = sorted((int(k), float(v.p50_ms)) for k, v in profile.items())
+        ``Stats`` with ``p50_ms``; interpolated as ``at``). None where either has fewer than two sizes: then a call's
+        fixed cost cannot be told from its per-row cost."""
+        points = {int(k): float(v.p50_ms) for k, v in profile.items()}
         if len(points) < 2 or len(self.ms) < 2:
             return None
-        sizes = [k for k, _ in points]
-
-        @functools.lru_cache(maxsize=4096)
-        def rows_ms(rows: int) -> float:
-            if rows >= sizes[-1]:
-                return points[-1][1] * rows / sizes[-1]
-            i = max(1, bisect.bisect_left(sizes, rows))
-            (lo, a), (hi, b) = points[i - 1], points[i]
-            return max(a + (b - a) * (rows - lo) / (hi - lo), 1e-9)
+        at = functools.lru_cache(maxsize=4096)(lambda length: interpolate(self.ms, length))
+        rows_ms = functools.lru_cache(maxsize=4096)(lambda rows: interpolate(points, rows))
         full = rows_ms(self.batch)
-        return lambda rows, length: self.at(length) * rows_ms(rows) / full
+        return lambda rows, length: at(length) * rows_ms(rows) / full

@@ -1,6 +1,7 @@
 """Latency and throughput per batch size, measured after warm-up with the serving thread settings."""
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Mapping
 
@@ -37,6 +38,24 @@ class Stats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         from .measure import Estimate
         return Estimate(self.p50_ms / 1e3, (self.lo_ms or self.p50_ms) / 1e3, (self.hi_ms or self.p50_ms) / 1e3,
                         self.rounds, self.runs)
+
+
+def interpolate(points: Mapping[int, float], x: int, sizes: list[int] | None = None) -> float:
+    """A cost at ``x`` from costs measured at some sizes: linear between them, the smallest's below them, proportional
+    past the largest (plain Python, no array: the batcher calls it for every batch). ``sizes``: ``sorted(points)``,
+    where the caller keeps it."""
+    sizes = sizes if sizes is not None else sorted(points)
+    if not sizes:
+        return 0.0
+    if x in points:
+        return points[x]
+    i = bisect.bisect_left(sizes, x)
+    if i == 0:
+        return points[sizes[0]]
+    if i == len(sizes):
+        return points[sizes[-1]] * x / sizes[-1]
+    lo, hi = sizes[i - 1], sizes[i]
+    return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
 
 
 def batch_of(spec: IOSpec, pool: Mapping[str, np.ndarray] | None, batch: int, dims: Mapping[str, int]) -> dict[str, np.ndarray]:

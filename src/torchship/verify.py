@@ -112,8 +112,8 @@ def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,
     """Inputs beyond the example, where a graph that specialized on it (a loop unrolled, a branch taken, a shape
     fixed) gives another answer than the model: batch 1 and an odd batch, each dynamic dimension smaller and larger
     (with padding in an attention mask; from the held-out items where there are some, see ``stretched``: generated
-    token ids are random words in no order, without the [CLS] first, which a calibrated int8 never saw), and inputs scaled by 0.5, 2 and -1; for a model that branches on its values,
-    ``branch_cases`` adds them scaled by 10,000 and shifted by -10 and +10, and so for a model whose control flow
+    token ids are random words in no order, without the [CLS] first, which a calibrated int8 never saw), and inputs
+    scaled by 0.5, 2 and -1; for a model that branches on its values, ``branch_cases`` adds them scaled by 10,000 and shifted by -10 and +10, and so for a model whose control flow
     could not be looked for (not when the user consented to specializing: they said the branch never fires)."""
     spec, dims = model.spec, dict(model.dims)
 

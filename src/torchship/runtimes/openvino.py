@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from ..errors import BuildSkipped, MissingExtra, first_line
+from ..similarity import cosines, retrieval
 from .base import Artifact, calibration_batches, register
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class _Control:
         return np.concatenate([np.asarray(compiled([b[n] for n in self.names])[0]) for b in self.batches])
 
     def kept(self, ov_model) -> dict[str, float]:
-        from ..similarity import cosines, retrieval
+        """What ``ov_model`` keeps of each floor's measure on the calibration data."""
         out = self.outputs(ov_model, self.precision)
         found = {"cosine": float(cosines(self.reference, out).mean())}
         if "retrieval" in self.targets:
@@ -145,9 +146,8 @@ class _Control:
             found["retrieval"] = r[0] if r else found["cosine"]
         return found
 
-    def room(self, ov_model) -> float:
-        """The least room above a target (>= 0: every floor holds with the margin)."""
-        kept = self.kept(ov_model)
+    def room(self, kept: dict[str, float]) -> float:
+        """The least room above a target of what a model ``kept`` (>= 0: every floor holds with the margin)."""
         return min(kept[k] - t for k, t in self.targets.items())
 
 
@@ -248,32 +248,34 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
     precision = "bf16" if "BF16" in capabilities() else "fp32"
     control = _Control(ov_model, model, options, precision)
     full = _quantize(ov_model, model, options)
-    if control.room(full) >= 0:
+    full_kept = control.kept(full)
+    if control.room(full_kept) >= 0:
         return full, precision, "int8 on every operation the transformer preset quantizes, the rest in " + precision
     plain = _quantize(ov_model, model, options, plain=True)
     candidates = _quantized_ops(plain, ov_model)
     if not candidates:
         raise BuildSkipped("int8-mixed: NNCF quantized no operation of this model")
-    base = control.room(plain)
-    cost = {n: control.room(_in_float(plain, {n}, ov_model)) - base for n in candidates}
+    base = control.room(control.kept(plain))
+    cost = {n: control.room(control.kept(_in_float(plain, {n}, ov_model))) - base for n in candidates}
     order = sorted(candidates, key=lambda n: -cost[n])
-    tried: dict[int, tuple[float, object]] = {}
+    tried: dict[int, tuple[object, dict[str, float]]] = {}  # k in float -> (the model, what it kept)
 
     def holds(k: int) -> bool:
         mixed = _quantize(ov_model, model, options, ignored=tuple(order[:k]))
-        tried[k] = (control.room(mixed), mixed)
-        log.debug("int8-mixed: %d of %d in float, room %.5f", k, len(order), tried[k][0])
-        return tried[k][0] >= 0
+        tried[k] = (mixed, control.kept(mixed))
+        room = control.room(tried[k][1])
+        log.debug("int8-mixed: %d of %d in float, room %.5f", k, len(order), room)
+        return room >= 0
     hi = fewest(len(order) - 1, holds)  # every one in float would be no int8 at all
     if hi is None:
-        found = ", ".join(f"{name} {v:.4f}" for name, v in control.kept(full).items())
+        found = ", ".join(f"{name} {v:.4f}" for name, v in full_kept.items())
         floors = ", ".join(f"{name} {v:g}" for name, v in (options.floors or {"cosine": 0.999}).items())
         raise BuildSkipped(f"int8-mixed: every operation int8 reaches would have to stay in float to keep {floors} on "
                            f"the calibration data (all in int8: {found}); no int8 left to gain from")
-    mixed = tried[hi][1]
-    kept = ", ".join(f"{name} {v:.4f}" for name, v in control.kept(mixed).items())
+    mixed, kept = tried[hi]
+    found = ", ".join(f"{name} {v:.4f}" for name, v in kept.items())
     return mixed, precision, (f"int8 on {len(order) - hi} of the {len(order)} operations it reaches; in {precision}, "
-                              f"costliest first: {_short(order[:hi], paths)} (calibration data: {kept})")
+                              f"costliest first: {_short(order[:hi], paths)} (calibration data: {found})")
 
 
 def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:

@@ -9,7 +9,6 @@ attention mask ignores) and outputs are cut back per request; other shapes never
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import DeadlineExceeded, ModelError, QueueFull, ShuttingDown, UsageError, WouldMissSLO
-from ..profile import Stats
+from ..profile import Stats, interpolate
 from ..spec import IOSpec
 
 
@@ -72,20 +71,8 @@ class LatencyModel:
         self._sizes = sorted(self.points)
 
     def predict(self, size: int) -> float:
-        """Linear between the measured sizes, the smallest's time below them, proportional past the largest (it runs
-        a few times for every batch: plain Python, no array)."""
-        points, sizes = self.points, self._sizes
-        if not sizes:
-            return 0.0
-        if size in points:
-            return points[size]
-        i = bisect.bisect_left(sizes, size)
-        if i == 0:
-            return points[sizes[0]]
-        if i == len(sizes):
-            return points[sizes[-1]] * size / sizes[-1]
-        lo, hi = sizes[i - 1], sizes[i]
-        return points[lo] + (points[hi] - points[lo]) * (size - lo) / (hi - lo)
+        """Linear between the measured sizes, the smallest's time below them, proportional past the largest."""
+        return interpolate(self.points, size, self._sizes)
 
     def observe(self, size: int, seconds: float) -> None:
         """Fold in a measured time, at most doubling the prediction: a one-off slow run (the first at a new batch
