@@ -18,7 +18,7 @@ Goals: torchship's choice at least as fast as the fastest anchor on each row amo
 eager within the default budget and 6x with the retrieval budget, on a CPU with AMX (the script says when the CPU has
 none). On a CPU without native bf16 the bf16 rows are absent, and the script says why.
 
-    python benchmarks/anchors.py [--models minilm,digits-cnn]
+    python benchmarks/anchors.py [--models minilm,digits-cnn] [--rows seq128,retrieval,docstrings] [--runtimes ...]
 """
 from __future__ import annotations
 
@@ -191,7 +191,11 @@ def padded(feeds: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="minilm,digits-cnn")
+    p.add_argument("--rows", default="seq128,retrieval,docstrings", help="MiniLM's rows to run (default: all three)")
+    p.add_argument("--runtimes", default=None, help="the runtimes torchship's search may use (default: every one)")
     args = p.parse_args()
+    rows = set(args.rows.split(","))
+    search = {"runtimes": tuple(args.runtimes.split(","))} if args.runtimes else {}
     work = Path(tempfile.mkdtemp(prefix="torchship-anchors-"))
     name, flags = cpu()
     print(f"CPU {name}; {', '.join(f for f in ('avx512_bf16', 'amx_bf16', 'amx_int8', 'avx512_vnni') if f in flags)}")
@@ -203,9 +207,14 @@ def main() -> None:
             from torchship.zoo.minilm import sentences
             m = load_source("zoo:minilm")
             at128 = [tokenize(m.tokenizer, sentences(32, seed=3), 128)]
-            row("zoo:minilm", 32, {"seq": 128}, at128, work, "every item padded to seq 128", lengths={"seq": (128,)})
-            row("zoo:minilm", 32, {"seq": 128}, at128, work, "every item padded to seq 128, --budget retrieval=0.95",
-                lengths={"seq": (128,)}, budget=Budget.parse("retrieval=0.95"))
+            if "seq128" in rows:
+                row("zoo:minilm", 32, {"seq": 128}, at128, work, "every item padded to seq 128", lengths={"seq": (128,)},
+                    **search)
+            if "retrieval" in rows:
+                row("zoo:minilm", 32, {"seq": 128}, at128, work, "every item padded to seq 128, --budget retrieval=0.95",
+                    lengths={"seq": (128,)}, budget=Budget.parse("retrieval=0.95"), **search)
+            if "docstrings" not in rows:
+                continue
             texts = docstrings(256 + 8 * 32)
             held_out = tokenize(m.tokenizer, texts[:256], 128)
             served = [padded(tokenize(m.tokenizer, texts[256 + 32 * i:256 + 32 * (i + 1)], 128)) for i in range(8)]
@@ -214,12 +223,12 @@ def main() -> None:
                   f"average, {np.percentile(tokens, 50):.0f} median, {np.percentile(tokens, 90):.0f} at the 90th percentile, "
                   f"{(tokens < 40).mean():.0%} under 40")
             row("zoo:minilm", 32, {"seq": 128}, served, work, "standard library docstrings, 8 batches each padded to "
-                "its longest", eval_data=held_out)
+                "its longest", eval_data=held_out, **search)
         else:
             from torchship.zoo.digits import dataset
             x = dataset()["test"][0]
             for batch in (1, 32):
-                row("zoo:digits-cnn", batch, {}, [{"image": x[:batch]}], work)
+                row("zoo:digits-cnn", batch, {}, [{"image": x[:batch]}], work, **search)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ if TYPE_CHECKING:
 def export(model, device="cpu", precision="fp32"):
     """(program, dimension ranges): ``export_dynamic`` on the model at its device and precision."""
     needs_module(model)
-    module = model.module.to(device)
-    if precision != "fp32":
+    module = model.module
+    if device != "cpu" or precision != "fp32":
+        # a copy: the program holds the module's own weights, so moving the source back to the CPU after exporting
+        # would move the program's too (AOTInductor on CUDA then found CPU weights beside CUDA inputs)
         import copy
-        module = copy.deepcopy(module).to(PRECISIONS[precision])
-    try:
-        return export_dynamic(module, cast_args(example_args(model, 2, device), precision), model.spec)
-    finally:
-        model.module.to("cpu")
+        module = copy.deepcopy(module).to(device=device, dtype=PRECISIONS[precision])
+    return export_dynamic(module, cast_args(example_args(model, 2, device), precision), model.spec)
 
 
 def static_int8(program, model, ranges):
