@@ -252,3 +252,53 @@ def test_the_choice_is_made_on_the_mix_of_lengths_users_send():
         assert {s: st.throughput for s, st in results["short"].by_length.items()} == pytest.approx(
             {s: 8 / cost["short"][s] for s in mix.sizes})
     assert chosen == {"given": "wide", "held-out": "short"}
+
+
+def test_a_choice_that_falls_short_on_raw_input_gives_way_to_the_next_and_none_left_keeps_the_first():
+    """``optimize.raw.settle`` on scripted checks: the fastest falls short on raw input (the variant's fault), so it is
+    rejected and the next fastest is chosen and checked; where the pipeline itself is at fault nothing is rejected;
+    where no variant holds, the first choice stays, serving tensors only."""
+    from torchship.optimize.raw import settle
+    from torchship.processing import ProcessingCheck
+    rows = [row("fast", 1.0, transforms=({"kind": "int8"},)), row("middle", 2.0, transforms=({"kind": "bf16"},)),
+            row("slow", 4.0)]
+
+    def result(variants):
+        d = select(variants, 8)
+        return SimpleNamespace(variants=tuple(variants), chosen=next((v for v in variants if d and v.name == d.chosen), None))
+
+    def checks(passing, source=1.0):
+        seen = []
+
+        def check(c, r):
+            seen.append(c.name)
+            ok = c.name in passing
+            return ProcessingCheck(reference="ref", items=3, cases=(), min_cosine=1.0 if ok else 0.9, max_abs_error=0.1,
+                                   inputs_equal=True, passed=ok, floor=0.999, source_min_cosine=source), \
+                None if ok else f"{c.name} fell short"
+        return check, seen
+    check, seen = checks({"middle"})
+    r, found, why, rejected = settle(result(rows), check, result)
+    assert r.chosen.name == "middle" and found.passed and why is None and seen == ["fast", "middle"]
+    assert rejected == [("fast", "fast fell short")]
+    assert next(v for v in r.variants if v.name == "fast").status == "rejected"
+    assert next(v for v in r.variants if v.name == "fast").reason == "raw input: fast fell short"
+
+    check, seen = checks(set(), source=0.98)  # the source model disagrees too: the pipeline's fault, no variant's
+    r, found, why, rejected = settle(result(rows), check, result)
+    assert r.chosen.name == "fast" and why == "fast fell short" and rejected == [] and seen == ["fast"]
+
+    check, seen = checks(set())
+    r, found, why, rejected = settle(result(rows), check, result)
+    assert r.chosen.name == "fast" and found is None and rejected == [] and seen == ["fast", "middle", "slow"]
+    assert why.startswith("no variant within budget kept its answers on it (fast, middle, slow")
+    assert all(v.status == "ok" for v in r.variants)
+
+
+def test_the_floor_on_raw_input_is_the_budget_s_for_a_compressed_variant_and_none_for_a_task_metric():
+    from torchship.optimize.raw import floor
+    plain, int8 = row("eager", 1.0), row("eager+int8", 1.0, transforms=({"kind": "int8"},))
+    assert floor(SimpleNamespace(budget={"cosine": 0.999, "top1": 0.99}), plain) == 0.9999
+    assert floor(SimpleNamespace(budget={"cosine": 0.995}), int8) == 0.995
+    assert floor(SimpleNamespace(budget={"retrieval": 0.95}), int8) == 0.0  # retrieval is the measure: no cosine floor
+    assert floor(SimpleNamespace(budget={"retrieval": 0.95}), plain) == 0.9999

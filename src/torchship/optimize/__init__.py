@@ -122,11 +122,14 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
     with Workspace(model, opts) as ws:
         results = build_each(variants, ws, say, train_data, student)
         say("selecting", len(variants), len(variants))
-        result = choose(model, results, ws.pool, opts, ws.noise, time.monotonic() - started)
-        result = replace(result, notes=notes(model, result.chosen, opts), branches=model.branches, mix=ws.mix)
+
+        def decide(results: list[VariantResult]) -> OptimizeResult:
+            r = choose(model, results, ws.pool, opts, ws.noise, time.monotonic() - started)
+            return replace(r, notes=notes(model, r.chosen, opts), branches=model.branches, mix=ws.mix)
+        result = decide(results)
         if out is not None and result.chosen is not None and opts.processing:
-            say("checking the text pipeline end to end", len(variants), len(variants))
-            result = with_processing(result, model, ws.root)
+            say("checking raw input end to end", len(variants), len(variants))
+            result = with_processing(result, model, ws.root, decide)
         if out is not None and result.chosen is not None:
             say("writing the bundle and report", len(variants), len(variants))
             result = package(result, ws.root, Path(out))

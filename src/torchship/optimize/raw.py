@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 
@@ -40,41 +41,87 @@ def with_image_processor(model, folder: Path):
                   "pixel_values", "image_processor")
 
 
-def with_processing(result, model, root: Path):
+def with_processing(result, model, root: Path, rechoose: Callable | None = None):
     """The result with the bundle's processing, where the model has some: its text pipeline (record and files) or
     image pipeline, checked end to end (raw input through it and the chosen variant against the original library's
-    pipeline), and a classifier's labels. A pipeline that fails its check is not packaged, and a note says why."""
+    pipeline), and a classifier's labels. A chosen variant whose answers on that input fall short while the pipeline
+    itself is right is rejected with the reason, and ``rechoose`` (the variants -> a result) chooses again; that
+    choice is checked in turn. A pipeline that fails its check is not packaged, and a note says why."""
     from ..processing import Processing
-    from ..processing.build import check_image, check_text, image_processing, labels_of, text_processing
-    from ..runtimes import LoadContext, get
-    c, notes = result.chosen, result.notes
-    seq = c.artifact.options.dim_ranges.get("seq")
+    from ..processing.build import labels_of
+    labels = labels_of(model)
+    made = _made(model, result.chosen, root)
+    if not isinstance(made, tuple):
+        return replace(result, notes=result.notes + ((made,) if made else ()),
+                       processing=Processing(labels=labels) if labels else None)
+    kind = "text" if made[0].text else "image"
+    result, check, why, rejected = settle(result, lambda c, r: _check(c, r, model, _made(model, c, root)[0], kind, root),
+                                          rechoose)
+    notes = result.notes + tuple(f"{name}: rejected, its answers on raw {kind} fell short ({reason})"
+                                 for name, reason in rejected)
+    if why is not None:
+        return replace(result, notes=notes + (f"{kind} processing not packaged: {why}",),
+                       processing=Processing(labels=labels) if labels else None)
+    processing, files = _made(model, result.chosen, root)
+    return replace(result, notes=notes, processing=msgspec.structs.replace(processing, check=check),
+                   processing_files=tuple(files))
+
+
+def _made(model, variant, root: Path):
+    """(processing record with the labels, its files) for ``variant`` (text is cut at the longest sequence it takes),
+    or why there is none (a line), or None for a model that takes neither text nor images."""
+    from ..processing.build import image_processing, labels_of, text_processing
+    seq = variant.artifact.options.dim_ranges.get("seq")
     made, files = text_processing(model, root / "processing", int(seq[1]) if seq else None), []
     if made is None:
         made = image_processing(model)
     if isinstance(made, tuple):
         made, files = made
-    if isinstance(made, str):
-        made, notes = None, notes + (made,)
-    labels = labels_of(model)
-    if made is None:
-        return replace(result, notes=notes, processing=Processing(labels=labels) if labels else None)
-    processing, kind = msgspec.structs.replace(made, labels=labels), "text" if made.text else "image"
-    plain = not c.transforms and c.artifact.options.precision == "fp32" and not c.artifact.options.quantize
-    floor = max(result.budget.get("cosine", 0.999), 0.9999 if plain else 0.0)
+    if made is None or isinstance(made, str):
+        return made
+    return msgspec.structs.replace(made, labels=labels_of(model)), files
+
+
+def floor(result, variant) -> float:
+    """The cosine every checked item must keep: 0.9999 for a plain fp32 variant, else the budget's cosine floor in
+    force (none, 0.0, where the budget measures a task metric: accuracy or retrieval)."""
+    from ..processing.records import PIPELINE_FLOOR
+    return PIPELINE_FLOOR if not variant.compressed else result.budget.get("cosine", 0.0)
+
+
+def _check(c, result, model, processing, kind: str, root: Path):
+    """(check, why it failed or None) for variant ``c``: raw input through the pipeline and ``c``."""
+    from ..processing.build import check_image, check_text
+    from ..runtimes import LoadContext, get
     try:
         run = get(c.runtime).load(c.artifact, root / c.name, result.spec,
                                   LoadContext(result.options.device, result.options.threads, True, True))
-        check = (check_text if kind == "text" else check_image)(model, processing, root / "processing", run, floor)
+        check = (check_text if kind == "text" else check_image)(model, processing, root / "processing", run,
+                                                                 floor(result, c))
     except Exception as exc:
-        check, why = None, f"its check failed to run ({first_line(exc)})"
-    else:
-        why = None if check.passed else (
-            f"the bundle's pipeline gave other model inputs than {check.reference}" if not check.inputs_equal
-            else f"another best label than {check.reference} on some item" if check.labels_equal is False
-            else f"an item reached cosine {check.min_cosine:.6f} < {floor} against {check.reference}")
-    if why is not None:
-        return replace(result, notes=notes + (f"{kind} processing not packaged: {why}",),
-                       processing=Processing(labels=labels) if labels else None)
-    return replace(result, notes=notes, processing=msgspec.structs.replace(processing, check=check),
-                   processing_files=tuple(files))
+        return None, f"its check failed to run ({first_line(exc)})"
+    if check.passed:
+        return check, None
+    return check, (f"the bundle's pipeline gave other model inputs than {check.reference}" if not check.inputs_equal
+                   else f"the source model in eager fp32 through it reached cosine {check.source_min_cosine:.6f} "
+                        f"against {check.reference}" if not check.variant_fault
+                   else f"another best label than {check.reference} on some item" if check.labels_equal is False
+                   else f"an item reached cosine {check.min_cosine:.6f} < {check.floor} against {check.reference}")
+
+
+def settle(result, check: Callable, rechoose: Callable | None):
+    """(result, the passing check, why none passed or None, the variants rejected on the way with the reason): the
+    chosen variant checked (``check(variant, result)`` -> (check, why)); where it falls short but the pipeline is
+    right, it is rejected and ``rechoose`` chooses among the rest, until one passes or none is left."""
+    first, rejected = result, []
+    while True:
+        c = result.chosen
+        found, why = check(c, result)
+        if why is None or found is None or not found.variant_fault or rechoose is None:
+            return result, found, why, rejected
+        rejected.append((c.name, why))
+        result = rechoose([msgspec.structs.replace(r, status="rejected", reason=f"raw input: {why}")
+                           if r.name == c.name else r for r in result.variants])
+        if result.chosen is None:  # none holds on raw input: the first choice, serving tensors only
+            return first, None, f"no variant within budget kept its answers on it ({', '.join(n for n, _ in rejected)}: " \
+                f"{why})", []
