@@ -125,6 +125,8 @@ def row(source: str, batch: int, dims: dict, work: list[dict], out: Path, label:
     eager = times["eager fp32"].median
     print(f"\n{model.name}, batch {batch}" + (f", {label}" if label else f", {dims}" if dims else "") + f": {res.message}"
           + (f"; timed on {res.mix.describe()}" if res.mix else ""))
+    for note in res.notes:  # variants rejected on raw input, text processing, specialization
+        print(f"  note: {note}")
     bound = roofline(model, work) if kept else None  # items/s the bf16 matrix units allow on this workload
     print(f"  {'':<34}{'items/s':>12}  {'interval':<22}{'vs eager':>9}{'min cosine':>12}"
           + (f"{'retrieval':>11}{'roofline':>10}" if kept else ""))
