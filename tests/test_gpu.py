@@ -12,9 +12,10 @@ def test_cuda_plan_verifies_lower_precision_and_bundle_runs_on_gpu(tmp_path):
                    batch_sizes=(1, 64), seconds_per_size=0.2, exhaustive=True), out=tmp_path / "b")
     by = {v.name: v for v in res.variants}
     assert {"eager-fp16", "eager-bf16", "aoti-fp16", "aoti-bf16"} <= set(by)
-    for name in ("eager", "aoti", "eager-fp16", "aoti-fp16"):
-        assert by[name].status == "ok", (name, by[name].reason)
-        assert by[name].peak_memory_kind == "cuda allocated"
+    # every shortfall at once (a GPU is lent rarely: one run should show them all)
+    names = ("eager", "aoti", "eager-fp16", "aoti-fp16")
+    assert {n: by[n].reason for n in names if by[n].status != "ok"} == {}
+    assert {n: by[n].peak_memory_kind for n in names} == dict.fromkeys(names, "cuda allocated")
     assert by["eager"].options.fixed_shapes is True  # cudnn.benchmark on: no dynamic dims but batch
     assert by["onnxrt"].status in ("ok", "skipped")  # skipped, with the reason, without onnxruntime-gpu
     loaded = load_bundle(res.bundle)
