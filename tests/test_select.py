@@ -295,10 +295,17 @@ def test_a_choice_that_falls_short_on_raw_input_gives_way_to_the_next_and_none_l
     assert all(v.status == "ok" for v in r.variants)
 
 
-def test_the_floor_on_raw_input_is_the_budget_s_for_a_compressed_variant_and_none_for_a_task_metric():
+def test_the_floor_on_raw_input_is_the_budget_s_for_a_compressed_variant_and_its_own_error_s_for_a_task_metric():
+    import msgspec
     from torchship.optimize.raw import floor
     plain, int8 = row("eager", 1.0), row("eager+int8", 1.0, transforms=({"kind": "int8"},))
     assert floor(SimpleNamespace(budget={"cosine": 0.999, "top1": 0.99}), plain) == 0.9999
     assert floor(SimpleNamespace(budget={"cosine": 0.995}), int8) == 0.995
-    assert floor(SimpleNamespace(budget={"retrieval": 0.95}), int8) == 0.0  # retrieval is the measure: no cosine floor
     assert floor(SimpleNamespace(budget={"retrieval": 0.95}), plain) == 0.9999
+    # retrieval is the measure: as the inputs beyond the verification items, 3x its own relative error (0.1 -> 0.3,
+    # cosine 0.955 for unit vectors), or 2% where that is smaller; unknown error, no floor
+    retrieval = SimpleNamespace(budget={"retrieval": 0.95})
+    with_error = lambda e: msgspec.structs.replace(int8, fidelity=msgspec.structs.replace(int8.fidelity, relative_error=e))
+    assert floor(retrieval, with_error(0.1)) == pytest.approx(0.955)
+    assert floor(retrieval, with_error(0.001)) == pytest.approx(0.9998)
+    assert floor(retrieval, int8) == 0.0

@@ -84,9 +84,19 @@ def _made(model, variant, root: Path):
 
 def floor(result, variant) -> float:
     """The cosine every checked item must keep: 0.9999 for a plain fp32 variant, else the budget's cosine floor in
-    force (none, 0.0, where the budget measures a task metric: accuracy or retrieval)."""
+    force. Where the budget measures a task metric instead (accuracy, retrieval), raw input is judged as the inputs
+    beyond the verification items are (``verify.beyond_the_example``): a relative error of at most 3x the variant's
+    own on the verification items, or 2%, as the cosine that allows (1 - e^2/2); none where that error is unknown."""
     from ..processing.records import PIPELINE_FLOOR
-    return PIPELINE_FLOOR if not variant.compressed else result.budget.get("cosine", 0.0)
+    from ..verify import EXTRA_FACTOR, EXTRA_TOLERANCE
+    if not variant.compressed:
+        return PIPELINE_FLOOR
+    if "cosine" in result.budget:
+        return result.budget["cosine"]
+    own = variant.fidelity.relative_error if variant.fidelity else None
+    if own is None:
+        return 0.0
+    return round(max(0.0, 1 - max(EXTRA_TOLERANCE, EXTRA_FACTOR * own) ** 2 / 2), 6)
 
 
 def _check(c, result, model, processing, kind: str, root: Path):
