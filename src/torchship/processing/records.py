@@ -38,7 +38,7 @@ class ProcessingCheck(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     max_input_error: float = 0.0  # the largest difference in those inputs (pixel values)
     labels_equal: bool | None = None  # a classifier: the same best label on every item
     passed: bool
-    floor: float  # the cosine each item had to reach (0.0: none, the budget measures a task metric)
+    floor: float  # the cosine each item had to reach (0.0: none: a task-metric budget, the variant's own error unknown)
     kind: str = "text"  # text or image
     # the source model in eager fp32 through the same pipeline, against the reference (where that is another library's
     # pipeline: sentence-transformers): at PIPELINE_FLOOR or more, a shortfall above is the variant's, not the pipeline's

@@ -197,8 +197,8 @@ def text_pipeline(result) -> list[str]:
                 if c.inputs_equal else "OTHER MODEL INPUTS")
         lines += ["", f"Checked end to end against {c.reference} on {c.items} items in one batch ({', '.join(c.cases)}): "
                       f"{same} on every item, cosine at least {c.min_cosine:.7f} "
-                      f"({f'floor {c.floor}' if c.floor else 'no floor: the budget measures a task metric'}), largest "
-                      f"difference {c.max_abs_error:.2g}"
+                      f"({f'floor {c.floor}' if c.floor else 'no floor: a task-metric budget, its own error unknown'}), "
+                      f"largest difference {c.max_abs_error:.2g}"
                       + ("" if c.source_min_cosine is None else f"; the source model in eager fp32 through the same "
                          f"pipeline at least {c.source_min_cosine:.7f}")
                       + ("" if c.labels_equal is None else
