@@ -36,7 +36,7 @@ from torchship import Budget, OptimizeOptions, load_bundle, load_source, optimiz
 from torchship.machine import NO_BF16, cpu, native_bf16
 from torchship.measure import estimate, faster, interleave
 from torchship.similarity import retrieval
-from torchship.verify import EXTRA_FACTOR, EXTRA_TOLERANCE
+from torchship.verify import extra_cosine
 
 BUDGET = 0.999
 
@@ -147,7 +147,7 @@ def row(source: str, batch: int, dims: dict, work: list[dict], out: Path, label:
     if raw:  # an anchor is within budget where it also holds on raw text, as torchship's choice must (optimize.raw)
         errors = {n: max(float(np.linalg.norm(fn(f) - r) / np.linalg.norm(r)) for r, f in zip(ref, work))
                   for n, fn in fns.items()}
-        floor = {n: 1 - max(EXTRA_TOLERANCE, EXTRA_FACTOR * errors[n]) ** 2 / 2 if by_retrieval else BUDGET for n in fns}
+        floor = {n: extra_cosine(errors[n]) if by_retrieval else BUDGET for n in fns}
         print(f"  raw text: the lowest cosine to eager fp32 over the {RAW_ITEMS} items of optimize's raw-text check; "
               "within budget only at " + ("what 3x its own relative error allows (or 2%)" if by_retrieval else
                                           f"{BUDGET} or more") + ", as torchship holds its own choice")

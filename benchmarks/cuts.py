@@ -39,7 +39,7 @@ def main() -> None:
     bundle = load_bundle(res.bundle)
     m = bundle.manifest
     print(f"bundle: {res.message}; timed on {res.mix.describe() if res.mix else 'the example only'}")
-    price = m.lengths.pricer(m.profile) if m.lengths else None
+    price = m.pricer()
     if price is None:
         print("the manifest has no costs at several lengths and batch sizes: nothing to compare")
         return

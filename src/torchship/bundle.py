@@ -65,6 +65,11 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     specialized: bool = False  # the artifact keeps one path of that control flow (--allow-specialization)
     files: dict[str, Sha256] = {}
 
+    def pricer(self):
+        """(rows, length) -> one call's estimated milliseconds, from the costs timed at several lengths and batch
+        sizes (``mix.Costs.pricer``); None where the bundle was not timed so."""
+        return self.lengths.pricer(self.profile) if self.lengths else None
+
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -347,8 +352,7 @@ class Loaded:
             from .processing.lengths import by_length
             feeds = self.encode([feeds] if isinstance(feeds, (str, bytes)) else list(feeds))
             # raw items: in batches of at most the bundle's batch size, similar lengths together
-            m = self.manifest
-            run = by_length(run, self.spec, max_rows=m.max_batch_size, cost=m.lengths.pricer(m.profile) if m.lengths else None)
+            run = by_length(run, self.spec, max_rows=self.manifest.max_batch_size, cost=self.manifest.pricer())
         outputs = run(feeds)
         labels = self.manifest.processing.labels if self.manifest.processing else None
         if labels is None:

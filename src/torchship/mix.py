@@ -161,7 +161,7 @@ class Costs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         points = {int(k): float(v.p50_ms) for k, v in profile.items()}
         if len(points) < 2 or len(self.ms) < 2:
             return None
-        at = functools.lru_cache(maxsize=4096)(lambda length: interpolate(self.ms, length))
+        at = functools.lru_cache(maxsize=4096)(self.at)
         rows_ms = functools.lru_cache(maxsize=4096)(lambda rows: interpolate(points, rows))
         full = rows_ms(self.batch)
         return lambda rows, length: at(length) * rows_ms(rows) / full

@@ -107,14 +107,21 @@ EXTRA_TOLERANCE = 0.02  # on the other inputs a variant may be off by this much 
 EXTRA_FACTOR = 3.0  # ... or by this many times its own error on the verification inputs, whichever is larger
 
 
+def extra_cosine(main_error: float) -> float:
+    """The cosine per item that the rule for inputs beyond the verification items allows (a relative error of
+    ``EXTRA_FACTOR`` times ``main_error``, or ``EXTRA_TOLERANCE``): 1 - e^2/2, exact for vectors of one length."""
+    return max(0.0, 1 - max(EXTRA_TOLERANCE, EXTRA_FACTOR * main_error) ** 2 / 2)
+
+
 def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,
                 branch_cases: bool = True) -> list[tuple[str, dict[str, np.ndarray]]]:
     """Inputs beyond the example, where a graph that specialized on it (a loop unrolled, a branch taken, a shape
     fixed) gives another answer than the model: batch 1 and an odd batch, each dynamic dimension smaller and larger
     (with padding in an attention mask; from the held-out items where there are some, see ``stretched``: generated
     token ids are random words in no order, without the [CLS] first, which a calibrated int8 never saw), and inputs
-    scaled by 0.5, 2 and -1; for a model that branches on its values, ``branch_cases`` adds them scaled by 10,000 and shifted by -10 and +10, and so for a model whose control flow
-    could not be looked for (not when the user consented to specializing: they said the branch never fires)."""
+    scaled by 0.5, 2 and -1; for a model that branches on its values, ``branch_cases`` adds them scaled by 10,000 and
+    shifted by -10 and +10, and so for a model whose control flow could not be looked for (not when the user
+    consented to specializing: they said the branch never fires)."""
     spec, dims = model.spec, dict(model.dims)
 
     def base(batch: int) -> dict[str, np.ndarray]:

@@ -88,7 +88,7 @@ def floor(result, variant) -> float:
     beyond the verification items are (``verify.beyond_the_example``): a relative error of at most 3x the variant's
     own on the verification items, or 2%, as the cosine that allows (1 - e^2/2); none where that error is unknown."""
     from ..processing.records import PIPELINE_FLOOR
-    from ..verify import EXTRA_FACTOR, EXTRA_TOLERANCE
+    from ..verify import extra_cosine
     if not variant.compressed:
         return PIPELINE_FLOOR
     if "cosine" in result.budget:
@@ -96,7 +96,7 @@ def floor(result, variant) -> float:
     own = variant.fidelity.relative_error if variant.fidelity else None
     if own is None:
         return 0.0
-    return round(max(0.0, 1 - max(EXTRA_TOLERANCE, EXTRA_FACTOR * own) ** 2 / 2), 6)
+    return round(extra_cosine(own), 6)
 
 
 def _check(c, result, model, processing, kind: str, root: Path):

@@ -115,7 +115,7 @@ async def load_entry(name: str, version: str, verified: Bundle, config: BatchCon
     text = await loop.run_in_executor(None, pipeline, manifest.processing, verified.path)
     # a padded batch as runs of similar lengths (models with an attention mask), cut where the bundle's measured costs
     # say the calls cost least, where it was timed at several lengths and batch sizes
-    run = by_length(run, spec, cost=manifest.lengths.pricer(manifest.profile) if manifest.lengths else None)
+    run = by_length(run, spec, cost=manifest.pricer())
     series = metrics.model(name, version)
     batcher = Batcher(run, spec, config, paddable=paddable(spec), latency=latency,
                       on_batch=series.on_batch, concurrency=workers)
