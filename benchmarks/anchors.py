@@ -36,7 +36,7 @@ from torchship import Budget, OptimizeOptions, load_bundle, load_source, optimiz
 from torchship.machine import NO_BF16, cpu, native_bf16
 from torchship.measure import estimate, faster, interleave
 from torchship.similarity import retrieval
-from torchship.verify import extra_cosine
+from torchship.similarity import extra_cosine
 
 BUDGET = 0.999
 

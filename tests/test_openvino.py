@@ -121,51 +121,66 @@ def test_default_nncf_is_not_built_for_a_transformer_and_the_mixed_one_keeps_the
 def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_float(monkeypatch):
     """The decision, on injected measurements: each operation's share of the error is scripted; the build keeps
     in float the costliest ones, as few as hold the floor (with its margin), says which, and skips when only all
-    in float would hold."""
+    in float would hold. The recipe that keeps more (full, or plain: no SmoothQuant, no bias correction) is the one
+    searched, and a plain recipe that holds by itself is taken whole."""
     from types import SimpleNamespace
 
     import torchship.runtimes.openvino as ov
     from torchship.errors import BuildSkipped
     from torchship.runtimes.base import BuildOptions
     error = {"a": 0.0001, "b": 0.0012, "c": 0.0003, "d": 0.0006, "e": 0.0002}  # 1 - cosine each adds in int8
-    quantized = []
+    quantized, plain_cost = [], [1.0]  # the plain recipe's errors are the full one's times this
 
     class Fake:
-        def __init__(self, in_float=frozenset()):
-            self.in_float = frozenset(in_float)
+        def __init__(self, in_float=frozenset(), plain=False):
+            self.in_float, self.plain = frozenset(in_float), plain
 
     class Control:
         def __init__(self, ov_model, model, options, precision):
             self.targets = {k: v + ov.MIXED_MARGIN * (1 - v) for k, v in options.floors.items()}
+            self.floors, self.raw = options.floors, []
 
         def kept(self, m):
-            return {"cosine": 1 - sum(e for n, e in error.items() if n not in m.in_float)}
+            scale = plain_cost[0] if m.plain else 1.0
+            return {"cosine": 1 - scale * sum(e for n, e in error.items() if n not in m.in_float)}
 
         def room(self, kept):
             return kept["cosine"] - self.targets["cosine"]
 
     def quantize(ov_model, model, options, ignored=(), plain=False):
         quantized.append((tuple(ignored), plain))
-        return Fake(ignored)
+        return Fake(ignored, plain)
     monkeypatch.setattr(ov, "_Control", Control)
     monkeypatch.setattr(ov, "_quantize", quantize)
     monkeypatch.setattr(ov, "_quantized_ops", lambda q, original: list(error))
-    monkeypatch.setattr(ov, "_in_float", lambda q, names, original: Fake(names))
+    monkeypatch.setattr(ov, "_in_float", lambda q, names, original: Fake(names, q.plain))
     monkeypatch.setattr(ov, "capabilities", lambda: ("FP32", "BF16"))
     paths = {n: f"encoder.layer.{i}.output.dense" for i, n in enumerate(error)}
     model = SimpleNamespace(spec=None)
+    mixed = lambda floor: ov._mixed(None, model, BuildOptions(quantize="int8_mixed", floors={"cosine": floor}), paths)  # noqa: E731
     # floor 0.9985, target 0.99895: all in int8 keeps 0.9976, b out 0.9988, b and d out (the costliest two) 0.9994
-    _, precision, layout = ov._mixed(None, model, BuildOptions(quantize="int8_mixed", floors={"cosine": 0.9985}), paths)
+    _, precision, layout = mixed(0.9985)
     assert precision == "bf16" and layout.startswith("int8 on 3 of the 5 operations it reaches; in bf16, costliest first: "
                                                      "layer.1.output.dense, layer.3.output.dense"), layout
-    assert quantized == [((), False), ((), True), (("b", "d"), False), (("b",), False)]  # full, plain (for the costs),
-    # then the full recipe with the costliest 2 left out (holds), and 1 (bisection: does not)
-    # floor 0.9999: only every one in float would hold -> a skipped row that says so
+    assert quantized == [((), False), ((), True), (("b", "d", "c", "e"), False), (("b", "d"), False), (("b",), False)]
+    # full, plain (for the costs), then the full recipe with all but the cheapest left out (holds: there is int8 to
+    # gain), the costliest 2 (holds), and 1 (bisection: does not)
+    # floor 0.9999: only every one in float would hold -> a skipped row that says so, after one quantization more
+    quantized.clear()
     with pytest.raises(BuildSkipped, match="every operation int8 reaches would have to stay in float"):
-        ov._mixed(None, model, BuildOptions(quantize="int8_mixed", floors={"cosine": 0.9999}), paths)
+        mixed(0.9999)
+    assert quantized == [((), False), ((), True), (("b", "d", "c", "e"), False)]
     # a floor the full int8 holds: nothing in float
-    _, _, layout = ov._mixed(None, model, BuildOptions(quantize="int8_mixed", floors={"cosine": 0.99}), paths)
-    assert layout.startswith("int8 on every operation")
+    assert mixed(0.99)[2].startswith("int8 on every operation")
+    # the plain recipe loses less (as on short text, where SmoothQuant fitted to long sentences hurts): it is searched
+    plain_cost[0] = 0.6
+    quantized.clear()
+    _, _, layout = mixed(0.9985)  # plain: all 0.99856, b out 0.99928 (holds)
+    assert quantized == [((), False), ((), True), (("b", "d", "c", "e"), True), (("b", "d"), True), (("b",), True)]
+    assert "1 in float" not in layout and layout.startswith("int8 on 4 of the 5 operations it reaches (without "
+                                                            "SmoothQuant and bias correction"), layout
+    _, _, layout = mixed(0.9975)  # plain holds by itself (target 0.99825), the full recipe not: taken whole
+    assert layout.startswith("int8 on every operation the transformer preset quantizes, without SmoothQuant"), layout
 
 
 @pytest.mark.slow
@@ -197,8 +212,21 @@ def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path):
     control = ov._Control(original, model, options, "fp32")
     first = model.spec.output_names[0]
     assert control.kept(plain)["cosine"] < 1 - 1e-7  # int8 changes the answers ...
-    restored = control.outputs(ov._in_float(plain, set(found), original), "fp32")
+    restored, _ = control.outputs(ov._in_float(plain, set(found), original), "fp32")
     assert np.abs(restored - control.reference).max() < 1e-4  # ... and all back in float gives them again
+    # with raw input (short, empty and other-script text, padded to the longest): each item is held to the budget's
+    # cosine floor, or under a retrieval budget to the one the candidate's own error allows
+    from torchship.processing.build import HARD_TEXT
+    from torchship.similarity import extra_cosine
+    raw = tokenize(model.tokenizer, list(HARD_TEXT.values()), 24)
+    model = replace(model, raw_data={n: raw.get(n, np.zeros_like(raw["input_ids"])) for n in model.spec.input_names})
+    kept = ov._Control(original, model, options, "fp32").kept(plain)
+    assert kept["raw floor"] == 0.999 and 0 < kept["raw"] < 1 - 1e-7
+    retrieval = ov._Control(original, model, options.found(floors={"retrieval": 0.9}), "fp32")
+    kept = retrieval.kept(plain)
+    own = float(np.linalg.norm(retrieval.outputs(plain, "fp32")[0] - retrieval.reference) / np.linalg.norm(retrieval.reference))
+    assert kept["raw floor"] == pytest.approx(extra_cosine(own), abs=1e-6)
+    assert retrieval.room(kept) <= kept["raw"] - kept["raw floor"]
     (tmp_path / "built").mkdir()
     artifact = get("openvino").build(model, options, tmp_path / "built")
     assert artifact.options.layout.startswith("int8 on every operation"), artifact.options.layout

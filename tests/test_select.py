@@ -299,12 +299,12 @@ def test_the_floor_on_raw_input_is_the_budget_s_for_a_compressed_variant_and_its
     import msgspec
     from torchship.optimize.raw import floor
     plain, int8 = row("eager", 1.0), row("eager+int8", 1.0, transforms=({"kind": "int8"},))
-    assert floor(SimpleNamespace(budget={"cosine": 0.999, "top1": 0.99}), plain) == 0.9999
-    assert floor(SimpleNamespace(budget={"cosine": 0.995}), int8) == 0.995
-    assert floor(SimpleNamespace(budget={"retrieval": 0.95}), plain) == 0.9999
+    assert floor({"cosine": 0.999, "top1": 0.99}, plain) == 0.9999
+    assert floor({"cosine": 0.995}, int8) == 0.995
+    assert floor({"retrieval": 0.95}, plain) == 0.9999
     # retrieval is the measure: as the inputs beyond the verification items, 3x its own relative error (0.1 -> 0.3,
     # cosine 0.955 for unit vectors), or 2% where that is smaller; unknown error, no floor
-    retrieval = SimpleNamespace(budget={"retrieval": 0.95})
+    retrieval = {"retrieval": 0.95}
     with_error = lambda e: msgspec.structs.replace(int8, fidelity=msgspec.structs.replace(int8.fidelity, relative_error=e))
     assert floor(retrieval, with_error(0.1)) == pytest.approx(0.955)
     assert floor(retrieval, with_error(0.001)) == pytest.approx(0.9998)

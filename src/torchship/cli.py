@@ -91,6 +91,8 @@ def render(result, target: int) -> None:
     data = rows(result, target)
     cols = ["variant", "status", f"items/s @{target}", "interval", f"p99 ms @{target}", "vs eager", "cosine", "top-1", "size MB",
             "cold start s"]
+    if any(row["raw input"] != "-" for row in data):  # checked on raw input in the search
+        cols.insert(cols.index("top-1"), "raw input")
     for c in cols:
         table.add_column(c, no_wrap=True, justify="right" if c not in ("variant", "status") else "left")
     colors = {"ok": "green", "rejected": "red", "failed": "red", "skipped": "yellow", "reference": "cyan"}

@@ -38,3 +38,13 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     both_zero = (na == 0) & (nb == 0)
     cos = (a * b).sum(1) / np.maximum(na * nb, 1e-30)
     return np.where(both_zero, 1.0, cos)
+
+
+EXTRA_TOLERANCE = 0.02  # on inputs beyond the verification items a variant may be off by this much (relative L2) ...
+EXTRA_FACTOR = 3.0  # ... or by this many times its own error on the verification inputs, whichever is larger
+
+
+def extra_cosine(main_error: float) -> float:
+    """The cosine per item that the rule for inputs beyond the verification items allows (a relative error of
+    ``EXTRA_FACTOR`` times ``main_error``, or ``EXTRA_TOLERANCE``): 1 - e^2/2, exact for vectors of one length."""
+    return max(0.0, 1 - max(EXTRA_TOLERANCE, EXTRA_FACTOR * main_error) ** 2 / 2)

@@ -8,7 +8,8 @@ import msgspec
 import numpy as np
 
 from .errors import UsageError
-from .similarity import cosines, retrieval  # noqa: F401 (retrieval: part of this module's face)
+from .similarity import EXTRA_FACTOR, EXTRA_TOLERANCE, cosines, retrieval  # noqa: F401 (retrieval: part of this
+# module's face)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ class Fidelity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     near_ties: int = 0  # items whose top-2 logits lie within the variant's numeric error (flips there do not count)
     retrieval: float | None = None  # embeddings: the share of each item's nearest neighbours kept (see ``retrieval``)
     similarity_rank: float | None = None  # embeddings: rank correlation of the pairwise similarities with fp32's
+    # raw input through the bundle's pipeline against the original library's (``optimize.raw``): the worst item's
+    # cosine, and the floor it had to keep
+    raw_cosine: float | None = None
+    raw_floor: float | None = None
 
 
 def relative_limit(min_cosine: float) -> float:
@@ -101,16 +106,6 @@ def relative_error(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np
             return float("inf")
         worst = max(worst, float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-12)))
     return worst
-
-
-EXTRA_TOLERANCE = 0.02  # on the other inputs a variant may be off by this much (relative L2) ...
-EXTRA_FACTOR = 3.0  # ... or by this many times its own error on the verification inputs, whichever is larger
-
-
-def extra_cosine(main_error: float) -> float:
-    """The cosine per item that the rule for inputs beyond the verification items allows (a relative error of
-    ``EXTRA_FACTOR`` times ``main_error``, or ``EXTRA_TOLERANCE``): 1 - e^2/2, exact for vectors of one length."""
-    return max(0.0, 1 - max(EXTRA_TOLERANCE, EXTRA_FACTOR * main_error) ** 2 / 2)
 
 
 def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,

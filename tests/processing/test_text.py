@@ -156,6 +156,35 @@ def test_a_variant_that_falls_short_on_raw_text_is_rejected_and_the_next_one_is_
     assert m(["hello world"])["embedding"].shape == (1, 32)
 
 
+def test_a_variant_off_on_raw_text_is_rejected_in_the_search_with_its_worst_item(st_dir, tmp_path, monkeypatch):
+    """Every candidate runs raw text through the bundle's pipeline as it is verified: one whose answers on the short
+    items are off (as int8's were on MiniLM) is rejected there, before the choice, with the worst item's cosine and
+    the floor it missed; the others carry theirs, and the choice needs no second try after the search."""
+    from torchship.optimize import job
+    real = job.Variant._raw
+
+    def raw(self, workdir):
+        path, error = real(self, workdir)
+        if self.job.variant.name == "onnxrt":
+            with np.load(path) as z:
+                outs = {k: z[k] for k in z.files}
+            short = job._arrays(self.job.raw)["attention_mask"].sum(1) <= 3
+            outs["embedding"][short] += 0.5 * np.linalg.norm(outs["embedding"][short], axis=1, keepdims=True)
+            np.savez(path, **outs)
+        return path, error
+    monkeypatch.setattr(job.Variant, "_raw", raw)
+    opts = OptimizeOptions(runtimes=("eager", "onnxrt"), transforms=(), batch_sizes=(1,), seconds_per_size=0.02,
+                           isolate=False, cache=False)
+    result = optimize(st_dir, opts, out=tmp_path / "b")
+    off, eager = result.variant("onnxrt"), result.variant("eager")
+    assert off.status == "rejected" and off.reason.startswith("raw input: an item reached cosine"), off.reason
+    assert off.fidelity.raw_cosine < 0.99 and off.fidelity.raw_floor == 0.9999
+    assert eager.ok and eager.fidelity.raw_cosine >= 0.9999 and result.chosen.name == "eager"
+    assert not any("fell short" in n for n in result.notes)  # settled in the search
+    assert load_bundle(result.bundle).manifest.processing.check.passed
+    assert "Raw input" in (result.bundle / "report" / "report.md").read_text()
+
+
 def test_the_source_model_through_the_pipeline_tells_the_pipeline_s_fault_from_the_variant_s(st_dir):
     """A runner whose answers on the short items (empty, whitespace) are off, as int8's were: the check fails, the tokens
     are the same, and the source model in eager fp32 through the same tokens agrees with sentence-transformers, so

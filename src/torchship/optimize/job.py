@@ -113,6 +113,9 @@ class Variant:
             else:
                 from dataclasses import replace
                 model = replace(self.model, eval_data=pool, calibration_data=calibration)
+            if job.raw:
+                from dataclasses import replace
+                model = replace(model, raw_data=_arrays(job.raw))
             if job.onnx_base:  # exported once, by the plain ONNX Runtime variant
                 from dataclasses import replace
                 model = replace(model, onnx_path=Path(job.onnx_base))
@@ -135,13 +138,14 @@ class Variant:
         cold_start_s = time.perf_counter() - t0
         np.savez(workdir / "outputs.npz", **concat_batches([self.runner(b) for b in batches(pool, job.chunk)]))
         extra_outputs, extra_errors = self._beyond_the_example(workdir)
+        raw_outputs, raw_error = self._raw(workdir)
         peak = (torch.cuda.max_memory_allocated() / 2**20 if self.device.startswith("cuda")
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return Built("ok", artifact=artifact, build_s=build_s, cold_start_s=cold_start_s,
                      artifact_bytes=sum((workdir / f).stat().st_size for f in artifact.files), peak_memory_mb=peak,
                      peak_memory_kind="cuda allocated" if self.device.startswith("cuda") else "process RSS",
                      outputs=str(workdir / "outputs.npz"), sparsity=extra.get("sparsity"), cached=cached is not None,
-                     extra_outputs=extra_outputs, extra_errors=extra_errors)
+                     extra_outputs=extra_outputs, extra_errors=extra_errors, raw_outputs=raw_outputs, raw_error=raw_error)
 
     def _beyond_the_example(self, workdir: Path):
         """The outputs on the job's other inputs (batch 1, other shapes, scaled values), and the cases that raised."""
@@ -155,6 +159,17 @@ class Variant:
                 errors[i] = first_line(exc, 200)
         np.savez(workdir / "extra_out.npz", **outs)
         return str(workdir / "extra_out.npz"), errors
+
+    def _raw(self, workdir: Path) -> tuple[str | None, str | None]:
+        """The outputs on raw input through the bundle's pipeline (one batch of mixed lengths), or why it raised."""
+        if not self.job.raw:
+            return None, None
+        try:
+            outs = self.runner(_arrays(self.job.raw))
+        except Exception as exc:
+            return None, first_line(exc, 200)
+        np.savez(workdir / "raw_out.npz", **outs)
+        return str(workdir / "raw_out.npz"), None
 
     def time(self, request: TimeBatch) -> Samples:
         """``request.runs`` timed calls at one batch size (after ``request.warmup`` untimed ones). With a mix, a call

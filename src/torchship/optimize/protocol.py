@@ -42,6 +42,7 @@ class Job(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cache: str | None = None  # the build cache's directory for this job's content hash (None: no cache)
     onnx_base: str | None = None  # an ONNX export of the same model to start from (instead of exporting again)
     extra: str | None = None  # .npz of the inputs beyond the example ("CASE|NAME" keys) to run after the build
+    raw: str | None = None  # .npz of raw input through the bundle's pipeline (one batch), to run after the build
 
 
 class Built(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -58,6 +59,8 @@ class Built(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cached: bool = False
     extra_outputs: str | None = None  # .npz of the outputs on those inputs ("CASE|NAME")
     extra_errors: dict[int, str] = {}  # the cases it raised on
+    raw_outputs: str | None = None  # .npz of the outputs on the raw input's tensors
+    raw_error: str | None = None  # why it raised on them
 
 
 class TimeBatch(msgspec.Struct, frozen=True, tag=True):

@@ -68,10 +68,11 @@ def with_processing(result, model, root: Path, rechoose: Callable | None = None)
 
 
 def _made(model, variant, root: Path):
-    """(processing record with the labels, its files) for ``variant`` (text is cut at the longest sequence it takes),
-    or why there is none (a line), or None for a model that takes neither text nor images."""
+    """(processing record with the labels, its files) for ``variant`` (text is cut at the longest sequence it takes;
+    None: the model's own length), or why there is none (a line), or None for a model that takes neither text nor
+    images."""
     from ..processing.build import image_processing, labels_of, text_processing
-    seq = variant.artifact.options.dim_ranges.get("seq")
+    seq = variant.artifact.options.dim_ranges.get("seq") if variant is not None else None
     made, files = text_processing(model, root / "processing", int(seq[1]) if seq else None), []
     if made is None:
         made = image_processing(model)
@@ -82,17 +83,33 @@ def _made(model, variant, root: Path):
     return msgspec.structs.replace(made, labels=labels_of(model)), files
 
 
-def floor(result, variant) -> float:
+def cases(model, root: Path):
+    """The raw-input cases every variant is verified on in the search (``processing.build.RawCases``: the model's
+    pipeline, its inputs and the original library's answers), where the pipeline is right; else None (the check of
+    the chosen variant, after the search, says why)."""
+    from ..processing.build import image_cases, text_cases
+    made = _made(model, None, root)
+    if not isinstance(made, tuple):
+        return None
+    processing = made[0]
+    try:
+        found = (text_cases if processing.text else image_cases)(model, processing, root / "processing")
+    except Exception:  # the check after the search runs it again and says why
+        return None
+    return found if found.right else None
+
+
+def floor(budget: dict[str, float], variant) -> float:
     """The cosine every checked item must keep: 0.9999 for a plain fp32 variant, else the budget's cosine floor in
     force. Where the budget measures a task metric instead (accuracy, retrieval), raw input is judged as the inputs
     beyond the verification items are (``verify.beyond_the_example``): a relative error of at most 3x the variant's
     own on the verification items, or 2%, as the cosine that allows (1 - e^2/2); none where that error is unknown."""
     from ..processing.records import PIPELINE_FLOOR
-    from ..verify import extra_cosine
+    from ..similarity import extra_cosine
     if not variant.compressed:
         return PIPELINE_FLOOR
-    if "cosine" in result.budget:
-        return result.budget["cosine"]
+    if "cosine" in budget:
+        return budget["cosine"]
     own = variant.fidelity.relative_error if variant.fidelity else None
     if own is None:
         return 0.0
@@ -107,16 +124,21 @@ def _check(c, result, model, processing, kind: str, root: Path):
         run = get(c.runtime).load(c.artifact, root / c.name, result.spec,
                                   LoadContext(result.options.device, result.options.threads, True, True))
         check = (check_text if kind == "text" else check_image)(model, processing, root / "processing", run,
-                                                                 floor(result, c))
+                                                                 floor(result.budget, c))
     except Exception as exc:
         return None, f"its check failed to run ({first_line(exc)})"
+    return check, shortfall(check)
+
+
+def shortfall(check) -> str | None:
+    """Why a raw-input check failed, in words; None where it passed."""
     if check.passed:
-        return check, None
-    return check, (f"the bundle's pipeline gave other model inputs than {check.reference}" if not check.inputs_equal
-                   else f"the source model in eager fp32 through it reached cosine {check.source_min_cosine:.6f} "
-                        f"against {check.reference}" if not check.variant_fault
-                   else f"another best label than {check.reference} on some item" if check.labels_equal is False
-                   else f"an item reached cosine {check.min_cosine:.6f} < {check.floor} against {check.reference}")
+        return None
+    return (f"the bundle's pipeline gave other model inputs than {check.reference}" if not check.inputs_equal
+            else f"the source model in eager fp32 through it reached cosine {check.source_min_cosine:.6f} "
+                 f"against {check.reference}" if not check.variant_fault
+            else f"another best label than {check.reference} on some item" if check.labels_equal is False
+            else f"an item reached cosine {check.min_cosine:.6f} < {check.floor} against {check.reference}")
 
 
 def settle(result, check: Callable, rechoose: Callable | None):

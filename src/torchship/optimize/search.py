@@ -189,7 +189,7 @@ class Search:
                                cold_start_s=built.cold_start_s, artifact_bytes=built.artifact_bytes,
                                peak_memory_mb=built.peak_memory_mb, peak_memory_kind=built.peak_memory_kind,
                                sparsity=built.sparsity, cached=built.cached, wall_s=wall(), **base)
-        entry = SearchRow(vp, result, worker)
+        entry = SearchRow(vp, self._raw_input(result, built), worker)
         self.entries.append(entry)
         return entry
 
@@ -213,6 +213,29 @@ class Search:
                                        passed=fidelity.passed and not diverged,
                                        reason=(reason if fidelity.passed else f"{fidelity.reason}; {reason}") if diverged
                                        else fidelity.reason)
+
+    def _raw_input(self, result: VariantResult, built: Built) -> VariantResult:
+        """The verdict on raw input through the bundle's pipeline (``ws.raw``: where the pipeline is right), folded
+        in: a candidate whose answer on any item there falls short of its floor (``optimize.raw.floor``) is rejected
+        with the reason before it is timed, as the check of the chosen variant after the search would reject it."""
+        from .raw import floor, shortfall
+        raw = getattr(self.ws, "raw", None)
+        if raw is None or result.fidelity is None or not result.selectable:
+            return result
+        budget = self.opts.budget.in_force(self.ws.pool.labels is not None, self.ws.model.task == "embed")
+        limit = floor(budget, result)
+        if built.raw_outputs is None:
+            worst, why = None, f"it raised on it ({built.raw_error})"
+        else:
+            with np.load(built.raw_outputs, allow_pickle=False) as z:
+                check = raw.check({k: z[k] for k in z.files}, limit)
+            worst, why = check.min_cosine, shortfall(check)
+        fidelity = msgspec.structs.replace(result.fidelity, raw_cosine=worst, raw_floor=limit)
+        if why is None or not result.fidelity.passed:
+            return msgspec.structs.replace(result, fidelity=fidelity)
+        reason = f"raw input: {why}"
+        return msgspec.structs.replace(result, status="rejected", reason=reason,
+                                       fidelity=msgspec.structs.replace(fidelity, passed=False, reason=reason))
 
     def time(self, entry: SearchRow, sizes, probe: bool = False) -> None:
         """One block per batch size (the probe: warmed up longer, and kept apart from the rounds)."""

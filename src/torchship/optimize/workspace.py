@@ -40,6 +40,7 @@ class Workspace:
             np.savez(self.root / "calibration.npz", **(model.calibration_data or self.pool.inputs))
             self.reference = reference_outputs(model, self.pool.inputs, self.chunk)
             self.extra = self._extra_cases(model)
+            self.raw = self._raw_cases(model)
             # the lengths every contender is timed at: given, or those of the user's own data (not generated inputs)
             self.mix = served_mix(model.spec, self.pool.inputs if model.eval_data is not None else {}, opts.lengths)
             self.threads = opts.threads or _cores()
@@ -65,6 +66,17 @@ class Workspace:
         np.savez(self.root / "extra.npz", **{f"{i}|{k}": v for i, (_, feeds, _) in enumerate(out) for k, v in feeds.items()})
         return out
 
+    def _raw_cases(self, model):
+        """Raw input through the model's pipeline and the original library's answers on it, where the bundle will
+        take raw input and its pipeline is right (``optimize.raw.cases``), written for the workers; else None."""
+        if not self.opts.processing:
+            return None
+        from .raw import cases
+        found = cases(model, self.root)
+        if found is not None:
+            np.savez(self.root / "raw.npz", **found.feeds)
+        return found
+
     def _model_ref(self, model) -> ModelRef | None:
         """How a worker reloads the model, or None when only this process can run it."""
         common = dict(name=model.name, spec=model.spec, task=model.task, dims=dict(model.dims))
@@ -87,14 +99,15 @@ class Workspace:
         onnx_base = str(exported) if own and vp.runtime == "onnxrt" and vp.name != "onnxrt" and exported.exists() else None
         return Job(vp, ref, str(self.root / vp.name), str(self.root / "pool.npz"), str(self.root / "calibration.npz"),
                    self.chunk, self.threads, tuple(sys.path), self.cache_for(vp, ref), onnx_base,
-                   str(self.root / "extra.npz") if self.extra else None)
+                   str(self.root / "extra.npz") if self.extra else None,
+                   str(self.root / "raw.npz") if self.raw is not None else None)
 
     def cache_for(self, vp: VariantPlan, ref: ModelRef) -> str | None:
         """The build cache's directory for this build (``cache.key``), or None without a cache."""
         if not self.opts.cache or ref.kind == "arch" and ref.weights is None:
             return None
-        return cache.key(vp, ref, self.threads, (self.pool.inputs, self.model.calibration_data or self.pool.inputs),
-                         self._digests)
+        data = (self.pool.inputs, self.model.calibration_data or self.pool.inputs) + ((self.raw.feeds,) if self.raw else ())
+        return cache.key(vp, ref, self.threads, data, self._digests)
 
     def start(self, vp: VariantPlan, program: Path | None = None):
         """A worker for ``vp``: in its own process where the model can be reloaded there, else in this one."""

@@ -2,6 +2,7 @@
 input through the bundle's pipeline against the original library's pipeline (torch and transformers are here)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -106,27 +107,72 @@ def _cosines(got, want, mine: list[list[int]], ids: list[list[int]]) -> tuple[li
     return cos, worst
 
 
-def check_text(model, processing: Processing, folder: Path, run: Runner, floor: float) -> ProcessingCheck:
-    """Raw text through the bundle's pipeline (its tokenizer.json, then ``run``, the chosen variant) against the
-    original library's pipeline, item by item: the same tokens, and cosine >= ``floor`` for every item. Where that
-    library is sentence-transformers, the source model in eager fp32 runs the pipeline's tokens too and must agree
-    with it (cosine >= ``PIPELINE_FLOOR``): so a shortfall is known to be the pipeline's or the variant's."""
+@dataclass(frozen=True)
+class RawCases:
+    """Raw input through the bundle's pipeline, as the model's input tensors, with the original library's answers on
+    it: what the chosen variant is checked on before it is packaged, and what every variant is verified on in the
+    search where the pipeline is right (``right``: a shortfall is then the variant's)."""
+
+    kind: str  # text or image
+    feeds: dict[str, np.ndarray]  # the pipeline's model inputs, all items in one batch
+    output: str  # the output that answers (compared item by item)
+    want: np.ndarray  # the original library's answers
+    reference: str  # that library's pipeline, in words
+    cases: tuple[str, ...]
+    inputs_equal: bool  # the same token ids, or pixels within 1e-3, as that library's
+    max_input_error: float = 0.0
+    source_min_cosine: float | None = None  # the source in eager fp32 through the pipeline, against ``want``
+    mine: list[list[int]] | None = None  # text: each item's real tokens, from the pipeline and from the reference
+    ids: list[list[int]] | None = None
+    labels: bool = False  # a classifier: its best label is compared too
+
+    @property
+    def right(self) -> bool:
+        return self.inputs_equal and (self.source_min_cosine is None or self.source_min_cosine >= PIPELINE_FLOOR)
+
+    def cosines(self, outputs: Mapping[str, np.ndarray]) -> tuple[list[float], float]:
+        """Each item's cosine to the reference's answer, and the largest difference."""
+        got = np.asarray(outputs[self.output], dtype=np.float64)
+        if self.kind == "text":
+            return _cosines(got, self.want, self.mine, self.ids)
+        return _cosines(got.reshape(len(got), -1), self.want.reshape(len(self.want), -1), [], [])
+
+    def check(self, outputs: Mapping[str, np.ndarray], floor: float) -> ProcessingCheck:
+        """A variant's ``outputs`` on ``feeds`` held to the reference: every item at cosine ``floor`` or more (and, for
+        a classifier where a cosine floor is in force, the same best label), the pipeline right."""
+        cos, worst = self.cosines(outputs)
+        same_labels = None
+        if self.labels:
+            got = np.asarray(outputs[self.output]).reshape(len(self.want), -1)
+            same_labels = bool((got.argmax(1) == self.want.reshape(len(self.want), -1).argmax(1)).all())
+        return ProcessingCheck(reference=self.reference, items=len(cos), cases=self.cases, min_cosine=round(min(cos), 7),
+                               max_abs_error=worst, inputs_equal=self.inputs_equal, max_input_error=self.max_input_error,
+                               labels_equal=same_labels, kind=self.kind, floor=floor,
+                               source_min_cosine=None if self.source_min_cosine is None else round(self.source_min_cosine, 7),
+                               passed=self.right and min(cos) >= floor and (same_labels is not False or not floor))
+
+
+def text_cases(model, processing: Processing, folder: Path) -> RawCases:
+    """Raw text through the bundle's pipeline (its tokenizer.json) and through the original library's pipeline, item
+    by item. Where that library is sentence-transformers, the source model in eager fp32 runs the pipeline's tokens
+    too (``source_min_cosine``): so a shortfall is known to be the pipeline's or the variant's."""
     record = processing.text
     texts, cases = check_texts(model)
     feeds = pipeline(processing, folder).encode(texts)
-    outs = run(feeds)
-    got = np.asarray(outs[record.output] if record.output else next(iter(outs.values())), dtype=np.float32)
     want, ids, reference = _reference(model, record, texts)
     mask = feeds.get(record.mask) if record.mask else None
     mine = [list(map(int, row[:int(m.sum())])) if mask is not None else list(map(int, row))
             for row, m in zip(feeds[record.ids], mask if mask is not None else feeds[record.ids])]
-    cos, worst = _cosines(got, want, mine, ids)
     source = min(_cosines(_eager(model, record, feeds), want, mine, ids)[0]) if model.text_reference is not None else None
-    equal = mine == ids
-    return ProcessingCheck(reference=reference, items=len(texts), cases=cases, min_cosine=round(min(cos), 7),
-                           max_abs_error=worst, inputs_equal=equal, floor=floor,
-                           source_min_cosine=None if source is None else round(source, 7),
-                           passed=equal and min(cos) >= floor and (source is None or source >= PIPELINE_FLOOR))
+    return RawCases("text", feeds, record.output or model.spec.output_names[0], want, reference, cases, mine == ids,
+                    source_min_cosine=source, mine=mine, ids=ids)
+
+
+def check_text(model, processing: Processing, folder: Path, run: Runner, floor: float) -> ProcessingCheck:
+    """Raw text through the bundle's pipeline and ``run`` (a variant) against the original library's pipeline, item by
+    item (``text_cases``): the same tokens, and cosine >= ``floor`` for every item."""
+    cases = text_cases(model, processing, folder)
+    return cases.check(run(cases.feeds), floor)
 
 
 def labels_of(model) -> Labels | None:
@@ -197,11 +243,9 @@ def sample_images() -> tuple[list[bytes], tuple[str, ...]]:
     return list(cases.values()), tuple(cases)
 
 
-def check_image(model, processing: Processing, folder: Path, run: Runner, floor: float) -> ProcessingCheck:
-    """Image files through the bundle's pipeline (Pillow and numpy, then ``run``, the chosen variant) against
-    transformers' own (its ``load_image``: EXIF orientation and RGB, then the model's image processor, then the model
-    in eager fp32), item by item: pixel values, outputs, and the best label of a classifier (where a cosine floor is
-    in force: a budget on a task metric allows some labels to change)."""
+def image_cases(model, processing: Processing, folder: Path) -> RawCases:
+    """Image files through the bundle's pipeline (Pillow and numpy) and through transformers' own (its ``load_image``:
+    EXIF orientation and RGB, then the model's image processor, then the model in eager fp32), item by item."""
     import io
 
     import torch
@@ -215,16 +259,16 @@ def check_image(model, processing: Processing, folder: Path, run: Runner, floor:
     pixel_error = float(np.abs(got_pixels - want_pixels).max()) if got_pixels.shape == want_pixels.shape else float("inf")
     names = model.spec.output_names
     out = processing.labels.output if processing.labels else names[0]
-    got = np.asarray(run(feeds)[out], dtype=np.float64).reshape(len(files), -1)
     with torch.inference_mode():
         ref = model.module(torch.from_numpy(want_pixels))
     want = ref[names.index(out)].float().numpy().astype(np.float64).reshape(len(files), -1)
-    cos = (got * want).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-30)
-    same_labels = bool((got.argmax(1) == want.argmax(1)).all()) if processing.labels else None
-    equal = pixel_error <= 1e-3
-    return ProcessingCheck(reference="transformers' load_image and image processor, then the model in eager fp32",
-                           items=len(files), cases=cases, min_cosine=round(float(cos.min()), 7),
-                           max_abs_error=float(np.abs(got - want).max()), inputs_equal=equal,
-                           max_input_error=pixel_error, labels_equal=same_labels, kind="image",
-                           passed=equal and float(cos.min()) >= floor and (same_labels is not False or not floor),
-                           floor=floor)
+    return RawCases("image", feeds, out, want, "transformers' load_image and image processor, then the model in eager "
+                    "fp32", cases, pixel_error <= 1e-3, max_input_error=pixel_error, labels=processing.labels is not None)
+
+
+def check_image(model, processing: Processing, folder: Path, run: Runner, floor: float) -> ProcessingCheck:
+    """Image files through the bundle's pipeline and ``run`` (a variant) against transformers' own, item by item
+    (``image_cases``): pixel values, outputs, and the best label of a classifier (where a cosine floor is in force: a
+    budget on a task metric allows some labels to change)."""
+    cases = image_cases(model, processing, folder)
+    return cases.check(run(cases.feeds), floor)

@@ -74,6 +74,7 @@ def rows(result, target: int) -> list[dict]:
             "cosine": _fmt(f and f.cosine, "{:.6f}"),
             "top-1": _fmt(f and f.top1, "{:.1%}"),
             "retrieval": _fmt(f and f.retrieval, "{:.3f}"),
+            "raw input": _fmt(f and f.raw_cosine, "{:.6f}"),
             "accuracy": _fmt(f and f.accuracy, "{:.1%}"),
             "max abs err": _fmt(f and f.max_abs_error, "{:.2e}"),
             "size MB": _fmt(r.artifact_bytes and r.artifact_bytes / 2**20, "{:.2f}"),
@@ -105,10 +106,15 @@ def markdown(result) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     lines += [f"- **Note**: {n}." for n in result.notes]
     checked = next((r.fidelity.checked for r in result.variants if r.fidelity and r.fidelity.checked), ())
+    raw = any(r.fidelity and r.fidelity.raw_floor is not None for r in result.variants)
     lines += [
         f"- Budget in force: {_budget(result)}. Verified on {result.verification} against eager fp32"
         + (f", and on inputs beyond them ({', '.join(checked)}), where a variant may be off by at most 3x its own error "
-           "or 2%" if checked else "") + ".",
+           "or 2%" if checked else "")
+        + ("; and on raw input through the bundle's pipeline (below), against the original library's, where every item "
+           "must keep its floor: 0.9999 for plain fp32, else the budget's cosine, or under a task-metric budget the "
+           "cosine that 3x the variant's own error allows (`raw input`: the worst item's cosine)" if raw else "")
+        + ".",
         "- Timing: interleaved rounds (every contender timed in turn, round after round, so a burst of load hits all "
         "alike); each figure is the median of every timed call, `[lo-hi]` a 90% confidence interval of that median over "
         "its rounds. A variant is faster than another only when their intervals do not overlap.",

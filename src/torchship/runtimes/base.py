@@ -34,6 +34,7 @@ class Source(Protocol):
     onnx_path: Path | None  # an ONNX source, or the plain variant's export its int8 starts from
     eval_data: dict[str, np.ndarray] | None  # example inputs (traces, exports)
     calibration_data: dict[str, np.ndarray] | None  # static int8's calibration inputs
+    raw_data: dict[str, np.ndarray] | None  # raw input through the bundle's pipeline, one batch (or None)
 
 
 Precision = Literal["fp32", "bf16", "fp16"]

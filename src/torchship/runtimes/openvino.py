@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from ..errors import BuildSkipped, MissingExtra, first_line
-from ..similarity import cosines, retrieval
+from ..similarity import cosines, extra_cosine, retrieval
 from .base import Artifact, calibration_batches, register
 
 if TYPE_CHECKING:
@@ -123,32 +123,62 @@ MIXED_MARGIN = 0.3  # int8-mixed keeps each floor on the calibration data with t
 
 class _Control:
     """What int8 with accuracy control measures a candidate by: its first output on the calibration inputs against the
-    float model's, as the budget's floors say (mean cosine, retrieval), compiled at the precision it will run at."""
+    float model's, as the budget's floors say (mean cosine, retrieval), and on raw input through the bundle's pipeline
+    where the model takes some (``Source.raw_data``), item by item: the worst item's cosine at least the floor the
+    search will hold it to there (``optimize.raw.floor``: the budget's cosine, else the one its own relative error
+    allows), all compiled at the precision it will run at."""
 
     def __init__(self, ov_model, model, options, precision: str):
         self.core, self.names, self.precision = _ov().Core(), model.spec.input_names, precision
         self.batches = calibration_batches(model)
-        floors = options.floors or {"cosine": 0.999}  # the default budget's floor
-        self.targets = {k: v + MIXED_MARGIN * (1 - v) for k, v in floors.items()}
-        self.reference = self.outputs(ov_model, "fp32")
+        self.floors = options.floors or {"cosine": DEFAULT_FLOOR}  # the default budget's floor
+        self.targets = {k: _spare(v) for k, v in self.floors.items()}
+        self.raw = [model.raw_data] if getattr(model, "raw_data", None) else []
+        self.reference, self.raw_reference = self.outputs(ov_model, "fp32")
 
-    def outputs(self, ov_model, precision: str) -> np.ndarray:
+    def outputs(self, ov_model, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The first output on the calibration inputs, and on the raw input (None without): padded tokens zeroed."""
         compiled = self.core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISIONS[precision],
                                                              "NUM_STREAMS": "1"})
-        return np.concatenate([np.asarray(compiled([b[n] for n in self.names])[0]) for b in self.batches])
+        run = lambda b: np.asarray(compiled([b[n] for n in self.names])[0], dtype=np.float64)  # noqa: E731
+        raw = None
+        if self.raw:
+            raw = run(self.raw[0])
+            mask = self.raw[0].get("attention_mask")
+            if mask is not None and raw.ndim == 3 and raw.shape[:2] == mask.shape:
+                raw = raw * mask[..., None]
+        return np.concatenate([run(b) for b in self.batches]), raw
 
     def kept(self, ov_model) -> dict[str, float]:
-        """What ``ov_model`` keeps of each floor's measure on the calibration data."""
-        out = self.outputs(ov_model, self.precision)
+        """What ``ov_model`` keeps of each floor's measure on the calibration data, and on raw input the worst item's
+        cosine (``raw``) with the floor it must keep (``raw floor``)."""
+        out, raw = self.outputs(ov_model, self.precision)
         found = {"cosine": float(cosines(self.reference, out).mean())}
         if "retrieval" in self.targets:
             r = retrieval(self.reference, out)
             found["retrieval"] = r[0] if r else found["cosine"]
+        if raw is not None:
+            found["raw"] = float(cosines(self.raw_reference.reshape(len(raw), -1), raw.reshape(len(raw), -1)).min())
+            own = float(np.linalg.norm(out - self.reference) / max(np.linalg.norm(self.reference), 1e-30))
+            found["raw floor"] = self.floors.get("cosine", extra_cosine(own))
         return found
 
     def room(self, kept: dict[str, float]) -> float:
         """The least room above a target of what a model ``kept`` (>= 0: every floor holds with the margin)."""
-        return min(kept[k] - t for k, t in self.targets.items())
+        room = min(kept[k] - t for k, t in self.targets.items())
+        return min(room, kept["raw"] - _spare(kept["raw floor"])) if "raw" in kept else room
+
+
+DEFAULT_FLOOR = 0.999  # the default budget's cosine floor
+
+
+def _spare(floor: float) -> float:
+    """A floor with ``MIXED_MARGIN`` of the room above it spare."""
+    return floor + MIXED_MARGIN * (1 - floor)
+
+
+def _measures(kept: dict[str, float]) -> str:
+    return ", ".join(f"{'raw input, worst item' if k == 'raw' else k} {v:.4f}" for k, v in kept.items() if k != "raw floor")
 
 
 _SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
@@ -239,43 +269,55 @@ def fewest(most: int, holds: Callable[[int], bool], start: int = 2) -> int | Non
 
 
 def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str, str]:
-    """int8 with accuracy control: NNCF's transformer preset, and where the calibration data then keeps less than the
-    budget's floors (with ``MIXED_MARGIN`` spare), the operations that cost the most kept in float (bf16 where the CPU
-    runs it natively), as few as hold the floors. What each operation costs is measured on a plain quantization (no
-    SmoothQuant, no bias correction: both change what is around a quantizer) by putting it alone back in float; the
-    model is then quantized with its full recipe and the costliest 2, 4, 8, ... left out until the floors hold, and
-    the fewest that hold found by bisection. (quantized model, precision, layout in words)."""
+    """int8 with accuracy control: NNCF's transformer preset, and where it then keeps less than the budget's floors
+    (with ``MIXED_MARGIN`` spare) on the calibration data or on raw input (``_Control``), the operations that cost the
+    most kept in float (bf16 where the CPU runs it natively), as few as hold the floors. What each operation costs is
+    measured on a plain quantization (no SmoothQuant, no bias correction: both change what is around a quantizer) by
+    putting it alone back in float. The recipe that keeps more of the floors, full or plain (SmoothQuant and bias
+    correction fit the calibration data, and can cost short or unusual text more than they gain), is then quantized
+    with all but the cheapest left out (where even that misses, nothing will), then the costliest 2, 4, 8, ... until
+    the floors hold, and the fewest that hold found by bisection. (quantized model, precision, layout in words)."""
     precision = "bf16" if "BF16" in capabilities() else "fp32"
     control = _Control(ov_model, model, options, precision)
     full = _quantize(ov_model, model, options)
     full_kept = control.kept(full)
     if control.room(full_kept) >= 0:
-        return full, precision, "int8 on every operation the transformer preset quantizes, the rest in " + precision
+        return full, precision, (f"int8 on every operation the transformer preset quantizes, the rest in {precision} "
+                                 f"({_measures(full_kept)})")
     plain = _quantize(ov_model, model, options, plain=True)
+    plain_kept = control.kept(plain)
+    base = control.room(plain_kept)
+    if base >= 0:
+        return plain, precision, (f"int8 on every operation the transformer preset quantizes, without SmoothQuant and "
+                                  f"bias correction (they cost it the floors: {_measures(full_kept)}), the rest in "
+                                  f"{precision} ({_measures(plain_kept)})")
     candidates = _quantized_ops(plain, ov_model)
     if not candidates:
         raise BuildSkipped("int8-mixed: NNCF quantized no operation of this model")
-    base = control.room(control.kept(plain))
     cost = {n: control.room(control.kept(_in_float(plain, {n}, ov_model))) - base for n in candidates}
     order = sorted(candidates, key=lambda n: -cost[n])
+    recipe = base > control.room(full_kept)  # plain: it keeps more of the floors
     tried: dict[int, tuple[object, dict[str, float]]] = {}  # k in float -> (the model, what it kept)
 
     def holds(k: int) -> bool:
-        mixed = _quantize(ov_model, model, options, ignored=tuple(order[:k]))
-        tried[k] = (mixed, control.kept(mixed))
+        if k not in tried:
+            mixed = _quantize(ov_model, model, options, ignored=tuple(order[:k]), plain=recipe)
+            tried[k] = (mixed, control.kept(mixed))
         room = control.room(tried[k][1])
         log.debug("int8-mixed: %d of %d in float, room %.5f", k, len(order), room)
         return room >= 0
-    hi = fewest(len(order) - 1, holds)  # every one in float would be no int8 at all
+    most = len(order) - 1  # every one in float would be no int8 at all
+    # the least int8 first: where even that misses the floors (raw input often does), one quantization says so
+    hi = fewest(most, holds) if holds(most) else None
     if hi is None:
-        found = ", ".join(f"{name} {v:.4f}" for name, v in full_kept.items())
-        floors = ", ".join(f"{name} {v:g}" for name, v in (options.floors or {"cosine": 0.999}).items())
+        floors = ", ".join(f"{name} {v:g}" for name, v in control.floors.items())
+        raw = " and on raw input, item by item" if control.raw else ""
         raise BuildSkipped(f"int8-mixed: every operation int8 reaches would have to stay in float to keep {floors} on "
-                           f"the calibration data (all in int8: {found}); no int8 left to gain from")
+                           f"the calibration data{raw} (all in int8: {_measures(full_kept)}); no int8 left to gain from")
     mixed, kept = tried[hi]
-    found = ", ".join(f"{name} {v:.4f}" for name, v in kept.items())
-    return mixed, precision, (f"int8 on {len(order) - hi} of the {len(order)} operations it reaches; in {precision}, "
-                              f"costliest first: {_short(order[:hi], paths)} (calibration data: {found})")
+    how = " (without SmoothQuant and bias correction, which cost it more)" if recipe else ""
+    return mixed, precision, (f"int8 on {len(order) - hi} of the {len(order)} operations it reaches{how}; in {precision}, "
+                              f"costliest first: {_short(order[:hi], paths)} ({_measures(kept)})")
 
 
 def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:

@@ -44,6 +44,9 @@ class Model:
     branches_unknown: str | None = None  # why they could not be looked for, where they could not
     was_training: bool = False  # the module as given was in training mode (torchship runs it in eval mode)
     calibration_data: dict[str, np.ndarray] | None = None
+    # raw input through the bundle's pipeline (one batch of the hard cases: empty, one word, other scripts, too long),
+    # where the model takes some: what int8 with accuracy control also holds, item by item (``optimize.raw.cases``)
+    raw_data: dict[str, np.ndarray] | None = None
 
 
 def keys_of(module: Normalized) -> tuple[str, ...] | None:
