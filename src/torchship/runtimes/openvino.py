@@ -316,8 +316,10 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
                            f"the calibration data{raw} (all in int8: {_measures(full_kept)}); no int8 left to gain from")
     mixed, kept = tried[hi]
     how = " (without SmoothQuant and bias correction, which cost it more)" if recipe else ""
-    return mixed, precision, (f"int8 on {len(order) - hi} of the {len(order)} operations it reaches{how}; in {precision}, "
-                              f"costliest first: {_short(order[:hi], paths)} ({_measures(kept)})")
+    named = (f"in {precision}, costliest first: {_short(order[:hi], paths)}" if hi <= len(order) - hi else
+             f"those: {_short(order[hi:], paths)}; the other {hi} in {precision}")  # whichever list is shorter
+    return mixed, precision, (f"int8 on {len(order) - hi} of the {len(order)} operations it reaches{how}; {named} "
+                              f"({_measures(kept)})")
 
 
 def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
