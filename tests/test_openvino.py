@@ -186,6 +186,20 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
     _, _, layout = mixed(0.9975)  # plain holds by itself (target 0.99825), the full recipe not: taken whole
     assert layout.startswith("int8 on every operation the transformer preset quantizes, without SmoothQuant"), layout
 
+    # under a task-metric budget raw input's floor follows the candidate's own error (tighter as more is in float):
+    # holding is then not monotone, so the least int8 is not tried first; 2 in float hold here, 4 and more do not (the
+    # costs all alike: the order as listed)
+    class Retrieval(Control):
+        def kept(self, m):
+            return {"retrieval": 1.0 if 2 <= len(m.in_float) <= 3 else 0.0}
+
+        def room(self, kept):
+            return kept["retrieval"] - 0.5
+    monkeypatch.setattr(ov, "_Control", Retrieval)
+    quantized.clear()
+    _, _, layout = ov._mixed(None, model, BuildOptions(quantize="int8_mixed", floors={"retrieval": 0.95}), paths)
+    assert quantized[2:] == [(("a", "b"), False), (("a",), False)] and layout.startswith("int8 on 3 of the 5"), layout
+
 
 @pytest.mark.slow
 def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path):

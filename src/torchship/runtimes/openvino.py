@@ -275,8 +275,9 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
     measured on a plain quantization (no SmoothQuant, no bias correction: both change what is around a quantizer) by
     putting it alone back in float. The recipe that keeps more of the floors, full or plain (SmoothQuant and bias
     correction fit the calibration data, and can cost short or unusual text more than they gain), is then quantized
-    with all but the cheapest left out (where even that misses, nothing will), then the costliest 2, 4, 8, ... until
-    the floors hold, and the fewest that hold found by bisection. (quantized model, precision, layout in words)."""
+    with all but the cheapest left out (under a cosine floor: where even that misses, nothing will), then the costliest
+    2, 4, 8, ... until the floors hold, and the fewest that hold found by bisection. (quantized model, precision,
+    layout in words)."""
     precision = "bf16" if "BF16" in capabilities() else "fp32"
     control = _Control(ov_model, model, options, precision)
     full = _quantize(ov_model, model, options)
@@ -307,8 +308,10 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
         log.debug("int8-mixed: %d of %d in float, room %.5f", k, len(order), room)
         return room >= 0
     most = len(order) - 1  # every one in float would be no int8 at all
-    # the least int8 first: where even that misses the floors (raw input often does), one quantization says so
-    hi = fewest(most, holds) if holds(most) else None
+    # where each floor is fixed (a cosine budget), the least int8 first: where even that misses them (raw input often
+    # does), one quantization says so. Not under a task-metric budget: raw input's floor there follows the candidate's
+    # own error, which shrinks as more stays in float, so holding is not monotone in how many do.
+    hi = fewest(most, holds) if "cosine" not in control.floors or holds(most) else None
     if hi is None:
         floors = ", ".join(f"{name} {v:g}" for name, v in control.floors.items())
         raw = " and on raw input, item by item" if control.raw else ""
