@@ -35,8 +35,7 @@ import torch
 from torchship import Budget, OptimizeOptions, load_bundle, load_source, optimize
 from torchship.machine import NO_BF16, cpu, native_bf16
 from torchship.measure import estimate, faster, interleave
-from torchship.similarity import retrieval
-from torchship.similarity import extra_cosine
+from torchship.similarity import extra_cosine, retrieval
 
 BUDGET = 0.999
 

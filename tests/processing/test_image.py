@@ -100,7 +100,11 @@ def test_an_image_processor_given_apart_from_the_source(tmp_path):
     proc = tmp_path / "proc"
     proc.mkdir()
     (folder / "preprocessor_config.json").rename(proc / "preprocessor_config.json")
-    assert load_bundle(optimize(folder, ONE, out=tmp_path / "b0").bundle).manifest.processing.image is None
-    m = load_bundle(optimize(folder, ONE, out=tmp_path / "b", image_processor=proc).bundle)
+    plain = optimize(folder, ONE, out=tmp_path / "b0")
+    assert load_bundle(plain.bundle).manifest.processing.image is None and plain.chosen.fidelity.raw_cosine is None
+    result = optimize(folder, ONE, out=tmp_path / "b", image_processor=proc)
+    # every candidate ran the image files through the pipeline in the search, the chosen one within its floor
+    assert result.chosen.fidelity.raw_cosine >= result.chosen.fidelity.raw_floor == 0.9999
+    m = load_bundle(result.bundle)
     assert m.manifest.processing.check.passed and m(sample_images()[0][:2])["label"].shape == (2,)
     assert m.manifest.processing.labels.names[0] == "cat"  # labels come from the model's own config either way

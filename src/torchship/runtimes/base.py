@@ -148,7 +148,7 @@ DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
                              "(attention kept accurate)", transformers_only=True),
                    Quantizer("int8_mixed", "int8-mixed", "OpenVINO int8 with NNCF's transformer preset, the layers the "
                              "budget cannot afford in int8 kept in float (bf16 where native), measured on the calibration "
-                             "data", transformers_only=True, keeps_floors=True))),
+                             "data and on raw input", transformers_only=True, keeps_floors=True))),
 )}
 MODULES = tuple(DESCRIPTORS)
 _REGISTRY: dict[str, Runtime] = {}
