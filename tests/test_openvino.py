@@ -154,6 +154,8 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
     monkeypatch.setattr(ov, "_quantize", quantize)
     monkeypatch.setattr(ov, "_quantized_ops", lambda q, original: list(error))
     monkeypatch.setattr(ov, "_in_float", lambda q, names, original: Fake(names, q.plain))
+    weights = dict.fromkeys(error, 0.2)  # each operation's share of the matrix weights
+    monkeypatch.setattr(ov, "_shares", lambda names, original: {n: weights[n] for n in names})
     monkeypatch.setattr(ov, "capabilities", lambda: ("FP32", "BF16"))
     paths = {n: f"encoder.layer.{i}.output.dense" for i, n in enumerate(error)}
     model = SimpleNamespace(spec=None)
@@ -185,6 +187,16 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
                              "bf16 (cosine"), layout
     _, _, layout = mixed(0.9975)  # plain holds by itself (target 0.99825), the full recipe not: taken whole
     assert layout.startswith("int8 on every operation the transformer preset quantizes, without SmoothQuant"), layout
+
+    # the same floor where the two left in int8 (e, a) carry 10% of the matrix weights: int8 over bf16 (2x a layer at
+    # most) gains at most 1.05x there, under MIXED_GAIN: not built, after one quantization with c, e, a in int8
+    weights.update(a=0.02, b=0.5, c=0.2, d=0.2, e=0.08)
+    quantized.clear()
+    with pytest.raises(BuildSkipped, match=r"more than 2 of the 5 operations .* under 30% of the matrix weights: at "
+                                           r"most 1\.18x over bf16 alone, under the 1\.1x"):
+        mixed(0.9995)
+    assert quantized[2:] == [(("b", "d"), True)]
+    weights.update(dict.fromkeys(error, 0.2))
 
     # under a task-metric budget raw input's floor follows the candidate's own error (tighter as more is in float):
     # holding is then not monotone, so the least int8 is not tried first; 2 in float hold here, 4 and more do not (the
@@ -227,6 +239,14 @@ def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path):
     for wanted in (f"encoder.layer.{i}.{m}" for i in (0, 1) for m in ("attention.self.query", "attention.output.dense",
                                                                         "intermediate.dense", "output.dense")):
         assert any(n.endswith(wanted) for n in names), (wanted, names)
+    # each operation's share of the matrix weights: the FFN's projections 2x an attention projection's (intermediate
+    # size 2x hidden in this config), the embedding tables nothing
+    share = ov._shares(found, original)
+    by_path = {paths.get(n.split("/")[0], n): v for n, v in share.items()}
+    query = next(v for k, v in by_path.items() if k.endswith("layer.0.attention.self.query"))
+    ffn = next(v for k, v in by_path.items() if k.endswith("layer.0.intermediate.dense"))
+    assert abs(sum(share.values()) - 1) < 1e-9 and ffn == pytest.approx(2 * query) and query > 0
+    assert all(v == 0 for k, v in by_path.items() if "embeddings" in k)
     control = ov._Control(original, model, options, "fp32")
     first = model.spec.output_names[0]
     assert control.kept(plain)["cosine"] < 1 - 1e-7  # int8 changes the answers ...

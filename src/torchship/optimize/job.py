@@ -107,17 +107,15 @@ class Variant:
         options = msgspec.structs.replace(job.variant.options, threads=job.threads)
         runtime = get(job.variant.runtime)
         try:
+            from dataclasses import replace
             calibration = _arrays(job.calibration)
             if self.model is None:
                 model = reload(job.model, pool, calibration)
             else:
-                from dataclasses import replace
                 model = replace(self.model, eval_data=pool, calibration_data=calibration)
             if job.raw:
-                from dataclasses import replace
                 model = replace(model, raw_data=_arrays(job.raw))
             if job.onnx_base:  # exported once, by the plain ONNX Runtime variant
-                from dataclasses import replace
                 model = replace(model, onnx_path=Path(job.onnx_base))
             t0 = time.perf_counter()
             cached = cache.get(job.cache, workdir)

@@ -217,7 +217,8 @@ class Search:
     def _raw_input(self, result: VariantResult, built: Built) -> VariantResult:
         """The verdict on raw input through the bundle's pipeline (``ws.raw``: where the pipeline is right), folded
         in: a candidate whose answer on any item there falls short of its floor (``optimize.raw.floor``) is rejected
-        with the reason before it is timed, as the check of the chosen variant after the search would reject it."""
+        with the reason before the timing rounds (it gets its probe, as any rejected row), as the check of the chosen
+        variant after the search would reject it."""
         from .raw import floor, shortfall
         raw = getattr(self.ws, "raw", None)
         if raw is None or result.fidelity is None or not result.selectable:

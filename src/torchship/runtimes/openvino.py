@@ -268,6 +268,30 @@ def fewest(most: int, holds: Callable[[int], bool], start: int = 2) -> int | Non
     return hi
 
 
+MIXED_GAIN = 1.1  # a layout that cannot gain this much over its float precision alone is not built: that variant
+# is the same model at that precision, already a row of its own, and runs of one machine differ by more than this
+
+
+def _shares(names: list[str], original) -> dict[str, float]:
+    """Each operation's share of the weights of the model's matrix multiplications and convolutions (what their
+    FLOPs per item scale with; embedding tables and the attention products, which have no weights, count nothing)."""
+    sizes = {op.get_friendly_name(): sum(int(np.prod(c.get_output_shape(0))) for c in _weights(op).values())
+             for op in original.get_ordered_ops() if op.get_type_name() != "Gather"}
+    total = sum(sizes.get(n, 0) for n in names) or 1
+    return {n: sizes.get(n, 0) / total for n in names}
+
+
+def _int8_bound(share: float, precision: str) -> float:
+    """The most a model gains over ``precision`` alone with ``share`` of its matrix work in int8 (Amdahl, with the
+    generous bounds of ``transforms.GAINS`` on this CPU)."""
+    from ..machine import cpu
+    from ..transforms import GAINS
+    flags = cpu()[1]
+    layer = lambda family: GAINS[family][2] if GAINS[family][1] in flags else GAINS[family][0]  # noqa: E731
+    gain = layer("int8") / (layer("bf16") if precision == "bf16" else 1.0)
+    return 1.0 / ((1.0 - share) + share / gain)
+
+
 def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str, str]:
     """int8 with accuracy control: NNCF's transformer preset, and where it then keeps less than the budget's floors
     (with ``MIXED_MARGIN`` spare) on the calibration data or on raw input (``_Control``), the operations that cost the
@@ -307,16 +331,28 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
         room = control.room(tried[k][1])
         log.debug("int8-mixed: %d of %d in float, room %.5f", k, len(order), room)
         return room >= 0
-    most = len(order) - 1  # every one in float would be no int8 at all
+    # the most that may stay in float: every one would be no int8 at all, and fewer than that where the rest would
+    # leave int8 too little of the matrix work to gain MIXED_GAIN over the float precision alone
+    share = _shares(order, ov_model)
+    left = lambda k: sum(share[n] for n in order[k:])  # noqa: E731
+    most = max((k for k in range(len(order)) if _int8_bound(left(k), precision) >= MIXED_GAIN), default=-1)
     # where each floor is fixed (a cosine budget), the least int8 first: where even that misses them (raw input often
     # does), one quantization says so. Not under a task-metric budget: raw input's floor there follows the candidate's
     # own error, which shrinks as more stays in float, so holding is not monotone in how many do.
-    hi = fewest(most, holds) if "cosine" not in control.floors or holds(most) else None
+    hi = None if most < 1 else fewest(most, holds) if "cosine" not in control.floors or holds(most) else None
     if hi is None:
         floors = ", ".join(f"{name} {v:g}" for name, v in control.floors.items())
         raw = " and on raw input, item by item" if control.raw else ""
-        raise BuildSkipped(f"int8-mixed: every operation int8 reaches would have to stay in float to keep {floors} on "
-                           f"the calibration data{raw} (all in int8: {_measures(full_kept)}); no int8 left to gain from")
+        if most == len(order) - 1:
+            raise BuildSkipped(f"int8-mixed: every operation int8 reaches would have to stay in float to keep {floors} "
+                               f"on the calibration data{raw} (all in int8: {_measures(full_kept)}); no int8 left to "
+                               "gain from")
+        rest = max(0, most)
+        raise BuildSkipped(f"int8-mixed: to keep {floors} on the calibration data{raw}, more than {rest} of the "
+                           f"{len(order)} operations int8 reaches would have to stay in float, leaving int8 under "
+                           f"{left(rest):.0%} of the matrix weights: at most {_int8_bound(left(rest), precision):.2f}x "
+                           f"over {precision} alone, under the {MIXED_GAIN:g}x worth a variant of its own (all in int8: "
+                           f"{_measures(full_kept)})")
     mixed, kept = tried[hi]
     how = " (without SmoothQuant and bias correction, which cost it more)" if recipe else ""
     named = (f"in {precision}, costliest first: {_short(order[:hi], paths)}" if hi <= len(order) - hi else
