@@ -347,10 +347,10 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
             raise BuildSkipped(f"int8-mixed: every operation int8 reaches would have to stay in float to keep {floors} "
                                f"on the calibration data{raw} (all in int8: {_measures(full_kept)}); no int8 left to "
                                "gain from")
-        rest = max(0, most)
-        raise BuildSkipped(f"int8-mixed: to keep {floors} on the calibration data{raw}, more than {rest} of the "
-                           f"{len(order)} operations int8 reaches would have to stay in float, leaving int8 under "
-                           f"{left(rest):.0%} of the matrix weights: at most {_int8_bound(left(rest), precision):.2f}x "
+        more = max(0, most) + 1  # the fewest that would have to stay in float
+        raise BuildSkipped(f"int8-mixed: to keep {floors} on the calibration data{raw}, at least {more} of the "
+                           f"{len(order)} operations int8 reaches would have to stay in float; int8 would then keep "
+                           f"{left(more):.0%} of the matrix weights, at most {_int8_bound(left(more), precision):.2f}x "
                            f"over {precision} alone, under the {MIXED_GAIN:g}x worth a variant of its own (all in int8: "
                            f"{_measures(full_kept)})")
     mixed, kept = tried[hi]
