@@ -117,7 +117,9 @@ def markdown(result) -> str:
         + ".",
         "- Timing: interleaved rounds (every contender timed in turn, round after round, so a burst of load hits all "
         "alike); each figure is the median of every timed call, `[lo-hi]` a 90% confidence interval of that median over "
-        "its rounds. A variant is faster than another only when their intervals do not overlap.",
+        "its rounds. A variant is faster than another only when the ratio of the two, round by round, has an interval above 1 "
+        "(or, without shared rounds, when their intervals do not overlap); contenders inside the noise are timed for more "
+        "rounds before a tie is called.",
     ]
     if result.noise is not None:
         lines.append(f"- {result.noise.describe(m['cores'])[0].upper() + result.noise.describe(m['cores'])[1:]}.")

@@ -8,6 +8,7 @@ OpenVINO cannot take it, from the ONNX export. The artifact's options say which.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import TYPE_CHECKING, Callable
 
@@ -292,6 +293,11 @@ def _int8_bound(share: float, precision: str) -> float:
     return 1.0 / ((1.0 - share) + share / gain)
 
 
+def _floor2(x: float) -> str:
+    """``x`` to two decimals, rounded down (a bound of 1.0997 under 1.1 reads 1.09x, not 1.10x)."""
+    return f"{math.floor(x * 100) / 100:.2f}"
+
+
 def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str, str]:
     """int8 with accuracy control: NNCF's transformer preset, and where it then keeps less than the budget's floors
     (with ``MIXED_MARGIN`` spare) on the calibration data or on raw input (``_Control``), the operations that cost the
@@ -350,7 +356,7 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
         more = max(0, most) + 1  # the fewest that would have to stay in float
         raise BuildSkipped(f"int8-mixed: to keep {floors} on the calibration data{raw}, at least {more} of the "
                            f"{len(order)} operations int8 reaches would have to stay in float; int8 would then keep "
-                           f"{left(more):.0%} of the matrix weights, at most {_int8_bound(left(more), precision):.2f}x "
+                           f"{left(more):.0%} of the matrix weights, at most {_floor2(_int8_bound(left(more), precision))}x "
                            f"over {precision} alone, under the {MIXED_GAIN:g}x worth a variant of its own (all in int8: "
                            f"{_measures(full_kept)})")
     mixed, kept = tried[hi]
