@@ -140,7 +140,7 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
             self.targets = {k: v + ov.MIXED_MARGIN * (1 - v) for k, v in options.floors.items()}
             self.floors, self.raw = options.floors, []
 
-        def kept(self, m):
+        def kept(self, m, ranking=False):
             scale = plain_cost[0] if m.plain else 1.0
             return {"cosine": 1 - scale * sum(e for n, e in error.items() if n not in m.in_float)}
 
@@ -202,7 +202,7 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
     # holding is then not monotone, so the least int8 is not tried first; 2 in float hold here, 4 and more do not (the
     # costs all alike: the order as listed)
     class Retrieval(Control):
-        def kept(self, m):
+        def kept(self, m, ranking=False):
             return {"retrieval": 1.0 if 2 <= len(m.in_float) <= 3 else 0.0}
 
         def room(self, kept):
@@ -214,7 +214,7 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
 
 
 @pytest.mark.slow
-def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path):
+def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path, monkeypatch):
     """On a real (small, random) BERT: the operations int8 reaches are each Linear and attention, named by module;
     putting them all back in float on the plain quantization gives the float model's answers again (the graph
     surgery the costs are measured with); the build holds the default floor and its bundle answers."""
@@ -252,13 +252,27 @@ def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path):
     assert control.kept(plain)["cosine"] < 1 - 1e-7  # int8 changes the answers ...
     restored, _ = control.outputs(ov._in_float(plain, set(found), original), "fp32")
     assert np.abs(restored - control.reference).max() < 1e-4  # ... and all back in float gives them again
+    monkeypatch.setattr(ov, "RANKING_ITEMS", 20)  # operations are ranked on the first items only (whole batches)
+    ranking = ov._Control(original, model, options, "fp32")
+    ranked, _ = ranking.outputs(plain, "fp32", ranking=True)
+    assert len(ranked) == 32 < len(ranking.reference)
+    assert ranking.kept(plain, ranking=True)["cosine"] == pytest.approx(cosines(ranking.reference[:32], ranked).mean())
     # with raw input (short, empty and other-script text, padded to the longest): each item is held to the budget's
     # cosine floor, or under a retrieval budget to the one the candidate's own error allows
     from torchship.processing.build import HARD_TEXT
     from torchship.similarity import extra_cosine
     raw = tokenize(model.tokenizer, list(HARD_TEXT.values()), 24)
     model = replace(model, raw_data={n: raw.get(n, np.zeros_like(raw["input_ids"])) for n in model.spec.input_names})
-    kept = ov._Control(original, model, options, "fp32").kept(plain)
+    grouped = ov._Control(original, model, options, "fp32")
+    kept = grouped.kept(plain)
+    # raw input runs in groups of neighbouring lengths, each cut to its longest, with the same answers as one batch
+    assert len(grouped.raw) > 1 and max(f["input_ids"].shape[1] for _, f, _ in grouped.raw) == raw["input_ids"].shape[1]
+    assert min(f["input_ids"].shape[1] for _, f, _ in grouped.raw) < raw["input_ids"].shape[1]
+    one = lambda feeds: [(np.arange(len(feeds["input_ids"])), feeds, feeds["input_ids"].shape[1])]  # noqa: E731
+    monkeypatch.setattr(ov, "_by_length", one)
+    whole = ov._Control(original, model, options, "fp32")
+    assert len(whole.raw) == 1 and np.abs(whole.raw_reference - grouped.raw_reference).max() < 1e-4
+    assert kept["raw"] == pytest.approx(whole.kept(plain)["raw"], abs=1e-5)
     assert kept["raw floor"] == 0.999 and 0 < kept["raw"] < 1 - 1e-7
     retrieval = ov._Control(original, model, options.found(floors={"retrieval": 0.9}), "fp32")
     kept = retrieval.kept(plain)

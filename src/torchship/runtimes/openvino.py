@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from ..errors import BuildSkipped, MissingExtra, first_line
+from ..mix import least_padding
 from ..similarity import cosines, extra_cosine, retrieval
 from .base import Artifact, calibration_batches, register
 
@@ -120,6 +121,9 @@ def _quantize(ov_model, model, options, ignored: tuple[str, ...] = (), plain: bo
 
 
 MIXED_MARGIN = 0.3  # int8-mixed keeps each floor on the calibration data with this share of the room above it spare
+RANKING_ITEMS = 64  # what each operation costs is measured on the first this many calibration items (as NNCF's own
+# accuracy control ranks on a subset): one measurement per operation, and the ranking needs no more; whether a layout
+# holds is measured on them all
 
 
 class _Control:
@@ -127,40 +131,48 @@ class _Control:
     float model's, as the budget's floors say (mean cosine, retrieval), and on raw input through the bundle's pipeline
     where the model takes some (``Source.raw_data``), item by item: the worst item's cosine at least the floor the
     search will hold it to there (``optimize.raw.floor``: the budget's cosine, else the one its own relative error
-    allows), all compiled at the precision it will run at."""
+    allows), all compiled at the precision it will run at. ``ranking``: on the first ``RANKING_ITEMS`` calibration
+    items only, what ranking the operations by cost measures on."""
 
     def __init__(self, ov_model, model, options, precision: str):
         self.core, self.names, self.precision = _ov().Core(), model.spec.input_names, precision
         self.batches = calibration_batches(model)
         self.floors = options.floors or {"cosine": DEFAULT_FLOOR}  # the default budget's floor
         self.targets = {k: _spare(v) for k, v in self.floors.items()}
-        self.raw = [model.raw_data] if getattr(model, "raw_data", None) else []
+        self.raw = _by_length(model.raw_data) if getattr(model, "raw_data", None) else []
         self.reference, self.raw_reference = self.outputs(ov_model, "fp32")
+        count = np.cumsum([len(next(iter(b.values()))) for b in self.batches])
+        self.ranked = int(np.searchsorted(count, min(RANKING_ITEMS, count[-1]))) + 1  # batches to reach those items
 
-    def outputs(self, ov_model, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """The first output on the calibration inputs, and on the raw input (None without): padded tokens zeroed."""
+    def outputs(self, ov_model, precision: str, ranking: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The first output on the calibration inputs (the first ``RANKING_ITEMS`` where ``ranking``), and on the raw
+        input (None without): padded tokens zeroed."""
         compiled = self.core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISIONS[precision],
                                                              "NUM_STREAMS": "1"})
         run = lambda b: np.asarray(compiled([b[n] for n in self.names])[0], dtype=np.float64)  # noqa: E731
         raw = None
-        if self.raw:
-            raw = run(self.raw[0])
-            mask = self.raw[0].get("attention_mask")
-            if mask is not None and raw.ndim == 3 and raw.shape[:2] == mask.shape:
-                raw = raw * mask[..., None]
-        return np.concatenate([run(b) for b in self.batches]), raw
+        for index, feeds, width in self.raw:
+            out = run(feeds)
+            mask = feeds.get("attention_mask")
+            if mask is not None and out.ndim == 3 and out.shape[:2] == mask.shape:  # per token: padding zeroed, as
+                out = np.pad(out * mask[..., None], ((0, 0), (0, max(0, width - out.shape[1])), (0, 0)))  # wide as all
+            if raw is None:
+                raw = np.zeros((sum(len(i) for i, _, _ in self.raw),) + out.shape[1:])
+            raw[index] = out
+        return np.concatenate([run(b) for b in (self.batches[:self.ranked] if ranking else self.batches)]), raw
 
-    def kept(self, ov_model) -> dict[str, float]:
+    def kept(self, ov_model, ranking: bool = False) -> dict[str, float]:
         """What ``ov_model`` keeps of each floor's measure on the calibration data, and on raw input the worst item's
         cosine (``raw``) with the floor it must keep (``raw floor``)."""
-        out, raw = self.outputs(ov_model, self.precision)
-        found = {"cosine": float(cosines(self.reference, out).mean())}
+        out, raw = self.outputs(ov_model, self.precision, ranking)
+        reference = self.reference[:len(out)]
+        found = {"cosine": float(cosines(reference, out).mean())}
         if "retrieval" in self.targets:
-            r = retrieval(self.reference, out)
+            r = retrieval(reference, out)
             found["retrieval"] = r[0] if r else found["cosine"]
         if raw is not None:
             found["raw"] = float(cosines(self.raw_reference.reshape(len(raw), -1), raw.reshape(len(raw), -1)).min())
-            own = float(np.linalg.norm(out - self.reference) / max(np.linalg.norm(self.reference), 1e-30))
+            own = float(np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-30))
             found["raw floor"] = self.floors.get("cosine", extra_cosine(own))
         return found
 
@@ -171,6 +183,27 @@ class _Control:
 
 
 DEFAULT_FLOOR = 0.999  # the default budget's cosine floor
+
+
+def _by_length(feeds: dict[str, np.ndarray], groups: int = 3) -> list[tuple[np.ndarray, dict[str, np.ndarray], int]]:
+    """Raw input as a few groups of items of neighbouring lengths, each cut to its longest (a text longer than the
+    model takes would pad all the others to its length, and int8 with accuracy control runs raw input some fifty
+    times): (the items' places, their inputs, the width of the whole). One group where the inputs are not all
+    (items, tokens) with a mask whose padding is at the end."""
+    mask = feeds.get("attention_mask")
+    whole = [(np.arange(len(next(iter(feeds.values())))), feeds, 0 if mask is None else mask.shape[-1])]
+    if mask is None or mask.ndim != 2 or any(a.shape != mask.shape for a in feeds.values()):
+        return whole
+    lengths = np.maximum(mask.sum(1).astype(int), 1)
+    if not all(mask[i, :n].all() for i, n in enumerate(lengths)):
+        return whole
+    sizes, counts = np.unique(lengths, return_counts=True)
+    found, low = [], 0
+    for size in sorted(least_padding(sizes.tolist(), (counts / len(lengths)).tolist(), groups)):
+        index = np.flatnonzero((lengths > low) & (lengths <= size))
+        found.append((index, {k: np.ascontiguousarray(v[index, :size]) for k, v in feeds.items()}, mask.shape[1]))
+        low = size
+    return found
 
 
 def _spare(floor: float) -> float:
@@ -325,7 +358,8 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
     candidates = _quantized_ops(plain, ov_model)
     if not candidates:
         raise BuildSkipped("int8-mixed: NNCF quantized no operation of this model")
-    cost = {n: control.room(control.kept(_in_float(plain, {n}, ov_model))) - base for n in candidates}
+    ranked = control.room(control.kept(plain, ranking=True))  # on the ranking items, as each cost below
+    cost = {n: control.room(control.kept(_in_float(plain, {n}, ov_model), ranking=True)) - ranked for n in candidates}
     order = sorted(candidates, key=lambda n: -cost[n])
     recipe = base > control.room(full_kept)  # plain: it keeps more of the floors
     tried: dict[int, tuple[object, dict[str, float]]] = {}  # k in float -> (the model, what it kept)
