@@ -344,3 +344,22 @@ class CondBranch(nn.Module):
 
     def forward(self, x):
         return torch.cond(x.mean() < -1, lambda t: self.lin(-t) * 3.0, lambda t: self.lin(t), (x,))
+
+
+class Outlier(nn.Module):
+    """An MLP whose middle layer takes one hidden unit 300x the others (an activation outlier, as transformers have):
+    static int8 puts that input on one scale and loses the rest; the other layers quantize well."""
+
+    example_inputs = ["x:float32[batch,32]"]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 16)
+        with torch.no_grad():
+            self.a.weight[0] *= 300
+            self.a.bias[0] = 300.0
+            self.b.weight[:, 0] = 0.0  # the outlier only widens b's input range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))

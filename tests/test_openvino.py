@@ -84,7 +84,7 @@ def test_an_openvino_bundle_serves(server, ov_bundle):
 def test_the_fewest_layers_in_float_are_found_with_few_quantizations():
     """int8-mixed's search: the costliest k operations kept in float, k the least that holds (each try a
     quantization): 2, 4, 8, ... then bisection. Decided on injected verdicts, not on a model."""
-    from torchship.runtimes.openvino import fewest
+    from torchship.runtimes.control import fewest
     for most in (1, 2, 7, 41):
         for need in range(1, most + 1):
             tried = []
@@ -125,6 +125,7 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
     searched, and a plain recipe that holds by itself is taken whole."""
     from types import SimpleNamespace
 
+    import torchship.runtimes.control as control_module
     import torchship.runtimes.openvino as ov
     from torchship.errors import BuildSkipped
     from torchship.runtimes.base import BuildOptions
@@ -137,7 +138,7 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
 
     class Control:
         def __init__(self, ov_model, model, options, precision):
-            self.targets = {k: v + ov.MIXED_MARGIN * (1 - v) for k, v in options.floors.items()}
+            self.targets = {k: v + control_module.MIXED_MARGIN * (1 - v) for k, v in options.floors.items()}
             self.floors, self.raw = options.floors, []
 
         def kept(self, m, ranking=False):
@@ -220,6 +221,7 @@ def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path, monk
     surgery the costs are measured with); the build holds the default floor and its bundle answers."""
     from dataclasses import replace
 
+    import torchship.runtimes.control as control_module
     import torchship.runtimes.openvino as ov
     from tests._text import bert_dir
     from torchship.runtimes.base import BuildOptions, LoadContext, get
@@ -252,7 +254,7 @@ def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path, monk
     assert control.kept(plain)["cosine"] < 1 - 1e-7  # int8 changes the answers ...
     restored, _ = control.outputs(ov._in_float(plain, set(found), original), "fp32")
     assert np.abs(restored - control.reference).max() < 1e-4  # ... and all back in float gives them again
-    monkeypatch.setattr(ov, "RANKING_ITEMS", 20)  # operations are ranked on the first items only (whole batches)
+    monkeypatch.setattr(control_module, "RANKING_ITEMS", 20)  # operations are ranked on the first items only (whole batches)
     ranking = ov._Control(original, model, options, "fp32")
     ranked, _ = ranking.outputs(plain, "fp32", ranking=True)
     assert len(ranked) == 32 < len(ranking.reference)
@@ -269,7 +271,7 @@ def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path, monk
     assert len(grouped.raw) > 1 and max(f["input_ids"].shape[1] for _, f, _ in grouped.raw) == raw["input_ids"].shape[1]
     assert min(f["input_ids"].shape[1] for _, f, _ in grouped.raw) < raw["input_ids"].shape[1]
     one = lambda feeds: [(np.arange(len(feeds["input_ids"])), feeds, feeds["input_ids"].shape[1])]  # noqa: E731
-    monkeypatch.setattr(ov, "_by_length", one)
+    monkeypatch.setattr(control_module, "by_length", one)
     whole = ov._Control(original, model, options, "fp32")
     assert len(whole.raw) == 1 and np.abs(whole.raw_reference - grouped.raw_reference).max() < 1e-4
     assert kept["raw"] == pytest.approx(whole.kept(plain)["raw"], abs=1e-5)

@@ -61,3 +61,26 @@ def test_the_plan_names_each_variants_parent():
     assert by["onnxrt+int8"].parent == "onnxrt" and by["eager+prune30"].parent == "eager"
     assert by["compile+ao-int8"].parent == "compile"
     assert all(v.parent is not None for v in by.values())
+
+
+@pytest.mark.slow
+def test_static_int8_with_accuracy_control_leaves_the_costly_nodes_in_fp32(tmp_path):
+    """ONNX Runtime's static int8 with accuracy control (``control``): on an MLP with an activation outlier, static
+    int8 misses the budget; the mixed variant keeps in fp32 the nodes whose int8 costs it, holds the budget, says
+    which in its row, and its bundle really runs int8 on the rest. Where static int8 holds by itself, the mixed one
+    would be the same model: a skipped row that says so."""
+    from torchship.optimize import OptimizeOptions, optimize
+    opts = OptimizeOptions(runtimes=("onnxrt",), transforms=("int8",), batch_sizes=(16,), seconds_per_size=0.05,
+                           exhaustive=True, cache=False)
+    res = optimize("tests.models:Outlier", opts, out=tmp_path / "bundle")
+    static, mixed = res.variant("onnxrt+static-int8"), res.variant("onnxrt+static-int8-mixed")
+    assert static.status == "rejected" and static.fidelity.cosine < 0.99, static.reason
+    assert mixed.status == "ok" and mixed.fidelity.cosine >= 0.999, mixed.reason
+    layout = mixed.artifact.options.layout
+    assert layout.startswith("int8 on 1 of the 3 nodes it reaches") and "fp32" in layout, layout
+    report = (tmp_path / "bundle" / "report" / "report.md").read_text()
+    assert "int8 on 1 of the 3 nodes" in report
+    assert mixed.fidelity.max_abs_error > 0  # really int8 on the rest
+    tiny = optimize("tests.models:Tiny", opts)
+    assert tiny.variant("onnxrt+static-int8-mixed").status == "skipped"
+    assert "keeps the floors by itself" in tiny.variant("onnxrt+static-int8-mixed").reason

@@ -20,6 +20,7 @@ from ..measure import CpuWatch, Noise, estimate, paired
 from ..plan import VariantPlan
 from ..profile import stats
 from ..results import VariantResult
+from ..runtimes.base import describe
 from ..transforms import GAINS, most_gain
 from ..verify import compare
 from .protocol import Built, TimeBatch
@@ -204,8 +205,8 @@ class Search:
             got = cases({k: z[k] for k in z.files})
         outputs = [None if i in built.extra_errors else got.get(i, {}) for i in range(len(self.ws.extra))]
         kind = (vp.derived or ("",))[0]
-        unjudged = ("calibrated ranges" if vp.options.quantize in ("static_int8", "int8", "int8_transformer", "int8_mixed")
-                    or kind == "qat" else "trained within the data's range" if kind else None)
+        calibrated = any(q.calibrated and q.quantize == vp.options.quantize for q in describe(vp.runtime).quantizes)
+        unjudged = ("calibrated ranges" if calibrated or kind == "qat" else "trained within the data's range" if kind else None)
         checked, worst, reason = beyond_the_example(fidelity.relative_error or 0.0, self.ws.extra, outputs,
                                                     built.extra_errors, unjudged)
         diverged = reason is not None and vp.selectable

@@ -39,7 +39,7 @@ class Source(Protocol):
 
 Precision = Literal["fp32", "bf16", "fp16"]
 # runtime-side int8, done by the runtime's own toolkit when it builds (see each Descriptor's ``quantizes``)
-Quantization = Literal["dynamic_int8", "static_int8", "int8", "int8_transformer", "int8_mixed"]
+Quantization = Literal["dynamic_int8", "static_int8", "static_int8_mixed", "int8", "int8_transformer", "int8_mixed"]
 
 
 class BuildOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -106,6 +106,7 @@ class Quantizer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transformers_only: bool = False  # planned only for a model with attention inside (a preset made for them)
     not_for_transformers: str | None = None  # why it is not built for a model with attention inside (a skipped row)
     keeps_floors: bool = False  # it holds the budget's floors as it builds (``BuildOptions.floors``, set by the plan)
+    calibrated: bool = False  # its activation ranges are calibrated on data (inputs scaled beyond them are not judged)
 
 
 class Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -133,22 +134,29 @@ DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
     Descriptor("aoti", "a compiled AOTInductor package, no Python code", 3, takes=("module", "program"), specializes=True,
                native="the shared library AOTInductor compiled into", quantizes=(
                    Quantizer("static_int8", "static-int8", "PT2E static int8 (torchao, x86 inductor quantizer, calibrated) "
-                             "on AOTInductor"),)),
+                             "on AOTInductor", calibrated=True),)),
     Descriptor("onnxrt", "a single self-contained ONNX file", 0, takes=("module", "onnx", "program"), specializes=True,
                quantizes=(Quantizer("dynamic_int8", "int8", "ONNX Runtime dynamic int8 (per-channel QInt8 weights)"),
                           Quantizer("static_int8", "static-int8", "ONNX Runtime static int8 (QDQ, calibrated activations, "
-                                    "per-channel weights)"))),
+                                    "per-channel weights)", calibrated=True),
+                          Quantizer("static_int8_mixed", "static-int8-mixed", "ONNX Runtime static int8, the nodes the "
+                                    "budget cannot afford in int8 kept in fp32, measured on the calibration data and on "
+                                    "raw input", keeps_floors=True, calibrated=True, not_for_transformers=(
+                                        "ONNX Runtime's static int8 loses attention to activation outliers (cosine 0.37 "
+                                        "on MiniLM), and a node at a time costs a quantization: OpenVINO's int8-mixed "
+                                        "is built for such models")))),
     Descriptor("openvino", "an OpenVINO IR, no Python code", 1, takes=("module", "onnx"), specializes=True,
                extra="openvino", quantizes=(
                    Quantizer("int8", "int8", "OpenVINO int8 (NNCF post-training quantization, calibrated)",
-                             not_for_transformers="NNCF's default preset quantizes what attention needs accurate (its "
+                             calibrated=True, not_for_transformers="NNCF's default preset quantizes what attention needs accurate (its "
                              "softmax and layer norms; cosine 0.6 on MiniLM): int8-transformer and int8-mixed are built "
                              "for this model instead"),
                    Quantizer("int8_transformer", "int8-transformer", "OpenVINO int8 with NNCF's transformer preset "
-                             "(attention kept accurate)", transformers_only=True),
+                             "(attention kept accurate)", transformers_only=True, calibrated=True),
                    Quantizer("int8_mixed", "int8-mixed", "OpenVINO int8 with NNCF's transformer preset, the layers the "
                              "budget cannot afford in int8 kept in float (bf16 where native), measured on the calibration "
-                             "data and on raw input", transformers_only=True, keeps_floors=True))),
+                             "data and on raw input", transformers_only=True, keeps_floors=True,
+                             calibrated=True))),
 )}
 MODULES = tuple(DESCRIPTORS)
 _REGISTRY: dict[str, Runtime] = {}

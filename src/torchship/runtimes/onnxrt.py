@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import BuildSkipped, first_line
 from .base import Artifact, calibration_batches, register
+from .control import Control, least_in_float, measures
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -76,6 +77,9 @@ def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
         files = _quantize(workdir, files, "dynamic", None)
     elif options.quantize == "static_int8":
         files = _quantize(workdir, files, "static", calibration_batches(model))
+    elif options.quantize == "static_int8_mixed":
+        files, layout = _mixed(workdir, files, model, options)
+        options = options.found(layout=layout)
     return Artifact("onnxrt", files, options)
 
 
@@ -96,17 +100,9 @@ def _quantize(workdir, files, kind: str, batches) -> tuple[str, ...]:
             q.quantize_dynamic(str(source), str(workdir / "model.onnx"), weight_type=q.QuantType.QInt8, per_channel=True,
                                reduce_range=True)
         else:
-            class Reader(q.CalibrationDataReader):
-                def __init__(self):
-                    self.batches = iter(batches)
-
-                def get_next(self):
-                    return next(self.batches, None)
             prepared = workdir / "prepared.onnx"
             q.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            q.quantize_static(str(prepared), str(workdir / "model.onnx"), Reader(), quant_format=q.QuantFormat.QDQ,
-                              per_channel=True, reduce_range=True, activation_type=q.QuantType.QUInt8,
-                              weight_type=q.QuantType.QInt8)
+            _static(prepared, workdir / "model.onnx", batches)
             prepared.unlink()
     except Exception as exc:
         raise BuildSkipped(f"ONNX Runtime {kind} quantization failed: {first_line(exc, 200)}") from exc
@@ -114,6 +110,106 @@ def _quantize(workdir, files, kind: str, batches) -> tuple[str, ...]:
         (workdir / name).unlink(missing_ok=True)
     source.unlink()
     return ("model.onnx",)
+
+
+def _static(prepared: Path, target: Path, batches, excluded: tuple[str, ...] = (), ranges: Path | None = None) -> Path:
+    """ONNX Runtime static int8 of ``prepared`` into ``target`` (QDQ, per-channel 7-bit weights, uint8 activations
+    calibrated on ``batches``), the nodes ``excluded`` left in float; ``ranges``: a file the calibrated ranges are kept
+    in and read back from (so that one calibration serves every layout)."""
+    from onnxruntime import quantization as q
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+    q.quantize_static(str(prepared), str(target), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                      reduce_range=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                      nodes_to_exclude=list(excluded), calibration_cache_path=None if ranges is None else str(ranges))
+    return target
+
+
+class _Control(Control):
+    """``control.Control`` for an ONNX model: an ONNX Runtime session on the CPU."""
+
+    def compiled(self, path, precision: str):
+        sess = session(path, threads=None)
+        taken = {i.name for i in sess.get_inputs()}
+        return lambda inputs: sess.run(None, {n: a for n, a in zip(self.names, inputs) if n in taken})[0]
+
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _quantized_nodes(path: Path) -> list[str]:
+    """The nodes of a QDQ model that run on int8: those with an input through a DequantizeLinear."""
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in graph.node if n.op_type not in _QDQ and any(i in dequantized for i in n.input)]
+
+
+def _weight_shares(path: Path, names: list[str]) -> dict[str, float]:
+    """Each node's share of the weights of the model's matrix multiplications and convolutions (their float
+    initializers of two dimensions or more; what their FLOPs per item scale with)."""
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.load(str(path)).graph
+    sizes = {i.name: int(np.prod(numpy_helper.to_array(i).shape)) for i in graph.initializer if len(i.dims) >= 2}
+    weighted = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+    found = {n.name: sum(sizes.get(i, 0) for i in n.input) for n in graph.node
+             if n.name in names and n.op_type in weighted}
+    total = sum(found.values()) or 1
+    return {n: found.get(n, 0) / total for n in names}
+
+
+def _mixed(workdir: Path, files: tuple[str, ...], model, options) -> tuple[tuple[str, ...], str]:
+    """Static int8 with accuracy control: ONNX Runtime's static int8, and where it keeps less than the budget's floors
+    (with ``control.MIXED_MARGIN`` spare) on the calibration data or on raw input, the nodes that cost the most left
+    in fp32, as few as hold the floors. A node's cost: the room gained by leaving it alone out of int8 (one
+    calibration serves every layout: the ranges are kept). (files, layout in words)."""
+    from onnxruntime import quantization as q
+    source, prepared, ranges = workdir / "fp32.onnx", workdir / "prepared.onnx", workdir / "ranges.json"
+    (workdir / files[0]).rename(source)
+    batches = calibration_batches(model)
+    built: dict[tuple[str, ...], Path] = {}  # the nodes left in float -> the model quantized so
+    kept: dict[tuple[tuple[str, ...], bool], dict[str, float]] = {}  # (those, on the ranking items only) -> measures
+    try:
+        q.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        control = _Control(prepared, model, options, "fp32")
+
+        def quantized(excluded: tuple[str, ...], ranking: bool = False) -> dict[str, float]:
+            if excluded not in built:
+                built[excluded] = _static(prepared, workdir / f"int8-{len(built)}.onnx", batches, excluded, ranges)
+            if (excluded, ranking) not in kept:
+                kept[(excluded, ranking)] = control.kept(built[excluded], ranking)
+            return kept[(excluded, ranking)]
+        full_kept = quantized(())
+        if control.room(full_kept) >= 0:
+            raise BuildSkipped(f"static-int8-mixed: ONNX Runtime's static int8 keeps the floors by itself "
+                               f"({measures(full_kept)}): that model is onnxrt+static-int8")
+        candidates = _quantized_nodes(built[()])
+        if not candidates:
+            raise BuildSkipped("static-int8-mixed: ONNX Runtime quantized no node of this model")
+        base = control.room(quantized((), ranking=True))
+        cost = {n: control.room(quantized((n,), ranking=True)) - base for n in candidates}
+        order = sorted(candidates, key=lambda n: -cost[n])
+        hi = least_in_float(order, _weight_shares(prepared, order), "fp32",
+                            lambda k: control.room(quantized(tuple(order[:k]))) >= 0, control, full_kept,
+                            "static-int8-mixed")
+        built[tuple(order[:hi])].rename(workdir / "model.onnx")
+        found = kept[(tuple(order[:hi]), False)]
+    except BuildSkipped:
+        raise
+    except Exception as exc:
+        raise BuildSkipped(f"ONNX Runtime static quantization failed: {first_line(exc, 200)}") from exc
+    finally:
+        for path in [source, prepared, ranges, *built.values()] + [workdir / n for n in files[1:]]:
+            path.unlink(missing_ok=True)
+    named = (f"in fp32, costliest first: {', '.join(order[:hi])}" if hi <= len(order) - hi else
+             f"those: {', '.join(order[hi:])}; the other {hi} in fp32")  # whichever list is shorter
+    return ("model.onnx",), f"int8 on {len(order) - hi} of the {len(order)} nodes it reaches; {named} ({measures(found)})"
 
 
 def session(path, device="cpu", threads=None, optimize=True, spin=True):

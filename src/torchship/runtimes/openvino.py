@@ -8,16 +8,14 @@ OpenVINO cannot take it, from the ONNX export. The artifact's options say which.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BuildSkipped, MissingExtra, first_line
-from ..mix import least_padding
-from ..similarity import cosines, extra_cosine, retrieval
 from .base import Artifact, calibration_batches, register
+from .control import Control, least_in_float, measures
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -120,99 +118,17 @@ def _quantize(ov_model, model, options, ignored: tuple[str, ...] = (), plain: bo
         raise BuildSkipped(f"NNCF int8 quantization failed: {first_line(exc, 200)}") from exc
 
 
-MIXED_MARGIN = 0.3  # int8-mixed keeps each floor on the calibration data with this share of the room above it spare
-RANKING_ITEMS = 64  # what each operation costs is measured on the first this many calibration items (as NNCF's own
-# accuracy control ranks on a subset): one measurement per operation, and the ranking needs no more; whether a layout
-# holds is measured on them all
-
-
-class _Control:
-    """What int8 with accuracy control measures a candidate by: its first output on the calibration inputs against the
-    float model's, as the budget's floors say (mean cosine, retrieval), and on raw input through the bundle's pipeline
-    where the model takes some (``Source.raw_data``), item by item: the worst item's cosine at least the floor the
-    search will hold it to there (``optimize.raw.floor``: the budget's cosine, else the one its own relative error
-    allows), all compiled at the precision it will run at. ``ranking``: on the first ``RANKING_ITEMS`` calibration
-    items only, what ranking the operations by cost measures on."""
+class _Control(Control):
+    """``control.Control`` for an OpenVINO model: compiled for the CPU at the precision it will run at."""
 
     def __init__(self, ov_model, model, options, precision: str):
-        self.core, self.names, self.precision = _ov().Core(), model.spec.input_names, precision
-        self.batches = calibration_batches(model)
-        self.floors = options.floors or {"cosine": DEFAULT_FLOOR}  # the default budget's floor
-        self.targets = {k: _spare(v) for k, v in self.floors.items()}
-        self.raw = _by_length(model.raw_data) if getattr(model, "raw_data", None) else []
-        self.reference, self.raw_reference = self.outputs(ov_model, "fp32")
-        count = np.cumsum([len(next(iter(b.values()))) for b in self.batches])
-        self.ranked = int(np.searchsorted(count, min(RANKING_ITEMS, count[-1]))) + 1  # batches to reach those items
+        self.core = _ov().Core()
+        super().__init__(ov_model, model, options, precision)
 
-    def outputs(self, ov_model, precision: str, ranking: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """The first output on the calibration inputs (the first ``RANKING_ITEMS`` where ``ranking``), and on the raw
-        input (None without): padded tokens zeroed."""
+    def compiled(self, ov_model, precision: str):
         compiled = self.core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISIONS[precision],
                                                              "NUM_STREAMS": "1"})
-        run = lambda b: np.asarray(compiled([b[n] for n in self.names])[0], dtype=np.float64)  # noqa: E731
-        raw = None
-        for index, feeds, width in self.raw:
-            out = run(feeds)
-            mask = feeds.get("attention_mask")
-            if mask is not None and out.ndim == 3 and out.shape[:2] == mask.shape:  # per token: padding zeroed, as
-                out = np.pad(out * mask[..., None], ((0, 0), (0, max(0, width - out.shape[1])), (0, 0)))  # wide as all
-            if raw is None:
-                raw = np.zeros((sum(len(i) for i, _, _ in self.raw),) + out.shape[1:])
-            raw[index] = out
-        return np.concatenate([run(b) for b in (self.batches[:self.ranked] if ranking else self.batches)]), raw
-
-    def kept(self, ov_model, ranking: bool = False) -> dict[str, float]:
-        """What ``ov_model`` keeps of each floor's measure on the calibration data, and on raw input the worst item's
-        cosine (``raw``) with the floor it must keep (``raw floor``)."""
-        out, raw = self.outputs(ov_model, self.precision, ranking)
-        reference = self.reference[:len(out)]
-        found = {"cosine": float(cosines(reference, out).mean())}
-        if "retrieval" in self.targets:
-            r = retrieval(reference, out)
-            found["retrieval"] = r[0] if r else found["cosine"]
-        if raw is not None:
-            found["raw"] = float(cosines(self.raw_reference.reshape(len(raw), -1), raw.reshape(len(raw), -1)).min())
-            own = float(np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-30))
-            found["raw floor"] = self.floors.get("cosine", extra_cosine(own))
-        return found
-
-    def room(self, kept: dict[str, float]) -> float:
-        """The least room above a target of what a model ``kept`` (>= 0: every floor holds with the margin)."""
-        room = min(kept[k] - t for k, t in self.targets.items())
-        return min(room, kept["raw"] - _spare(kept["raw floor"])) if "raw" in kept else room
-
-
-DEFAULT_FLOOR = 0.999  # the default budget's cosine floor
-
-
-def _by_length(feeds: dict[str, np.ndarray], groups: int = 3) -> list[tuple[np.ndarray, dict[str, np.ndarray], int]]:
-    """Raw input as a few groups of items of neighbouring lengths, each cut to its longest (a text longer than the
-    model takes would pad all the others to its length, and int8 with accuracy control runs raw input some fifty
-    times): (the items' places, their inputs, the width of the whole). One group where the inputs are not all
-    (items, tokens) with a mask whose padding is at the end."""
-    mask = feeds.get("attention_mask")
-    whole = [(np.arange(len(next(iter(feeds.values())))), feeds, 0 if mask is None else mask.shape[-1])]
-    if mask is None or mask.ndim != 2 or any(a.shape != mask.shape for a in feeds.values()):
-        return whole
-    lengths = np.maximum(mask.sum(1).astype(int), 1)
-    if not all(mask[i, :n].all() for i, n in enumerate(lengths)):
-        return whole
-    sizes, counts = np.unique(lengths, return_counts=True)
-    found, low = [], 0
-    for size in sorted(least_padding(sizes.tolist(), (counts / len(lengths)).tolist(), groups)):
-        index = np.flatnonzero((lengths > low) & (lengths <= size))
-        found.append((index, {k: np.ascontiguousarray(v[index, :size]) for k, v in feeds.items()}, mask.shape[1]))
-        low = size
-    return found
-
-
-def _spare(floor: float) -> float:
-    """A floor with ``MIXED_MARGIN`` of the room above it spare."""
-    return floor + MIXED_MARGIN * (1 - floor)
-
-
-def _measures(kept: dict[str, float]) -> str:
-    return ", ".join(f"{'raw input, worst item' if k == 'raw' else k} {v:.4f}" for k, v in kept.items() if k != "raw floor")
+        return lambda inputs: compiled(inputs)[0]
 
 
 _SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
@@ -283,29 +199,6 @@ def _short(names: list[str], paths: dict[str, str]) -> str:
     return ", ".join(".".join(p[max(0, common - 1):]) for p in parts)
 
 
-def fewest(most: int, holds: Callable[[int], bool], start: int = 2) -> int | None:
-    """The least k in 1..``most`` for which ``holds(k)`` (taken to stay true above it), or None: ``start``, then
-    doubling until it holds, then bisection between the last that failed and the first that held (each call a
-    quantization, so as few as that)."""
-    lo, hi, k = 0, None, start
-    while hi is None and lo < most:
-        k = min(k, most)
-        if holds(k):
-            hi = k
-        else:
-            lo, k = k, 2 * k
-    if hi is None:
-        return None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if holds(mid) else (mid, hi)
-    return hi
-
-
-MIXED_GAIN = 1.1  # a layout that cannot gain this much over its float precision alone is not built: that variant
-# is the same model at that precision, already a row of its own, and runs of one machine differ by more than this
-
-
 def _shares(names: list[str], original) -> dict[str, float]:
     """Each operation's share of the weights of the model's matrix multiplications and convolutions (what their
     FLOPs per item scale with; embedding tables and the attention products, which have no weights, count nothing)."""
@@ -313,22 +206,6 @@ def _shares(names: list[str], original) -> dict[str, float]:
              for op in original.get_ordered_ops() if op.get_type_name() != "Gather"}
     total = sum(sizes.get(n, 0) for n in names) or 1
     return {n: sizes.get(n, 0) / total for n in names}
-
-
-def _int8_bound(share: float, precision: str) -> float:
-    """The most a model gains over ``precision`` alone with ``share`` of its matrix work in int8 (Amdahl, with the
-    generous bounds of ``transforms.GAINS`` on this CPU)."""
-    from ..machine import cpu
-    from ..transforms import GAINS
-    flags = cpu()[1]
-    layer = lambda family: GAINS[family][2] if GAINS[family][1] in flags else GAINS[family][0]  # noqa: E731
-    gain = layer("int8") / (layer("bf16") if precision == "bf16" else 1.0)
-    return 1.0 / ((1.0 - share) + share / gain)
-
-
-def _floor2(x: float) -> str:
-    """``x`` to two decimals, rounded down (a bound of 1.0997 under 1.1 reads 1.09x, not 1.10x)."""
-    return f"{math.floor(x * 100) / 100:.2f}"
 
 
 def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str, str]:
@@ -347,14 +224,14 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
     full_kept = control.kept(full)
     if control.room(full_kept) >= 0:
         return full, precision, (f"int8 on every operation the transformer preset quantizes, the rest in {precision} "
-                                 f"({_measures(full_kept)})")
+                                 f"({measures(full_kept)})")
     plain = _quantize(ov_model, model, options, plain=True)
     plain_kept = control.kept(plain)
     base = control.room(plain_kept)
     if base >= 0:
         return plain, precision, (f"int8 on every operation the transformer preset quantizes, without SmoothQuant and "
-                                  f"bias correction (they cost it the floors: {_measures(full_kept)}), the rest in "
-                                  f"{precision} ({_measures(plain_kept)})")
+                                  f"bias correction (they cost it the floors: {measures(full_kept)}), the rest in "
+                                  f"{precision} ({measures(plain_kept)})")
     candidates = _quantized_ops(plain, ov_model)
     if not candidates:
         raise BuildSkipped("int8-mixed: NNCF quantized no operation of this model")
@@ -371,34 +248,13 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
         room = control.room(tried[k][1])
         log.debug("int8-mixed: %d of %d in float, room %.5f", k, len(order), room)
         return room >= 0
-    # the most that may stay in float: every one would be no int8 at all, and fewer than that where the rest would
-    # leave int8 too little of the matrix work to gain MIXED_GAIN over the float precision alone
-    share = _shares(order, ov_model)
-    left = lambda k: sum(share[n] for n in order[k:])  # noqa: E731
-    most = max((k for k in range(len(order)) if _int8_bound(left(k), precision) >= MIXED_GAIN), default=-1)
-    # where each floor is fixed (a cosine budget), the least int8 first: where even that misses them (raw input often
-    # does), one quantization says so. Not under a task-metric budget: raw input's floor there follows the candidate's
-    # own error, which shrinks as more stays in float, so holding is not monotone in how many do.
-    hi = None if most < 1 else fewest(most, holds) if "cosine" not in control.floors or holds(most) else None
-    if hi is None:
-        floors = ", ".join(f"{name} {v:g}" for name, v in control.floors.items())
-        raw = " and on raw input, item by item" if control.raw else ""
-        if most == len(order) - 1:
-            raise BuildSkipped(f"int8-mixed: every operation int8 reaches would have to stay in float to keep {floors} "
-                               f"on the calibration data{raw} (all in int8: {_measures(full_kept)}); no int8 left to "
-                               "gain from")
-        more = max(0, most) + 1  # the fewest that would have to stay in float
-        raise BuildSkipped(f"int8-mixed: to keep {floors} on the calibration data{raw}, at least {more} of the "
-                           f"{len(order)} operations int8 reaches would have to stay in float; int8 would then keep "
-                           f"{left(more):.0%} of the matrix weights, at most {_floor2(_int8_bound(left(more), precision))}x "
-                           f"over {precision} alone, under the {MIXED_GAIN:g}x worth a variant of its own (all in int8: "
-                           f"{_measures(full_kept)})")
+    hi = least_in_float(order, _shares(order, ov_model), precision, holds, control, full_kept, "int8-mixed")
     mixed, kept = tried[hi]
     how = " (without SmoothQuant and bias correction, which cost it more)" if recipe else ""
     named = (f"in {precision}, costliest first: {_short(order[:hi], paths)}" if hi <= len(order) - hi else
              f"those: {_short(order[hi:], paths)}; the other {hi} in {precision}")  # whichever list is shorter
     return mixed, precision, (f"int8 on {len(order) - hi} of the {len(order)} operations it reaches{how}; {named} "
-                              f"({_measures(kept)})")
+                              f"({measures(kept)})")
 
 
 def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
