@@ -347,8 +347,9 @@ class CondBranch(nn.Module):
 
 
 class Outlier(nn.Module):
-    """An MLP whose middle layer takes one hidden unit 300x the others (an activation outlier, as transformers have):
-    static int8 puts that input on one scale and loses the rest; the other layers quantize well."""
+    """An MLP whose first layer ignores its first input: where the data carry an outlier there (300x the others, as
+    transformers' activations have), static int8 puts that input on one scale with the rest and loses them, in the
+    first layer alone; the other layers quantize well."""
 
     example_inputs = ["x:float32[batch,32]"]
 
@@ -357,9 +358,15 @@ class Outlier(nn.Module):
         torch.manual_seed(0)
         self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 16)
         with torch.no_grad():
-            self.a.weight[0] *= 300
-            self.a.bias[0] = 300.0
-            self.b.weight[:, 0] = 0.0  # the outlier only widens b's input range
+            self.a.weight[:, 0] = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def outlier_data(items: int = 256, seed: int = 0) -> dict:
+    """Inputs for ``Outlier``: normal, the first 300x the others."""
+    import numpy as np
+    x = np.random.default_rng(seed).standard_normal((items, 32)).astype(np.float32)
+    x[:, 0] *= 300
+    return {"x": x}

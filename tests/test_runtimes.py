@@ -69,17 +69,21 @@ def test_static_int8_with_accuracy_control_leaves_the_costly_nodes_in_fp32(tmp_p
     int8 misses the budget; the mixed variant keeps in fp32 the nodes whose int8 costs it, holds the budget, says
     which in its row, and its bundle really runs int8 on the rest. Where static int8 holds by itself, the mixed one
     would be the same model: a skipped row that says so."""
+    import numpy as np
+
+    from tests.models import outlier_data
     from torchship.optimize import OptimizeOptions, optimize
     opts = OptimizeOptions(runtimes=("onnxrt",), transforms=("int8",), batch_sizes=(16,), seconds_per_size=0.05,
                            exhaustive=True, cache=False)
-    res = optimize("tests.models:Outlier", opts, out=tmp_path / "bundle")
+    np.savez(tmp_path / "eval.npz", **outlier_data(256))  # an outlier in the first input: the first layer's alone
+    res = optimize("tests.models:Outlier", opts, out=tmp_path / "bundle", eval_data=tmp_path / "eval.npz")
     static, mixed = res.variant("onnxrt+static-int8"), res.variant("onnxrt+static-int8-mixed")
     assert static.status == "rejected" and static.fidelity.cosine < 0.99, static.reason
     assert mixed.status == "ok" and mixed.fidelity.cosine >= 0.999, mixed.reason
     layout = mixed.artifact.options.layout
-    assert layout.startswith("int8 on 1 of the 3 nodes it reaches") and "fp32" in layout, layout
+    assert layout.startswith("int8 on 2 of the 3 nodes it reaches; in fp32, costliest first: "), layout
     report = (tmp_path / "bundle" / "report" / "report.md").read_text()
-    assert "int8 on 1 of the 3 nodes" in report
+    assert "int8 on 2 of the 3 nodes" in report
     assert mixed.fidelity.max_abs_error > 0  # really int8 on the rest
     tiny = optimize("tests.models:Tiny", opts)
     assert tiny.variant("onnxrt+static-int8-mixed").status == "skipped"
