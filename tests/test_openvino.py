@@ -158,6 +158,7 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
     weights = dict.fromkeys(error, 0.2)  # each operation's share of the matrix weights
     monkeypatch.setattr(ov, "_shares", lambda names, original: {n: weights[n] for n in names})
     monkeypatch.setattr(ov, "capabilities", lambda: ("FP32", "BF16"))
+    monkeypatch.setattr("torchship.machine.cpu", lambda: ("a CPU without AMX", frozenset({"avx512_bf16"})))
     paths = {n: f"encoder.layer.{i}.output.dense" for i, n in enumerate(error)}
     model = SimpleNamespace(spec=None)
     mixed = lambda floor: ov._mixed(None, model, BuildOptions(quantize="int8_mixed", floors={"cosine": floor}), paths)  # noqa: E731
@@ -197,6 +198,10 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
                                            r"most 1\.05x over bf16 alone, under the 1\.1x"):
         mixed(0.9995)
     assert quantized[2:] == [(("b", "d"), True)]
+    # the same on a CPU with AMX (int8 and bf16 layers both twice as fast: the same 2x between them)
+    monkeypatch.setattr("torchship.machine.cpu", lambda: ("a CPU with AMX", frozenset({"amx_int8", "amx_bf16"})))
+    with pytest.raises(BuildSkipped, match=r"at most 1\.05x over bf16 alone"):
+        mixed(0.9995)
     weights.update(dict.fromkeys(error, 0.2))
 
     # under a task-metric budget raw input's floor follows the candidate's own error (tighter as more is in float):

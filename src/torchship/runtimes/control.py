@@ -135,10 +135,9 @@ def int8_bound(share: float, precision: str) -> float:
     """The most a model gains over ``precision`` alone with ``share`` of its matrix work in int8 (Amdahl, with the
     generous bounds of ``transforms.GAINS`` on this CPU)."""
     from ..machine import cpu
-    from ..transforms import GAINS
+    from ..transforms import most_gain
     flags = cpu()[1]
-    layer = lambda family: GAINS[family][2] if GAINS[family][1] in flags else GAINS[family][0]  # noqa: E731
-    gain = layer("int8") / (layer("bf16") if precision == "bf16" else 1.0)
+    gain = most_gain("int8", flags) / (most_gain("bf16", flags) if precision == "bf16" else 1.0)  # per layer
     return 1.0 / ((1.0 - share) + share / gain)
 
 
