@@ -1,8 +1,13 @@
 import os
 import tempfile
 
-import pytest
-import torch
+# before torch loads OpenMP: the suite runs two test processes on two cores, each with torch's threads on every core,
+# and an OpenMP thread waiting at a barrier spins on the core the other process needs (two digits-cnn tests at once:
+# 40 s spinning, 24 s passive). Set for the suite and what it starts; the product keeps OpenMP's default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # a cache of its own for each session (zoo weights, builds): what a fresh machine does, every time
 os.environ.setdefault("TORCHSHIP_CACHE", tempfile.mkdtemp(prefix="torchship-tests-"))

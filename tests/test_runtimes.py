@@ -88,3 +88,48 @@ def test_static_int8_with_accuracy_control_leaves_the_costly_nodes_in_fp32(tmp_p
     tiny = optimize("tests.models:Tiny", opts)
     assert tiny.variant("onnxrt+static-int8-mixed").status == "skipped"
     assert "keeps the floors by itself" in tiny.variant("onnxrt+static-int8-mixed").reason
+
+
+
+@pytest.mark.slow
+def test_dynamic_int8_with_accuracy_control_leaves_the_costly_linear_layers_in_fp32(tmp_path):
+    """torch.ao dynamic int8 with accuracy control (eager's own ``int8-mixed``): on the MLP with an activation outlier,
+    int8 on every Linear layer misses the budget (the outlier sets the first layer's activation scale); the mixed
+    variant keeps that layer alone in fp32, holds the budget and says so in its row; what loads keeps that layer in
+    fp32 and runs the others as dynamic int8. Where dynamic int8 holds by itself: a skipped row."""
+    import json
+    from dataclasses import replace
+
+    import msgspec
+    import numpy as np
+    import torch
+
+    from tests.models import outlier_data
+    from torchship.optimize import OptimizeOptions, optimize
+    from torchship.runtimes.base import BuildOptions, LoadContext
+    from torchship.sources import load_source
+    from torchship.transforms import from_dict
+    opts = OptimizeOptions(runtimes=("eager",), transforms=("int8",), batch_sizes=(16,), seconds_per_size=0.05,
+                           exhaustive=True, cache=False)
+    np.savez(tmp_path / "eval.npz", **outlier_data(256))
+    res = optimize("tests.models:Outlier", opts, out=tmp_path / "bundle", eval_data=tmp_path / "eval.npz")
+    plain, mixed = res.variant("eager+int8"), res.variant("eager+int8-mixed")
+    assert plain.status == "rejected" and plain.fidelity.cosine < 0.99, plain.reason
+    assert mixed.status == "ok" and mixed.fidelity.cosine >= 0.999, mixed.reason
+    layout = mixed.artifact.options.layout
+    assert re.match(r"int8 on 2 of the 3 Linear layers; in fp32, costliest first: (\w+\.)*a \(cosine 0\.99", layout), layout
+    assert "int8 on 2 of the 3 Linear layers" in (tmp_path / "bundle" / "report" / "report.md").read_text()
+    assert mixed.fidelity.max_abs_error > 0  # really int8 on the rest
+    # what a bundle of it loads: the layout, as its manifest records it (JSON), applied again to the fp32 weights
+    model = replace(load_source("tests.models:Outlier"), calibration_data=outlier_data(64))
+    artifact = get("eager").build(model, BuildOptions(quantize="dynamic_int8_mixed", floors={"cosine": 0.999}), tmp_path)
+    (recorded,) = artifact.options.transforms
+    artifact = msgspec.structs.replace(artifact, options=artifact.options.found(transforms=(json.loads(json.dumps(recorded)),)))
+    assert from_dict(artifact.options.transforms[0]).float_layers == (layout.split(": ")[1].split(" ")[0],)
+    loaded = get("eager").load(artifact, tmp_path, model.spec, LoadContext(threads=1, trust_code=True))
+    linears = {n: type(m) for n, m in loaded.fn.named_modules() if type(m).__name__ == "Linear"}
+    assert sorted(n.rsplit(".", 1)[-1] for n, t in linears.items() if t is torch.nn.Linear) == ["a"], linears
+    assert sum(t is torch.ao.nn.quantized.dynamic.Linear for t in linears.values()) == 2, linears
+    tiny = optimize("tests.models:Tiny", opts)
+    assert tiny.variant("eager+int8-mixed").status == "skipped"
+    assert "keeps the floors by itself" in tiny.variant("eager+int8-mixed").reason

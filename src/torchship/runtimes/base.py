@@ -39,7 +39,8 @@ class Source(Protocol):
 
 Precision = Literal["fp32", "bf16", "fp16"]
 # runtime-side int8, done by the runtime's own toolkit when it builds (see each Descriptor's ``quantizes``)
-Quantization = Literal["dynamic_int8", "static_int8", "static_int8_mixed", "int8", "int8_transformer", "int8_mixed"]
+Quantization = Literal["dynamic_int8", "dynamic_int8_mixed", "static_int8", "static_int8_mixed", "int8", "int8_transformer",
+                       "int8_mixed"]
 
 
 class BuildOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -128,7 +129,9 @@ class Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 # in the order the plan lists them
 DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
-    Descriptor("eager", "the model's own Python code", 4),
+    Descriptor("eager", "the model's own Python code", 4, quantizes=(
+        Quantizer("dynamic_int8_mixed", "int8-mixed", "torch.ao dynamic int8 Linear layers, those the budget cannot "
+                  "afford in int8 kept in fp32, measured on the calibration data and on raw input", keeps_floors=True),)),
     Descriptor("torchscript", "a TorchScript file, no Python code", 2),  # traces, or scripts (see flow.specialized)
     Descriptor("compile", "the model's Python code, compiled at every load", 5),
     Descriptor("aoti", "a compiled AOTInductor package, no Python code", 3, takes=("module", "program"), specializes=True,

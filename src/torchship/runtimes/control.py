@@ -1,7 +1,8 @@
 """int8 with accuracy control, for any runtime whose toolkit can leave operations out of int8: what a candidate keeps
 of the budget's floors (``Control``), how many of the costliest operations stay in float (``least_in_float``), and
 whether the rest is worth a variant of its own (``int8_bound``). A runtime brings how it compiles a candidate and how
-it quantizes with some operations left out; ``openvino`` (NNCF) and ``onnxrt`` (ONNX Runtime's QDQ) use it."""
+it quantizes with some operations left out; ``openvino`` (NNCF), ``onnxrt`` (ONNX Runtime's QDQ) and ``eager``
+(torch.ao's dynamic int8) use it."""
 from __future__ import annotations
 
 import math
@@ -30,6 +31,15 @@ def spare(floor: float) -> float:
 
 def measures(kept: dict[str, float]) -> str:
     return ", ".join(f"{'raw input, worst item' if k == 'raw' else k} {v:.4f}" for k, v in kept.items() if k != "raw floor")
+
+
+def layout(order: list[str], hi: int, precision: str, kept: dict[str, float], what: str, how: str = "",
+           names: Callable[[list[str]], str] = ", ".join) -> str:
+    """A mixed layout in words: ``order`` (costliest first) with the first ``hi`` in ``precision``, naming whichever
+    list is shorter, and what it ``kept``."""
+    named = (f"in {precision}, costliest first: {names(order[:hi])}" if hi <= len(order) - hi else
+             f"those: {names(order[hi:])}; the other {hi} in {precision}")
+    return f"int8 on {len(order) - hi} of the {len(order)} {what}{how}; {named} ({measures(kept)})"
 
 
 def by_length(feeds: dict[str, np.ndarray], groups: int = 3) -> list[tuple[np.ndarray, dict[str, np.ndarray], int]]:

@@ -1,12 +1,18 @@
-"""Eager PyTorch: eval() + inference_mode (and, as a reference row, the model run as too often written)."""
+"""Eager PyTorch: eval() + inference_mode (and, as a reference row, the model run as too often written); its own int8
+with accuracy control (torch.ao dynamic int8, the Linear layers the budget cannot afford left in fp32)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from contextlib import contextmanager
+
+import numpy as np
 import torch
 
-from ._torch import PRECISIONS, TorchRunner, load_weights_module, needs_arch, save_weights, set_threads
+from ..errors import BuildSkipped
+from ._torch import PRECISIONS, TorchRunner, cast_args, load_weights_module, needs_arch, save_weights, set_threads
 from .base import Artifact, register
+from .control import Control, layout, least_in_float, measures
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -17,7 +23,71 @@ if TYPE_CHECKING:
 
 def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     arch = needs_arch(model)
+    if options.quantize == "dynamic_int8_mixed":
+        options = _mixed(model, options)
     return Artifact("eager", (save_weights(model, workdir),), options, architecture=arch)
+
+
+class _Control(Control):
+    """``control.Control`` for a torch module on the CPU."""
+
+    def compiled(self, module, precision: str):
+        def run(inputs):
+            with torch.inference_mode():
+                out = module(*cast_args(tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs), precision))
+            return (out if isinstance(out, torch.Tensor) else out[0]).float().numpy()
+        return run
+
+
+@contextmanager
+def _in_float(quantized, name: str, linear):
+    """``quantized`` with its layer ``name`` put back as the float ``linear`` for a while."""
+    parent, _, leaf = name.rpartition(".")
+    owner = quantized.get_submodule(parent)
+    was = getattr(owner, leaf)
+    setattr(owner, leaf, linear)
+    try:
+        yield quantized
+    finally:
+        setattr(owner, leaf, was)
+
+
+def _mixed(model, options: BuildOptions) -> BuildOptions:
+    """torch.ao dynamic int8 with accuracy control: where int8 on every Linear layer keeps less than the budget's floors
+    (with ``control.MIXED_MARGIN`` spare) on the calibration data or on raw input, the layers whose int8 costs the most
+    stay in fp32, as few as hold the floors. A layer's cost: the room gained by putting it alone back in fp32 (dynamic
+    int8 quantizes each layer on its own, so one quantized model serves every measurement). The layout is an at-load
+    transform (``DynamicInt8(float_layers)``): the bundle keeps the fp32 weights, and its load quantizes the rest."""
+    from torch import nn
+
+    from ..transforms import DynamicInt8, apply, to_dict
+    linears = {n: m for n, m in model.module.named_modules() if type(m) is nn.Linear}
+    if not linears:
+        raise BuildSkipped("int8-mixed: dynamic int8 quantizes nn.Linear layers, and this model has none")
+    control = _Control(model.module, model, options, "fp32")
+    full = apply(model.module, DynamicInt8())
+    full_kept = control.kept(full)
+    if control.room(full_kept) >= 0:
+        raise BuildSkipped(f"int8-mixed: torch.ao dynamic int8 keeps the floors by itself ({measures(full_kept)}): "
+                           "that model is eager+int8")
+    base = control.room(control.kept(full, ranking=True))
+    cost = {}
+    for name, linear in linears.items():
+        with _in_float(full, name, linear) as one:
+            cost[name] = control.room(control.kept(one, ranking=True)) - base
+    order = sorted(linears, key=lambda n: -cost[n])
+    total = sum(m.weight.numel() for m in linears.values())
+    tried: dict[int, dict[str, float]] = {}  # k in fp32 -> what it kept
+
+    def holds(k: int) -> bool:
+        if k not in tried:
+            tried[k] = control.kept(apply(model.module, DynamicInt8(tuple(order[:k]))))
+        return control.room(tried[k]) >= 0
+    hi = least_in_float(order, {n: linears[n].weight.numel() / total for n in order}, "fp32", holds, control,
+                        full_kept, "int8-mixed")
+    config = DynamicInt8(tuple(sorted(order[:hi])))
+    return options.found(transforms=(*options.transforms, to_dict(config)),
+                         layout=layout(order, hi, "fp32", tried[hi], "Linear layers"))
 
 
 def prepare(module, options, device):

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import BuildSkipped, first_line
 from .base import Artifact, calibration_batches, register
-from .control import Control, least_in_float, measures
+from .control import Control, layout, least_in_float, measures
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -207,9 +207,7 @@ def _mixed(workdir: Path, files: tuple[str, ...], model, options) -> tuple[tuple
     finally:
         for path in [source, prepared, ranges, *built.values()] + [workdir / n for n in files[1:]]:
             path.unlink(missing_ok=True)
-    named = (f"in fp32, costliest first: {', '.join(order[:hi])}" if hi <= len(order) - hi else
-             f"those: {', '.join(order[hi:])}; the other {hi} in fp32")  # whichever list is shorter
-    return ("model.onnx",), f"int8 on {len(order) - hi} of the {len(order)} nodes it reaches; {named} ({measures(found)})"
+    return ("model.onnx",), layout(order, hi, "fp32", found, "nodes it reaches")
 
 
 def session(path, device="cpu", threads=None, optimize=True, spin=True):

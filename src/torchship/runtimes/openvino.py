@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import BuildSkipped, MissingExtra, first_line
 from .base import Artifact, calibration_batches, register
-from .control import Control, least_in_float, measures
+from .control import Control, layout, least_in_float, measures
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -251,10 +251,8 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
     hi = least_in_float(order, _shares(order, ov_model), precision, holds, control, full_kept, "int8-mixed")
     mixed, kept = tried[hi]
     how = " (without SmoothQuant and bias correction, which cost it more)" if recipe else ""
-    named = (f"in {precision}, costliest first: {_short(order[:hi], paths)}" if hi <= len(order) - hi else
-             f"those: {_short(order[hi:], paths)}; the other {hi} in {precision}")  # whichever list is shorter
-    return mixed, precision, (f"int8 on {len(order) - hi} of the {len(order)} operations it reaches{how}; {named} "
-                              f"({measures(kept)})")
+    return mixed, precision, layout(order, hi, precision, kept, "operations it reaches", how,
+                                    lambda names: _short(names, paths))
 
 
 def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
@@ -262,8 +260,8 @@ def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     ov_model, source, paths = _convert(model, workdir)
     found = {}
     if options.quantize == "int8_mixed":
-        ov_model, precision, layout = _mixed(ov_model, model, options, paths)
-        found = {"precision": precision, "layout": layout}
+        ov_model, precision, words = _mixed(ov_model, model, options, paths)
+        found = {"precision": precision, "layout": words}
     elif options.quantize in ("int8", "int8_transformer"):
         ov_model = _quantize(ov_model, model, options)
     ov.save_model(ov_model, str(workdir / "model.xml"), compress_to_fp16=False)  # the weights as they are

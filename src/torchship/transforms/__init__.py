@@ -86,14 +86,19 @@ def register(config_type: type):
 
 @dataclass(frozen=True)
 class DynamicInt8:
-    """int8 weights and dynamically quantized activations for nn.Linear (torch.ao, on the CPU)."""
+    """int8 weights and dynamically quantized activations for nn.Linear (torch.ao, on the CPU); ``float_layers``: the
+    Linear layers (by their names in the module) left in fp32 (eager's ``int8-mixed`` finds them, ``runtimes.eager``)."""
 
+    float_layers: tuple[str, ...] = ()
     kind: str = "dynamic_int8"
     at_load: bool = True
     family: ClassVar[str] = "int8"
     covers: ClassVar[str] = "linear"  # the layers it changes (the search bounds its gain by their share of the time)
     needs_example: ClassVar[bool] = False
     devices: ClassVar[tuple[str, ...]] = ("cpu",)  # where the plan offers it
+
+    def __post_init__(self):
+        object.__setattr__(self, "float_layers", tuple(self.float_layers))  # a manifest's JSON list, as recorded
 
     @classmethod
     def offers(cls) -> tuple[Offer, ...]:
@@ -225,7 +230,12 @@ def _dynamic_int8(module: nn.Module, config: DynamicInt8, context: Context) -> n
         warnings.simplefilter("ignore")
         # per-channel weight scales (as for ONNX Runtime): per-tensor loses several points of cosine on transformers
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        return torch.ao.quantization.quantize_dynamic(module.eval(), {nn.Linear: qconfig}, dtype=torch.qint8)
+        names = {n for n, m in module.named_modules() if type(m) is nn.Linear}  # as {nn.Linear: qconfig} would
+        if set(config.float_layers) - names:
+            raise UsageError(f"dynamic int8: no Linear layer named {sorted(set(config.float_layers) - names)[0]!r} to "
+                             "leave in fp32 in this model")
+        spec = {n: qconfig for n in sorted(names - set(config.float_layers))}
+        return torch.ao.quantization.quantize_dynamic(module.eval(), spec, dtype=torch.qint8)
 
 
 @register(TorchaoInt8)
