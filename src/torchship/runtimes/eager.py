@@ -86,8 +86,11 @@ def _mixed(model, options: BuildOptions) -> BuildOptions:
     hi = least_in_float(order, {n: linears[n].weight.numel() / total for n in order}, "fp32", holds, control,
                         full_kept, "int8-mixed")
     config = DynamicInt8(tuple(sorted(order[:hi])))
-    return options.found(transforms=(*options.transforms, to_dict(config)),
-                         layout=layout(order, hi, "fp32", tried[hi], "Linear layers"))
+    parts = [n.split(".") for n in order]
+    common = next((i for i, p in enumerate(zip(*parts)) if len(set(p)) > 1), min(map(len, parts)) - 1)
+    return options.found(transforms=(*options.transforms, to_dict(config)),  # names without the prefix all share
+                         layout=layout(order, hi, "fp32", tried[hi], "Linear layers", names=lambda ns: ", ".join(
+                             ".".join(n.split(".")[common:]) for n in ns)))
 
 
 def prepare(module, options, device):
