@@ -134,3 +134,28 @@ def test_dynamic_int8_with_accuracy_control_leaves_the_costly_linear_layers_in_f
     tiny = optimize("tests.models:Tiny", opts)
     assert tiny.variant("eager+int8-mixed").status == "skipped"
     assert "keeps the floors by itself" in tiny.variant("eager+int8-mixed").reason
+
+
+@pytest.mark.slow
+def test_compile_marks_the_named_dimensions_dynamic_so_new_sizes_compile_nothing(tmp_path):
+    """A compile bundle takes every batch size and length after two compiles (the sizes, and a batch of one, which
+    torch specializes), not one more for each dimension that turns out to vary: a server's first requests of new
+    sizes stall on no compile, and the search's worker compiles half as often (benchmarks/compile_shapes.py)."""
+    import numpy as np
+    import torch
+    from torch._dynamo.utils import counters
+
+    from torchship.runtimes.base import BuildOptions, LoadContext
+    from torchship.sources import load_source
+    model = load_source("tests.models:SmallVocab")
+    artifact = get("compile").build(model, BuildOptions(), tmp_path)
+    run = get("compile").load(artifact, tmp_path, model.spec, LoadContext(threads=1, trust_code=True))
+    torch._dynamo.reset()
+    counters.clear()
+    rng = np.random.default_rng(0)
+    for batch, seq in [(2, 5), (4, 9), (1, 3), (3, 7), (1, 6), (8, 2)]:
+        ids = rng.integers(0, 50, (batch, seq))
+        got = run({"ids": ids})["output"]
+        with torch.inference_mode():
+            np.testing.assert_allclose(got, model.module(torch.from_numpy(ids))[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2
