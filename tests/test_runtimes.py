@@ -159,3 +159,20 @@ def test_compile_marks_the_named_dimensions_dynamic_so_new_sizes_compile_nothing
         with torch.inference_mode():
             np.testing.assert_allclose(got, model.module(torch.from_numpy(ids))[0].numpy(), rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_int8_with_accuracy_control_on_eager_and_onnxrt_is_a_skipped_row_for_a_transformer(tmp_path):
+    """A transformer's raw text needs most operations in float under their one-at-a-time search (measured on MiniLM):
+    for a model with attention the two are skipped rows that send the user to OpenVINO's int8-mixed; for an MLP they
+    are planned with the budget's floors."""
+    from tests._text import bert_dir
+    from torchship.plan import plan
+    from torchship.sources import load_source
+    floors = {"cosine": 0.999}
+    mixed = ("eager+int8-mixed", "onnxrt+static-int8-mixed")
+    bert = {v.name: v for v in plan(load_source(str(bert_dir(tmp_path / "bert"))), "cpu", ["eager", "onnxrt"], None,
+                                    ("int8",), floors=floors)}
+    assert all("OpenVINO's int8-mixed is built for" in bert[name].skip for name in mixed)
+    mlp = {v.name: v for v in plan(load_source("tests.models:Outlier"), "cpu", ["eager", "onnxrt"], None, ("int8",),
+                                   floors=floors)}
+    assert all(mlp[name].skip is None and mlp[name].options.floors == floors for name in mixed)
