@@ -90,7 +90,6 @@ def test_static_int8_with_accuracy_control_leaves_the_costly_nodes_in_fp32(tmp_p
     assert "keeps the floors by itself" in tiny.variant("onnxrt+static-int8-mixed").reason
 
 
-
 @pytest.mark.slow
 def test_dynamic_int8_with_accuracy_control_leaves_the_costly_linear_layers_in_fp32(tmp_path):
     """torch.ao dynamic int8 with accuracy control (eager's own ``int8-mixed``): on the MLP with an activation outlier,

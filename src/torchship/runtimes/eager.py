@@ -2,9 +2,8 @@
 with accuracy control (torch.ao dynamic int8, the Linear layers the budget cannot afford left in fp32)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
