@@ -195,6 +195,8 @@ def test_a_compressed_child_of_a_runtime_far_behind_is_not_built_unless_exhausti
     reason = search.not_worth_building(int8)
     # torch.ao int8 changes the Linear layers only: half the time here, so at most 1/(0.5 + 0.5/4) = 1.6x
     assert "eager runs at 0.10x the speed of onnxrt" in reason and "at most 1.6x on the Linear layers" in reason
+    mixed = VariantPlan("eager+int8-mixed", "eager", BuildOptions(quantize="dynamic_int8_mixed"))  # a runtime's own
+    assert "at most 1.6x on the Linear layers" in search.not_worth_building(mixed)  # int8 on Linear layers: the same
     close = VariantPlan("onnxrt+int8", "onnxrt", BuildOptions(quantize="dynamic_int8"))
     assert search.not_worth_building(close) is None  # the leader itself is its parent
     bf16 = VariantPlan("eager-bf16", "eager", BuildOptions(precision="bf16"))

@@ -112,7 +112,8 @@ class Search:
             return None
         from ..machine import cpu
         from ..transforms import covers
-        linear = any(covers(t) == "linear" for t in vp.transforms)
+        linear = any(covers(t) == "linear" for t in vp.transforms) or any(
+            q.covers == "linear" for q in describe(vp.runtime).quantizes if q.quantize == vp.options.quantize)
         share = self.ws.linear_share() if linear else 1.0
         gain = max_gain(kind, cpu()[1] if self.flags is None else self.flags, share)
         target = self.opts.target

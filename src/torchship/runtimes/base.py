@@ -108,6 +108,7 @@ class Quantizer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     not_for_transformers: str | None = None  # why it is not built for a model with attention inside (a skipped row)
     keeps_floors: bool = False  # it holds the budget's floors as it builds (``BuildOptions.floors``, set by the plan)
     calibrated: bool = False  # its activation ranges are calibrated on data (inputs scaled beyond them are not judged)
+    covers: Literal["linear", "all"] = "all"  # the layers it changes (the search bounds its gain by their share of the time)
 
 
 class Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -132,7 +133,7 @@ DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
     Descriptor("eager", "the model's own Python code", 4, quantizes=(
         Quantizer("dynamic_int8_mixed", "int8-mixed", "torch.ao dynamic int8 Linear layers, those the budget cannot "
                   "afford in int8 kept in fp32, measured on the calibration data and on raw input", keeps_floors=True,
-                  not_for_transformers=(
+                  covers="linear", not_for_transformers=(
                       "a transformer's raw text needs most Linear layers in fp32 (MiniLM: 32 of 37 at the default budget, "
                       "found after 41 s, too few left in int8 to gain), and where a layout holds, torchao's int8 is "
                       "faster (MiniLM at retrieval 0.95: eager+ao-int8 1.23x it): OpenVINO's int8-mixed is built for "
