@@ -173,6 +173,22 @@ def test_a_noisy_machine_is_named_with_what_it_means():
     assert "+-12%" in words and "declared ties" in words
 
 
+def test_the_headline_ratio_is_the_shared_rounds_one_where_rounds_timed_apart_differ():
+    """The demo's case: the runner-up was dropped after three rounds and the leader ran faster in the rounds it had
+    without it (fewer processes alive). The medians differ 2x, the shared rounds 1.02x: the headline and the margin
+    say 1.02x, and the words say the figures differ because of rounds timed apart."""
+    def timed(name, runtime, rounds):
+        rounds = tuple(tuple([t] * 4) for t in rounds)
+        return VariantResult(name=name, runtime=runtime, status="ok", profile={8: stats(8, rounds)}, samples={8: rounds},
+                             fidelity=Fidelity(0.0, 1.0, 1.0, None, None, None, True, ""))
+    leader = timed("onnxrt", "onnxrt", [0.0100] * 3 + [0.0050] * 5)
+    dropped = timed("torchscript", "torchscript", [0.0102] * 3)
+    d = select([leader, dropped], 8)
+    assert d.chosen == "onnxrt" and d.beyond_noise and d.margin == pytest.approx(1.02)
+    assert "1.02x the runner-up torchscript" in d.why and "round by round 1.020x [1.020-1.020] over 3 shared" in d.why
+    assert "differ 2.04x: rounds timed apart, the shared ones decide" in d.why
+
+
 def test_no_round_is_timed_alone_so_the_decision_agrees_with_the_search():
     """Once the leader has beaten everyone beyond the noise, timing stops: a figure timed alone would be compared
     with nothing, and could widen until the final decision called a tie with a variant the search had dropped."""

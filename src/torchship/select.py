@@ -34,7 +34,7 @@ class Decision(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     runner_up: str | None  # the best other variant
     runner_up_throughput: float | None
     runner_up_interval: tuple[float, float] | None
-    margin: float | None  # chosen / runner-up, at the medians
+    margin: float | None  # chosen / runner-up: round by round where they shared rounds, else at the medians
     beyond_noise: bool  # the chosen one is faster than the runner-up beyond the noise
     why: str
     paired: tuple[float, float, float] | None = None  # the runner-up's time over the chosen one's, round by round:
@@ -97,7 +97,7 @@ def select(results: Sequence[VariantResult], target_batch_size: int,
                     fastest=fastest[0].name, tied=tuple(o[0].name for o in tied if o[0].name != chosen[0].name),
                     runner_up=runner[0].name if runner else None, runner_up_throughput=rs.throughput if rs else None,
                     runner_up_interval=rs.throughput_interval if rs else None,
-                    margin=s.throughput / rs.throughput if rs else None, beyond_noise=bool(runner) and beats(chosen, runner),
+                    margin=p.median if p else s.throughput / rs.throughput if rs else None, beyond_noise=bool(runner) and beats(chosen, runner),
                     why=explain(chosen, fastest, runner, tied, latency_slo_ms))
 
 
@@ -117,8 +117,13 @@ def explain(chosen, fastest, runner, tied, slo) -> str:
     by_rounds = (f"; round by round {r.median:.3f}x [{r.lo:.3f}-{r.hi:.3f}] over {r.rounds} shared rounds"
                  if r is not None else "")
     if name == fastest[0].name and beats(chosen, runner):
-        return (f"{name} is the fastest {where}: {_figure(chosen)}, {_tput(chosen) / _tput(runner):.2f}x "
-                f"the runner-up {runner[0].name} ({_figure(runner)}), beyond the noise{by_rounds}")
+        times = _tput(chosen) / _tput(runner)
+        # where they shared rounds, the headline is the ratio those rounds give: the figures' medians also count the
+        # rounds one had alone (after the other was dropped), which can run faster or slower than the shared ones
+        apart = ("" if r is None or r.lo <= times <= r.hi else f"; their own figures, each over every round it had, "
+                 f"differ {times:.2f}x: rounds timed apart, the shared ones decide")
+        return (f"{name} is the fastest {where}: {_figure(chosen)}, {r.median if r else times:.2f}x "
+                f"the runner-up {runner[0].name} ({_figure(runner)}), beyond the noise{by_rounds}{apart}")
     others = [o[0].name for o in tied if o[0].name != name]
     if others:
         head = f"{name} ({_figure(chosen)}) ties {where} with {', '.join(others)} within the noise"

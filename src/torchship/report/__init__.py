@@ -101,7 +101,7 @@ def markdown(result) -> str:
         lines += [d.why + ".", ""]
         if d.runner_up:
             lines += [f"Runner-up: {d.runner_up}, {d.runner_up_throughput:,.0f} items/s [{d.runner_up_interval[0]:,.0f}-"
-                      f"{d.runner_up_interval[1]:,.0f}]; margin {d.margin:.2f}x, "
+                      f"{d.runner_up_interval[1]:,.0f}]; margin {d.margin:.2f}x{' round by round' if d.paired else ''}, "
                       + ("beyond the noise." if d.beyond_noise else "inside the noise: a tie."), ""]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     lines += [f"- **Note**: {n}." for n in result.notes]
