@@ -50,8 +50,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/torchship demo
 
-# two test processes (pytest-xdist) on 2 cores: 10 min 20 s quiet; 16-17 min in three fresh clones with one core kept busy
-# (three processes were slower, 15 min 56 s quiet, and broke one worker's builds in that run)
+# two test processes (pytest-xdist) on 2 cores: 9 min 42 s quiet in a fresh clone (tests/conftest.py keeps OpenMP's
+# waiting threads from spinning on the other process's core); three processes were slower, and broke one worker's builds
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
