@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import threading
-import time
 
 import httpx
 import pytest

@@ -221,7 +221,6 @@ def _backlog_drain(loop_factory) -> tuple[int, list[bytes], type | None]:
     (the kernel completes their handshakes into the listening socket's backlog, nothing accepts them), then the
     drain closes the listening socket. What each client reads back, and what a new connection meets after."""
     import socket
-    import threading
 
     from torchship.serve.server import _Uvicorn
 
