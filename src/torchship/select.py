@@ -9,6 +9,7 @@ then the smaller. The decision says all of this in words.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import msgspec
@@ -22,6 +23,7 @@ from .runtimes.base import DESCRIPTORS
 # runtime's descriptor gives its rank and its words
 SIMPLICITY = tuple(sorted(DESCRIPTORS, key=lambda r: DESCRIPTORS[r].simplicity))
 WHAT = {r: d.what for r, d in DESCRIPTORS.items()}
+APART = 1.1  # the figures' own ratio is said beside the shared rounds' where the two differ by more than this
 
 
 class Decision(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -120,8 +122,8 @@ def explain(chosen, fastest, runner, tied, slo) -> str:
         times = _tput(chosen) / _tput(runner)
         # where they shared rounds, the headline is the ratio those rounds give: the figures' medians also count the
         # rounds one had alone (after the other was dropped), which can run faster or slower than the shared ones
-        apart = ("" if r is None or r.lo <= times <= r.hi else f"; their own figures, each over every round it had, "
-                 f"differ {times:.2f}x: rounds timed apart, the shared ones decide")
+        apart = ("" if r is None or abs(math.log(times / r.median)) <= math.log(APART) else f"; their own figures, "
+                 f"each over every round it had, differ {times:.2f}x: rounds timed apart, the shared ones decide")
         return (f"{name} is the fastest {where}: {_figure(chosen)}, {r.median if r else times:.2f}x "
                 f"the runner-up {runner[0].name} ({_figure(runner)}), beyond the noise{by_rounds}{apart}")
     others = [o[0].name for o in tied if o[0].name != name]
