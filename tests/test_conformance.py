@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from torchship.errors import BuildSkipped
-from torchship.runtimes.base import DESCRIPTORS, BuildOptions, LoadContext, get
+from torchship.runtimes.base import DESCRIPTORS, BuildOptions, LoadContext, get, quantizer
 from torchship.sources import load_source
 from torchship import transforms
 from torchship.transforms import GAINS, REGISTRY, apply, from_dict, to_dict
@@ -48,7 +48,8 @@ def outlier():
 
 
 def _keeps_floors(runtime: str, options: BuildOptions) -> bool:
-    return any(q.keeps_floors and q.quantize == options.quantize for q in DESCRIPTORS[runtime].quantizes)
+    own = quantizer(runtime, options.quantize)
+    return own is not None and own.keeps_floors
 
 
 @pytest.mark.parametrize("runtime,options", RUNS, ids=[f"{r}{'+' + o.quantize if o.quantize else ''}" for r, o in RUNS])

@@ -20,7 +20,7 @@ from ..measure import CpuWatch, Noise, estimate, paired
 from ..plan import VariantPlan
 from ..profile import stats
 from ..results import VariantResult
-from ..runtimes.base import describe
+from ..runtimes.base import quantizer
 from ..transforms import GAINS, most_gain
 from ..verify import compare
 from .protocol import Built, TimeBatch
@@ -112,8 +112,8 @@ class Search:
             return None
         from ..machine import cpu
         from ..transforms import covers
-        linear = any(covers(t) == "linear" for t in vp.transforms) or any(
-            q.covers == "linear" for q in describe(vp.runtime).quantizes if q.quantize == vp.options.quantize)
+        own = quantizer(vp.runtime, vp.options.quantize)
+        linear = any(covers(t) == "linear" for t in vp.transforms) or own is not None and own.covers == "linear"
         share = self.ws.linear_share() if linear else 1.0
         gain = max_gain(kind, cpu()[1] if self.flags is None else self.flags, share)
         target = self.opts.target
@@ -206,8 +206,8 @@ class Search:
             got = cases({k: z[k] for k in z.files})
         outputs = [None if i in built.extra_errors else got.get(i, {}) for i in range(len(self.ws.extra))]
         kind = (vp.derived or ("",))[0]
-        calibrated = any(q.calibrated and q.quantize == vp.options.quantize for q in describe(vp.runtime).quantizes)
-        unjudged = ("calibrated ranges" if calibrated or kind == "qat" else "trained within the data's range" if kind else None)
+        own = quantizer(vp.runtime, vp.options.quantize)
+        unjudged = ("calibrated ranges" if own is not None and own.calibrated or kind == "qat" else "trained within the data's range" if kind else None)
         checked, worst, reason = beyond_the_example(fidelity.relative_error or 0.0, self.ws.extra, outputs,
                                                     built.extra_errors, unjudged)
         diverged = reason is not None and vp.selectable

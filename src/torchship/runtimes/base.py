@@ -178,6 +178,11 @@ def describe(name: str) -> Descriptor:
     return DESCRIPTORS[name]
 
 
+def quantizer(runtime: str, quantize: Quantization | None) -> Quantizer | None:
+    """The runtime's own int8 that ``quantize`` names (``BuildOptions.quantize``), or None."""
+    return next((q for q in describe(runtime).quantizes if q.quantize == quantize), None)
+
+
 def register(name: str, build: Callable, load: Callable, *, needs_torch: bool = True) -> None:
     _REGISTRY[name] = Runtime(name, build, load, needs_torch)
 

@@ -72,7 +72,7 @@ class Control:
     items only, what ranking the operations by cost measures on. A runtime gives ``compiled``."""
 
     def __init__(self, reference, model, options, precision: str):
-        self.names, self.precision = model.spec.input_names, precision
+        self.spec, self.names, self.precision = model.spec, model.spec.input_names, precision
         self.batches = calibration_batches(model)
         self.floors = options.floors or {"cosine": DEFAULT_FLOOR}  # the default budget's floor
         self.targets = {k: spare(v) for k, v in self.floors.items()}

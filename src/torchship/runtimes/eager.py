@@ -5,11 +5,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from ..errors import BuildSkipped
-from ._torch import PRECISIONS, TorchRunner, cast_args, load_weights_module, needs_arch, save_weights, set_threads
+from ._torch import PRECISIONS, TorchRunner, load_weights_module, needs_arch, save_weights, set_threads
 from .base import Artifact, register
 from .control import Control, layout, least_in_float, measures
 
@@ -31,11 +30,8 @@ class _Control(Control):
     """``control.Control`` for a torch module on the CPU."""
 
     def compiled(self, module, precision: str):
-        def run(inputs):
-            with torch.inference_mode():
-                out = module(*cast_args(tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs), precision))
-            return (out if isinstance(out, torch.Tensor) else out[0]).float().numpy()
-        return run
+        runner = TorchRunner(module.eval(), self.spec, "cpu", precision)
+        return lambda inputs: next(iter(runner(dict(zip(self.names, inputs))).values()))
 
 
 @contextmanager
