@@ -86,6 +86,9 @@ def test_static_int8_with_accuracy_control_leaves_the_costly_nodes_in_fp32(tmp_p
     assert "int8 on 2 of the 3 nodes" in report
     assert mixed.fidelity.max_abs_error > 0  # really int8 on the rest
     tiny = optimize("tests.models:Tiny", opts)
+    # static int8 holds on Tiny at batch 1 too, judged there against its own error on the same item (it was rejected
+    # for one random item's 0.134 against the whole pool's 0.011)
+    assert tiny.variant("onnxrt+static-int8").status == "ok", tiny.variant("onnxrt+static-int8").reason
     assert tiny.variant("onnxrt+static-int8-mixed").status == "skipped"
     assert "keeps the floors by itself" in tiny.variant("onnxrt+static-int8-mixed").reason
 

@@ -75,6 +75,36 @@ def test_inputs_beyond_the_example_catch_what_the_example_hides():
     assert beyond_the_example(0.05, cases, [ref, {"y": ref["y"] * 1.1}], {})[2] is None
 
 
+def test_a_batch_case_is_judged_against_the_variants_own_error_on_the_same_items():
+    """Batch 1 is one verification item again: a quantized variant whose error on that item was 0.12 in the
+    verification run (0.01 over the whole pool, whose larger outputs weigh more) is not said to diverge there at
+    0.13; at 0.5 it is, and the reason names what it was held to."""
+    from torchship.verify import beyond_the_example
+    ref = {"y": np.ones((1, 4), np.float32)}
+    cases = [("batch 1", {}, ref), ("seq=3", {}, ref)]
+    off = lambda e: {"y": ref["y"] * (1 + e)}  # noqa: E731 (relative error e)
+    assert "batch 1" in beyond_the_example(0.01, cases, [off(0.13), ref], {})[2]  # against the pool's 0.01
+    assert beyond_the_example(0.01, cases, [off(0.13), ref], {}, own={0: 0.12})[2] is None
+    reason = beyond_the_example(0.01, cases, [off(0.5), ref], {}, own={0: 0.12})[2]
+    assert "(batch 1): relative error 0.5, against 0.12 on the same items in the verification run" in reason
+    # the other cases keep the pool's error as their yardstick
+    assert "seq=3" in beyond_the_example(0.01, cases, [off(0.13), off(0.13)], {}, own={0: 0.12})[2]
+
+
+def test_extra_batch_cases_take_verification_items():
+    from types import SimpleNamespace
+    from torchship.spec import IOSpec
+    from torchship.verify import extra_cases
+    spec = IOSpec.parse(["x:float32[batch,8]"], ["y:float32[batch,4]"])
+    pool = {"x": np.arange(80, dtype=np.float32).reshape(10, 8)}
+    cases = {label: (feeds, items) for label, feeds, items in
+             extra_cases(SimpleNamespace(spec=spec, dims={}), None, items=pool)}
+    for label, n in (("batch 1", 1), ("batch 5", 5)):
+        feeds, items = cases[label]
+        assert len(items) == n and np.array_equal(feeds["x"], pool["x"][items])
+    assert cases["values x2"][1] is None
+
+
 def test_a_calibrated_quantization_is_not_judged_on_values_beyond_its_calibration():
     from torchship.verify import beyond_the_example
     ref = {"y": np.ones((4, 3), np.float32)}
@@ -124,7 +154,7 @@ def test_longer_and_shorter_inputs_beyond_the_example_are_made_of_the_held_out_i
     ids = rng.integers(2000, 3000, size=(10, 16))
     pool = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     model = SimpleNamespace(spec=spec, dims={"seq": 16}, branches=())
-    cases = dict(extra_cases(model, pool))
+    cases = {label: feeds for label, feeds, _ in extra_cases(model, pool)}
     longer, shorter = cases["seq=24"], cases["seq=4"]
     assert longer["input_ids"].shape == (3, 24) and shorter["input_ids"].shape == (3, 4)
     first, second = ids[1], ids[8]  # the items extra_cases takes: (i * 7 + 1) % 10
@@ -133,5 +163,5 @@ def test_longer_and_shorter_inputs_beyond_the_example_are_made_of_the_held_out_i
     assert longer["attention_mask"][0, 12:].sum() == 0 and longer["attention_mask"][1].all()  # one item padded
     assert set(np.unique(longer["input_ids"])) <= set(np.unique(ids))
     assert pool["attention_mask"].all()  # the held-out items are left as they were
-    generated = dict(extra_cases(model, None))["seq=24"]  # without held-out items: generated, as before
+    generated = {label: feeds for label, feeds, _ in extra_cases(model, None)}["seq=24"]  # without held-out items: generated, as before
     assert generated["input_ids"].shape == (3, 24) and not set(np.unique(generated["input_ids"])) <= set(np.unique(ids))

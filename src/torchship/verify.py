@@ -109,25 +109,29 @@ def relative_error(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np
 
 
 def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,
-                branch_cases: bool = True) -> list[tuple[str, dict[str, np.ndarray]]]:
+                branch_cases: bool = True,
+                items: Mapping[str, np.ndarray] | None = None) -> list[tuple[str, dict[str, np.ndarray], np.ndarray | None]]:
     """Inputs beyond the example, where a graph that specialized on it (a loop unrolled, a branch taken, a shape
     fixed) gives another answer than the model: batch 1 and an odd batch, each dynamic dimension smaller and larger
     (with padding in an attention mask; from the held-out items where there are some, see ``stretched``: generated
     token ids are random words in no order, without the [CLS] first, which a calibrated int8 never saw), and inputs
     scaled by 0.5, 2 and -1; for a model that branches on its values, ``branch_cases`` adds them scaled by 10,000 and
     shifted by -10 and +10, and so for a model whose control flow could not be looked for (not when the user
-    consented to specializing: they said the branch never fires)."""
+    consented to specializing: they said the branch never fires). ``items``: the verification items, where the batch
+    cases take theirs (the third of a case: their indices there, else None), so that a variant is judged there
+    against its own error on the same items: one item's relative error says little next to a whole pool's."""
     spec, dims = model.spec, dict(model.dims)
 
-    def base(batch: int) -> dict[str, np.ndarray]:
-        if pool:
-            n = len(next(iter(pool.values())))
-            idx = (np.arange(batch) * 7 + 1) % n
-            return {k: np.ascontiguousarray(v[idx]) for k, v in pool.items()}
+    def picked(batch: int, source: Mapping[str, np.ndarray]) -> np.ndarray:
+        return (np.arange(batch) * 7 + 1) % len(next(iter(source.values())))
+
+    def base(batch: int, source=pool) -> dict[str, np.ndarray]:
+        if source:
+            return {k: np.ascontiguousarray(v[picked(batch, source)]) for k, v in source.items()}
         return spec.sample(batch, dims, seed=seed + batch)
     cases = []
     if spec.has_batch:
-        cases += [("batch 1", base(1)), ("batch 5", base(5))]
+        cases += [(f"batch {n}", base(n, items or pool), picked(n, items) if items else None) for n in (1, 5)]
     real = pool and not any(t.tied for t in spec.inputs)  # values that depend on a size are generated to fit it
     for s in spec.symbols:
         n = dims.get(s, 16)
@@ -136,12 +140,12 @@ def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,
             for t in spec.inputs:  # a padded item: the mask's tail off, as a tokenizer pads
                 if t.name.endswith("mask") and s in t.shape and feeds[t.name].ndim == 2:
                     feeds[t.name][0, max(1, v // 2):] = 0
-            cases.append((f"{s}={v}", feeds))
+            cases.append((f"{s}={v}", feeds, None))
     floats = [t.name for t in spec.inputs if t.dtype.startswith("float")]
     if floats:
         for label, factor in (("values x0.5", 0.5), ("values x2", 2.0), ("values negated", -1.0)):
             feeds = base(4)
-            cases.append((label, {k: (v * factor).astype(v.dtype) if k in floats else v for k, v in feeds.items()}))
+            cases.append((label, {k: (v * factor).astype(v.dtype) if k in floats else v for k, v in feeds.items()}, None))
     branchy = getattr(model, "branches", ()) or getattr(model, "branches_unknown", None)  # found, or not looked for
     if floats and branch_cases and branchy:  # it branches on its values (or may): push them far both ways, so
         # that a variant which kept the branch (TorchScript script, compile) is checked on the other side where
@@ -149,7 +153,8 @@ def extra_cases(model, pool: Mapping[str, np.ndarray] | None, seed: int = 7,
         for label, scale, shift in (("values x10000", 1e4, 0.0), ("values shifted -10", 1.0, -10.0),
                                     ("values shifted +10", 1.0, 10.0)):
             feeds = base(4)
-            cases.append((label, {k: (v * scale + shift).astype(v.dtype) if k in floats else v for k, v in feeds.items()}))
+            cases.append((label, {k: (v * scale + shift).astype(v.dtype) if k in floats else v for k, v in feeds.items()},
+                          None))
     return cases
 
 
@@ -170,14 +175,16 @@ def stretched(feeds: Mapping[str, np.ndarray], spec, dim: str, size: int) -> dic
 
 
 def beyond_the_example(main_error: float, cases: list[tuple[str, Mapping, Mapping]], outputs: list, errors: Mapping[int, str],
-                       values_unjudged: str | None = None):
+                       values_unjudged: str | None = None, own: Mapping[int, float] | None = None):
     """(checked labels, worst relative error, the reason it diverged or None). ``cases``: (label, feeds, reference
     outputs); ``outputs``: the variant's outputs per case (None where it raised, with ``errors[i]``).
     ``values_unjudged``: why the scaled-value cases are reported, not judged (batch and shape cases always are),
     for a variant whose answers past its data's range say nothing of its graph: a calibrated quantization holds
     its activation ranges from the calibration data and saturates beyond them by design, and a model trained again
-    from the data (channels pruned, a distilled student) was fitted within its range only."""
-    limit = max(EXTRA_TOLERANCE, EXTRA_FACTOR * main_error)
+    from the data (channels pruned, a distilled student) was fitted within its range only.
+    ``own``: per case, the variant's error on the same items in the verification run, where the case's items are
+    verification items (the batch cases): the case is judged against that, not against the whole pool's."""
+    own = own or {}
     worst, reason = 0.0, None
     labels = []
     for i, ((label, _, ref), out) in enumerate(zip(cases, outputs)):
@@ -187,11 +194,12 @@ def beyond_the_example(main_error: float, cases: list[tuple[str, Mapping, Mappin
             if judged:
                 reason = reason or f"fails on inputs the example did not cover ({label}): {errors.get(i, 'no outputs')}"
             continue
-        e = relative_error(ref, out)
+        e, base = relative_error(ref, out), own.get(i, main_error)
         worst = max(worst, e) if judged else worst
-        if judged and e > limit and reason is None:
+        if judged and e > max(EXTRA_TOLERANCE, EXTRA_FACTOR * base) and reason is None:
+            where = "the same items in the verification run" if i in own else "the verification inputs"
             reason = (f"diverges from eager on inputs the example did not cover ({label}): relative error {e:.3g}, "
-                      f"against {main_error:.3g} on the verification inputs (a graph specialized on its example: "
+                      f"against {base:.3g} on {where} (a graph specialized on its example: "
                       "a loop unrolled, a branch or a shape fixed)")
     return tuple(labels), worst, reason
 

@@ -185,7 +185,7 @@ class Search:
         with np.load(built.outputs, allow_pickle=False) as z:
             outputs = {k: z[k] for k in z.files}
         fidelity = compare(ws.reference, outputs, self.opts.budget, ws.model.task, ws.pool.labels)
-        fidelity = self._beyond_the_example(fidelity, built, vp)
+        fidelity = self._beyond_the_example(fidelity, built, vp, outputs)
         result = VariantResult(status="ok" if fidelity.passed else "rejected", reason="" if fidelity.passed else fidelity.reason,
                                artifact=built.artifact, fidelity=fidelity, build_s=built.build_s,
                                cold_start_s=built.cold_start_s, artifact_bytes=built.artifact_bytes,
@@ -195,11 +195,11 @@ class Search:
         self.entries.append(entry)
         return entry
 
-    def _beyond_the_example(self, fidelity, built: Built, vp: VariantPlan):
+    def _beyond_the_example(self, fidelity, built: Built, vp: VariantPlan, pooled: dict[str, np.ndarray]):
         """The verdict on the other inputs, folded into the fidelity: a variant that diverges there is rejected with
         the reason, whatever runtime made it (reference rows are only reported)."""
         from ..optimize.job import cases
-        from ..verify import beyond_the_example
+        from ..verify import beyond_the_example, relative_error
         if not self.ws.extra or not built.extra_outputs:
             return fidelity
         with np.load(built.extra_outputs, allow_pickle=False) as z:
@@ -208,8 +208,10 @@ class Search:
         kind = (vp.derived or ("",))[0]
         own = quantizer(vp.runtime, vp.options.quantize)
         unjudged = ("calibrated ranges" if own is not None and own.calibrated or kind == "qat" else "trained within the data's range" if kind else None)
+        own = {i: relative_error({k: v[idx] for k, v in self.ws.reference.items()}, {k: v[idx] for k, v in pooled.items()})
+               for i, idx in self.ws.extra_items.items()}  # the batch cases' items, in the verification run
         checked, worst, reason = beyond_the_example(fidelity.relative_error or 0.0, self.ws.extra, outputs,
-                                                    built.extra_errors, unjudged)
+                                                    built.extra_errors, unjudged, own)
         diverged = reason is not None and vp.selectable
         return msgspec.structs.replace(fidelity, checked=checked, extra_error=worst,
                                        passed=fidelity.passed and not diverged,

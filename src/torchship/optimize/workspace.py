@@ -57,12 +57,15 @@ class Workspace:
         is left out), written for the workers."""
         from ..verify import extra_cases
         out = []
-        for label, feeds in extra_cases(model, self.pool.inputs if model.eval_data is not None else None,
-                                        branch_cases=not self.opts.allow_specialization):
+        self.extra_items: dict[int, np.ndarray] = {}  # case -> its items' places in the pool, for the batch cases
+        for label, feeds, items in extra_cases(model, self.pool.inputs if model.eval_data is not None else None,
+                                               branch_cases=not self.opts.allow_specialization, items=self.pool.inputs):
             try:
                 out.append((label, feeds, reference_outputs(model, feeds, len(next(iter(feeds.values()))))))  # whole
             except Exception:
                 continue
+            if items is not None:
+                self.extra_items[len(out) - 1] = items
         np.savez(self.root / "extra.npz", **{f"{i}|{k}": v for i, (_, feeds, _) in enumerate(out) for k, v in feeds.items()})
         return out
 
