@@ -154,12 +154,14 @@ class TorchaoInt8:
 
     @classmethod
     def offers(cls) -> tuple[Offer, ...]:
+        # numerics carry over from eager: when eager's fails the budget (a few seconds to build and check), compile's
+        # is not built (MiniLM: 40-50 s of compiling each); eager's both first, so that they build side by side
         return (Offer("eager", "ao-int8", cls(), "torchao int8 Linear layers (dynamic int8 activations)"),
-                # numerics carry over from eager: when eager's fails the budget, compile's is not built
+                Offer("eager", "ao-int8wo", cls("weight_only"), "torchao int8 Linear layers (weight-only)"),
                 Offer("compile", "ao-int8", cls(), "torchao int8 Linear layers (dynamic) under torch.compile",
                       sibling="eager+ao-int8"),
                 Offer("compile", "ao-int8wo", cls("weight_only"), "torchao int8 Linear layers (weight-only) under "
-                      "torch.compile"))
+                      "torch.compile", sibling="eager+ao-int8wo"))
 
 
 @dataclass(frozen=True)
