@@ -115,8 +115,8 @@ class Variant:
                 model = replace(self.model, eval_data=pool, calibration_data=calibration)
             if job.raw:
                 model = replace(model, raw_data=_arrays(job.raw))
-            if job.onnx_base:  # exported once, by the plain ONNX Runtime variant
-                model = replace(model, onnx_path=Path(job.onnx_base))
+            if job.converted:  # converted once, by the runtime's plain variant
+                model = replace(model, converted=Path(job.converted))
             t0 = time.perf_counter()
             cached = cache.get(job.cache, workdir)
             if cached is not None:

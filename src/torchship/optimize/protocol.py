@@ -40,7 +40,7 @@ class Job(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     threads: int
     sys_path: tuple[str, ...]  # as the parent had it: a user's module imports the same way in the worker
     cache: str | None = None  # the build cache's directory for this job's content hash (None: no cache)
-    onnx_base: str | None = None  # an ONNX export of the same model to start from (instead of exporting again)
+    converted: str | None = None  # the plain variant's conversion to start from (``Descriptor.converted``)
     extra: str | None = None  # .npz of the inputs beyond the example ("CASE|NAME" keys) to run after the build
     raw: str | None = None  # .npz of raw input through the bundle's pipeline (one batch), to run after the build
 

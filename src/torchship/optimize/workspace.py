@@ -97,11 +97,14 @@ class Workspace:
         return None
 
     def job(self, vp: VariantPlan, ref: ModelRef) -> Job:
-        exported = self.root / "onnxrt" / "model.onnx"  # the plain variant's export: its int8 variants start from it
+        from ..runtimes.base import DESCRIPTORS
+        name = DESCRIPTORS[vp.runtime].converted  # what the plain variant converted: the others start from it
+        converted = self.root / vp.runtime / name if name else None
         own = ref is self.ref and ref.kind != "onnx"  # the workspace's model, not one trained from it
-        onnx_base = str(exported) if own and vp.runtime == "onnxrt" and vp.name != "onnxrt" and exported.exists() else None
+        if not (own and vp.name != vp.runtime and converted is not None and converted.exists()):
+            converted = None
         return Job(vp, ref, str(self.root / vp.name), str(self.root / "pool.npz"), str(self.root / "calibration.npz"),
-                   self.chunk, self.threads, tuple(sys.path), self.cache_for(vp, ref), onnx_base,
+                   self.chunk, self.threads, tuple(sys.path), self.cache_for(vp, ref), converted and str(converted),
                    str(self.root / "extra.npz") if self.extra else None,
                    str(self.root / "raw.npz") if self.raw is not None else None)
 

@@ -31,7 +31,8 @@ class Source(Protocol):
     spec: IOSpec
     dims: dict[str, int]  # an example size for each symbolic dimension
     arch: Architecture | None  # how a fresh process rebuilds the module (eager, compile)
-    onnx_path: Path | None  # an ONNX source, or the plain variant's export its int8 starts from
+    onnx_path: Path | None  # an ONNX source
+    converted: Path | None  # the plain variant's conversion its other variants start from (``Descriptor.converted``)
     eval_data: dict[str, np.ndarray] | None  # example inputs (traces, exports)
     calibration_data: dict[str, np.ndarray] | None  # static int8's calibration inputs
     raw_data: dict[str, np.ndarray] | None  # raw input through the bundle's pipeline, one batch (or None)
@@ -126,6 +127,9 @@ class Descriptor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     native: str | None = None  # the native code that loading runs, in words ("the shared library ..."): consent needed
     extra: str = "torch"  # the extra that installs what it needs to build
     quantizes: tuple[Quantizer, ...] = ()  # its own int8, planned with the "int8" transforms
+    # the file in the plain variant's build that its other variants (int8, bf16) start from instead of converting the
+    # model again (``Source.converted``)
+    converted: str | None = None
 
 
 # in the order the plan lists them
@@ -153,7 +157,8 @@ DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
                                     "raw input", keeps_floors=True, calibrated=True, not_for_transformers=(
                                         "ONNX Runtime's static int8 loses attention to activation outliers (cosine 0.37 "
                                         "on MiniLM), and a node at a time costs a quantization: OpenVINO's int8-mixed "
-                                        "is built for such models")))),
+                                        "is built for such models"))),
+               converted="model.onnx"),
     Descriptor("openvino", "an OpenVINO IR, no Python code", 1, takes=("module", "onnx"), specializes=True,
                extra="openvino", quantizes=(
                    Quantizer("int8", "int8", "OpenVINO int8 (NNCF post-training quantization, calibrated)",
@@ -165,7 +170,8 @@ DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
                    Quantizer("int8_mixed", "int8-mixed", "OpenVINO int8 with NNCF's transformer preset, the layers the "
                              "budget cannot afford in int8 kept in float (bf16 where native), measured on the calibration "
                              "data and on raw input", transformers_only=True, keeps_floors=True,
-                             calibrated=True))),
+                             calibrated=True)),
+               converted="model.xml"),
 )}
 MODULES = tuple(DESCRIPTORS)
 _REGISTRY: dict[str, Runtime] = {}

@@ -63,8 +63,8 @@ def save_onnx(source, target) -> tuple[str, ...]:
 def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     _ort()
     target = workdir / "model.onnx"
-    if model.onnx_path is not None:
-        files = save_onnx(model.onnx_path, target)
+    if (model.converted or model.onnx_path) is not None:
+        files = save_onnx(model.converted or model.onnx_path, target)
     else:
         raw = workdir / "export" / "model.onnx"
         raw.parent.mkdir()

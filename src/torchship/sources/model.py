@@ -33,6 +33,7 @@ class Model:
     labels: np.ndarray | None = None
     dims: dict[str, int] = field(default_factory=dict)
     onnx_path: Path | None = None
+    converted: Path | None = None  # the plain variant's conversion, for the runtime being built (runtimes.base.Source)
     file: Path | None = None  # the .pt2 or TorchScript file the module was loaded from
     tokenizer: Any = None  # a transformers tokenizer (text models): its tokenizer.json goes into the bundle
     text_length: int | None = None  # the tokens a text is truncated to (sentence-transformers' max_seq_length, ...)
