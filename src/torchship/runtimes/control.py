@@ -122,6 +122,13 @@ class Control:
         return min(room, kept["raw"] - spare(kept["raw floor"])) if "raw" in kept else room
 
 
+def shares(sizes: dict[str, int], names: list[str]) -> dict[str, float]:
+    """Each of ``names``' share of their total ``sizes`` (the weights of an operation's matrices: what its FLOPs per
+    item scale with; 0 for one without)."""
+    total = sum(sizes.get(n, 0) for n in names) or 1
+    return {n: sizes.get(n, 0) / total for n in names}
+
+
 def fewest(most: int, holds: Callable[[int], bool], start: int = 2) -> int | None:
     """The least k in 1..``most`` for which ``holds(k)`` (taken to stay true above it), or None: ``start``, then
     doubling until it holds, then bisection between the last that failed and the first that held (each call a

@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BuildSkipped, first_line
 from .base import Artifact, calibration_batches, register
-from .control import Control, layout, least_in_float, measures
+from .control import Control, layout, least_in_float, measures, shares
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -83,6 +84,19 @@ def build(model: Source, options: BuildOptions, workdir: Path) -> Artifact:
     return Artifact("onnxrt", files, options)
 
 
+@contextmanager
+def _aside(workdir: Path, files: tuple[str, ...]):
+    """The plain model moved aside as ``fp32.onnx`` for a quantizer to read (it writes ``model.onnx``), and removed
+    afterwards with its external data, whatever happened."""
+    source = workdir / "fp32.onnx"
+    (workdir / files[0]).rename(source)
+    try:
+        yield source
+    finally:
+        for path in [source] + [workdir / n for n in files[1:]]:
+            path.unlink(missing_ok=True)
+
+
 def _quantize(workdir, files, kind: str, batches) -> tuple[str, ...]:
     """ONNX Runtime int8: dynamic (int8 weights, activations quantized per call) or static (QDQ, activation
     ranges calibrated on ``batches``, per-channel weights).
@@ -92,23 +106,20 @@ def _quantize(workdir, files, kind: str, batches) -> tuple[str, ...]:
     cosine to fp32 0.916; 7-bit 0.9999). A bundle is verified on one machine and served on others, so its weights
     keep to the range that holds on every x86 CPU, not only on the one that built it."""
     from onnxruntime import quantization as q
-    source = workdir / "fp32.onnx"
-    (workdir / files[0]).rename(source)
-    try:
-        if kind == "dynamic":
-            # per-channel weight scales: on MiniLM cosine to fp32 0.993 against 0.966 per-tensor, at the same speed
-            q.quantize_dynamic(str(source), str(workdir / "model.onnx"), weight_type=q.QuantType.QInt8, per_channel=True,
-                               reduce_range=True)
-        else:
-            prepared = workdir / "prepared.onnx"
-            q.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            _static(prepared, workdir / "model.onnx", batches)
-            prepared.unlink()
-    except Exception as exc:
-        raise BuildSkipped(f"ONNX Runtime {kind} quantization failed: {first_line(exc, 200)}") from exc
-    for name in files[1:]:  # external data of the fp32 model, if any
-        (workdir / name).unlink(missing_ok=True)
-    source.unlink()
+    prepared = workdir / "prepared.onnx"
+    with _aside(workdir, files) as source:
+        try:
+            if kind == "dynamic":
+                # per-channel weight scales: on MiniLM cosine to fp32 0.993 against 0.966 per-tensor, at the same speed
+                q.quantize_dynamic(str(source), str(workdir / "model.onnx"), weight_type=q.QuantType.QInt8,
+                                   per_channel=True, reduce_range=True)
+            else:
+                q.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+                _static(prepared, workdir / "model.onnx", batches)
+        except Exception as exc:
+            raise BuildSkipped(f"ONNX Runtime {kind} quantization failed: {first_line(exc, 200)}") from exc
+        finally:
+            prepared.unlink(missing_ok=True)
     return ("model.onnx",)
 
 
@@ -158,10 +169,7 @@ def _weight_shares(path: Path, names: list[str]) -> dict[str, float]:
     graph = onnx.load(str(path)).graph
     sizes = {i.name: int(np.prod(numpy_helper.to_array(i).shape)) for i in graph.initializer if len(i.dims) >= 2}
     weighted = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-    found = {n.name: sum(sizes.get(i, 0) for i in n.input) for n in graph.node
-             if n.name in names and n.op_type in weighted}
-    total = sum(found.values()) or 1
-    return {n: found.get(n, 0) / total for n in names}
+    return shares({n.name: sum(sizes.get(i, 0) for i in n.input) for n in graph.node if n.op_type in weighted}, names)
 
 
 def _mixed(workdir: Path, files: tuple[str, ...], model, options) -> tuple[tuple[str, ...], str]:
@@ -170,43 +178,43 @@ def _mixed(workdir: Path, files: tuple[str, ...], model, options) -> tuple[tuple
     in fp32, as few as hold the floors. A node's cost: the room gained by leaving it alone out of int8 (one
     calibration serves every layout: the ranges are kept). (files, layout in words)."""
     from onnxruntime import quantization as q
-    source, prepared, ranges = workdir / "fp32.onnx", workdir / "prepared.onnx", workdir / "ranges.json"
-    (workdir / files[0]).rename(source)
+    prepared, ranges = workdir / "prepared.onnx", workdir / "ranges.json"
     batches = calibration_batches(model)
     built: dict[tuple[str, ...], Path] = {}  # the nodes left in float -> the model quantized so
     kept: dict[tuple[tuple[str, ...], bool], dict[str, float]] = {}  # (those, on the ranking items only) -> measures
-    try:
-        q.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        control = _Control(prepared, model, options, "fp32")
+    with _aside(workdir, files) as source:
+        try:
+            q.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            control = _Control(prepared, model, options, "fp32")
 
-        def quantized(excluded: tuple[str, ...], ranking: bool = False) -> dict[str, float]:
-            if excluded not in built:
-                built[excluded] = _static(prepared, workdir / f"int8-{len(built)}.onnx", batches, excluded, ranges)
-            if (excluded, ranking) not in kept:
-                kept[(excluded, ranking)] = control.kept(built[excluded], ranking)
-            return kept[(excluded, ranking)]
-        full_kept = quantized(())
-        if control.room(full_kept) >= 0:
-            raise BuildSkipped(f"static-int8-mixed: ONNX Runtime's static int8 keeps the floors by itself "
-                               f"({measures(full_kept)}): that model is onnxrt+static-int8")
-        candidates = _quantized_nodes(built[()])
-        if not candidates:
-            raise BuildSkipped("static-int8-mixed: ONNX Runtime quantized no node of this model")
-        base = control.room(quantized((), ranking=True))
-        cost = {n: control.room(quantized((n,), ranking=True)) - base for n in candidates}
-        order = sorted(candidates, key=lambda n: -cost[n])
-        hi = least_in_float(order, _weight_shares(prepared, order), "fp32",
-                            lambda k: control.room(quantized(tuple(order[:k]))) >= 0, control, full_kept,
-                            "static-int8-mixed")
-        built[tuple(order[:hi])].rename(workdir / "model.onnx")
-        found = kept[(tuple(order[:hi]), False)]
-    except BuildSkipped:
-        raise
-    except Exception as exc:
-        raise BuildSkipped(f"ONNX Runtime static quantization failed: {first_line(exc, 200)}") from exc
-    finally:
-        for path in [source, prepared, ranges, *built.values()] + [workdir / n for n in files[1:]]:
-            path.unlink(missing_ok=True)
+            def quantized(excluded: tuple[str, ...], ranking: bool = False) -> dict[str, float]:
+                if excluded not in built:
+                    built[excluded] = _static(prepared, workdir / f"int8-{len(built)}.onnx", batches, excluded, ranges)
+                if (excluded, ranking) not in kept:
+                    kept[(excluded, ranking)] = control.kept(built[excluded], ranking)
+                return kept[(excluded, ranking)]
+            full_kept = quantized(())
+            if control.room(full_kept) >= 0:
+                raise BuildSkipped(f"static-int8-mixed: ONNX Runtime's static int8 keeps the floors by itself "
+                                   f"({measures(full_kept)}): that model is onnxrt+static-int8")
+            candidates = _quantized_nodes(built[()])
+            if not candidates:
+                raise BuildSkipped("static-int8-mixed: ONNX Runtime quantized no node of this model")
+            base = control.room(quantized((), ranking=True))
+            cost = {n: control.room(quantized((n,), ranking=True)) - base for n in candidates}
+            order = sorted(candidates, key=lambda n: -cost[n])
+            hi = least_in_float(order, _weight_shares(prepared, order), "fp32",
+                                lambda k: control.room(quantized(tuple(order[:k]))) >= 0, control, full_kept,
+                                "static-int8-mixed")
+            built[tuple(order[:hi])].rename(workdir / "model.onnx")
+            found = kept[(tuple(order[:hi]), False)]
+        except BuildSkipped:
+            raise
+        except Exception as exc:
+            raise BuildSkipped(f"ONNX Runtime static quantization failed: {first_line(exc, 200)}") from exc
+        finally:
+            for path in [prepared, ranges, *built.values()]:
+                path.unlink(missing_ok=True)
     return ("model.onnx",), layout(order, hi, "fp32", found, "nodes it reaches")
 
 

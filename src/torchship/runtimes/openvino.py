@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import BuildSkipped, MissingExtra, first_line
 from .base import Artifact, calibration_batches, register
-from .control import Control, layout, least_in_float, measures
+from .control import Control, layout, least_in_float, measures, shares
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -212,10 +212,8 @@ def _short(names: list[str], paths: dict[str, str]) -> str:
 def _shares(names: list[str], original) -> dict[str, float]:
     """Each operation's share of the weights of the model's matrix multiplications and convolutions (what their
     FLOPs per item scale with; embedding tables and the attention products, which have no weights, count nothing)."""
-    sizes = {op.get_friendly_name(): sum(int(np.prod(c.get_output_shape(0))) for c in _weights(op).values())
-             for op in original.get_ordered_ops() if op.get_type_name() != "Gather"}
-    total = sum(sizes.get(n, 0) for n in names) or 1
-    return {n: sizes.get(n, 0) / total for n in names}
+    return shares({op.get_friendly_name(): sum(int(np.prod(c.get_output_shape(0))) for c in _weights(op).values())
+                   for op in original.get_ordered_ops() if op.get_type_name() != "Gather"}, names)
 
 
 def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str, str]:
