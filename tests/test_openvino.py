@@ -120,6 +120,19 @@ def test_the_fewest_layers_in_float_are_found_with_few_quantizations():
         assert fewest(most, lambda k: tried.append(k) or False) is None and tried[-1] == most  # every k failed
 
 
+def test_where_the_ranking_items_are_all_the_calibration_items_the_plain_model_is_not_measured_again():
+    """Costs are ranked on the first calibration items (NNCF's ranking subset); where those are all of them (MiniLM:
+    64), what the plain model kept on all of them is its measure there too, not one more compile and run."""
+    from torchship.runtimes.control import Control
+    control = object.__new__(Control)  # what on_ranking reads of it; nothing is run
+    control.batches, control.ranked = [None] * 4, 4
+    control.kept = lambda candidate, ranking=False: pytest.fail("measured again")
+    assert control.on_ranking("plain", {"cosine": 0.99}) == {"cosine": 0.99}
+    control.ranked = 2  # the first two batches only: measured there
+    control.kept = lambda candidate, ranking=False: {"cosine": 0.98 if ranking else 0.99}
+    assert control.on_ranking("plain", {"cosine": 0.99}) == {"cosine": 0.98}
+
+
 def test_default_nncf_is_not_built_for_a_transformer_and_the_mixed_one_keeps_the_budget(tmp_path):
     """NNCF's default preset breaks attention (cosine 0.6 on MiniLM): for a model with attention it is a skipped row
     with the reason, and int8 with accuracy control is planned with the budget's floors in force; a plain MLP plans the
@@ -170,6 +183,9 @@ def test_int8_with_accuracy_control_keeps_the_fewest_costliest_operations_in_flo
         def kept(self, m, ranking=False):
             scale = plain_cost[0] if m.plain else 1.0
             return {"cosine": 1 - scale * sum(e for n, e in error.items() if n not in m.in_float)}
+
+        def on_ranking(self, m, kept):
+            return self.kept(m, ranking=True)
 
         def room(self, kept):
             return kept["cosine"] - self.targets["cosine"]

@@ -116,6 +116,15 @@ class Control:
             found["raw floor"] = self.floors.get("cosine", extra_cosine(own))
         return found
 
+    @property
+    def ranks_on_all(self) -> bool:
+        """The ranking items are all the calibration items (then a measure on them is the full one)."""
+        return self.ranked >= len(self.batches)
+
+    def on_ranking(self, candidate, kept: dict[str, float]) -> dict[str, float]:
+        """What ``candidate`` keeps on the ranking items, given what it ``kept`` on all (the same where they are all)."""
+        return kept if self.ranks_on_all else self.kept(candidate, ranking=True)
+
     def room(self, kept: dict[str, float]) -> float:
         """The least room above a target of what a model ``kept`` (>= 0: every floor holds with the margin)."""
         room = min(kept[k] - t for k, t in self.targets.items())

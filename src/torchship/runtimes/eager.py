@@ -65,7 +65,7 @@ def _mixed(model, options: BuildOptions) -> BuildOptions:
     if control.room(full_kept) >= 0:
         raise BuildSkipped(f"int8-mixed: torch.ao dynamic int8 keeps the floors by itself ({measures(full_kept)}): "
                            "that model is eager+int8")
-    base = control.room(control.kept(full, ranking=True))
+    base = control.room(control.on_ranking(full, full_kept))
     cost = {}
     for name, linear in linears.items():
         with _in_float(full, name, linear) as one:

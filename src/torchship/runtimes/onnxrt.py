@@ -200,7 +200,7 @@ def _mixed(workdir: Path, files: tuple[str, ...], model, options) -> tuple[tuple
             candidates = _quantized_nodes(built[()])
             if not candidates:
                 raise BuildSkipped("static-int8-mixed: ONNX Runtime quantized no node of this model")
-            base = control.room(quantized((), ranking=True))
+            base = control.room(control.on_ranking(built[()], full_kept))
             cost = {n: control.room(quantized((n,), ranking=True)) - base for n in candidates}
             order = sorted(candidates, key=lambda n: -cost[n])
             hi = least_in_float(order, _weight_shares(prepared, order), "fp32",

@@ -243,7 +243,7 @@ def _mixed(ov_model, model, options, paths: dict[str, str]) -> tuple[object, str
     candidates = _quantized_ops(plain, ov_model)
     if not candidates:
         raise BuildSkipped("int8-mixed: NNCF quantized no operation of this model")
-    ranked = control.room(control.kept(plain, ranking=True))  # on the ranking items, as each cost below
+    ranked = control.room(control.on_ranking(plain, plain_kept))  # on the ranking items, as each cost below
     cost = {n: control.room(control.kept(_in_float(plain, {n}, ov_model), ranking=True)) - ranked for n in candidates}
     order = sorted(candidates, key=lambda n: -cost[n])
     recipe = base > control.room(full_kept)  # plain: it keeps more of the floors
