@@ -208,10 +208,12 @@ class Search:
         kind = (vp.derived or ("",))[0]
         own = quantizer(vp.runtime, vp.options.quantize)
         unjudged = ("calibrated ranges" if own is not None and own.calibrated or kind == "qat" else "trained within the data's range" if kind else None)
-        own = {i: relative_error({k: v[idx] for k, v in self.ws.reference.items()}, {k: v[idx] for k, v in pooled.items()})
-               for i, idx in self.ws.extra_items.items()}  # the batch cases' items, in the verification run
+        reference = self.ws.reference  # the batch cases' items, in the verification run (where its outputs fit)
+        fits = all(k in pooled and pooled[k].shape == v.shape for k, v in reference.items())
+        same_items = {i: relative_error({k: v[idx] for k, v in reference.items()}, {k: pooled[k][idx] for k in reference})
+                      for i, idx in self.ws.extra_items.items()} if fits else {}
         checked, worst, reason = beyond_the_example(fidelity.relative_error or 0.0, self.ws.extra, outputs,
-                                                    built.extra_errors, unjudged, own)
+                                                    built.extra_errors, unjudged, same_items)
         diverged = reason is not None and vp.selectable
         return msgspec.structs.replace(fidelity, checked=checked, extra_error=worst,
                                        passed=fidelity.passed and not diverged,
