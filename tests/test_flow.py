@@ -97,7 +97,7 @@ def test_a_model_whose_control_flow_cannot_be_looked_for_is_checked_on_pushed_va
     spec = IOSpec.parse(["x:float32[batch,8]"])
     plain = SimpleNamespace(spec=spec, dims={}, branches=())
     unknown = SimpleNamespace(spec=spec, dims={}, branches=(), branches_unknown="dynamo could not capture it")
-    labels = lambda m, **kw: {label for label, _ in extra_cases(m, None, **kw)}  # noqa: E731
+    labels = lambda m, **kw: {label for label, _, _ in extra_cases(m, None, **kw)}  # noqa: E731
     pushed = {"values x10000", "values shifted -10", "values shifted +10"}
     assert not pushed & labels(plain) and pushed <= labels(unknown)
     assert not pushed & labels(unknown, branch_cases=False)  # --allow-specialization
