@@ -230,6 +230,9 @@ def test_compile_with_a_transform_that_failed_on_eager_is_not_tried():
     model = SimpleNamespace(module=torch.nn.Linear(2, 2), spec=SimpleNamespace(symbols=[]), arch=None)
     by = {v.name: v for v in plan(model, "cpu", None, None, ("int8",))}
     assert by["compile+ao-int8"].sibling == "eager+ao-int8" and by["compile+ao-int8wo"].sibling == "eager+ao-int8wo"
+    # eager's weight-only int8 is there as compile's check: without compile, it is not planned
+    alone = {v.name for v in plan(model, "cpu", ["eager"], None, ("int8",))}
+    assert "eager+ao-int8" in alone and "eager+ao-int8wo" not in alone
 
 
 class MixWorker(ScriptedWorker):

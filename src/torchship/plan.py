@@ -121,7 +121,8 @@ def compression(model, planned: list[VariantPlan], base: BuildOptions, device: s
     out: list[VariantPlan] = []
     for fam in (t for t in transform_words() if t in transforms):
         for o in offers((fam,)) if model.module is not None else ():
-            if o.runtime in plain and device.split(":")[0] in o.config.devices:
+            if (o.runtime in plain and device.split(":")[0] in o.config.devices
+                    and (o.check_for is None or o.check_for in plain)):
                 out.append(VariantPlan(f"{o.runtime}+{o.label}", o.runtime, base, transforms=(to_dict(o.config),),
                                        note=o.note, family=o.ladder, level=o.level,
                                        sibling=o.sibling if any(v.name == o.sibling for v in out) else None))

@@ -60,6 +60,7 @@ class Offer:
     ladder: str | None = None  # variants of one ladder go gentle to aggressive (``level``); a failure stops the rest
     level: int = 0
     sibling: str | None = None  # a variant with the same numerics: when it fails the budget this one is not built
+    check_for: str | None = None  # planned only where this runtime is too: it is that runtime's variant's sibling
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,11 @@ class TorchaoInt8:
     @classmethod
     def offers(cls) -> tuple[Offer, ...]:
         # numerics carry over from eager: when eager's fails the budget (a few seconds to build and check), compile's
-        # is not built (MiniLM: 40-50 s of compiling each); eager's both first, so that they build side by side
+        # is not built (MiniLM: 40-50 s of compiling each); eager's both first, so that they build side by side.
+        # Weight-only int8 is for torch.compile (eager dequantizes each call): on eager only as that check
         return (Offer("eager", "ao-int8", cls(), "torchao int8 Linear layers (dynamic int8 activations)"),
-                Offer("eager", "ao-int8wo", cls("weight_only"), "torchao int8 Linear layers (weight-only)"),
+                Offer("eager", "ao-int8wo", cls("weight_only"), "torchao int8 Linear layers (weight-only)",
+                      check_for="compile"),
                 Offer("compile", "ao-int8", cls(), "torchao int8 Linear layers (dynamic) under torch.compile",
                       sibling="eager+ao-int8"),
                 Offer("compile", "ao-int8wo", cls("weight_only"), "torchao int8 Linear layers (weight-only) under "
