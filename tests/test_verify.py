@@ -91,6 +91,38 @@ def test_a_batch_case_is_judged_against_the_variants_own_error_on_the_same_items
     assert "seq=3" in beyond_the_example(0.01, cases, [off(0.13), off(0.13)], {}, own={0: 0.12})[2]
 
 
+def test_the_search_holds_a_batch_case_to_the_variants_error_on_its_items_and_survives_misshapen_outputs(tmp_path):
+    """The search's side of it: item 1 is small, so the variant's 10% error on it in the verification run is a small
+    share of the pool's error; at batch 1 that item again 12% off is the variant's usual error there, not a
+    divergence. A variant whose pool outputs do not fit the reference's (already rejected for it) is judged
+    against the pool's error instead, without failing the search."""
+    from types import SimpleNamespace
+
+    from torchship.optimize import OptimizeOptions
+    from torchship.optimize.protocol import Built
+    from torchship.optimize.search import Search
+    from torchship.verify import Budget, compare
+    reference = {"y": np.full((8, 4), 10.0, np.float32)}
+    reference["y"][1] = 0.1  # the small item
+    pooled = {"y": reference["y"].copy()}
+    pooled["y"][1] *= 1.1
+    item = [1]
+    case = ("batch 1", {"x": np.zeros((1, 2), np.float32)}, {"y": reference["y"][item]})
+    np.savez(tmp_path / "extra.npz", **{"0|y": reference["y"][item] * 1.12})
+    built = Built(status="ok", extra_outputs=str(tmp_path / "extra.npz"))
+    vp = SimpleNamespace(derived=None, runtime="eager", options=SimpleNamespace(quantize=None), selectable=True)
+
+    def judged(outputs, items):
+        ws = SimpleNamespace(opts=OptimizeOptions(), mix=None, extra=[case], extra_items=items, reference=reference)
+        search = Search(ws, lambda *a: None, 1, flags=frozenset())
+        return search._beyond_the_example(compare(reference, outputs, Budget()), built, vp, outputs)
+    assert judged(pooled, {0: np.array(item)}).passed
+    assert "batch 1" in judged(pooled, {}).reason  # against the pool's error (0.0001), 0.12 is a divergence
+    misshapen = {"y": pooled["y"][:1]}  # no row for item 1
+    fid = judged(misshapen, {0: np.array(item)})
+    assert not fid.passed and "shape" in fid.reason
+
+
 def test_extra_batch_cases_take_verification_items():
     from types import SimpleNamespace
     from torchship.spec import IOSpec
