@@ -39,7 +39,7 @@ class Workspace:
             # static int8 calibrates on the source's own representative inputs, else on the verification pool
             np.savez(self.root / "calibration.npz", **(model.calibration_data or self.pool.inputs))
             self.reference = reference_outputs(model, self.pool.inputs, self.chunk)
-            self.extra = self._extra_cases(model)
+            self.extra, self.extra_items = self._extra_cases(model)
             self.raw = self._raw_cases(model)
             # the lengths every contender is timed at: given, or those of the user's own data (not generated inputs)
             self.mix = served_mix(model.spec, self.pool.inputs if model.eval_data is not None else {}, opts.lengths)
@@ -52,12 +52,11 @@ class Workspace:
             self.__exit__()
             raise
 
-    def _extra_cases(self, model) -> list[tuple[str, dict, dict]]:
+    def _extra_cases(self, model) -> tuple[list[tuple[str, dict, dict]], dict[int, np.ndarray]]:
         """The inputs beyond the example with the reference's outputs on them (a case the reference itself cannot run
-        is left out), written for the workers."""
+        is left out), written for the workers; and for the batch cases, their items' places in the pool."""
         from ..verify import extra_cases
-        out = []
-        self.extra_items: dict[int, np.ndarray] = {}  # case -> its items' places in the pool, for the batch cases
+        out, places = [], {}  # places: case -> its items' places in the pool, for the batch cases
         for label, feeds, items in extra_cases(model, self.pool.inputs if model.eval_data is not None else None,
                                                branch_cases=not self.opts.allow_specialization, items=self.pool.inputs):
             try:
@@ -65,9 +64,9 @@ class Workspace:
             except Exception:
                 continue
             if items is not None:
-                self.extra_items[len(out) - 1] = items
+                places[len(out) - 1] = items
         np.savez(self.root / "extra.npz", **{f"{i}|{k}": v for i, (_, feeds, _) in enumerate(out) for k, v in feeds.items()})
-        return out
+        return out, places
 
     def _raw_cases(self, model):
         """Raw input through the model's pipeline and the original library's answers on it, where the bundle will
