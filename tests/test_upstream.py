@@ -22,7 +22,7 @@ def _digest(obj) -> str:
     return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
 
 
-@pytest.mark.parametrize("package", ["uvicorn", "httptools", "onnx", "msgspec"])
+@pytest.mark.parametrize("package", ["uvicorn", "httptools", "onnx", "msgspec", "torchao"])
 def test_the_packages_with_private_apis_run_at_their_pinned_versions(package):
     from importlib.metadata import version
     assert version(package) == pinned(package), f"{package} {version(package)} is installed, {pinned(package)} was tested"
@@ -74,3 +74,14 @@ def test_msgspec_states_a_bad_field_as_the_manifest_errors_show_it():
         msgspec.json.decode(b'{"max_batch_size": "x"}', type=Manifest)
     with pytest.raises(msgspec.ValidationError, match=r"Object contains unknown field `extra`"):
         msgspec.json.decode(b'{"extra": 1}', type=Manifest)
+
+
+def test_torchao_folds_batch_norm_one_convolution_kind_at_a_time():
+    """train/qat.py's convert passes over the convolution kinds a QAT graph lacks by replacing torchao's
+    _fold_conv_bn_qat_helper, which _fold_conv_bn_qat calls once per kind (F.conv1d, F.conv2d, ...) with the kind as
+    conv_fn and looks up by its module global. torchao 0.18.0's text of both, by digest."""
+    from torchao.quantization.pt2e import qat_utils
+    assert list(inspect.signature(qat_utils._fold_conv_bn_qat_helper).parameters) == [
+        "m", "conv_fn", "example_inputs", "is_cuda"]
+    assert {f.__name__: _digest(f) for f in (qat_utils._fold_conv_bn_qat, qat_utils._fold_conv_bn_qat_helper)} == {
+        "_fold_conv_bn_qat": "3454a434fefddb02", "_fold_conv_bn_qat_helper": "a7f715d1f9f169b0"}

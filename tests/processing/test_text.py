@@ -131,13 +131,17 @@ def test_a_tokenizer_given_apart_from_the_source_from_the_cli(tmp_path, capsys):
 def test_a_variant_that_falls_short_on_raw_text_is_rejected_and_the_next_one_is_packaged(st_dir, tmp_path, monkeypatch):
     """Whichever variant is chosen first (timing decides that, and nothing here depends on it) gets answers that miss
     the floor on raw text while the pipeline is right: it is rejected with the reason, the next choice is checked for
-    real and packaged with the text pipeline, and the report and notes say so."""
+    real and packaged with the text pipeline, and the report and notes say so. Both checks take the search's raw
+    cases: the original library's pipeline runs once in all."""
     import importlib
-    raw = importlib.import_module("torchship.optimize.raw")  # (torchship.optimize is also the function)
-    real, first = raw._check, []
 
-    def check(c, result, model, processing, kind, root):
-        found, why = real(c, result, model, processing, kind, root)
+    from torchship.processing import build
+    raw = importlib.import_module("torchship.optimize.raw")  # (torchship.optimize is also the function)
+    real, first, made = raw._check, [], []
+    monkeypatch.setattr(build, "text_cases", lambda *a, real=build.text_cases: made.append(1) or real(*a))
+
+    def check(c, result, model, processing, kind, root, known):
+        found, why = real(c, result, model, processing, kind, root, known)
         if first and c.name != first[0]:
             return found, why
         first.append(c.name)
@@ -151,6 +155,7 @@ def test_a_variant_that_falls_short_on_raw_text_is_rejected_and_the_next_one_is_
     assert result.chosen.name != first[0] and result.chosen.ok
     assert loser.status == "rejected" and loser.reason.startswith("raw input: an item reached cosine 0.930000")
     assert any(n.startswith(f"{first[0]}: rejected, its answers on raw text fell short") for n in result.notes)
+    assert len(made) == 1
     m = load_bundle(result.bundle)
     assert m.manifest.processing.check.passed and m.manifest.processing.check.source_min_cosine >= 0.9999
     assert m(["hello world"])["embedding"].shape == (1, 32)

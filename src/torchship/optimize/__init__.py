@@ -129,7 +129,7 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
         result = decide(results)
         if out is not None and result.chosen is not None and opts.processing:
             say("checking raw input end to end", len(variants), len(variants))
-            result = with_processing(result, model, ws.root, decide)
+            result = with_processing(result, model, ws.root, decide, ws.raw)
         if out is not None and result.chosen is not None:
             say("writing the bundle and report", len(variants), len(variants))
             result = package(result, ws.root, Path(out))

@@ -252,6 +252,14 @@ def _child(conn: socket.socket, job: Job) -> None:
     serve_one(conn, job)
 
 
+def _leave() -> None:
+    """The fork server's exit, without the interpreter's teardown of torch and the rest it preloaded (a second, which
+    the parent's close waits for: once a search): it holds nothing to save."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main() -> None:
     """Fork server: read (job, socket) from the control socket on fd 3; fork a worker for each; answer its pid."""
     import importlib
@@ -266,9 +274,9 @@ def main() -> None:
         try:
             data, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
         except OSError:
-            return
+            data = b""
         if not data:  # the parent went away: every worker it still has goes with its connection
-            return
+            _leave()
         job = msgspec.msgpack.decode(data, type=Job)
         os.makedirs(job.workdir, exist_ok=True)
         pid = os.fork()

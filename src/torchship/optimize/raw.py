@@ -41,12 +41,14 @@ def with_image_processor(model, folder: Path):
                   "pixel_values", "image_processor")
 
 
-def with_processing(result, model, root: Path, rechoose: Callable | None = None):
+def with_processing(result, model, root: Path, rechoose: Callable | None = None, known=None):
     """The result with the bundle's processing, where the model has some: its text pipeline (record and files) or
     image pipeline, checked end to end (raw input through it and the chosen variant against the original library's
     pipeline), and a classifier's labels. A chosen variant whose answers on that input fall short while the pipeline
     itself is right is rejected with the reason, and ``rechoose`` (the variants -> a result) chooses again; that
-    choice is checked in turn. A pipeline that fails its check is not packaged, and a note says why."""
+    choice is checked in turn. A pipeline that fails its check is not packaged, and a note says why. ``known``: the
+    search's cases (``cases``), taken again where the chosen variant's pipeline is the one they went through (the
+    original library's answers on them cost 4-5 s on MiniLM: sentence-transformers loaded and run, and the source)."""
     from ..processing import Processing
     from ..processing.build import labels_of
     labels = labels_of(model)
@@ -55,8 +57,8 @@ def with_processing(result, model, root: Path, rechoose: Callable | None = None)
         return replace(result, notes=result.notes + ((made,) if made else ()),
                        processing=Processing(labels=labels) if labels else None)
     kind = "text" if made[0].text else "image"
-    result, check, why, rejected = settle(result, lambda c, r: _check(c, r, model, _made(model, c, root)[0], kind, root),
-                                          rechoose)
+    result, check, why, rejected = settle(
+        result, lambda c, r: _check(c, r, model, _made(model, c, root)[0], kind, root, known), rechoose)
     notes = result.notes + tuple(f"{name}: rejected, its answers on raw {kind} fell short ({reason})"
                                  for name, reason in rejected)
     if why is not None:
@@ -96,7 +98,7 @@ def cases(model, root: Path):
         found = (text_cases if processing.text else image_cases)(model, processing, root / "processing")
     except Exception:  # the check after the search runs it again and says why
         return None
-    return found if found.right else None
+    return replace(found, processing=processing) if found.right else None
 
 
 def floor(budget: dict[str, float], variant) -> float:
@@ -116,15 +118,19 @@ def floor(budget: dict[str, float], variant) -> float:
     return round(extra_cosine(own), 6)
 
 
-def _check(c, result, model, processing, kind: str, root: Path):
-    """(check, why it failed or None) for variant ``c``: raw input through the pipeline and ``c``."""
+def _check(c, result, model, processing, kind: str, root: Path, known=None):
+    """(check, why it failed or None) for variant ``c``: raw input through the pipeline and ``c`` (on ``known``, the
+    search's cases, where they went through the same pipeline)."""
     from ..processing.build import check_image, check_text
     from ..runtimes import LoadContext, get
     try:
         run = get(c.runtime).load(c.artifact, root / c.name, result.spec,
                                   LoadContext(result.options.device, result.options.threads, True, True))
-        check = (check_text if kind == "text" else check_image)(model, processing, root / "processing", run,
-                                                                 floor(result.budget, c))
+        if known is not None and known.processing == processing:
+            check = known.check(run(known.feeds), floor(result.budget, c))
+        else:
+            check = (check_text if kind == "text" else check_image)(model, processing, root / "processing", run,
+                                                                     floor(result.budget, c))
     except Exception as exc:
         return None, f"its check failed to run ({first_line(exc)})"
     return check, shortfall(check)

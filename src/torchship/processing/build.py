@@ -125,6 +125,7 @@ class RawCases:
     mine: list[list[int]] | None = None  # text: each item's real tokens, from the pipeline and from the reference
     ids: list[list[int]] | None = None
     labels: bool = False  # a classifier: its best label is compared too
+    processing: Processing | None = None  # the pipeline they went through, where the caller keeps it for reuse
 
     @property
     def right(self) -> bool:

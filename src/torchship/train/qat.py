@@ -7,6 +7,7 @@ aoti) lowers its quantize/dequantize pairs to int8 kernels.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,9 +63,30 @@ def convert(model: QATModel) -> QATModel:
     """Fake quantization -> int8 quantize/dequantize with the learned scales (eval mode)."""
     _, quantize_pt2e, _ = _torchao()
     model.eval()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _folding_only_present_convolutions(model.graph):
         warnings.simplefilter("ignore")
         return QATModel(quantize_pt2e.convert_pt2e(model.graph)).eval()
+
+
+@contextmanager
+def _folding_only_present_convolutions(graph):
+    """torchao's ``convert_pt2e`` folds batch norm into the convolutions by exporting 24 patterns (per channel or
+    not, bias or not, ...) for each of conv1d, conv2d, conv_transpose1d and conv_transpose2d: 96 torch.export runs,
+    20 s of a 23 s QAT on digits-cnn, which has only conv2d. A pattern of a convolution the graph does not hold can
+    match nothing, so those kinds are passed over (torchao 0.18's ``_fold_conv_bn_qat_helper``, called per kind;
+    ``tests/test_upstream.py`` holds its text)."""
+    from torchao.quantization.pt2e import qat_utils
+    fold = qat_utils._fold_conv_bn_qat_helper
+    present = {str(getattr(n.target, "__name__", "")).split(".")[0] for n in graph.graph.nodes
+               if n.op == "call_function"}
+
+    def only_present(m, conv_fn, *args, **kwargs):
+        return fold(m, conv_fn, *args, **kwargs) if conv_fn.__name__ in present else m
+    qat_utils._fold_conv_bn_qat_helper = only_present
+    try:
+        yield
+    finally:
+        qat_utils._fold_conv_bn_qat_helper = fold
 
 
 def save(model: QATModel, example: torch.Tensor, path: Path) -> None:
