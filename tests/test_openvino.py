@@ -125,10 +125,10 @@ def test_where_the_ranking_items_are_all_the_calibration_items_the_plain_model_i
     64), what the plain model kept on all of them is its measure there too, not one more compile and run."""
     from torchship.runtimes.control import Control
     control = object.__new__(Control)  # what on_ranking reads of it; nothing is run
-    control.batches, control.ranked = [None] * 4, 4
+    control.ranks_on_all = True
     control.kept = lambda candidate, ranking=False: pytest.fail("measured again")
     assert control.on_ranking("plain", {"cosine": 0.99}) == {"cosine": 0.99}
-    control.ranked = 2  # the first two batches only: measured there
+    control.ranks_on_all = False  # the first items only: measured there
     control.kept = lambda candidate, ranking=False: {"cosine": 0.98 if ranking else 0.99}
     assert control.on_ranking("plain", {"cosine": 0.99}) == {"cosine": 0.98}
 
@@ -301,11 +301,12 @@ def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path, monk
     assert control.kept(plain)["cosine"] < 1 - 1e-7  # int8 changes the answers ...
     restored, _ = control.outputs(ov._in_float(plain, set(found), original), "fp32")
     assert np.abs(restored - control.reference).max() < 1e-4  # ... and all back in float gives them again
-    monkeypatch.setattr(control_module, "RANKING_ITEMS", 20)  # operations are ranked on the first items only (whole batches)
+    monkeypatch.setattr(control_module, "RANKING_ITEMS", 20)  # operations are ranked on the first items only
     ranking = ov._Control(original, model, options, "fp32")
     ranked, _ = ranking.outputs(plain, "fp32", ranking=True)
-    assert len(ranked) == 32 < len(ranking.reference)
-    assert ranking.kept(plain, ranking=True)["cosine"] == pytest.approx(cosines(ranking.reference[:32], ranked).mean())
+    assert len(ranked) == 20 < len(ranking.reference)
+    assert ranking.kept(plain, ranking=True)["cosine"] == pytest.approx(cosines(ranking.reference[:20], ranked).mean(),
+                                                                         abs=1e-6)
     # with raw input (short, empty and other-script text, padded to the longest): each item is held to the budget's
     # cosine floor, or under a retrieval budget to the one the candidate's own error allows
     from torchship.processing.build import HARD_TEXT
@@ -317,11 +318,23 @@ def test_int8_with_accuracy_control_builds_on_a_small_transformer(tmp_path, monk
     # raw input runs in groups of neighbouring lengths, each cut to its longest, with the same answers as one batch
     assert len(grouped.raw) > 1 and max(f["input_ids"].shape[1] for _, f, _ in grouped.raw) == raw["input_ids"].shape[1]
     assert min(f["input_ids"].shape[1] for _, f, _ in grouped.raw) < raw["input_ids"].shape[1]
-    one = lambda feeds: [(np.arange(len(feeds["input_ids"])), feeds, feeds["input_ids"].shape[1])]  # noqa: E731
+    # calibration sentences of mixed lengths run cut to their lengths (in groups of neighbouring ones), not padded
+    short = tokenize(model.tokenizer, [" ".join(s.split()[:1 + i % 4]) for i, s in enumerate(sentences(64, seed=1))], 24)
+    short = replace(model, calibration_data={n: short.get(n, np.zeros_like(short["input_ids"])) for n in model.spec.input_names})
+    cut = ov._Control(original, short, options, "fp32")
+    widths = [f["input_ids"].shape[1] for _, f, _ in cut.batches]
+    assert max(widths) == int(short.calibration_data["attention_mask"].sum(1).max()) and min(widths) < min(max(widths), 24)
+    assert sorted(np.concatenate([i for i, _, _ in cut.batches]).tolist()) == list(range(64))
+    one = lambda feeds, groups=1: [(np.arange(len(feeds["input_ids"])), feeds, feeds["input_ids"].shape[1])]  # noqa: E731
     monkeypatch.setattr(control_module, "by_length", one)
     whole = ov._Control(original, model, options, "fp32")
     assert len(whole.raw) == 1 and np.abs(whole.raw_reference - grouped.raw_reference).max() < 1e-4
     assert kept["raw"] == pytest.approx(whole.kept(plain)["raw"], abs=1e-5)
+    # ... with the answers they give padded, and the same measure
+    padded = ov._Control(original, short, options, "fp32")
+    assert len({f["input_ids"].shape[1] for _, f, _ in padded.batches}) == 1
+    assert np.abs(padded.reference - cut.reference).max() < 1e-4
+    assert cut.kept(plain)["cosine"] == pytest.approx(padded.kept(plain)["cosine"], abs=1e-5)
     assert kept["raw floor"] == 0.999 and 0 < kept["raw"] < 1 - 1e-7
     retrieval = ov._Control(original, model, options.found(floors={"retrieval": 0.9}), "fp32")
     kept = retrieval.kept(plain)

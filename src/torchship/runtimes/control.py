@@ -63,23 +63,62 @@ def by_length(feeds: dict[str, np.ndarray], groups: int = 3) -> list[tuple[np.nd
     return found
 
 
+def _in_batches(groups, batch: int):
+    """``by_length``'s groups split into batches of at most ``batch`` items (the calibration batches' size)."""
+    return [(index[i:i + batch], {k: v[i:i + batch] for k, v in feeds.items()}, width)
+            for index, feeds, width in groups for i in range(0, len(index), batch)]
+
+
+def _placed(run, groups) -> np.ndarray:
+    """``run`` on each of ``groups`` (``by_length``'s: the items' places, their inputs, the width of the whole), each
+    output in its items' places; an output per token has its padding zeroed, and is as wide as the whole."""
+    whole = None
+    for index, feeds, width in groups:
+        out = run(feeds)
+        mask = feeds.get("attention_mask")
+        if mask is not None and out.ndim == 3 and out.shape[:2] == mask.shape:
+            out = np.pad(out * mask[..., None], ((0, 0), (0, max(0, width - out.shape[1])), (0, 0)))
+        if whole is None:
+            whole = np.zeros((sum(len(i) for i, _, _ in groups),) + out.shape[1:])
+        if out.shape[1:] != whole.shape[1:]:
+            raise _Misfit
+        whole[index] = out
+    return whole
+
+
+class _Misfit(Exception):
+    """Groups cut to other lengths gave outputs of other shapes."""
+
+
 class Control:
     """What accuracy control measures a candidate by: its first output on the calibration inputs against the float
     model's, as the budget's floors say (mean cosine, retrieval), and on raw input through the bundle's pipeline
     where the model takes some (``Source.raw_data``), item by item: the worst item's cosine at least the floor the
     search will hold it to there (``optimize.raw.floor``: the budget's cosine, else the one its own relative error
     allows), all run at the precision it will run at. ``ranking``: on the first ``RANKING_ITEMS`` calibration
-    items only, what ranking the operations by cost measures on. A runtime gives ``compiled``."""
+    items only, what ranking the operations by cost measures on. Token inputs run cut to their items' lengths, in
+    groups of neighbouring lengths (``by_length``: MiniLM's calibration sentences, at most 23 tokens of 128, ran
+    some fifty times padded). A runtime gives ``compiled``."""
 
     def __init__(self, reference, model, options, precision: str):
         self.spec, self.names, self.precision = model.spec, model.spec.input_names, precision
-        self.batches = calibration_batches(model)
+        batches = calibration_batches(model)
+        size = len(next(iter(batches[0].values())))
+        items = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        self.ranks_on_all = len(next(iter(items.values()))) <= RANKING_ITEMS  # then a measure on them is the full one
         self.floors = options.floors or {"cosine": DEFAULT_FLOOR}  # the default budget's floor
         self.targets = {k: spare(v) for k, v in self.floors.items()}
-        self.raw = by_length(model.raw_data) if getattr(model, "raw_data", None) else []
-        self.reference, self.raw_reference = self.outputs(reference, "fp32")
-        count = np.cumsum([len(next(iter(b.values()))) for b in self.batches])
-        self.ranked = int(np.searchsorted(count, min(RANKING_ITEMS, count[-1]))) + 1  # batches to reach those items
+        raw = getattr(model, "raw_data", None) or {}
+        for groups in (3, 1):  # 1: all cut to the longest, where an output is as wide as the tokens but not one per token
+            self.batches = _in_batches(by_length(items, groups), size)
+            self.ranking = _in_batches(by_length({k: v[:RANKING_ITEMS] for k, v in items.items()}, groups), size)
+            self.raw = by_length(raw, groups) if raw else []
+            try:
+                self.reference, self.raw_reference = self.outputs(reference, "fp32")
+                break
+            except _Misfit:
+                continue
+        self.ranking_reference = self.reference if self.ranks_on_all else self.outputs(reference, "fp32", True)[0]
 
     def compiled(self, candidate, precision: str) -> Callable[[list[np.ndarray]], np.ndarray]:
         """``candidate`` ready to run at ``precision``: the inputs in the spec's order -> its first output."""
@@ -87,25 +126,16 @@ class Control:
 
     def outputs(self, candidate, precision: str, ranking: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """The first output on the calibration inputs (the first ``RANKING_ITEMS`` where ``ranking``), and on the raw
-        input (None without): padded tokens zeroed."""
+        input (None without), each item in its place: padded tokens zeroed."""
         compiled = self.compiled(candidate, precision)
         run = lambda b: np.asarray(compiled([b[n] for n in self.names]), dtype=np.float64)  # noqa: E731
-        raw = None
-        for index, feeds, width in self.raw:
-            out = run(feeds)
-            mask = feeds.get("attention_mask")
-            if mask is not None and out.ndim == 3 and out.shape[:2] == mask.shape:  # per token: padding zeroed, as
-                out = np.pad(out * mask[..., None], ((0, 0), (0, max(0, width - out.shape[1])), (0, 0)))  # wide as all
-            if raw is None:
-                raw = np.zeros((sum(len(i) for i, _, _ in self.raw),) + out.shape[1:])
-            raw[index] = out
-        return np.concatenate([run(b) for b in (self.batches[:self.ranked] if ranking else self.batches)]), raw
+        return _placed(run, self.ranking if ranking else self.batches), _placed(run, self.raw) if self.raw else None
 
     def kept(self, candidate, ranking: bool = False) -> dict[str, float]:
         """What ``candidate`` keeps of each floor's measure on the calibration data, and on raw input the worst
         item's cosine (``raw``) with the floor it must keep (``raw floor``)."""
         out, raw = self.outputs(candidate, self.precision, ranking)
-        reference = self.reference[:len(out)]
+        reference = self.ranking_reference if ranking else self.reference
         found = {"cosine": float(cosines(reference, out).mean())}
         if "retrieval" in self.targets:
             r = retrieval(reference, out)
@@ -115,11 +145,6 @@ class Control:
             own = float(np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-30))
             found["raw floor"] = self.floors.get("cosine", extra_cosine(own))
         return found
-
-    @property
-    def ranks_on_all(self) -> bool:
-        """The ranking items are all the calibration items (then a measure on them is the full one)."""
-        return self.ranked >= len(self.batches)
 
     def on_ranking(self, candidate, kept: dict[str, float]) -> dict[str, float]:
         """What ``candidate`` keeps on the ranking items, given what it ``kept`` on all (the same where they are all)."""
