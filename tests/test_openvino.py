@@ -120,6 +120,22 @@ def test_the_fewest_layers_in_float_are_found_with_few_quantizations():
         assert fewest(most, lambda k: tried.append(k) or False) is None and tried[-1] == most  # every k failed
 
 
+def test_calibration_batches_of_tokens_are_cut_to_their_lengths_and_others_kept_as_they_are():
+    """NNCF calibrates on token inputs cut to their lengths (items of neighbouring lengths together, batches of the
+    same size): its statistics are then the tokens', not the padding's; inputs without a mask are left alone."""
+    from torchship.runtimes.control import cut_batches
+    lengths = np.random.default_rng(0).integers(1, 30, 40)
+    mask = (np.arange(32)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask > 0, np.arange(1, 41)[:, None], 0)  # each item's own token
+    batches = [{"input_ids": ids[i:i + 16], "attention_mask": mask[i:i + 16]} for i in range(0, 40, 16)]
+    cut = cut_batches(batches)
+    assert all(len(b["input_ids"]) <= 16 for b in cut) and sum(len(b["input_ids"]) for b in cut) == 40
+    assert all(b["attention_mask"][:, -1].any() and b["input_ids"].shape[1] < 32 for b in cut)  # cut to their longest
+    assert sorted(int(b["input_ids"][i, 0]) for b in cut for i in range(len(b["input_ids"]))) == list(range(1, 41))
+    images = [{"x": np.ones((16, 3, 4, 4), np.float32)}, {"x": np.zeros((8, 3, 4, 4), np.float32)}]
+    assert [b["x"].shape for b in cut_batches(images)] == [(16, 3, 4, 4), (8, 3, 4, 4)]
+
+
 def test_where_the_ranking_items_are_all_the_calibration_items_the_plain_model_is_not_measured_again():
     """Costs are ranked on the first calibration items (NNCF's ranking subset); where those are all of them (MiniLM:
     64), what the plain model kept on all of them is its measure there too, not one more compile and run."""

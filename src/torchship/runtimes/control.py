@@ -90,6 +90,14 @@ class _Misfit(Exception):
     """Groups cut to other lengths gave outputs of other shapes."""
 
 
+def cut_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Calibration batches of token inputs as batches of the same size of items of neighbouring lengths, cut to their
+    longest (``by_length``); others as they are."""
+    size = len(next(iter(batches[0].values())))
+    items = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    return [feeds for _, feeds, _ in _in_batches(by_length(items), size)]
+
+
 class Control:
     """What accuracy control measures a candidate by: its first output on the calibration inputs against the float
     model's, as the budget's floors say (mean cosine, retrieval), and on raw input through the bundle's pipeline

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import BuildSkipped, MissingExtra, first_line
 from .base import Artifact, calibration_batches, register
-from .control import Control, layout, least_in_float, measures, shares
+from .control import Control, cut_batches, layout, least_in_float, measures, shares
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -104,13 +104,15 @@ def _nncf():
 
 
 def _quantize(ov_model, model, options, ignored: tuple[str, ...] = (), plain: bool = False):
-    """NNCF post-training int8, calibrated on the source's representative inputs (as the other static int8s);
+    """NNCF post-training int8, calibrated on the source's representative inputs (as the other static int8s; token
+    inputs cut to their lengths, ``cut_batches``: MiniLM's int8-transformer 17 s -> 12 s to build, cosine 0.99713 ->
+    0.99740, the statistics no longer taken over padding);
     ``ignored``: the operations left in float; ``plain``: no SmoothQuant and no bias correction (each quantized
     weight is then the original's, quantized, so that taking an operation's quantizers out restores it exactly)."""
     nncf = _nncf()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
     names = model.spec.input_names
-    batches = calibration_batches(model)
+    batches = cut_batches(calibration_batches(model))
     kw = {}
     if options.quantize in ("int8_transformer", "int8_mixed"):
         kw["model_type"] = nncf.ModelType.TRANSFORMER
