@@ -175,7 +175,7 @@ def test_compile_is_not_tried_with_a_transform_that_already_failed_on_eager():
 
 
 @pytest.mark.slow
-def test_pt2e_static_int8_builds_on_a_bert_family_embedding_model(tmp_path):
+def test_pt2e_static_int8_builds_on_a_bert_family_embedding_model(tmp_path, monkeypatch):
     """A sentence-transformers encoder computes BERT's pooler (a Linear and a tanh) that its embedding never reads;
     torchao's x86 quantizer failed on that dead branch with "IndexError: list index out of range" (every BERT-family
     embedding model, MiniLM included). The program loses its dead code first: PT2E static int8 builds, loads and
@@ -198,4 +198,32 @@ def test_pt2e_static_int8_builds_on_a_bert_family_embedding_model(tmp_path):
     artifact = aoti.build(model, BuildOptions(quantize="static_int8"), tmp_path / "built")
     runner = aoti.load(artifact, tmp_path / "built", model.spec, LoadContext(threads=1))
     first = model.spec.output_names[0]
-    assert cosines(TorchRunner(model.module.eval(), model.spec)(data)[first], runner(data)[first]).mean() > 0.95
+    got = cosines(TorchRunner(model.module.eval(), model.spec)(data)[first], runner(data)[first]).mean()
+    assert got > 0.95
+    # under a cosine floor the quantized program is screened in eager before AOTInductor compiles it: one that misses
+    # the floor by more than twice what it allows is a skipped row without a compile; one that keeps it is compiled
+    import torch
+
+    from torchship.errors import BuildSkipped
+    from torchship.runtimes import aoti as aoti_module
+    screened = []
+    real = aoti_module.screen
+    monkeypatch.setattr(aoti_module, "screen", lambda *a: screened.append(a[2]) or real(*a))
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("compiled"))
+    floor = 1 - (1 - got) / 4  # the compiled program keeps a quarter of what this floor allows: far below it
+    with pytest.raises(BuildSkipped, match="misses the budget before AOTInductor compiles it: the quantized program"):
+        aoti.build(model, BuildOptions(quantize="static_int8", floors={"cosine": floor}), tmp_path / "built")
+    assert screened == [floor]
+    program, ranges = aoti_module.export(model)
+    real(aoti_module.static_int8(program, model, ranges), model, got)  # a floor it keeps, within twice: no skip
+
+
+def test_pt2e_static_int8_gets_the_cosine_floor_to_be_screened_by_and_is_built_without_one():
+    """The plan hands PT2E static int8 the budget's floors (its quantized program is screened against the cosine
+    floor before AOTInductor compiles it); a budget without floors (a task metric) still builds it, unscreened."""
+    from torchship.plan import plan
+    tiny = load_source("tests.models:Tiny")
+    by = {v.name: v for v in plan(tiny, "cpu", ["aoti"], None, ("int8",), floors={"cosine": 0.999})}
+    assert by["aoti+static-int8"].options.floors == {"cosine": 0.999} and by["aoti+static-int8"].skip is None
+    by = {v.name: v for v in plan(tiny, "cpu", ["aoti"], None, ("int8",))}
+    assert by["aoti+static-int8"].skip is None and not by["aoti+static-int8"].options.floors

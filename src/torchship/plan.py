@@ -132,8 +132,9 @@ def compression(model, planned: list[VariantPlan], base: BuildOptions, device: s
                 if q.transformers_only and not transformer:
                     continue
                 options, skip = replace(base, quantize=q.quantize), q.not_for_transformers if transformer else None
-                if q.keeps_floors:
+                if q.keeps_floors or q.screens:
                     options = replace(options, floors=dict(floors or {}))
+                if q.keeps_floors:
                     skip = skip or (None if floors else NO_FLOORS)
                 out.append(VariantPlan(f"{r}+{q.label}", r, options, note=q.note, skip=skip))
     return out

@@ -108,6 +108,8 @@ class Quantizer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transformers_only: bool = False  # planned only for a model with attention inside (a preset made for them)
     not_for_transformers: str | None = None  # why it is not built for a model with attention inside (a skipped row)
     keeps_floors: bool = False  # it holds the budget's floors as it builds (``BuildOptions.floors``, set by the plan)
+    # its quantized graph is held to the budget's cosine floor (``BuildOptions.floors``) before a costly compile
+    screens: bool = False
     calibrated: bool = False  # its activation ranges are calibrated on data (inputs scaled beyond them are not judged)
     covers: Literal["linear", "all"] = "all"  # the layers it changes (the search bounds its gain by their share of the time)
 
@@ -147,7 +149,7 @@ DESCRIPTORS: dict[str, Descriptor] = {d.name: d for d in (
     Descriptor("aoti", "a compiled AOTInductor package, no Python code", 3, takes=("module", "program"), specializes=True,
                native="the shared library AOTInductor compiled into", quantizes=(
                    Quantizer("static_int8", "static-int8", "PT2E static int8 (torchao, x86 inductor quantizer, calibrated) "
-                             "on AOTInductor", calibrated=True),)),
+                             "on AOTInductor", calibrated=True, screens=True),)),
     Descriptor("onnxrt", "a single self-contained ONNX file", 0, takes=("module", "onnx", "program"), specializes=True,
                quantizes=(Quantizer("dynamic_int8", "int8", "ONNX Runtime dynamic int8 (per-channel QInt8 weights)"),
                           Quantizer("static_int8", "static-int8", "ONNX Runtime static int8 (QDQ, calibrated activations, "
