@@ -42,6 +42,8 @@ def main() -> None:
         res = optimize(args.model, OptimizeOptions(cache=False), out=args.out or os.path.join(tmp, "bundle"), progress=say)
         wall = time.perf_counter() - t0
         print(f"\nsearch: {wall:.0f} s in all, chose {res.chosen.name}")
+        if res.decision is not None:
+            print(res.decision.why)
         print(f"{'variant':30s} {'status':9s} {'worker s':>8s}  why")
         for v in res.variants:
             why = "" if v.status == "ok" else v.reason
