@@ -117,7 +117,7 @@ class Control:
         self.floors = options.floors or {"cosine": DEFAULT_FLOOR}  # the default budget's floor
         self.targets = {k: spare(v) for k, v in self.floors.items()}
         raw = getattr(model, "raw_data", None) or {}
-        for groups in (3, 1):  # 1: all cut to the longest, where an output is as wide as the tokens but not one per token
+        for groups in (3, 1):  # 1: all cut to the longest (an output as wide as the tokens, not one per token)
             self.batches = _in_batches(by_length(items, groups), size)
             self.ranking = _in_batches(by_length({k: v[:RANKING_ITEMS] for k, v in items.items()}, groups), size)
             self.raw = by_length(raw, groups) if raw else []
@@ -125,7 +125,8 @@ class Control:
                 self.reference, self.raw_reference = self.outputs(reference, "fp32")
                 break
             except _Misfit:
-                continue
+                if groups == 1:
+                    raise
         self.ranking_reference = self.reference if self.ranks_on_all else self.outputs(reference, "fp32", True)[0]
 
     def compiled(self, candidate, precision: str) -> Callable[[list[np.ndarray]], np.ndarray]:
