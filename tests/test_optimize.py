@@ -147,3 +147,36 @@ def test_a_time_budget_spent_leaves_rows_that_say_so_and_still_a_bundle(tmp_path
     for name in ("torchscript", "onnxrt"):
         assert by[name].status == "skipped" and "time budget of 1e-06 s was spent" in by[name].reason
         assert "raise --time-budget" in by[name].reason
+
+
+def _job_servers() -> list[int]:
+    """This process's children that are variant fork servers (``python -m torchship.optimize.job``)."""
+    import os
+    from pathlib import Path
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"torchship.optimize.job" in cmd:
+            found.append(int(proc.name))
+    return found
+
+
+def test_the_worker_server_starts_before_the_model_loads_and_a_source_that_fails_leaves_none_behind(tmp_path,
+                                                                                                  monkeypatch):
+    """optimize starts the workers' fork server first (its imports overlap loading the model): where loading then
+    fails, the error comes at once and neither the server nor its directory is left."""
+    import tempfile
+
+    from torchship.errors import SourceError
+    from torchship.optimize import workers
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    started = []
+    real = workers.ForkServer.__init__
+    monkeypatch.setattr(workers.ForkServer, "__init__", lambda self, *a: started.append(1) or real(self, *a))
+    with pytest.raises(SourceError, match="is not a source torchship knows"):
+        optimize("no_such_source_anywhere")
+    assert started == [1] and not _job_servers() and not list(tmp_path.glob("torchship-forkserver-*"))

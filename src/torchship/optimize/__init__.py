@@ -33,6 +33,7 @@ from .data import Pool, checked_train_data, with_data
 from .options import OptimizeOptions
 from .raw import with_image_processor, with_processing, with_tokenizer
 from .search import Search
+from .workers import ForkServer
 from .workspace import Workspace
 
 __all__ = ["OptimizeOptions", "OptimizeResult", "optimize"]
@@ -106,20 +107,28 @@ def optimize(source, options: OptimizeOptions | None = None, *, inputs: list[str
     if out is not None:
         from ..outdir import check_writable
         check_writable(Path(out), marker=bundle.MANIFEST)
-    say("loading the model", 0, 1)
-    model = load(source, inputs=inputs, weights=weights, dims=dims, name=name, eval_data=eval_data,
-                 calibration_data=calibration_data, warn=warn)
-    if tokenizer is not None:
-        model = with_tokenizer(model, Path(tokenizer))
-    if image_processor is not None:
-        model = with_image_processor(model, Path(image_processor))
-    say("looking for control flow on the model's values", 0, 1)
-    model = with_branches(model)
-    train_data = checked_train_data(train_data, warn)
-    variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads, opts.transforms,
-                    trainable=train_data is not None, allow_specialization=opts.allow_specialization,
-                    floors=floors(opts, model))
-    with Workspace(model, opts) as ws:
+    # the workers' fork server starts first: its imports (torch, dynamo: about 3 s) overlap loading the model and
+    # looking for its control flow; the workspace takes it over
+    server = ForkServer() if opts.isolate else None
+    try:
+        say("loading the model", 0, 1)
+        model = load(source, inputs=inputs, weights=weights, dims=dims, name=name, eval_data=eval_data,
+                     calibration_data=calibration_data, warn=warn)
+        if tokenizer is not None:
+            model = with_tokenizer(model, Path(tokenizer))
+        if image_processor is not None:
+            model = with_image_processor(model, Path(image_processor))
+        say("looking for control flow on the model's values", 0, 1)
+        model = with_branches(model)
+        train_data = checked_train_data(train_data, warn)
+        variants = plan(model, opts.device, list(opts.runtimes) if opts.runtimes else None, opts.threads,
+                        opts.transforms, trainable=train_data is not None,
+                        allow_specialization=opts.allow_specialization, floors=floors(opts, model))
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
+    with Workspace(model, opts, server) as ws:
         results = build_each(variants, ws, say, train_data, student)
         say("selecting", len(variants), len(variants))
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import msgspec
@@ -20,16 +22,20 @@ class WorkerLost(Exception):
 class ForkServer:
     """``python -m torchship.optimize.job``: imports torch once and forks a worker per job."""
 
-    def __init__(self, log: Path):
+    def __init__(self, log: Path | None = None):
+        """``log``: where its output goes (None: a temporary directory of its own, removed at ``close``)."""
+        self.own = None if log is not None else Path(tempfile.mkdtemp(prefix="torchship-forkserver-"))
+        self.log = log or self.own / "forkserver.log"
+        self.used = False
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with open(log, "w") as out:
+        with open(self.log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "torchship.optimize.job", str(theirs.fileno())],
                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         theirs.close()
-        self.log = log
 
     def start(self, job: Job) -> "Worker":
+        self.used = True
         mine, theirs = socket.socketpair()
         try:
             socket.send_fds(self.control, [msgspec.msgpack.encode(job)], [theirs.fileno()])
@@ -45,12 +51,18 @@ class ForkServer:
         return Worker(mine, int.from_bytes(answer, "little"), Path(job.workdir))
 
     def close(self) -> None:
+        """Its workers go with their connections; it leaves when it reads the closed control socket, which one that
+        was never sent a job may not have reached yet (still importing): that one is killed."""
         self.control.close()
+        if not self.used:
+            self.proc.kill()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.own is not None:
+            shutil.rmtree(self.own, ignore_errors=True)
 
 
 class Worker:

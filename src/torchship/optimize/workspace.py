@@ -25,14 +25,16 @@ class Workspace:
     """A run's temporary directory: the verification inputs and their reference outputs, the model as a worker
     reloads it, the fork server that starts the workers, and the trained models derived on the way."""
 
-    def __init__(self, model, opts: OptimizeOptions):
+    def __init__(self, model, opts: OptimizeOptions, server: ForkServer | None = None):
+        """``server``: a fork server started before the model was loaded (its imports overlap that), which the
+        workspace takes over, or closes where only this process can run the model."""
         self.model, self.opts = model, opts
         self.root = Path(tempfile.mkdtemp(prefix="torchship-"))
         self.server: ForkServer | None = None
         try:
             self.ref = self._model_ref(model)
             if self.ref is not None and opts.isolate:  # started now: its imports overlap the reference run below
-                self.server = ForkServer(self.root / "forkserver.log")
+                self.server, server = server or ForkServer(self.root / "forkserver.log"), None
             self.pool: Pool = verification_pool(model)
             self.chunk = min(32, max(opts.batch_sizes))
             np.savez(self.root / "pool.npz", **self.pool.inputs)
@@ -51,6 +53,9 @@ class Workspace:
         except BaseException:  # nothing is left running or on disk
             self.__exit__()
             raise
+        finally:
+            if server is not None:  # not taken over
+                server.close()
 
     def _extra_cases(self, model) -> tuple[list[tuple[str, dict, dict]], dict[int, np.ndarray]]:
         """The inputs beyond the example with the reference's outputs on them (a case the reference itself cannot run
