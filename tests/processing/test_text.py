@@ -166,10 +166,12 @@ def test_a_variant_off_on_raw_text_is_rejected_in_the_search_with_its_worst_item
     items are off (as int8's were on MiniLM) is rejected there, before the choice, with the worst item's cosine and
     the floor it missed; the others carry theirs, and the choice needs no second try after the search."""
     from torchship.optimize import job
-    real = job.Variant._raw
+    real, ran = job.Variant._raw, []
 
     def raw(self, workdir):
         path, error = real(self, workdir)
+        if self.job.raw:
+            ran.append(self.job.variant.name)
         if self.job.variant.name == "onnxrt":
             with np.load(path) as z:
                 outs = {k: z[k] for k in z.files}
@@ -186,6 +188,7 @@ def test_a_variant_off_on_raw_text_is_rejected_in_the_search_with_its_worst_item
     assert off.fidelity.raw_cosine < 0.99 and off.fidelity.raw_floor == 0.9999
     assert eager.ok and eager.fidelity.raw_cosine >= 0.9999 and result.chosen.name == "eager"
     assert not any("fell short" in n for n in result.notes)  # settled in the search
+    assert sorted(ran) == ["eager", "onnxrt"]  # the candidates; not the reference row (eager-naive), never chosen
     assert load_bundle(result.bundle).manifest.processing.check.passed
     assert "Raw input" in (result.bundle / "report" / "report.md").read_text()
 

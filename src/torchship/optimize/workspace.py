@@ -110,7 +110,8 @@ class Workspace:
         return Job(vp, ref, str(self.root / vp.name), str(self.root / "pool.npz"), str(self.root / "calibration.npz"),
                    self.chunk, self.threads, tuple(sys.path), self.cache_for(vp, ref), converted and str(converted),
                    str(self.root / "extra.npz") if self.extra else None,
-                   str(self.root / "raw.npz") if self.raw is not None else None)
+                   # raw input is a verdict on candidates only: a reference row (eager-naive) is not run on it
+                   str(self.root / "raw.npz") if self.raw is not None and vp.selectable else None)
 
     def cache_for(self, vp: VariantPlan, ref: ModelRef) -> str | None:
         """The build cache's directory for this build (``cache.key``), or None without a cache."""
