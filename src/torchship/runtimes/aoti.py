@@ -52,13 +52,12 @@ def screen(program, model, floor: float) -> None:
     compiled int8 kernels compute what the quantize/dequantize pairs say; the margin leaves room for how they round."""
     from ..similarity import cosines
     from .control import cut_batches
-    first = lambda out: (out[0] if isinstance(out, (tuple, list)) else out).float().numpy()  # noqa: E731
-    quantized, found = program.module(), []
+    want, got, first = TorchRunner(model.module, model.spec), TorchRunner(program.module(), model.spec), \
+        model.spec.output_names[0]
+    found = []
     try:
-        with torch.no_grad():
-            for b in cut_batches(calibration_batches(model)):
-                args = [torch.from_numpy(b[n]) for n in model.spec.input_names]
-                found.append(cosines(first(model.module(*args)), first(quantized(*args))))
+        for b in cut_batches(calibration_batches(model)):
+            found.append(cosines(want(b)[first], got(b)[first]))
     except Exception:  # a length outside the program's range, an output it cannot compare: the compile decides
         return
     cosine, bar = float(np.concatenate(found).mean()), 1 - 2 * (1 - floor)

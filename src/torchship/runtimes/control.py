@@ -90,11 +90,15 @@ class _Misfit(Exception):
     """Groups cut to other lengths gave outputs of other shapes."""
 
 
+def _joined(batches: list[dict[str, np.ndarray]]) -> tuple[int, dict[str, np.ndarray]]:
+    """(the batches' size, all their items as one set of inputs)."""
+    return len(next(iter(batches[0].values()))), {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
 def cut_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Calibration batches of token inputs as batches of the same size of items of neighbouring lengths, cut to their
     longest (``by_length``); others as they are."""
-    size = len(next(iter(batches[0].values())))
-    items = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    size, items = _joined(batches)
     return [feeds for _, feeds, _ in _in_batches(by_length(items), size)]
 
 
@@ -110,9 +114,7 @@ class Control:
 
     def __init__(self, reference, model, options, precision: str):
         self.spec, self.names, self.precision = model.spec, model.spec.input_names, precision
-        batches = calibration_batches(model)
-        size = len(next(iter(batches[0].values())))
-        items = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        size, items = _joined(calibration_batches(model))
         self.ranks_on_all = len(next(iter(items.values()))) <= RANKING_ITEMS  # then a measure on them is the full one
         self.floors = options.floors or {"cosine": DEFAULT_FLOOR}  # the default budget's floor
         self.targets = {k: spare(v) for k, v in self.floors.items()}
