@@ -23,7 +23,8 @@ def test_every_runtime_builds_verifies_and_times(digits_run):
         v = by_name[name]
         assert v.status == "ok", (name, v.reason)
         assert v.fidelity.cosine >= 0.999 and v.fidelity.top1 >= 0.99
-        assert v.fidelity.accuracy >= 0.95  # held-out digits with labels give the task metric
+        # held-out digits with labels give the task metric: the trained model's, kept by every variant
+        assert v.fidelity.reference_accuracy >= 0.9 and v.fidelity.accuracy >= v.fidelity.reference_accuracy - 0.01
         for bs in (1, 8):
             s = v.profile[bs]
             assert 0 < s.p50_ms <= s.p90_ms <= s.p99_ms and s.throughput > 0

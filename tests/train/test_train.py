@@ -176,8 +176,8 @@ def test_config_errors_and_precision_choice():
 
 
 def test_processes_that_train_the_zoo_weights_at_once_all_use_the_first_written(tmp_path, monkeypatch):
-    """Two processes that found no cached digits-cnn train it each (runs differ); the first to finish writes the
-    cache, and the other uses those weights too, not its own: a model and its reference never disagree."""
+    """Two processes that found no cached digits-cnn train it each (their runs may differ in the last bits); the first to
+    finish writes the cache, and the other uses those weights too, not its own: a model and its reference never disagree."""
     import importlib
     from types import SimpleNamespace
 
@@ -201,6 +201,29 @@ def test_processes_that_train_the_zoo_weights_at_once_all_use_the_first_written(
     model = pretrained.digits_cnn()
     assert all(torch.all(v == 0.5) for v in model.state_dict().values() if v.is_floating_point())
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left behind
+
+
+def test_every_machine_trains_the_zoo_weights_from_the_same_start(tmp_path, monkeypatch):
+    """The first use of zoo:digits-cnn trains it from seeded initial weights, whatever the caller's random state (a
+    fresh CI machine once trained one that kept 94.5% of the held-out digits), and leaves that state as it was."""
+    import importlib
+    from types import SimpleNamespace
+
+    from torchship.train import pretrained
+    starts = []
+
+    def fit_records_the_start(model, data, config):
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return SimpleNamespace(model=model, summary={"test": {"test_acc": 0.9}})
+    monkeypatch.setattr(importlib.import_module("torchship.train.fit"), "fit", fit_records_the_start)
+    for caller_seed in (1, 2):
+        monkeypatch.setenv("TORCHSHIP_CACHE", str(tmp_path / str(caller_seed)))
+        torch.manual_seed(caller_seed)
+        expected = torch.rand(3)
+        torch.manual_seed(caller_seed)
+        pretrained.digits_cnn()
+        assert torch.equal(torch.rand(3), expected)  # the caller's random state, untouched
+    assert starts[0].keys() == starts[1].keys() and all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
 
 
 def test_fit_leaves_the_callers_warning_filters_and_logger_levels_as_they_were():
