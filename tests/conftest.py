@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 # before torch loads OpenMP: the suite runs two test processes on two cores, each with torch's threads on every core,
@@ -9,8 +10,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# a cache of its own for each session (zoo weights, builds): what a fresh machine does, every time
-os.environ.setdefault("TORCHSHIP_CACHE", tempfile.mkdtemp(prefix="torchship-tests-"))
+# a cache of its own for each run (zoo weights, builds): what a fresh machine does, every time. The process that makes
+# it (pytest, or xdist's controller, whose workers inherit it) removes it at the end: a run left 30-300 MB in /tmp.
+if "TORCHSHIP_CACHE" not in os.environ:
+    os.environ["TORCHSHIP_CACHE"] = tempfile.mkdtemp(prefix="torchship-tests-")
+    os.environ["TORCHSHIP_TESTS_CACHE_OWNER"] = str(os.getpid())
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("TORCHSHIP_TESTS_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["TORCHSHIP_CACHE"], ignore_errors=True)
+    from torchship import scratch
+    scratch.sweep()  # what the servers the tests killed left (a running torchship's own are held, and stay)
 
 
 SLOW_TIMEOUT_S = 1200  # pyproject's timeout (600 s) for the rest

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import msgspec
 
+from .. import scratch
 from .protocol import Built, Job, Samples, Stop, TimeBatch, receive, send
 
 
@@ -24,7 +23,7 @@ class ForkServer:
 
     def __init__(self, log: Path | None = None):
         """``log``: where its output goes (None: a temporary directory of its own, removed at ``close``)."""
-        self.own = None if log is not None else Path(tempfile.mkdtemp(prefix="torchship-forkserver-"))
+        self.own = None if log is not None else scratch.make("forkserver")
         self.log = log or self.own / "forkserver.log"
         self.used = False
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -62,7 +61,7 @@ class ForkServer:
             self.proc.kill()
             self.proc.wait()
         if self.own is not None:
-            shutil.rmtree(self.own, ignore_errors=True)
+            scratch.remove(self.own)
 
 
 class Worker:

@@ -2,14 +2,13 @@
 worker processes and their build cache keys, and each variant's lineage."""
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import scratch
 from ..mix import served_mix
 from ..plan import VariantPlan
 from ..results import Lineage
@@ -29,7 +28,7 @@ class Workspace:
         """``server``: a fork server started before the model was loaded (its imports overlap that), which the
         workspace takes over, or closes where only this process can run the model."""
         self.model, self.opts = model, opts
-        self.root = Path(tempfile.mkdtemp(prefix="torchship-"))
+        self.root = scratch.make("optimize")
         self.server: ForkServer | None = None
         try:
             self.ref = self._model_ref(model)
@@ -182,7 +181,7 @@ class Workspace:
         if self.server is not None:
             self.server.close()
             self.server = None
-        shutil.rmtree(self.root, ignore_errors=True)
+        scratch.remove(self.root)
 
 
 def _cores() -> int:

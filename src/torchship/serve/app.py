@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -15,7 +14,7 @@ from typing import Awaitable, Callable
 
 import orjson
 
-from .. import bundle, runtimes
+from .. import bundle, runtimes, scratch
 from ..bundle import Bundle
 from ..errors import (BadRequest, Busy, ModelFailed, NotFound, QueueFull, ServeError, ShuttingDown, SpecError,
                       TorchshipError, Unavailable)
@@ -74,7 +73,7 @@ class Server:
     def __init__(self, paths: list[Path], config: ServeConfig, opened: list[Found] | None = None):
         self.paths, self.config = [Path(p) for p in paths], config
         self.opened = opened
-        self.snapshots = Path(tempfile.mkdtemp(prefix="torchship-serve-"))
+        self.snapshots = scratch.make("serve")
         self.models: dict[str, dict[str, Entry]] = {}
         self.metrics = Metrics()
         self.unknown = self.metrics.model("", "")  # refusals of requests for no model served
@@ -130,7 +129,7 @@ class Server:
         self.ready = False
         for name in list(self.models):
             await self.remove(name)
-        shutil.rmtree(self.snapshots, ignore_errors=True)
+        scratch.remove(self.snapshots)
 
     def idle(self) -> bool:
         return all(e.batcher.idle for v in self.models.values() for e in v.values())

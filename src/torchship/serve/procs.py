@@ -25,7 +25,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection, wait
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import orjson
 
-from .. import errors
+from .. import errors, scratch
 from ..errors import ServeError, TorchshipError, UsageError
 from .app import Found, ServeConfig
 
@@ -231,7 +230,7 @@ def supervise(target, paths, config: ServeConfig, opened: list[Found], procs: in
         held.append(shared_socket(host, grpc_port))
         grpc_port = held[1].getsockname()[1]
     config = dataclasses.replace(config, procs=procs)  # the cores are shared among the processes, as among workers
-    metrics_dir = tempfile.mkdtemp(prefix="torchship-metrics-")
+    metrics_dir = str(scratch.make("metrics"))
     saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus-client as each process imports it
     options = dict(host=host, port=port, grpc_port=grpc_port, drain_timeout=drain_timeout, log_level=log_level)
@@ -268,7 +267,7 @@ def supervise(target, paths, config: ServeConfig, opened: list[Found], procs: in
             signal.signal(sig, handler)
         for sock in held:
             sock.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        scratch.remove(Path(metrics_dir))
         if saved is None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         else:

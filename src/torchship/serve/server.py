@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import uvicorn
 
+from .. import scratch
 from ..errors import TorchshipError, UsageError
 from .app import Found, ServeConfig, open_bundles
 from .http import create_app
@@ -284,7 +283,7 @@ def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "
     if procs < 1:
         raise UsageError(f"--procs must be at least 1, got {procs}")
     config = config or ServeConfig()
-    into = Path(tempfile.mkdtemp(prefix="torchship-serve-"))
+    into = scratch.make("serve")
     try:
         opened = open_bundles(paths, into, config)
         if on_verified is not None:
@@ -296,7 +295,7 @@ def serve(paths: list[Path], config: ServeConfig | None = None, *, host: str = "
             run(paths, config, opened, host=host, port=port, drain_timeout=drain_timeout, log_level=log_level,
                 grpc_port=grpc_port)
     finally:
-        shutil.rmtree(into, ignore_errors=True)
+        scratch.remove(into)
 
 
 def run(paths: list[Path], config: ServeConfig, opened: list[Found], *, host: str, port: int, drain_timeout: float,
@@ -318,11 +317,11 @@ def server_process(index: int, paths, config: ServeConfig, opened: list[Found], 
                    replay: list) -> None:
     """One of several server processes (``supervise`` starts it in a fresh interpreter)."""
     os.setpgrp()  # Ctrl-C reaches the supervisor alone, which passes it on once
-    into = Path(tempfile.mkdtemp(prefix=f"torchship-serve-{index}-"))
+    into = scratch.make(f"serve-{index}")
     try:
         run(paths, config, own_snapshots(opened, into), link=Link(index, asks, orders, replay), **options)
     except TorchshipError as exc:
         sys.stderr.write(f"torchship serve: server process {index}: {exc}\n")
         sys.exit(1)
     finally:
-        shutil.rmtree(into, ignore_errors=True)
+        scratch.remove(into)
