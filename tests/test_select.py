@@ -332,3 +332,27 @@ def test_the_floor_on_raw_input_is_the_budget_s_for_a_compressed_variant_and_its
     assert floor(retrieval, with_error(0.1)) == pytest.approx(0.955)
     assert floor(retrieval, with_error(0.001)) == pytest.approx(0.9998)
     assert floor(retrieval, int8) == 0.0
+
+
+def test_a_variant_that_held_its_floors_on_calibration_but_misses_them_held_out_says_to_calibrate_on_like_data():
+    """int8 with accuracy control keeps the budget's floors on the calibration data; where verification on the
+    held-out data then rejects it on one of those floors, the reason says the two data differ and what to give."""
+    from torchship import Budget
+    from torchship.optimize import OptimizeOptions
+    from torchship.optimize.search import Search
+    from torchship.verify import compare
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((40, 16)).astype(np.float32)
+    budget = Budget.parse("retrieval=0.95")
+    missed = compare({"e": ref}, {"e": ref + 0.6 * rng.standard_normal(ref.shape).astype(np.float32)}, budget, "embed")
+    assert not missed.passed and missed.reason.startswith("retrieval")
+    ws = SimpleNamespace(opts=OptimizeOptions(budget=budget), mix=None, pool=SimpleNamespace(inputs={"x": ref}),
+                         model=SimpleNamespace(calibration_data={"x": ref[:8]}))
+    search = Search(ws, lambda *a: None, 1, flags=AVX512_VNNI)
+    controlled = SimpleNamespace(options=BuildOptions(quantize="int8_mixed", floors={"retrieval": 0.95}))
+    told = search._calibration_unlike(missed, controlled)
+    assert told.reason.startswith(missed.reason) and "on the 8 calibration inputs" in told.reason
+    assert "--calibration-data" in told.reason and not told.passed
+    assert search._calibration_unlike(missed, SimpleNamespace(options=BuildOptions(quantize="int8"))) == missed
+    other = SimpleNamespace(options=BuildOptions(quantize="int8_mixed", floors={"cosine": 0.999}))
+    assert search._calibration_unlike(missed, other) == missed  # missed a floor it did not keep: nothing to say
