@@ -75,7 +75,7 @@ def test_qat_int8_model_stays_within_1_point_and_feeds_optimize(digits_run, tmp_
     assert res.chosen.name == "onnxrt" and res.chosen.fidelity.cosine > 0.999
 
 
-def test_fine_tuning_a_pruned_model_keeps_its_zeros_and_recovers(digits_run, tmp_path):
+def test_fine_tuning_a_pruned_model_keeps_its_zeros_and_recovers(digits_run, tmp_path, monkeypatch):
     from torchship.transforms import MagnitudePrune, apply, sparsity
     pruned = apply(digits_run.model, MagnitudePrune(0.9))
     x, y = dataset()["test"]
@@ -87,8 +87,12 @@ def test_fine_tuning_a_pruned_model_keeps_its_zeros_and_recovers(digits_run, tmp
     assert tuned.summary["sparsity"] >= 0.9 - 1e-3 and sparsity(tuned.model) >= 0.9 - 1e-3
     assert tuned.summary["test"]["test_acc"] >= max(pruned_acc, fp32 - 0.01)
     assert not any("weight_orig" in k for k in tuned.model.state_dict())  # plain weights, ready for optimize
+    import tempfile
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     with pytest.raises(UsageError, match="no zero weights"):
         train(digits_run.model, "zoo:digits", TrainConfig(epochs=1, keep_sparsity=True, **FAST))
+    assert not any((tmp_path / "tmp").iterdir())  # refused before anything was written
 
 
 def test_structured_pruning_shrinks_layers_and_fine_tuning_recovers(digits_run, tmp_path):

@@ -204,6 +204,7 @@ def _fit(model: torch.nn.Module, data: Any, config: TrainConfig | None, *, out: 
     # the validation loss, for classifiers too: on a small validation split accuracy plateaus within a few epochs
     # and stops a run that is still improving (digits-cnn: 97.5% stopped at epoch 10 by val_acc)
     monitor, mode = "val_loss", "min"
+    masked = _mask_zeros(model) if config.keep_sparsity else []  # before the directory: a model with no zeros is refused
     work = Path(tempfile.mkdtemp(prefix="torchship-train-"))
     loader = lambda split, shuffle: torch.utils.data.DataLoader(  # noqa: E731
         datasets[split], batch_size=config.batch_size, shuffle=shuffle, num_workers=0)
@@ -219,7 +220,6 @@ def _fit(model: torch.nn.Module, data: Any, config: TrainConfig | None, *, out: 
                         enable_model_summary=False, deterministic=False,
                         log_every_n_steps=max(1, min(10, len(datasets["train"]) // config.batch_size)))
     trainable_teacher = [p for p in teacher_model.parameters() if p.requires_grad] if teacher_model is not None else []
-    masked = _mask_zeros(model) if config.keep_sparsity else []
     task = TaskModule(model, config, teacher_model)
     started = time.perf_counter()
     try:
