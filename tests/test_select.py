@@ -356,3 +356,6 @@ def test_a_variant_that_held_its_floors_on_calibration_but_misses_them_held_out_
     assert search._calibration_unlike(missed, SimpleNamespace(options=BuildOptions(quantize="int8"))) == missed
     other = SimpleNamespace(options=BuildOptions(quantize="int8_mixed", floors={"cosine": 0.999}))
     assert search._calibration_unlike(missed, other) == missed  # missed a floor it did not keep: nothing to say
+    scale = Fidelity(0.1, 0.9995, 0.99, None, None, None, False, "relative error 0.2 > 0.089: the outputs are off in "
+                     "scale, which cosine does not see", 0.2)
+    assert search._calibration_unlike(scale, other) == scale  # not the cosine floor it kept
