@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     _log_to_stderr()
+    path = list(sys.path)  # each command sets the import path it needs; a caller in Python gets its own back
     try:
         code = app(argv, standalone_mode=False)  # click returns a typer.Exit's code here
         return code if isinstance(code, int) else 0
@@ -557,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
                 return found.exit_code
         err.print(f"[red]error[/]: {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
         return 1
+    finally:
+        sys.path[:] = path
 
 
 if __name__ == "__main__":
