@@ -10,8 +10,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# a cache of its own for each run (zoo weights, builds): what a fresh machine does, every time. The process that makes
-# it (pytest, or xdist's controller, whose workers inherit it) removes it at the end: a run left 30-300 MB in /tmp.
+# a cache of its own for each test process (zoo weights, builds): what a fresh machine does, every time. The process
+# that makes it (pytest; under xdist the controller and each worker) removes it at the end: a run left 30-300 MB in /tmp.
 if "TORCHSHIP_CACHE" not in os.environ:
     os.environ["TORCHSHIP_CACHE"] = tempfile.mkdtemp(prefix="torchship-tests-")
     os.environ["TORCHSHIP_TESTS_CACHE_OWNER"] = str(os.getpid())

@@ -53,7 +53,7 @@ def test_errors_are_one_clear_line(capsys, args, code, fragment):
     got, out, err = run(capsys, *args)
     assert got == code
     # serve drops the current directory from the import path for its own process; a caller in Python keeps its own
-    # (it once left this test process unable to start a variant of tests.models:  "No module named 'tests'")
+    # (it once left this test process unable to start a variant of tests.models: "No module named 'tests'")
     assert sys.path == path
     assert fragment in " ".join((out + err).split())
     assert "Traceback" not in out + err
