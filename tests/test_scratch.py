@@ -37,3 +37,16 @@ def test_a_killed_process_leaves_nothing_for_long_and_a_running_one_keeps_its_di
     finally:
         running.communicate("")  # it ends without removing its directory: the next sweep does
     assert scratch.sweep() == [type(mine)(kept)] and not os.path.exists(kept)
+
+
+def test_on_a_filesystem_without_locks_it_is_an_ordinary_temporary_directory(tmp_path, monkeypatch):
+    import fcntl
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def no_locks(fd, op):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    made = scratch.make("serve")
+    assert made.is_dir() and list(made.iterdir()) == [] and scratch.sweep() == []  # nothing to hold, nothing swept
+    scratch.remove(made)
+    assert not made.exists()

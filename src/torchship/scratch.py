@@ -25,7 +25,12 @@ def make(kind: str) -> Path:
     sweep()
     path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{kind}-"))
     fd = os.open(path / f"{HELD}.new", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a filesystem without locks: an ordinary temporary directory, never swept
+        os.close(fd)
+        os.unlink(path / f"{HELD}.new")
+        return path
     os.rename(path / f"{HELD}.new", path / HELD)  # a sweep sees .held only once it is locked
     _held[str(path)] = fd
     return path
