@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import scratch
 from ..errors import UsageError
 
 TASKS = ("classify", "regress", "embed")
@@ -205,7 +205,9 @@ def _fit(model: torch.nn.Module, data: Any, config: TrainConfig | None, *, out: 
     # and stops a run that is still improving (digits-cnn: 97.5% stopped at epoch 10 by val_acc)
     monitor, mode = "val_loss", "min"
     masked = _mask_zeros(model) if config.keep_sparsity else []  # before the directory: a model with no zeros is refused
-    work = Path(tempfile.mkdtemp(prefix="torchship-train-"))
+    held = scratch.make("train")  # removed by the next one made if this process is killed (checkpoints are a model's size)
+    work = held / "run"  # what --out becomes, without the directory's lock file
+    work.mkdir()
     loader = lambda split, shuffle: torch.utils.data.DataLoader(  # noqa: E731
         datasets[split], batch_size=config.batch_size, shuffle=shuffle, num_workers=0)
     ckpt = ModelCheckpoint(dirpath=work / "checkpoints", monitor=monitor, mode=mode, save_top_k=1, save_weights_only=True)
@@ -225,7 +227,7 @@ def _fit(model: torch.nn.Module, data: Any, config: TrainConfig | None, *, out: 
     try:
         trainer.fit(task, loader("train", True), loader("val", False))
     except BaseException:  # a diverged or interrupted run leaves nothing behind
-        shutil.rmtree(work, ignore_errors=True)
+        scratch.remove(held)
         raise
     finally:  # the teacher was frozen for the run; hand the caller's module back as it came
         for p in trainable_teacher:
@@ -277,6 +279,5 @@ def _fit(model: torch.nn.Module, data: Any, config: TrainConfig | None, *, out: 
         if out.exists():
             out.rmdir()
         shutil.move(str(work), str(out))
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    scratch.remove(held)
     return TrainResult(model, out, summary)
