@@ -244,6 +244,9 @@ def serve(
     workers: int = typer.Option(1, help="model worker processes, each with its own copy and cores/N threads"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads per worker (default: cores / (procs x workers); 1 for a model whose batches run on the event loop)"),
     max_batch_size: Optional[int] = typer.Option(None, help="largest batch (default: the bundle's chosen batch size)"),
+    max_batch_tokens: Optional[int] = typer.Option(None, help="largest batch in real tokens, for bundles that take "
+                                                   "text (their attention masks' ones; a request over it runs alone); "
+                                                   "default: items alone bound a batch"),
     max_queue_delay_us: int = typer.Option(0, help="longest wait for a batch to fill, in microseconds (0: batch what is queued when a worker is free)"),
     busy_delay_us: int = typer.Option(2000, help="with --max-queue-delay-us 0: how long a batch waits to fill while the "
                                       "event loop is saturated (gRPC calls arrive one a turn); 0: never"),
@@ -288,7 +291,7 @@ def serve(
         raise UsageError(f"--max-batch-size must be at least 1, got {max_batch_size}")
     if drain_timeout <= 0:
         raise UsageError(f"--drain-timeout must be a positive number of seconds, got {drain_timeout:g}")
-    batch = BatchConfig(max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
+    batch = BatchConfig(max_batch_tokens=max_batch_tokens, max_queue_delay_s=max_queue_delay_us / 1e6, max_queue_requests=max_queue, timeout_s=timeout_ms / 1e3,
                         slo_s=slo_ms / 1e3 if slo_ms is not None else None, inline_s=inline_under_ms / 1e3, busy_delay_s=busy_delay_us / 1e6,
                         preferred_batch_sizes=_ints(preferred_batch_sizes, "--preferred-batch-sizes") if preferred_batch_sizes else ())
     if max_body_mb <= 0 or max_json_mb <= 0:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from torchship.errors import DeadlineExceeded, QueueFull, ShuttingDown, WouldMissSLO
+from torchship.errors import DeadlineExceeded, QueueFull, ShuttingDown, UsageError, WouldMissSLO
 from torchship.profile import Stats
 from torchship.serve.batcher import BatchConfig, Batcher, LatencyModel
 from torchship.spec import IOSpec
@@ -408,3 +408,59 @@ def test_a_preferred_batch_size_goes_at_once_instead_of_waiting_out_the_delay():
             await b.stop()
         return waited, [len(bt["x"]) for bt in runner.batches], [o["y"][0, 0] for o in outs]
     assert run(scenario()) == (True, [2], [2.0, 4.0])
+
+
+def _text(lengths: list[int], width: int | None = None) -> dict[str, np.ndarray]:
+    """One request of token inputs: an item per length, padded to the longest (or ``width``), ids 1..n."""
+    width = width or max(lengths)
+    mask = np.array([[1] * n + [0] * (width - n) for n in lengths], np.int64)
+    return {"input_ids": mask * np.arange(1, width + 1), "attention_mask": mask}
+
+
+def test_max_batch_tokens_bounds_a_batch_by_its_real_tokens_oldest_first():
+    """--max-batch-tokens 40, items unbounded (64): requests of 10, 10, 30, 10, 5 (padded to 30) and 60 real tokens,
+    queued behind a held batch, go as [10, 10, 10, 5] (the 30 would pass 40 and waits; the 5's padding is not
+    counted), [30] (the oldest left goes first) and [60] (over the budget alone: it still runs); every request gets
+    its own rows."""
+    async def scenario():
+        runner = FakeRunner(gated=True)
+        b = Batcher(runner, SEQ, BatchConfig(max_batch_size=64, max_batch_tokens=40), paddable=("seq",))
+        b.start()
+        try:
+            first = asyncio.ensure_future(b.submit(_text([1])))
+            await runner.running(1)  # held: the rest queue behind it
+            sizes = [[10], [10], [30], [10], [5], [60]]
+            rest = [asyncio.ensure_future(b.submit(_text(s, 30 if s == [5] else None))) for s in sizes]
+            await _turns()
+            runner.open()
+            outs = await asyncio.wait_for(asyncio.gather(first, *rest), 5)
+        finally:
+            await b.stop()
+        return [f["attention_mask"].sum(1).tolist() for f in runner.batches], [int(o["pooled"][0, 0]) for o in outs]
+    batches, real = run(scenario())
+    assert batches == [[1], [10, 10, 10, 5], [30], [60]]
+    assert real == [1, 10, 10, 30, 10, 5, 60]
+
+
+def test_a_batch_whose_tokens_reach_the_budget_goes_without_waiting_out_the_delay():
+    """With a 30 s --max-queue-delay, a batch waits for company until its tokens reach --max-batch-tokens; without
+    the budget the same two requests would wait the 30 s."""
+    async def scenario():
+        runner = FakeRunner()
+        b = Batcher(runner, SEQ, BatchConfig(max_batch_size=64, max_batch_tokens=32, max_queue_delay_s=30.0),
+                    paddable=("seq",))
+        b.start()
+        try:
+            first = asyncio.ensure_future(b.submit(_text([16])))
+            await _turns()
+            waited = not first.done() and not runner.batches
+            await asyncio.wait_for(asyncio.gather(first, b.submit(_text([8, 8]))), 5)
+        finally:
+            await b.stop()
+        return waited, [f["attention_mask"].sum(1).tolist() for f in runner.batches]
+    assert run(scenario()) == (True, [[16, 8, 8]])
+
+
+def test_max_batch_tokens_must_be_positive():
+    with pytest.raises(UsageError, match="--max-batch-tokens must be at least 1, got 0"):
+        BatchConfig(max_batch_tokens=0)

@@ -22,7 +22,7 @@ def test_text_over_every_front_gives_the_bundles_answer(server, st_bundle):
     from openai import OpenAI
     want = load_bundle(st_bundle)(TEXTS)["embedding"]
     port = free_port()
-    s = server(st_bundle, "--grpc-port", str(port))
+    s = server(st_bundle, "--grpc-port", str(port), "--max-batch-tokens", "64")  # the longest request goes alone
     meta = s.http("GET", "/v2/models/st").json()
     assert meta["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": [-1]}
     body = {"inputs": [{"name": "text", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS}]}
@@ -48,6 +48,7 @@ def test_text_over_every_front_gives_the_bundles_answer(server, st_bundle):
     np.testing.assert_allclose(one, want[0], atol=1e-5)
     assert s.metric("torchship_tokens_total") > 0 and s.metric("torchship_processing_duration_seconds_count") >= 8
     assert s.metric("torchship_request_failure_total") == 0
+    assert s.metric("torchship_batch_tokens_sum") == s.metric("torchship_tokens_total")  # each real token, once
 
 
 def _binary_text(items: list[bytes], declared: int | None = None) -> tuple[bytes, dict]:

@@ -4,7 +4,8 @@ Wait for the first request, collect requests of the same shape until the batch i
 oldest has waited ``max_queue_delay``, drop those whose deadline has passed, run the batch on a
 thread (or, when predicted under ``inline_s``, on the loop's own), split the outputs back. Every path resolves every waiting request, errors included.
 Dimensions named in ``paddable`` are padded to the longest request in a batch (with zeros, which an
-attention mask ignores) and outputs are cut back per request; other shapes never mix.
+attention mask ignores) and outputs are cut back per request; other shapes never mix. A model that takes an attention
+mask may also have its batches bounded by their real tokens (``max_batch_tokens``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..spec import IOSpec
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch_size: int = 32
+    max_batch_tokens: int | None = None  # a batch's real tokens (its attention masks' ones) at most this; None: no bound
     max_queue_delay_s: float = 0.0  # as Triton: run what is queued as soon as a runner is free
     max_queue_requests: int = 1024
     max_queue_bytes: int = 256 * 2**20
@@ -38,6 +40,8 @@ class BatchConfig:
     def __post_init__(self):
         checks = (  # (the serve option, its value in the option's unit, whether it is allowed, the rule)
             ("--max-batch-size", self.max_batch_size, self.max_batch_size >= 1, "at least 1"),
+            ("--max-batch-tokens", self.max_batch_tokens or 0, self.max_batch_tokens is None or self.max_batch_tokens >= 1,
+             "at least 1"),
             ("--max-queue", self.max_queue_requests, self.max_queue_requests >= 1, "at least 1"),
             ("--max-queue-delay-us", self.max_queue_delay_s * 1e6, self.max_queue_delay_s >= 0, "0 or more"),
             ("--timeout-ms", self.timeout_s * 1e3, self.timeout_s > 0, "positive"),
@@ -59,6 +63,7 @@ class Item:
     deadline: float
     future: asyncio.Future
     nbytes: int
+    tokens: int = 0  # real tokens: its attention mask's ones (0 for a model without one)
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -156,6 +161,9 @@ class Batcher:
         self.queue: deque[Item] = deque()
         self.queued_bytes = 0
         self._pending: dict[tuple, int] = {}  # items queued per shape key
+        self._pending_tokens: dict[tuple, int] = {}  # and their real tokens
+        mask = next((t.name for t in spec.inputs if t.name.endswith("attention_mask")), None)
+        self._mask = mask if self.paddable else None  # what real tokens are counted from
         self._skip, self._backoff = 0, self.BACKOFF[0]  # batches left that go at once; the next such run (_learn)
         self.in_flight = 0
         self._wake = asyncio.Event()
@@ -189,13 +197,15 @@ class Batcher:
                 raise WouldMissSLO(f"cannot meet the {self.config.slo_s * 1e3:.0f} ms SLO (predicted {wait * 1e3:.1f} ms)")
             timeout = min(timeout, self.config.slo_s)
         key, lengths = self._key(feeds)
-        item = Item(feeds, size, key, lengths, now + timeout, asyncio.get_running_loop().create_future(), nbytes)
+        tokens = int(np.count_nonzero(feeds[self._mask])) if self._mask else 0
+        item = Item(feeds, size, key, lengths, now + timeout, asyncio.get_running_loop().create_future(), nbytes, tokens)
         self.queue.append(item)
         self.queued_bytes += nbytes
-        pending = self._pending[key] = self._pending.get(key, 0) + size
+        self._pending[key] = self._pending.get(key, 0) + size
+        self._pending_tokens[key] = self._pending_tokens.get(key, 0) + tokens
         # what the batcher waits for: a first request, a full batch; in SLO mode each request (its dispatch time
         # moves with the batch's predicted time)
-        if len(self.queue) == 1 or self._ready(pending) or self.config.slo_s is not None:
+        if len(self.queue) == 1 or self._ready(key) or self.config.slo_s is not None:
             self._wake.set()
         if not self._slots.locked() and self._dispatch_now(key):
             await self._run_now(key)
@@ -289,12 +299,16 @@ class Batcher:
     def _ready_size(self, key) -> int:
         return self._pending.get(key, 0)
 
-    def _full(self, n: int) -> bool:
-        return n >= self.config.max_batch_size or (n in self.config.preferred_batch_sizes and n > 1)
+    def _full(self, n: int, tokens: int = 0) -> bool:
+        budget = self.config.max_batch_tokens
+        return (n >= self.config.max_batch_size or (n in self.config.preferred_batch_sizes and n > 1)
+                or (budget is not None and tokens >= budget))
 
-    def _ready(self, n: int) -> bool:
-        """Nothing to gain by waiting: a full batch, or a full queue (no more requests can join it)."""
-        return self._full(n) or len(self.queue) >= self.config.max_queue_requests
+    def _ready(self, key) -> bool:
+        """Nothing to gain by waiting: a full batch (its items, or its tokens), or a full queue (no more requests can
+        join it)."""
+        return (self._full(self._ready_size(key), self._pending_tokens.get(key, 0))
+                or len(self.queue) >= self.config.max_queue_requests)
 
     async def _loop(self) -> None:
         while True:
@@ -308,7 +322,7 @@ class Batcher:
             while not self._stopping:
                 pending = self._ready_size(oldest.key)
                 remaining = self._dispatch_at(oldest, pending, delay) - time.monotonic()
-                if self._ready(pending) or remaining <= 0:
+                if self._ready(oldest.key) or remaining <= 0:
                     break
                 self._wake.clear()
                 timer = asyncio.get_running_loop().call_later(remaining, self._wake.set)
@@ -339,7 +353,7 @@ class Batcher:
         lags: then requests wait in the sockets, unseen, and the queue filling up is what sheds them (at 2x capacity
         in an open loop, dispatching at once took every request and the p99 to 2 s)."""
         n = self._ready_size(key)
-        return (self._ready(n)
+        return (self._ready(key)
                 and self.loop_lag.lag < self.LAGGING_S and self._inline_size(min(n, self.config.max_batch_size)))
 
     async def _run_now(self, key) -> None:
@@ -365,19 +379,25 @@ class Batcher:
         self._slots.release()
 
     def _take(self, key) -> list[Item]:
-        taken, kept, n = [], deque(), 0
+        """The oldest requests of ``key`` that fit a batch, in their order (a request that would take the batch past
+        ``max_batch_size`` items or ``max_batch_tokens`` tokens waits for the next; one alone always goes)."""
+        taken, kept, n, tokens = [], deque(), 0, 0
+        budget = self.config.max_batch_tokens or float("inf")
         while self.queue:
             item = self.queue.popleft()
-            if item.key == key and (n == 0 or n + item.size <= self.config.max_batch_size):
+            if item.key == key and (n == 0 or (n + item.size <= self.config.max_batch_size
+                                                and tokens + item.tokens <= budget)):
                 taken.append(item)
                 n += item.size
+                tokens += item.tokens
             else:
                 kept.append(item)
         self.queue = kept
         self.queued_bytes -= sum(i.nbytes for i in taken)
-        left = self._pending.pop(key, 0) - n  # none left when a full batch went from submit() meanwhile
-        if left:
-            self._pending[key] = left
+        for pending, count in ((self._pending, n), (self._pending_tokens, tokens)):
+            left = pending.pop(key, 0) - count  # none left when a full batch went from submit() meanwhile
+            if left:
+                pending[key] = left
         return taken
 
     async def _run_batch(self, items: list[Item], inline: bool = False) -> None:
@@ -408,7 +428,8 @@ class Batcher:
             elapsed = time.monotonic() - started
             self.latency.observe(total, elapsed)
             self.on_batch(size=total, requests=len(live), compute_s=elapsed,
-                          queue_s=[started - i.enqueued for i in live])
+                          queue_s=[started - i.enqueued for i in live],
+                          tokens=sum(i.tokens for i in live) if self._mask else None)
             start = 0
             for item in live:
                 part = {k: self._cut(k, v[start:start + item.size], item) for k, v in outputs.items()}

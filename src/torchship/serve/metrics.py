@@ -32,6 +32,9 @@ class Metrics:
                               "counted)", labels, registry=r)
         self.processing_time = Histogram("torchship_processing_duration_seconds", "Time to turn one request's raw "
                                          "input into tensors (tokenizing)", labels, buckets=_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("torchship_batch_tokens", "Real tokens in one batch (bundles that take an "
+                                      "attention mask; padding not counted): what --max-batch-tokens bounds", labels,
+                                      buckets=tuple(2.0 ** k for k in range(4, 17)), registry=r)
         self.rejected = Counter("torchship_rejected", "Requests turned away before running, by reason",
                                 labels + ["reason"], registry=r)
 
@@ -59,6 +62,7 @@ class ModelMetrics:
         self._compute, self._queue = m.compute_time.labels(*labels), m.queue_time.labels(*labels)
         self._labels, self._failures, self._rejections = labels, (m.failure, {}), (m.rejected, {})
         self._tokens, self._processing = m.tokens.labels(*labels), m.processing_time.labels(*labels)
+        self._batch_tokens = m.batch_tokens.labels(*labels)
 
     def processed(self, tokens: int, seconds: float) -> None:
         """One request's raw input turned into tensors: its tokens and the time it took."""
@@ -77,7 +81,10 @@ class ModelMetrics:
     def rejected(self, reason: str) -> None:
         self._inc(self._rejections, reason)
 
-    def on_batch(self, size: int, requests: int, compute_s: float, queue_s: list[float]) -> None:
+    def on_batch(self, size: int, requests: int, compute_s: float, queue_s: list[float],
+                 tokens: int | None = None) -> None:
+        if tokens is not None:
+            self._batch_tokens.observe(tokens)
         self._inferences.inc(size)
         self._executions.inc()
         self._compute.observe(compute_s)
