@@ -135,7 +135,8 @@ class Workspace:
 
     def linear_share(self) -> float:
         """The share of an eager forward pass (at the target batch size) spent in nn.Linear layers, measured once
-        under forward hooks; 1.0 where that cannot be measured (no module, no Linear leaves to hook)."""
+        under forward hooks that only time (a pass to warm up, then the one measured); 1.0 where that cannot be
+        measured (no module, no Linear leaves to hook)."""
         if self._linear_share is None:
             self._linear_share = 1.0
             if self.model.module is not None:
@@ -147,8 +148,8 @@ class Workspace:
                 args = to_torch(batch_of(self.model.spec, self.pool.inputs, self.opts.target, self.model.dims),
                                 self.model.spec.input_names)
                 with torch.inference_mode():
-                    for _ in range(3):  # the last pass, warm
-                        with watch(self.model.module) as w:
+                    for _ in range(2):  # the last pass, warm
+                        with watch(self.model.module, with_stats=False) as w:
                             self.model.module(*args)
                 total = sum(layer.ms for layer in w.layers.values())
                 linear = sum(layer.ms for layer in w.layers.values() if layer.type == "Linear")

@@ -95,7 +95,7 @@ def finish(name: str, module: nn.Module, spec: IOSpec, dims: Mapping[str, int], 
         with torch.inference_mode():
             return module(**dict(zip(spec.input_names, args)), **extra) if by_keyword else module(*args, **extra)
     try:
-        with watch(module) as w:
+        with watch(module, with_stats=False) as w:  # which module failed, if one does
             try:
                 raw = call()
             except Exception as exc:
