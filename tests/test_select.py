@@ -359,3 +359,29 @@ def test_a_variant_that_held_its_floors_on_calibration_but_misses_them_held_out_
     scale = Fidelity(0.1, 0.9995, 0.99, None, None, None, False, "relative error 0.2 > 0.089: the outputs are off in "
                      "scale, which cosine does not see", 0.2)
     assert search._calibration_unlike(scale, other) == scale  # not the cosine floor it kept
+
+
+def test_the_search_builds_in_as_few_stages_as_the_variants_dependencies_allow(monkeypatch):
+    """A stage takes every variant, in the plan's order, that needs no result from one in it or left for later:
+    eager's int8 variants build beside ONNX Runtime's and the first pruning level (in the plan's order, the first
+    variant that waited on the stage ended it: four stages, with a core idle at the end of each); the same transform
+    on compile waits for eager's verdict on it, and a pruning level for the gentler one's."""
+    from torchship.optimize import build_each
+    from torchship.optimize.search import Search
+    from torchship.optimize.workspace import Workspace
+    from torchship.plan import VariantPlan
+    stages = []
+    monkeypatch.setattr(Search, "build_all", lambda self, items: stages.append([vp.name for vp, _, _ in items]))
+    monkeypatch.setattr(Search, "rounds", lambda self, pids: None)
+    opts = SimpleNamespace(time_budget_s=None, exhaustive=False, batch_sizes=(8,), target=8, latency_slo_ms=None,
+                           seconds_per_size=1.0)
+    ws = SimpleNamespace(opts=opts, lineage=Workspace.lineage, derived={}, pids=lambda: [])
+    plan = [VariantPlan("eager", "eager"), VariantPlan("onnxrt", "onnxrt"),
+            VariantPlan("eager+int8", "eager", parent="eager"), VariantPlan("eager+ao-int8", "eager", parent="eager"),
+            VariantPlan("compile+ao-int8", "compile", parent="compile", sibling="eager+ao-int8"),
+            VariantPlan("onnxrt+int8", "onnxrt", parent="onnxrt"),
+            VariantPlan("eager+prune30", "eager", parent="eager", family="prune", level=0),
+            VariantPlan("eager+prune50", "eager", parent="eager", family="prune", level=1)]
+    build_each(plan, ws, lambda *a: None, None, None)
+    assert stages == [["eager", "onnxrt"], ["eager+int8", "eager+ao-int8", "onnxrt+int8", "eager+prune30"],
+                      ["compile+ao-int8", "eager+prune50"]]
