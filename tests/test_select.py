@@ -385,3 +385,25 @@ def test_the_search_builds_in_as_few_stages_as_the_variants_dependencies_allow(m
     build_each(plan, ws, lambda *a: None, None, None)
     assert stages == [["eager", "onnxrt"], ["eager+int8", "eager+ao-int8", "onnxrt+int8", "eager+prune30"],
                       ["compile+ao-int8", "eager+prune50"]]
+
+
+def test_a_stage_starts_the_builds_expected_longest_first(monkeypatch):
+    """int8 with accuracy control first (a search of quantizations), then by how long each variant's plain runtime
+    took to build in this search (compile's 48 s before ONNX Runtime's 18 s and eager's 12 s), the plan's order among
+    equals: the stage's last build is a short one, not aoti-bf16 alone with a core idle."""
+    from torchship.optimize.search import Search, SearchRow
+    from torchship.optimize.workspace import Workspace
+    from torchship.plan import VariantPlan
+    opts = SimpleNamespace(time_budget_s=None, exhaustive=False, batch_sizes=(8,), target=8, latency_slo_ms=None,
+                           seconds_per_size=1.0)
+    search = Search(SimpleNamespace(opts=opts, lineage=Workspace.lineage), lambda *a: None, 9)
+    for name, built in (("eager", 12.0), ("compile", 48.0), ("onnxrt", 18.0), ("openvino", 14.0)):
+        search.entries.append(SearchRow(VariantPlan(name, name), VariantResult(name=name, runtime=name, status="ok",
+                                                                               build_s=built)))
+    started = []
+    monkeypatch.setattr(Search, "_start", lambda self, vp, program, training: started.append(vp.name))
+    stage = [VariantPlan("eager+int8", "eager", parent="eager"), VariantPlan("onnxrt+int8", "onnxrt", parent="onnxrt"),
+             VariantPlan("openvino+int8-mixed", "openvino", BuildOptions(quantize="int8_mixed"), parent="openvino"),
+             VariantPlan("eager-bf16", "eager", parent="eager"), VariantPlan("compile-bf16", "compile", parent="compile")]
+    search.build_all([(vp, None, None) for vp in stage])
+    assert started == ["openvino+int8-mixed", "compile-bf16", "onnxrt+int8", "eager+int8", "eager-bf16"]
