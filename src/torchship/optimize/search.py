@@ -162,11 +162,11 @@ class Search:
         """The order a stage starts its builds in, the longest expected first, so that no long build starts last
         with the other core idle (on MiniLM, aoti-bf16 last in the plan's order built alone for 17 s): int8 with
         accuracy control first (a search of quantizations: 55-69 s), then by how long the variant's plain
-        runtime took to build in this search (inductor's builds 2-4x ONNX Runtime's and OpenVINO's); the plan's
-        order among equals."""
+        runtime's worker took in this search (inductor's 2-4x ONNX Runtime's and OpenVINO's; not its build time:
+        torch.compile compiles on the first call, after it); the plan's order among equals."""
         own = quantizer(vp.runtime, vp.options.quantize)
         parent = next((e.result for e in self.entries if e.plan.name == self.ws.lineage(vp).parent), None)
-        return not (own is not None and own.keeps_floors), -((parent and parent.build_s) or 0.0)
+        return not (own is not None and own.keeps_floors), -((parent and (parent.wall_s or parent.build_s)) or 0.0)
 
     def _start(self, vp: VariantPlan, program, training):
         base = dict(name=vp.name, runtime=vp.runtime, note=vp.note, selectable=vp.selectable,
