@@ -409,3 +409,29 @@ def test_a_stage_starts_the_builds_expected_longest_first(monkeypatch):
              VariantPlan("eager-bf16", "eager", parent="eager"), VariantPlan("compile-bf16", "compile", parent="compile")]
     search.build_all([(vp, None, None) for vp in stage])
     assert started == ["openvino+int8-mixed", "compile-bf16", "onnxrt+int8", "eager+int8", "eager-bf16"]
+
+
+def test_a_budget_spent_while_a_stage_builds_leaves_the_rest_of_it_as_rows_that_say_so(monkeypatch):
+    """A stage is planned at its start; a --time-budget of 10 s passes three quarters (the clock injected) while its
+    first build runs, so the builds not started yet are rows with the reason (a candidate is already built)."""
+    from torchship.optimize.search import Search, SearchRow
+    from torchship.optimize.workspace import Workspace
+    from torchship.plan import VariantPlan
+    now = [0.0]
+    opts = SimpleNamespace(time_budget_s=10.0, exhaustive=False, batch_sizes=(8,), target=8, latency_slo_ms=None,
+                           seconds_per_size=1.0)
+    search = Search(SimpleNamespace(opts=opts, lineage=Workspace.lineage), lambda *a: None, 4, clock=lambda: now[0])
+    search.entries.append(SearchRow(VariantPlan("eager", "eager"), VariantResult(name="eager", runtime="eager",
+                                                                                 status="ok")))
+    started = []
+
+    def start(self, vp, program, training):
+        started.append(vp.name)
+        now[0] = 8.0  # the build took the budget past 7.5 s
+    monkeypatch.setattr(Search, "_start", start)
+    stage = [VariantPlan("onnxrt", "onnxrt"), VariantPlan("openvino", "openvino"), VariantPlan("aoti", "aoti")]
+    search.build_all([(vp, None, None) for vp in stage])
+    rows = {e.plan.name: e.result for e in search.entries}
+    assert started == ["onnxrt"]
+    for name in ("openvino", "aoti"):
+        assert rows[name].status == "skipped" and "time budget of 10 s was spent" in rows[name].reason

@@ -191,12 +191,7 @@ def build_each(variants: list[VariantPlan], ws: Workspace, say: Progress, train_
         if not reason and sibling is not None and sibling.status == "rejected":
             reason = (f"not tried: {sibling.name}, the same transform on eager, failed the budget ({sibling.reason}); "
                       f"its numerics carry over to {vp.runtime}")
-        if not reason and search.over_budget(0.75) and (any(e.result.ok and e.result.selectable for e in search.entries)
-                                                        or any(s.selectable for s, _, _ in stage)):
-            # spent: the rest are rows that say so, once one candidate is built or on its way (a bundle is made)
-            reason = (f"not tried: the time budget of {ws.opts.time_budget_s:g} s was spent on the variants before it "
-                      "(raise --time-budget)")
-        reason = reason or search.not_worth_building(vp)
+        reason = reason or search.spent(any(s.selectable for s, _, _ in stage)) or search.not_worth_building(vp)
         program, training = None, None
         if vp.derived and not reason:
             if vp.derived not in ws.derived:

@@ -95,6 +95,14 @@ class Search:
         budget = self.opts.time_budget_s
         return budget is not None and self.elapsed() > share * budget
 
+    def spent(self, coming: bool) -> str | None:
+        """Why a variant not started yet is not tried: past 0.75 of the time budget, once one candidate is built or
+        (``coming``) on its way, so that a bundle is made; else None."""
+        if self.over_budget(0.75) and (coming or any(e.result.ok and e.result.selectable for e in self.entries)):
+            return (f"not tried: the time budget of {self.opts.time_budget_s:g} s was spent on the variants before it "
+                    "(raise --time-budget)")
+        return None
+
     # --- phase 1: build, verify, probe ----------------------------------------------------------------------------
     def add(self, result: VariantResult, plan: VariantPlan) -> VariantResult:
         self.entries.append(SearchRow(plan, result))
@@ -134,6 +142,10 @@ class Search:
         while queue or running:
             while queue and len(running) < self.slots:
                 vp, program, training = queue.pop(0)
+                why = self.spent(any(r[0].selectable for r in running))
+                if why:  # a stage is planned at its start: the budget may run out while it builds
+                    self.add(VariantResult(status="skipped", reason=why, **self._base(vp, training)), vp)
+                    continue
                 started = self._start(vp, program, training)
                 if started is not None:
                     running.append(started)
@@ -168,10 +180,13 @@ class Search:
         parent = next((e.result for e in self.entries if e.plan.name == self.ws.lineage(vp).parent), None)
         return not (own is not None and own.keeps_floors), -((parent and (parent.wall_s or parent.build_s)) or 0.0)
 
+    def _base(self, vp: VariantPlan, training) -> dict:
+        """What every row of ``vp`` says, whatever becomes of it."""
+        return dict(name=vp.name, runtime=vp.runtime, note=vp.note, selectable=vp.selectable, options=vp.options,
+                    transforms=vp.transforms, lineage=self.ws.lineage(vp), training=training)
+
     def _start(self, vp: VariantPlan, program, training):
-        base = dict(name=vp.name, runtime=vp.runtime, note=vp.note, selectable=vp.selectable,
-                    options=vp.options, transforms=vp.transforms,
-                    lineage=self.ws.lineage(vp), training=training)
+        base = self._base(vp, training)
         t0 = time.perf_counter()
         try:
             return vp, self.ws.start(vp, program), base, t0
