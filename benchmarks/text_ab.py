@@ -9,12 +9,18 @@ benchmarks/loadgen.c with the sentences of text_serving.py through POST /v1/embe
 Prints each figure per tree as median [low-high] over the rounds, and the ratio new / old per round.
 
     python benchmarks/text_ab.py --old 79b3d85 --bundle DIR [--rounds 3] [--duration 6]
+
+``--old-args`` and ``--new-args`` add `torchship serve` options to one tree's server; with ``--old HEAD`` the two
+trees are the same code, so the run compares the options alone:
+
+    python benchmarks/text_ab.py --old HEAD --new-args="--procs 2" --bundle DIR
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -46,7 +52,10 @@ def main() -> None:
     p.add_argument("--bundle", required=True, help="a bundle that takes text (torchship optimize zoo:minilm)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=6.0)
+    p.add_argument("--old-args", default="", help="serve options for the old tree's server (one string)")
+    p.add_argument("--new-args", default="", help="serve options for the new tree's server (one string)")
     args = p.parse_args()
+    extra = {"new": shlex.split(args.new_args), "old": shlex.split(args.old_args)}
     work = Path(tempfile.mkdtemp(prefix="text-ab-"))
     old = work / "old"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(old), args.old], check=True)
@@ -57,7 +66,8 @@ def main() -> None:
         for r in range(args.rounds):
             for name in (("new", "old") if r % 2 == 0 else ("old", "new")):
                 port = free_port()
-                server = Proc([sys.executable, "-m", "torchship.cli", "serve", args.bundle, "--port", str(port)],
+                server = Proc([sys.executable, "-m", "torchship.cli", "serve", args.bundle, "--port", str(port),
+                               *extra[name]],
                               f"http://127.0.0.1:{port}/v2/health/ready", work / f"{name}.log",
                               env={"PYTHONPATH": str(trees[name])})
                 try:
@@ -81,7 +91,7 @@ def main() -> None:
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
     print(f"CPU cores: {os.cpu_count()}; bundle: {args.bundle}; {len(texts)} sentences; {args.rounds} rounds of "
-          f"{args.duration:g} s a load; old = {args.old}")
+          f"{args.duration:g} s a load; old = {args.old} {args.old_args}; new = this tree {args.new_args}")
     for key, values in rows.items():
         print(f"  {key:45s} {spread(values)}")
     for load_name in ("c32x1 sentences/s", "c1x32 sentences/s"):
