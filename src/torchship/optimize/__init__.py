@@ -155,11 +155,6 @@ def load(source, *, inputs=None, weights=None, dims=None, name=None, eval_data=N
     return with_data(replace(model, name=name or model.name), eval_data, calibration_data, warn)
 
 
-def _skipped(vp: VariantPlan, reason: str, ws: "Workspace") -> VariantResult:
-    return VariantResult(name=vp.name, runtime=vp.runtime, status="skipped", reason=reason, note=vp.note,
-                         selectable=vp.selectable, options=vp.options, transforms=vp.transforms, lineage=ws.lineage(vp))
-
-
 def build_each(variants: list[VariantPlan], ws: Workspace, say: Progress, train_data, student) -> list[VariantResult]:
     """Build, verify and probe the planned variants in stages of ones that depend on none of each other (a compressed
     variant on its plain runtime, on the same transform on eager, a pruning level on the gentler one), then time the
@@ -202,7 +197,7 @@ def build_each(variants: list[VariantPlan], ws: Workspace, say: Progress, train_
             if not reason:
                 program, training = derived
         if reason:
-            search.add(_skipped(vp, reason, ws), vp)
+            search.skip(vp, reason)
         else:
             stage.append((vp, program, training))
 

@@ -108,6 +108,10 @@ class Search:
         self.entries.append(SearchRow(plan, result))
         return result
 
+    def skip(self, vp: VariantPlan, reason: str, training=None) -> None:
+        """``vp`` is a row that is not built, for ``reason``."""
+        self.add(VariantResult(status="skipped", reason=reason, **self._base(vp, training)), vp)
+
     def not_worth_building(self, vp: VariantPlan) -> str | None:
         """Why a compressed child of a slow parent cannot win here, or None."""
         kind = transform_kind(vp)
@@ -144,7 +148,7 @@ class Search:
                 vp, program, training = queue.pop(0)
                 why = self.spent(any(r[0].selectable for r in running))
                 if why:  # a stage is planned at its start: the budget may run out while it builds
-                    self.add(VariantResult(status="skipped", reason=why, **self._base(vp, training)), vp)
+                    self.skip(vp, why, training)
                     continue
                 started = self._start(vp, program, training)
                 if started is not None:
