@@ -134,8 +134,9 @@ def digits_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def slow_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "slow"
-    optimize("tests.models:Slow", OptimizeOptions(runtimes=("eager",), batch_sizes=(1, 4), seconds_per_size=0.01), out=out,
+    out = tmp_path_factory.mktemp("serve") / "slow"  # eager fp32 only: what is tested is the server (test_abuse.py)
+    optimize("tests.models:Slow", OptimizeOptions(runtimes=("eager",), transforms=(), batch_sizes=(1, 4),
+                                                seconds_per_size=0.01), out=out,
              name="slow")
     return out
 

@@ -145,7 +145,10 @@ def test_refused_from_its_headers_the_connection_serves_on(digits_server):
 def hang_bundle(tmp_path_factory):
     from torchship import OptimizeOptions, optimize
     out = tmp_path_factory.mktemp("serve") / "hang"
-    optimize("tests.models:Hang", OptimizeOptions(runtimes=("eager",), batch_sizes=(1, 4), seconds_per_size=0.01), out=out,
+    # eager fp32 only (transforms=()): what is tested is the server. The model's sleeps time every variant alike, and
+    # eager-bf16 was once chosen at 1.005x [1.002-1.006] round by round; 12345 is no bf16 number, so it never hung
+    optimize("tests.models:Hang", OptimizeOptions(runtimes=("eager",), transforms=(), batch_sizes=(1, 4),
+                                                seconds_per_size=0.01), out=out,
              name="hang")
     return out
 
