@@ -16,6 +16,12 @@ import msgspec
 import numpy as np
 
 CONFIDENCE = 0.9
+# one variant beats another round by round only when the interval of its paired ratio lies above this: a smaller gain
+# is a tie whatever the rounds say. Within one run the pairing cancels what rounds share, and the interval can be
+# that narrow (a test model that sleeps: eager-bf16 over eager at 1.005x [1.002-1.006], which chose bf16's numbers for
+# nothing); between runs the same pair moves by more (openvino-bf16 over aoti-bf16: 1.048x, 1.058x, 1.069x and 1.073x
+# in four searches of MiniLM on one machine)
+MIN_GAIN = 1.02
 
 
 class Estimate(msgspec.Struct, frozen=True):

@@ -2,7 +2,7 @@
 
 Figures carry intervals (``torchship.measure``). Two variants timed in the same interleaved rounds are compared on
 their paired ratio, round by round (what a round shares cancels): one is faster only when the interval of that ratio
-lies above 1; otherwise (no shared rounds) when their own intervals do not overlap. Every variant within the noise of
+lies above ``measure.MIN_GAIN`` (1.02: a smaller gain does not survive from one run to the next); otherwise (no shared rounds) when their own intervals do not overlap. Every variant within the noise of
 the fastest ties with it, and a tie goes to the simpler one:
 uncompressed before compressed, then the runtime with fewer moving parts where it serves, then the faster to load,
 then the smaller. The decision says all of this in words.
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import msgspec
 
-from .measure import paired
+from .measure import MIN_GAIN, paired
 from .results import VariantResult
 from .runtimes.base import DESCRIPTORS
 
@@ -74,7 +74,7 @@ def beats(a: tuple[VariantResult, int], b: tuple[VariantResult, int]) -> bool:
     rounds, a's slow end above b's fast end."""
     r = ratio(a, b)
     if r is not None:
-        return r.lo > 1.0
+        return r.lo > MIN_GAIN
     return a[0].profile[a[1]].throughput_interval[0] > b[0].profile[b[1]].throughput_interval[1]
 
 
@@ -134,7 +134,10 @@ def explain(chosen, fastest, runner, tied, slo) -> str:
     if name != fastest[0].name:
         head += f" (the highest median: {fastest[0].name}, {_figure(fastest)})"
     other = fastest[0] if name != fastest[0].name else runner[0]
-    return head + by_rounds + f"; the tie goes to the simpler: {name} {_simpler(chosen[0], other)}"
+    gap = ratio(fastest, chosen) if name != fastest[0].name else r  # the fastest's lead, round by round
+    small = (f" (its interval above 1, but a gain under {MIN_GAIN - 1:.0%} is a tie: two runs of one search differ "
+             "by more)" if gap is not None and 1.0 < gap.lo <= MIN_GAIN else "")
+    return head + by_rounds + small + f"; the tie goes to the simpler: {name} {_simpler(chosen[0], other)}"
 
 
 def _simpler(a: VariantResult, b: VariantResult) -> str:

@@ -16,7 +16,7 @@ from typing import Callable
 import msgspec
 import numpy as np
 
-from ..measure import CpuWatch, Noise, estimate, paired
+from ..measure import MIN_GAIN, CpuWatch, Noise, estimate, paired
 from ..plan import VariantPlan
 from ..profile import stats
 from ..results import VariantResult
@@ -345,14 +345,16 @@ class Search:
         return fast > 2 * self.estimate(leader, self.opts.target).hi
 
     def beaten(self, entry: SearchRow, leader: SearchRow) -> bool:
-        """Beaten beyond the noise at every deciding batch size: the paired ratio of their rounds above 1 (or, before
-        two shared rounds, the leader's slow end faster than its fast end)."""
-        return all(self._ahead(leader, entry, bs) for bs in self.deciding if entry.timed(bs) and leader.timed(bs))
+        """Beaten beyond the noise at every deciding batch size: the paired ratio of their rounds above ``MIN_GAIN``
+        (or, before two shared rounds, the leader's slow end faster than its fast end)."""
+        return all(self._ahead(leader, entry, bs, MIN_GAIN) for bs in self.deciding
+                   if entry.timed(bs) and leader.timed(bs))
 
-    def _ahead(self, a: SearchRow, b: SearchRow, bs: int) -> bool:
+    def _ahead(self, a: SearchRow, b: SearchRow, bs: int, gain: float = 1.0) -> bool:
+        """``a`` faster than ``b`` at ``bs``: the interval of their paired ratio above ``gain``."""
         r = paired(a.samples.get(bs, []), b.samples.get(bs, []))
         if r is not None:
-            return r.lo > 1.0
+            return r.lo > gain
         return self.estimate(a, bs).hi < self.estimate(b, bs).lo
 
     def undecided(self) -> bool:
