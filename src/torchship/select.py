@@ -2,8 +2,9 @@
 
 Figures carry intervals (``torchship.measure``). Two variants timed in the same interleaved rounds are compared on
 their paired ratio, round by round (what a round shares cancels): one is faster only when the interval of that ratio
-lies above ``measure.MIN_GAIN`` (1.02: a smaller gain does not survive from one run to the next); otherwise (no shared rounds) when their own intervals do not overlap. Every variant within the noise of
-the fastest ties with it, and a tie goes to the simpler one:
+lies above ``measure.MIN_GAIN`` (1.02: a smaller gain does not survive from one run to the next); otherwise (no
+shared rounds) when their own intervals do not overlap. Every variant within the noise of the fastest ties with it,
+and a tie goes to the simpler one:
 uncompressed before compressed, then the runtime with fewer moving parts where it serves, then the faster to load,
 then the smaller. The decision says all of this in words.
 """
