@@ -50,7 +50,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/torchship demo
 
-# two test processes (pytest-xdist) on 2 cores: 8 min 45 s - 13 min 17 s quiet in sixteen fresh clones (tests/conftest.py keeps OpenMP's
+# two test processes (pytest-xdist) on 2 cores: 8 min 45 s - 13 min 17 s quiet in eighteen fresh clones (tests/conftest.py keeps OpenMP's
 # waiting threads from spinning on the other process's core); three processes were slower, and broke one worker's builds
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
